@@ -1,0 +1,35 @@
+"""AttentionMapLib: capture, fuse and place the self-attention of MONAI Vision Transformers.
+
+Qt-free. Importing the package needs neither torch nor MONAI: the public names below are loaded
+on first use, so the Slicer module can import it before its dependency check has run.
+
+Flow: preprocess -> capture -> methods -> geometry -> mrml | io (see docs/DESIGN in the repository).
+"""
+import importlib
+from typing import Any
+
+from .errors import AttentionMapError, Cancelled
+
+# public name -> module that defines it
+_LAZY = {
+    "explain": "engine",
+    "capture_attention": "engine",
+    "AttentionResult": "engine",
+    "CapturedAttention": "engine",
+    "readout": "engine",
+    "explain_volume": "volume",
+    "VolumeAttention": "volume",
+    "load_model": "models",
+    "LoadedModel": "models",
+}
+
+__all__ = ["AttentionMapError", "Cancelled", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'AttentionMapLib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
