@@ -1,0 +1,362 @@
+"""``explain``: run a MONAI ViT-based model once, capture its attention, fuse it, read it out as a grid.
+
+Two steps, usable separately so that a GUI can re-fuse without re-running the network:
+
+- :func:`capture_attention` runs the forward (and, for gradient rollout, one backward) pass and keeps
+  one head-fused ``(B, N, N)`` matrix per layer (plus one relevance matrix per layer for gradient
+  rollout). Heads are fused inside the hook, as each layer's attention appears: the full
+  ``(B, heads, N, N)`` of a layer is never kept past its own block. Extra memory: ``L * B * N^2``
+  floats (x2 with gradients).
+- :func:`readout` turns that cache into a ``(B, n1, n2, n3)`` grid for a method, layer, query and
+  normalisation in O(L * B * N^2) by vector-matrix products (see :mod:`.methods`).
+
+Grid axis order is the input tensor's spatial order: MONAI's patch embedding flattens
+``(B, C, s1, s2, s3)`` patches so that token ``t = (a * n2 + b) * n3 + c``; the CLS token, when the
+model has one, is token 0 and is dropped from the grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
+
+from . import methods
+from .capture import attention_blocks, hooked_attention
+from .errors import AttentionMapError
+
+METHODS = ("raw", "rollout", "grad_rollout")
+Query = Union[int, Sequence[int], None]
+Target = Union[int, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the explanation needs to know about a model's token grid."""
+
+    patch_size: Tuple[int, ...]
+    grid_shape: Tuple[int, ...]
+    img_size: Tuple[int, ...]
+    in_channels: int
+    num_layers: int
+    num_heads: int
+    has_cls: bool
+
+    @property
+    def num_patches(self) -> int:
+        return int(np.prod(self.grid_shape))
+
+
+@dataclass
+class CapturedAttention:
+    """Head-fused attention of one forward pass, ready to be read out again without the network.
+
+    ``layers[l]`` is ``(B, N, N)`` (rows = queries) for block ``l`` in forward order;
+    ``relevances[l]`` is Chefer's ``mean_heads((dy/dA * A)^+)`` ``(B, N, N)`` when captured with
+    gradients, else None. ``target`` is the output index per sample used for the gradients.
+    """
+
+    spec: ModelSpec
+    layers: List[torch.Tensor]
+    relevances: Optional[List[torch.Tensor]]
+    logits: torch.Tensor
+    target: Optional[List[int]]
+    head_fusion: str
+    head: Optional[int]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.layers[0].shape[0])
+
+
+@dataclass
+class AttentionResult:
+    """``grid``: float32 ``(B, n1, n2, n3)`` in the input's spatial axis order; ``logits``: the model's
+    (first) output; ``layer``: the resolved, non-negative block index (last block used)."""
+
+    grid: np.ndarray
+    logits: torch.Tensor
+    method: str
+    layer: int
+    target: Optional[List[int]]
+    head_fusion: str
+    head: Optional[int]
+    query: Optional[int]
+    normalize: str
+    captured: CapturedAttention
+
+
+def model_spec(model: torch.nn.Module, img_size: Optional[Sequence[int]] = None,
+               input_size: Optional[Sequence[int]] = None) -> ModelSpec:
+    """Patch size, token grid and channel count read from the model's MONAI ``PatchEmbeddingBlock``.
+
+    ``img_size`` is taken from the argument, else from the model (``img_size`` of ViTAutoEnc,
+    ``feat_size * patch_size`` of UNETR), else from ``input_size`` (the spatial size of the input
+    at hand: a plain MONAI ViT does not store its ``img_size``; then only the patch count can be
+    checked), else from a cubic number of patches.
+    """
+    blocks = attention_blocks(model)
+    embedding = next((m for m in model.modules() if isinstance(m, PatchEmbeddingBlock)), None)
+    if embedding is None:
+        raise AttentionMapError(
+            f"model: {type(model).__name__} has no MONAI PatchEmbeddingBlock, so its tokens cannot be "
+            "placed on a grid; expected a MONAI ViT-based network"
+        )
+    patch_size, in_channels = _patch_geometry(embedding)
+    num_patches = int(embedding.n_patches)
+    img_size = _img_size(model, img_size, input_size, patch_size, num_patches)
+    grid = tuple(s // p for s, p in zip(img_size, patch_size))
+    if int(np.prod(grid)) != num_patches:
+        raise AttentionMapError(
+            f"x: spatial size {tuple(img_size)} with patch {patch_size} gives {int(np.prod(grid))} patches, "
+            f"but the model was built for {num_patches} (its img_size); resize or tile the volume first "
+            "(explain_volume does this)"
+        )
+    has_cls = any(isinstance(getattr(m, "cls_token", None), torch.nn.Parameter) for m in model.modules())
+    return ModelSpec(patch_size, grid, tuple(int(s) for s in img_size), in_channels, len(blocks),
+                     int(blocks[0].num_heads), has_cls)
+
+
+def _patch_geometry(embedding: PatchEmbeddingBlock) -> Tuple[Tuple[int, ...], int]:
+    projection = embedding.patch_embeddings
+    if isinstance(projection, torch.nn.Sequential):  # "perceptron": Rearrange then Linear
+        lengths = projection[0].axes_lengths
+        patch = tuple(int(lengths[f"p{i + 1}"]) for i in range(len(lengths)))
+        return patch, int(projection[1].in_features // np.prod(patch))
+    return tuple(int(k) for k in projection.kernel_size), int(projection.in_channels)
+
+
+def _img_size(model, img_size, input_size, patch_size, num_patches) -> Tuple[int, ...]:
+    if img_size is not None:
+        return tuple(int(s) for s in img_size)
+    for module in model.modules():
+        if getattr(module, "img_size", None) is not None:
+            return tuple(int(s) for s in module.img_size)
+        if getattr(module, "feat_size", None) is not None and getattr(module, "patch_size", None) is not None:
+            return tuple(int(f) * int(p) for f, p in zip(module.feat_size, module.patch_size))
+    if input_size is not None and len(input_size) == len(patch_size):
+        return tuple(int(s) for s in input_size)
+    side = round(num_patches ** (1.0 / len(patch_size)))
+    if side ** len(patch_size) != num_patches:
+        raise AttentionMapError(
+            f"model: cannot tell the input size of a model with {num_patches} patches of {patch_size}; "
+            "pass img_size (e.g. from the model card's network args)"
+        )
+    return tuple(side * p for p in patch_size)
+
+
+def check_input(x: torch.Tensor, spec: ModelSpec) -> None:
+    """One clear error for an input the model cannot take: dimensions, channels, size, NaN/inf."""
+    dims = len(spec.patch_size)
+    if not isinstance(x, torch.Tensor) or x.ndim != dims + 2:
+        shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+        raise AttentionMapError(f"x: expected a torch tensor (B, C) + {dims} spatial axes, got {shape}")
+    if x.shape[1] != spec.in_channels:
+        raise AttentionMapError(f"x: the model expects {spec.in_channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if tuple(x.shape[2:]) != spec.img_size:
+        raise AttentionMapError(
+            f"x: spatial size {tuple(x.shape[2:])} differs from the model's img_size {spec.img_size}; "
+            "resize or tile the volume first (explain_volume does this)"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise AttentionMapError("x: contains NaN or infinite values; replace them before explaining")
+
+
+def capture_attention(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    head_fusion: str = "mean",
+    head: Optional[int] = None,
+    with_gradients: bool = False,
+    target: Target = None,
+    img_size: Optional[Sequence[int]] = None,
+) -> CapturedAttention:
+    """One pass of ``model`` on ``x`` ``(B, C, *img_size)``, keeping head-fused attention per layer.
+
+    With ``with_gradients`` also one backward pass from the target score (see :func:`target_scores`)
+    to the input only: no parameter's ``.grad`` is touched. Cost: one forward (+ one backward) pass,
+    plus O(heads * N^2) per layer to fuse heads.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 3:
+        raise AttentionMapError(f"x: expected a torch tensor (B, C, *spatial), got {getattr(x, 'shape', type(x).__name__)}")
+    spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
+    _check_fusion(head_fusion, head, spec.num_heads)
+    check_input(x, spec)
+    fused: List[Optional[torch.Tensor]] = [None] * spec.num_layers
+    relevances: List[Optional[torch.Tensor]] = [None] * spec.num_layers
+
+    def on_attention(index: int, attention: torch.Tensor) -> None:
+        fused[index] = fuse_heads_detached(attention, head_fusion, head)
+        if with_gradients and attention.requires_grad:
+            attention.register_hook(_relevance_hook(index, attention, relevances))
+
+    with hooked_attention(model, on_attention):
+        if with_gradients:
+            with torch.enable_grad():
+                leaf = x.detach().clone().requires_grad_(True)
+                logits = primary_output(model(leaf))
+                targets = resolve_target(logits, target)
+                score = target_scores(logits, targets, target)
+                torch.autograd.backward(score.sum(), inputs=[leaf])
+            logits = logits.detach()
+        else:
+            with torch.no_grad():
+                logits = primary_output(model(x))
+            targets = resolve_target(logits, target) if target is not None else None
+    if any(f is None for f in fused):
+        raise AttentionMapError("model: not every self-attention block ran in the forward pass")
+    relevance_list = None
+    if with_gradients:
+        relevance_list = [r if r is not None else torch.zeros_like(f) for r, f in zip(relevances, fused)]
+    return CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head)
+
+
+def fuse_heads_detached(attention: torch.Tensor, head_fusion: str, head: Optional[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return methods.fuse_heads(attention.detach(), head_fusion, head).float()
+
+
+def _relevance_hook(index: int, attention: torch.Tensor, store: List[Optional[torch.Tensor]]):
+    def hook(gradient: torch.Tensor) -> None:
+        store[index] = (gradient * attention.detach()).clamp(min=0).mean(dim=1).float()
+
+    return hook
+
+
+def primary_output(output) -> torch.Tensor:
+    """The tensor to explain: MONAI's ViT returns ``(x, hidden_states)``; take the first element."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
+def resolve_target(logits: torch.Tensor, target: Target) -> Optional[List[int]]:
+    """Output index per sample. Class logits ``(B, K)``: default the predicted class. Dense outputs
+    ``(B, C, ...)`` (UNETR, ViTAutoEnc): default channel 1 if C > 1 (first foreground) else 0.
+    A callable target picks its own score, so no index is returned."""
+    if callable(target):
+        return None
+    batch, channels = int(logits.shape[0]), int(logits.shape[1])
+    if target is None:
+        if logits.ndim == 2:
+            return [int(i) for i in logits.argmax(dim=1)]
+        return [1 if channels > 1 else 0] * batch
+    targets = [int(target)] * batch if np.ndim(target) == 0 else [int(t) for t in target]
+    if len(targets) != batch or any(not 0 <= t < channels for t in targets):
+        raise AttentionMapError(f"target: expected an output index in 0..{channels - 1} (one, or one per sample of {batch}), got {target!r}")
+    return targets
+
+
+def target_scores(logits: torch.Tensor, targets: Optional[List[int]], target: Target) -> torch.Tensor:
+    """Scalar per sample ``(B,)`` whose gradient defines the relevance: the class logit for ``(B, K)``
+    outputs; the mean of channel ``target`` over all positions for dense ``(B, C, ...)`` outputs;
+    or ``target(logits)`` for a callable target."""
+    if callable(target):
+        return target(logits)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    chosen = logits[rows, torch.tensor(targets, device=logits.device)]
+    return chosen if chosen.ndim == 1 else chosen.reshape(chosen.shape[0], -1).mean(dim=1)
+
+
+def _check_fusion(head_fusion: str, head: Optional[int], num_heads: int) -> None:
+    if head_fusion not in methods.HEAD_FUSIONS:
+        raise AttentionMapError(f"head_fusion: expected one of {', '.join(methods.HEAD_FUSIONS)}, got {head_fusion!r}")
+    if head is not None and not 0 <= int(head) < num_heads:
+        raise AttentionMapError(f"head: expected 0..{num_heads - 1} (the model has {num_heads} heads), got {head}")
+
+
+def _check_options(method: str, discard_ratio: float, normalize: str) -> None:
+    if method not in METHODS:
+        raise AttentionMapError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if not 0.0 <= float(discard_ratio) < 1.0:
+        raise AttentionMapError(f"discard_ratio: expected a value in [0, 1), got {discard_ratio}")
+    if normalize not in methods.NORMALIZATIONS:
+        raise AttentionMapError(f"normalize: expected one of {', '.join(methods.NORMALIZATIONS)}, got {normalize!r}")
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Non-negative block index for ``layer`` (negative counts from the end)."""
+    if not -num_layers <= int(layer) < num_layers:
+        raise AttentionMapError(f"layer: expected -{num_layers}..{num_layers - 1} (the model has {num_layers} blocks), got {layer}")
+    return int(layer) % num_layers
+
+
+def resolve_query(query: Query, spec: ModelSpec) -> Optional[int]:
+    """Flat patch index (C order over the grid) for an int or a grid index tuple."""
+    if query is None:
+        return None
+    if np.ndim(query) == 0:
+        flat = int(query)
+        if not 0 <= flat < spec.num_patches:
+            raise AttentionMapError(f"query: expected a token index in 0..{spec.num_patches - 1}, got {query}")
+        return flat
+    index = tuple(int(q) for q in query)
+    if len(index) != len(spec.grid_shape) or any(not 0 <= q < n for q, n in zip(index, spec.grid_shape)):
+        raise AttentionMapError(f"query: expected a grid index within {spec.grid_shape}, got {tuple(query)}")
+    return int(np.ravel_multi_index(index, spec.grid_shape))
+
+
+def readout(
+    captured: CapturedAttention,
+    method: str = "rollout",
+    layer: int = -1,
+    discard_ratio: float = 0.0,
+    query: Query = None,
+    normalize: str = "minmax",
+) -> np.ndarray:
+    """Grid ``(B, n1, n2, n3)`` float32 from cached attention. O(L * B * N^2).
+
+    ``raw``: row(s) of block ``layer``; ``rollout``: blocks ``0..layer``; ``grad_rollout``: blocks
+    ``0..layer`` (needs a capture with gradients). The row is the query token when given, else CLS,
+    else the mean over all query rows.
+    """
+    _check_options(method, discard_ratio, normalize)
+    spec = captured.spec
+    last = resolve_layer(layer, spec.num_layers)
+    query_index = resolve_query(query, spec)
+    if method == "grad_rollout" and captured.relevances is None:
+        raise AttentionMapError("method: grad_rollout needs attention captured with gradients (capture_attention(..., with_gradients=True))")
+    first = captured.layers[0]
+    offset = 1 if first.shape[-1] == spec.num_patches + 1 else 0
+    row = methods.readout_vector(first.shape[0], first.shape[-1], offset == 1,
+                                 None if query_index is None else query_index + offset, first.device, first.dtype)
+    with torch.no_grad():
+        if method == "raw":
+            vector = torch.bmm(row.unsqueeze(1), captured.layers[last]).squeeze(1)
+        elif method == "rollout":
+            vector = methods.rollout_vector(row, captured.layers[: last + 1], float(discard_ratio), offset == 1)
+        else:
+            vector = methods.gradient_rollout_vector(row, captured.relevances[: last + 1])
+    grid = vector[:, offset:].reshape((vector.shape[0],) + spec.grid_shape).cpu().numpy()
+    return methods.normalize_map(grid, normalize)
+
+
+def explain(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    method: str = "rollout",
+    layer: int = -1,
+    head_fusion: str = "mean",
+    head: Optional[int] = None,
+    discard_ratio: float = 0.0,
+    target: Target = None,
+    query: Query = None,
+    normalize: str = "minmax",
+) -> AttentionResult:
+    """Attention map of ``model`` for input ``x`` ``(B, C, *img_size)``.
+
+    Methods: ``raw`` (one block, heads fused by mean/max/min or one ``head``), ``rollout`` (Abnar &
+    Zuidema 2020, optional ``discard_ratio``), ``grad_rollout`` (Chefer, Gur & Wolf 2021, for
+    ``target``: a class index, default the predicted class; for dense outputs the mean of a channel,
+    see :func:`target_scores`). ``query``: read the row of one patch token ("what does this patch
+    look at") instead of CLS / the mean of rows. ``normalize``: minmax | percentile | none.
+    The model is left exactly as it was (see :func:`capture.hooked_attention`).
+    """
+    _check_options(method, discard_ratio, normalize)
+    captured = capture_attention(model, x, head_fusion, head, with_gradients=method == "grad_rollout", target=target)
+    last = resolve_layer(layer, captured.spec.num_layers)
+    grid = readout(captured, method, last, discard_ratio, query, normalize)
+    return AttentionResult(grid, captured.logits, method, last, captured.target, head_fusion, head,
+                           resolve_query(query, captured.spec), normalize, captured)

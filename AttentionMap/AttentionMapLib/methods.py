@@ -1,0 +1,104 @@
+"""Fusion of attention across heads and layers, read out as one row (vector) per sample.
+
+Shapes: a layer's attention is ``(B, heads, N, N)``, rows = queries, each row sums to 1; a head-fused
+layer is ``(B, N, N)``; a readout vector ``(B, N)`` (token 0 is CLS when the model has one).
+
+Rollout and gradient rollout define a product of N x N matrices over layers, but it is only ever read
+as ``e^T R`` for one readout vector ``e``, so it is evaluated right to left as vector-matrix products:
+O(L * N^2) time and O(N) extra memory per sample, never the O(L * N^3) matrix-matrix product.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+NORMALIZATIONS = ("minmax", "percentile", "none")
+PERCENTILE_RANGE = (1.0, 99.0)
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean", head: Optional[int] = None) -> torch.Tensor:
+    """``(B, heads, N, N)`` -> ``(B, N, N)``: one chosen ``head``, else the mean / max / min over heads."""
+    if head is not None:
+        return attention[:, head]
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    return attention.amin(dim=1)
+
+
+def discard_lowest(fused: torch.Tensor, ratio: float, keep_first: bool) -> torch.Tensor:
+    """Copy of ``fused`` ``(B, N, N)`` with the lowest ``ratio`` of each sample's N*N entries set to 0.
+
+    ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as vit-explain does. O(N^2 log N) per sample.
+    """
+    flat = fused.reshape(fused.shape[0], -1)
+    count = int(flat.shape[1] * ratio)
+    if count == 0:
+        return fused
+    lowest = flat.topk(count, dim=1, largest=False).indices
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True)
+    if keep_first:
+        drop[:, 0] = False
+    return flat.masked_fill(drop, 0.0).reshape(fused.shape)
+
+
+def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discard_ratio: float, has_cls: bool) -> torch.Tensor:
+    """Abnar & Zuidema rollout read out from the left: ``e^T Â_L ... Â_1``.
+
+    ``Â_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``.
+    ``layers`` are in forward order (first block first). Never forms ``Â``: with ``s`` the row sums of
+    ``0.5 * A + 0.5 * I``, ``v Â = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
+    """
+    vector = readout
+    for fused in reversed(list(layers)):
+        if discard_ratio > 0:
+            fused = discard_lowest(fused, discard_ratio, keep_first=has_cls)
+        row_sums = 0.5 * fused.sum(dim=-1) + 0.5
+        weighted = vector / row_sums
+        vector = 0.5 * torch.bmm(weighted.unsqueeze(1), fused).squeeze(1) + 0.5 * weighted
+    return vector
+
+
+def gradient_rollout_vector(readout: torch.Tensor, relevances: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al. 2021 read out from the left: ``e^T (I + Ā_L) ... (I + Ā_1)``.
+
+    ``relevances`` are ``Ā_b = mean_heads((dy/dA_b * A_b)^+)`` ``(B, N, N)`` in forward order; the
+    update ``R <- R + Ā_b R`` (first block first) gives ``R = (I + Ā_L) ... (I + Ā_1)``.
+    """
+    vector = readout
+    for relevance in reversed(list(relevances)):
+        vector = vector + torch.bmm(vector.unsqueeze(1), relevance).squeeze(1)
+    return vector
+
+
+def readout_vector(batch: int, tokens: int, has_cls: bool, query_token: Optional[int], device, dtype) -> torch.Tensor:
+    """The row(s) to read: one-hot at ``query_token`` (an index into all N tokens), else one-hot at
+    the CLS token, else the mean over all query rows. ``(B, N)``."""
+    if query_token is None and not has_cls:
+        return torch.full((batch, tokens), 1.0 / tokens, device=device, dtype=dtype)
+    vector = torch.zeros((batch, tokens), device=device, dtype=dtype)
+    vector[:, 0 if query_token is None else query_token] = 1.0
+    return vector
+
+
+def normalize_map(values: np.ndarray, mode: str = "minmax") -> np.ndarray:
+    """Normalise each sample (axis 0) over all its other axes; float32 out.
+
+    ``minmax``: to [0, 1] (a constant map becomes all 0); ``percentile``: clipped to the 1st..99th
+    percentile first, then to [0, 1]; ``none``: unchanged.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if mode == "none":
+        return values.copy()
+    flat = values.reshape(values.shape[0], -1)
+    if mode == "percentile":
+        low, high = np.percentile(flat, PERCENTILE_RANGE, axis=1, keepdims=True)
+        flat = np.clip(flat, low, high)
+    low = flat.min(axis=1, keepdims=True)
+    span = flat.max(axis=1, keepdims=True) - low
+    scaled = np.where(span > 0, (flat - low) / np.where(span > 0, span, 1.0), 0.0)
+    return scaled.astype(np.float32).reshape(values.shape)
