@@ -136,7 +136,10 @@ def _img_size(model, img_size, input_size, patch_size, num_patches) -> Tuple[int
             return tuple(int(s) for s in module.img_size)
         if getattr(module, "feat_size", None) is not None and getattr(module, "patch_size", None) is not None:
             return tuple(int(f) * int(p) for f, p in zip(module.feat_size, module.patch_size))
-    if input_size is not None and len(input_size) == len(patch_size):
+    if input_size is not None:
+        if len(input_size) != len(patch_size):
+            raise AttentionMapError(f"x: expected a torch tensor (B, C) + {len(patch_size)} spatial axes, "
+                                    f"got {len(input_size)} spatial axes {tuple(input_size)}")
         return tuple(int(s) for s in input_size)
     side = round(num_patches ** (1.0 / len(patch_size)))
     if side ** len(patch_size) != num_patches:
@@ -180,7 +183,7 @@ def capture_attention(
     plus O(heads * N^2) per layer to fuse heads.
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 3:
-        raise AttentionMapError(f"x: expected a torch tensor (B, C, *spatial), got {getattr(x, 'shape', type(x).__name__)}")
+        raise AttentionMapError(f"x: expected a torch tensor (B, C) + spatial axes, got {getattr(x, 'shape', type(x).__name__)}")
     spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
     _check_fusion(head_fusion, head, spec.num_heads)
     check_input(x, spec)
