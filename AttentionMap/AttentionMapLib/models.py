@@ -1,0 +1,288 @@
+"""Load a network with its preprocessing and class names: a model card, a MONAI bundle, or "demo".
+
+Model card (JSON; paths relative to the card)::
+
+    {"network": {"name": "ViT", "args": {"in_channels": 1, "img_size": [64, 64, 64], ...}},
+     "weights": "model.pt",                 # .pt/.pth/.ckpt (torch.load weights_only=True) or .safetensors
+     "preprocessing": {...},                # the section read by volume.explain_volume
+     "classes": ["no lesion", "lesion"], "target": 1,
+     "description": "...", "training_data": "...", "metrics": {...}}
+
+`network.name` is one of the MONAI classes in SUPPORTED_NETWORKS. Weights never run code on load:
+pickles that need arbitrary objects are refused. A MONAI bundle folder (configs/inference.json|yaml
+with `network_def`, models/model.pt) is loaded only with trust_bundle=True, because bundle configs
+evaluate Python expressions; its preprocessing/classes/target/img_size come from an optional
+configs/attentionmap.json (card keys), else from configs/metadata.json, else BUNDLE_DEFAULT_PREPROCESSING.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .errors import AttentionMapError
+
+SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc")
+DEMO_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_lung_nodule_vit.json"
+# Used for a bundle without configs/attentionmap.json: the bundle's own transforms are not run (they
+# may be arbitrary code), so the volume is only reoriented, z-scored and resized to the network input.
+BUNDLE_DEFAULT_PREPROCESSING: Dict[str, Any] = {
+    "orientation": "RAS",
+    "spacing": None,
+    "intensity": {"normalize": "zscore"},
+    "spatial": {"mode": "resize"},
+}
+_MAX_LISTED_KEYS = 8
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with what is needed to feed it and to name its outputs."""
+
+    network: Any  # torch.nn.Module
+    preprocessing: Dict[str, Any]
+    classes: List[str]
+    target: Optional[int]
+    img_size: Tuple[int, ...]
+    card: Dict[str, Any]
+    source: str
+    notes: List[str] = field(default_factory=list)  # e.g. keys dropped when mapping an old checkpoint
+
+
+def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> LoadedModel:
+    """Load "demo", a model card JSON file, or a MONAI bundle folder (needs trust_bundle=True)."""
+    path = DEMO_CARD if source == "demo" else Path(source)
+    if source == "demo" and not path.is_file():
+        raise AttentionMapError(f"demo: the bundled model card {path} is missing from this installation")
+    if path.is_dir():
+        loaded = _load_bundle(path, trust_bundle)
+    elif path.is_file():
+        loaded = _load_card(path)
+    else:
+        raise AttentionMapError(
+            f"{source}: no such model; expected 'demo', a model card .json file or a MONAI bundle folder"
+        )
+    loaded.network.to(device).eval()
+    return loaded
+
+
+def _load_card(card_path: Path) -> LoadedModel:
+    card = _read_json(card_path)
+    net_section = card.get("network")
+    if not isinstance(net_section, dict) or "name" not in net_section:
+        raise AttentionMapError(f"{card_path}: 'network' must be an object with 'name' and 'args'")
+    args = net_section.get("args", {})
+    network = _build_network(card_path, net_section["name"], args)
+    if not card.get("weights"):
+        raise AttentionMapError(f"{card_path}: 'weights' (a path relative to the card) is missing")
+    notes = load_weights(network, card_path.parent / card["weights"])
+    preprocessing = card.get("preprocessing")
+    if not isinstance(preprocessing, dict):
+        raise AttentionMapError(f"{card_path}: 'preprocessing' must be an object (orientation, spacing, ...)")
+    classes = _class_names(card_path, card.get("classes"), network)
+    return LoadedModel(
+        network=network,
+        preprocessing=preprocessing,
+        classes=classes,
+        target=class_index(card.get("target"), classes, str(card_path)),
+        img_size=_img_size(card_path, args.get("img_size"), args.get("spatial_dims", 3)),
+        card=card,
+        source=str(card_path),
+        notes=notes,
+    )
+
+
+def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
+    configs = folder / "configs"
+    candidates = [configs / name for name in ("inference.json", "inference.yaml", "inference.yml")]
+    config_file = next((c for c in candidates if c.is_file()), None)
+    if config_file is None:
+        raise AttentionMapError(
+            f"{folder}: not a MONAI bundle (configs/inference.json or configs/inference.yaml is missing)"
+        )
+    if not trust_bundle:
+        raise AttentionMapError(
+            f"{folder}: MONAI bundle configs can run Python code ('$' expressions, '_target_'); refused. "
+            "Load it only if you trust its source: trust_bundle=True (CLI: --trust-bundle)"
+        )
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(folder)
+    if "network_def" not in parser.get():
+        raise AttentionMapError(f"{config_file}: no 'network_def' entry")
+    try:
+        network = parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as exc:  # the bundle's own code: report, do not hide the cause
+        raise AttentionMapError(f"{config_file}: 'network_def' could not be built: {exc}") from exc
+    weights = next((w for w in (folder / "models" / n for n in ("model.pt", "model.safetensors")) if w.is_file()), None)
+    if weights is None:
+        raise AttentionMapError(f"{folder}: models/model.pt (or models/model.safetensors) is missing")
+    notes = load_weights(network, weights)
+
+    meta_file = configs / "metadata.json"
+    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    extra_file = configs / "attentionmap.json"
+    extra = _read_json(extra_file) if extra_file.is_file() else {}
+    data_format = meta.get("network_data_format", {})
+    image_format = data_format.get("inputs", {}).get("image", {})
+    img_size = extra.get("img_size")
+    if img_size is None and isinstance(parser.get("network_def"), dict) and "img_size" in parser.get("network_def"):
+        img_size = parser.get_parsed_content("network_def#img_size")
+    if img_size is None and all(isinstance(s, int) for s in image_format.get("spatial_shape", [None])):
+        img_size = image_format["spatial_shape"]
+    if extra.get("classes") is not None:
+        class_source = extra.get("classes")
+    else:
+        channel_def = data_format.get("outputs", {}).get("pred", {}).get("channel_def")
+        class_source = [channel_def[k] for k in sorted(channel_def, key=int)] if channel_def else None
+    classes = _class_names(folder, class_source, network)
+    card = {"bundle": str(folder), "metadata": meta, **extra}
+    if "description" not in card and meta.get("description"):
+        card["description"] = meta["description"]
+    return LoadedModel(
+        network=network,
+        preprocessing=extra.get("preprocessing", BUNDLE_DEFAULT_PREPROCESSING),
+        classes=classes,
+        target=class_index(extra.get("target"), classes, str(folder)),
+        img_size=_img_size(folder, img_size, 3),
+        card=card,
+        source=str(folder),
+        notes=notes,
+    )
+
+
+def load_weights(network: Any, weights_path: Path) -> List[str]:
+    """Load a checkpoint into `network` without running code from it.
+
+    Accepts a plain state dict, {"state_dict": ...} or {"model": ...}, keys prefixed by "module."
+    (DataParallel), and ViT checkpoints of older MONAI versions (ViT.load_old_state_dict). Returns
+    notes about mappings applied; raises AttentionMapError listing missing / unexpected / mis-shaped keys.
+    """
+    state = _read_state_dict(weights_path)
+    notes: List[str] = []
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+        notes.append("removed the 'module.' prefix (DataParallel checkpoint)")
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    # MONAI 1.4 stored unused cross-attention weights in every TransformerBlock; newer MONAI drops them.
+    stale = [k for k in unexpected if ".cross_attn." in k]
+    if not missing and not shapes and unexpected and len(stale) == len(unexpected):
+        if hasattr(network, "load_old_state_dict"):
+            network.load_old_state_dict(dict(state))
+        else:
+            network.load_state_dict({k: v for k, v in state.items() if k not in stale})
+        notes.append(f"older MONAI checkpoint: dropped {len(stale)} unused cross-attention keys")
+        return notes
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                shown = ", ".join(keys[:_MAX_LISTED_KEYS])
+                more = f" (+{len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
+                parts.append(f"{label} {len(keys)}: {shown}{more}")
+        raise AttentionMapError(
+            f"{weights_path}: checkpoint does not match the network ({'; '.join(parts)}); "
+            "check the card's network args"
+        )
+    network.load_state_dict(state)
+    return notes
+
+
+def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
+    import torch
+
+    if not weights_path.is_file():
+        raise AttentionMapError(f"{weights_path}: weights file not found")
+    if weights_path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights_path))
+    try:
+        loaded = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AttentionMapError(
+            f"{weights_path}: refused, the file needs unpickling of arbitrary Python objects, which can run "
+            f"code (torch.load weights_only=True: {reason}); re-save it as a plain state_dict or .safetensors"
+        ) from None
+    except Exception as exc:
+        raise AttentionMapError(f"{weights_path}: not a readable PyTorch checkpoint ({exc})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise AttentionMapError(
+            f"{weights_path}: expected a state dict of tensors (optionally under 'state_dict' or 'model')"
+        )
+    return dict(loaded)
+
+
+def _build_network(card_path: Path, name: Any, args: Any) -> Any:
+    if name not in SUPPORTED_NETWORKS:
+        raise AttentionMapError(
+            f"{card_path}: network.name {name!r} is not supported; expected one of {', '.join(SUPPORTED_NETWORKS)}"
+        )
+    if not isinstance(args, dict):
+        raise AttentionMapError(f"{card_path}: network.args must be an object of constructor arguments")
+    import monai.networks.nets as nets
+
+    try:
+        return getattr(nets, name)(**args)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise AttentionMapError(f"{card_path}: MONAI {name} rejects network.args: {exc}") from None
+
+
+def _class_names(source: Path, classes: Any, network: Any) -> List[str]:
+    if classes is None:
+        head = getattr(network, "classification_head", None)
+        linear = head[0] if hasattr(head, "__getitem__") else head
+        count = getattr(linear, "out_features", 0)
+        return [f"class {i}" for i in range(count)]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise AttentionMapError(f"{source}: 'classes' must be a list of names")
+    return list(classes)
+
+
+def class_index(target: Any, classes: List[str], source: str) -> Optional[int]:
+    """A class index from None, an int, a digit string, or a class name (case-insensitive)."""
+    if target is None:
+        return None
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        lowered = [c.lower() for c in classes]
+        if target.lower() not in lowered:
+            raise AttentionMapError(f"{source}: target {target!r} is not a class; classes are {classes}")
+        return lowered.index(target.lower())
+    index = int(target)
+    if classes and not 0 <= index < len(classes):
+        raise AttentionMapError(f"{source}: target index {index} out of range 0..{len(classes) - 1} ({classes})")
+    return index
+
+
+def _img_size(source: Path, img_size: Any, spatial_dims: int) -> Tuple[int, ...]:
+    if isinstance(img_size, int):
+        return (img_size,) * spatial_dims
+    if isinstance(img_size, (list, tuple)) and img_size and all(isinstance(s, int) for s in img_size):
+        return tuple(img_size)
+    raise AttentionMapError(f"{source}: the network input size 'img_size' is missing or not a list of ints")
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AttentionMapError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise AttentionMapError(f"{path}: expected a JSON object")
+    return data

@@ -1,0 +1,207 @@
+"""models.load_model: model cards, safe weights, key-mismatch reports, MONAI bundles behind a trust flag."""
+import builtins
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.blocks.transformerblock import TransformerBlock
+from monai.networks.nets import ViT
+
+from AttentionMapLib.errors import AttentionMapError
+from AttentionMapLib.models import DEMO_CARD, load_model
+
+ARGS = {"in_channels": 1, "img_size": [16, 16, 16], "patch_size": 8, "hidden_size": 32, "mlp_dim": 64,
+        "num_layers": 1, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
+PREPROCESSING = {"orientation": "RAS", "spacing": None,
+                 "intensity": {"a_min": -1000, "a_max": 400, "b_min": 0.0, "b_max": 1.0, "clip": True},
+                 "spatial": {"mode": "resize"}}
+
+
+def tiny_vit(**changes) -> ViT:
+    torch.manual_seed(0)
+    return ViT(**{**ARGS, **changes})
+
+
+def write_card(folder: Path, weights_name: str = "model.pt", args=None, **extra) -> Path:
+    card = {"network": {"name": "ViT", "args": args or ARGS}, "weights": weights_name,
+            "preprocessing": PREPROCESSING, "classes": ["no lesion", "lesion"], "target": "lesion",
+            "description": "tiny random ViT for tests", **extra}
+    path = folder / "card.json"
+    path.write_text(json.dumps(card))
+    return path
+
+
+def assert_same_weights(network, reference) -> None:
+    theirs = reference.state_dict()
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+
+
+def test_card_loads_network_preprocessing_classes_and_target(tmp_path):
+    reference = tiny_vit()
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    loaded = load_model(str(write_card(tmp_path)))
+    assert isinstance(loaded.network, ViT) and not loaded.network.training
+    assert_same_weights(loaded.network, reference)
+    assert loaded.classes == ["no lesion", "lesion"]
+    assert loaded.target == 1  # "lesion" resolved to its index
+    assert loaded.img_size == (16, 16, 16)
+    assert loaded.preprocessing == PREPROCESSING
+    assert loaded.card["description"] == "tiny random ViT for tests"
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert torch.allclose(loaded.network(x)[0], reference.eval()(x)[0])
+
+
+def test_safetensors_and_wrapped_checkpoints_load(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = tiny_vit()
+    state = reference.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    assert_same_weights(load_model(str(write_card(tmp_path, "model.safetensors"))).network, reference)
+    for wrapped in ({"state_dict": state, "epoch": 3}, {"model": state}):
+        torch.save(wrapped, tmp_path / "model.pt")
+        assert_same_weights(load_model(str(write_card(tmp_path))).network, reference)
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "model.pt")
+    loaded = load_model(str(write_card(tmp_path)))
+    assert_same_weights(loaded.network, reference)
+    assert any("module." in note for note in loaded.notes)
+
+
+class _CreatesFile:
+    """Unpickling this object calls open(path, "w"): it creates a file, i.e. runs code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (builtins.open, (self.path, "w"))
+
+
+def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    torch.save({"weights": torch.zeros(2), "payload": _CreatesFile(marker)}, tmp_path / "model.pt")
+    with pytest.raises(AttentionMapError, match=r"model\.pt: refused.*arbitrary Python objects"):
+        load_model(str(write_card(tmp_path)))
+    assert not marker.exists()
+    # control: the same file really runs code when loaded unsafely
+    control = tmp_path / "control"
+    control.mkdir()
+    torch.save({"payload": _CreatesFile(control / "ran.txt")}, control / "model.pt")
+    torch.load(str(control / "model.pt"), weights_only=False)
+    assert (control / "ran.txt").exists()
+
+
+def test_key_mismatches_are_listed(tmp_path):
+    state = tiny_vit().state_dict()
+    state.pop("norm.weight")
+    state["extra.bias"] = torch.zeros(3)
+    state["cls_token"] = torch.zeros(1, 1, 7)
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(AttentionMapError) as info:
+        load_model(str(write_card(tmp_path)))
+    message = str(info.value)
+    assert "missing 1: norm.weight" in message
+    assert "unexpected 1: extra.bias" in message
+    assert "shape mismatch 1: cls_token: checkpoint (1, 1, 7) vs network (1, 1, 32)" in message
+
+
+def test_old_monai_checkpoint_with_cross_attention_keys_is_mapped(tmp_path):
+    reference = tiny_vit()
+    state = reference.state_dict()
+    stale = TransformerBlock(32, 64, 2, with_cross_attention=True).cross_attn.state_dict()
+    assert stale  # MONAI 1.4 stored these in every block
+    state.update({f"blocks.0.cross_attn.{k}": v for k, v in stale.items()})
+    torch.save(state, tmp_path / "model.pt")
+    loaded = load_model(str(write_card(tmp_path)))
+    assert_same_weights(loaded.network, reference)
+    assert any("cross-attention" in note for note in loaded.notes)
+
+
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        ({"network": {"name": "ResNet", "args": {}}}, "not supported; expected one of ViT, UNETR, ViTAutoEnc"),
+        ({"network": {"name": "ViT", "args": {**ARGS, "hidden_size": 33}}}, "MONAI ViT rejects network.args"),
+        ({"network": {"name": "ViT", "args": ARGS}}, "'weights'"),
+        ({"network": {"name": "ViT", "args": ARGS}, "weights": "absent.pt"}, "absent.pt: weights file not found"),
+    ],
+)
+def test_bad_cards_name_the_problem(tmp_path, card, message):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(AttentionMapError, match=message):
+        load_model(str(path))
+
+
+def test_unreadable_card_and_unknown_source(tmp_path):
+    bad = tmp_path / "card.json"
+    bad.write_text("{not json")
+    with pytest.raises(AttentionMapError, match="card.json: not a readable JSON file"):
+        load_model(str(bad))
+    with pytest.raises(AttentionMapError, match="no such model"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_bad_target_name(tmp_path):
+    torch.save(tiny_vit().state_dict(), tmp_path / "model.pt")
+    with pytest.raises(AttentionMapError, match="target 'tumour' is not a class"):
+        load_model(str(write_card(tmp_path, target="tumour")))
+
+
+def make_bundle(folder: Path, marker: Path) -> ViT:
+    """A MONAI bundle whose config evaluates a Python expression that creates `marker`."""
+    reference = tiny_vit()
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(reference.state_dict(), folder / "models" / "model.pt")
+    config = {
+        "touch": f"$open({str(marker)!r}, 'w').close()",
+        "network_def": {"_target_": "monai.networks.nets.ViT", **ARGS, "_requires_": "@touch"},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"description": "bundle for tests",
+                "network_data_format": {"outputs": {"pred": {"channel_def": {"1": "nodule", "0": "background"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    return reference
+
+
+def test_bundle_refused_without_trust_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran.txt"
+    make_bundle(tmp_path / "bundle", marker)
+    with pytest.raises(AttentionMapError, match="--trust-bundle"):
+        load_model(str(tmp_path / "bundle"))
+    assert not marker.exists()
+
+
+def test_bundle_loads_with_trust(tmp_path):
+    marker = tmp_path / "ran.txt"
+    reference = make_bundle(tmp_path / "bundle", marker)
+    loaded = load_model(str(tmp_path / "bundle"), trust_bundle=True)
+    assert marker.exists()  # trusted: the bundle's expression ran, as MONAI would run it
+    assert_same_weights(loaded.network, reference)
+    assert loaded.classes == ["background", "nodule"]  # metadata channel_def, ordered by index
+    assert loaded.img_size == (16, 16, 16)
+    assert loaded.preprocessing["spatial"] == {"mode": "resize"}  # documented default
+    assert loaded.card["description"] == "bundle for tests"
+    extra = {"preprocessing": PREPROCESSING, "classes": ["no lesion", "lesion"], "target": "lesion"}
+    (tmp_path / "bundle" / "configs" / "attentionmap.json").write_text(json.dumps(extra))
+    loaded = load_model(str(tmp_path / "bundle"), trust_bundle=True)
+    assert (loaded.preprocessing, loaded.classes, loaded.target) == (PREPROCESSING, ["no lesion", "lesion"], 1)
+
+
+def test_bundle_without_config_is_not_a_bundle(tmp_path):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(AttentionMapError, match="not a MONAI bundle"):
+        load_model(str(tmp_path), trust_bundle=True)
+
+
+@pytest.mark.skipif(not DEMO_CARD.is_file(), reason="demo model not shipped yet (TRAINER helper)")
+def test_demo_model_loads():
+    loaded = load_model("demo")
+    assert isinstance(loaded.network, ViT) and not loaded.network.training
+    assert len(loaded.classes) == 2 and loaded.target in (0, 1)
+    with torch.no_grad():
+        logits = loaded.network(torch.zeros(1, 1, *loaded.img_size))[0]
+    assert logits.shape == (1, 2)
