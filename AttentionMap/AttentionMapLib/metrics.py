@@ -1,0 +1,191 @@
+"""How well a map points at a region, and how much the model relies on what the map ranks first.
+
+- `mask_statistics`, `pointing_game`: a map and a mask on the same voxel grid (resample the token
+  grid first with ``VolumeAttention.resample_to``, or reduce the mask to the token grid).
+- `distance_to_mask_mm`: a point (e.g. the attention peak, RAS mm) against a mask with its geometry.
+- `deletion_insertion`: RISE-style causal scores (Petsiuk et al. 2018) on the model input itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import AttentionMapError
+
+Tolerance = Union[int, Sequence[int]]
+BASELINES = ("blur", "mean", "zero")
+
+
+def _check_pair(attention: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    if attention.shape != mask.shape:
+        raise AttentionMapError(
+            f"mask: shape {mask.shape} differs from the attention map's {attention.shape}; "
+            "resample the map onto the mask's grid first (VolumeAttention.resample_to)"
+        )
+    inside = mask > 0
+    if not inside.any():
+        raise AttentionMapError("mask: empty (no voxel > 0), nothing to score against")
+    return inside
+
+
+def mask_statistics(attention: np.ndarray, mask: np.ndarray) -> Dict[str, Any]:
+    """Attention against a mask on the same grid (any shape; mask voxels > 0 are inside).
+
+    mass_fraction: sum inside / sum over all (relevance mass accuracy, Arras et al. 2022; NaN when the
+    map sums to <= 0); mean / max: over the mask; volume_fraction: mask voxels / all voxels;
+    mass_ratio: mass_fraction / volume_fraction (1 = no better than a uniform map);
+    pointing_hit: the map's first maximum lies inside the mask.
+    """
+    values = np.asarray(attention, dtype=np.float64)
+    inside = _check_pair(values, np.asarray(mask))
+    total = float(values.sum())
+    mass_fraction = float(values[inside].sum()) / total if total > 0 else float("nan")
+    volume_fraction = float(inside.mean())
+    return {
+        "mass_fraction": mass_fraction,
+        "mean": float(values[inside].mean()),
+        "max": float(values[inside].max()),
+        "volume_fraction": volume_fraction,
+        "mass_ratio": mass_fraction / volume_fraction,
+        "pointing_hit": bool(inside.flat[int(np.argmax(values))]),
+    }
+
+
+def pointing_game(attention: np.ndarray, mask: np.ndarray, tolerance: Tolerance = 0) -> bool:
+    """True if the map's first maximum is within `tolerance` voxels (per axis, Chebyshev box) of the mask.
+
+    On a token grid, tolerance=1 is the usual "within one patch"; on a finer grid pass the patch size
+    in voxels per axis.
+    """
+    values = np.asarray(attention)
+    inside = _check_pair(values, np.asarray(mask))
+    tol = np.broadcast_to(np.asarray(tolerance, dtype=int), (values.ndim,))
+    if np.any(tol < 0):
+        raise AttentionMapError(f"tolerance: expected voxel counts >= 0, got {tolerance}")
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    box = tuple(slice(max(0, p - t), p + t + 1) for p, t in zip(peak, tol))
+    return bool(inside[box].any())
+
+
+def distance_to_mask_mm(point_ras: Sequence[float], mask: np.ndarray, ijk_to_ras: np.ndarray) -> Dict[str, Any]:
+    """Distances (mm) from a RAS point to a mask (I, J, K) with its (4, 4) ijk_to_ras.
+
+    inside: the voxel containing the point is in the mask; nearest_mm: to the nearest mask voxel
+    centre (0 when inside); centroid_mm: to the mask's centroid.
+    """
+    from .geometry import apply_affine, ras_to_ijk
+
+    inside_mask = np.asarray(mask) > 0
+    if inside_mask.ndim != 3 or not inside_mask.any():
+        raise AttentionMapError(f"mask: expected a non-empty 3D mask (I, J, K), got shape {inside_mask.shape}")
+    point = np.asarray(point_ras, dtype=np.float64)
+    voxel = np.rint(ras_to_ijk(ijk_to_ras, point)).astype(int)
+    inside = bool(np.all(voxel >= 0) and np.all(voxel < inside_mask.shape) and inside_mask[tuple(voxel)])
+    centres = apply_affine(ijk_to_ras, np.argwhere(inside_mask))
+    return {
+        "inside": inside,
+        "nearest_mm": 0.0 if inside else float(np.min(np.linalg.norm(centres - point, axis=1))),
+        "centroid_mm": float(np.linalg.norm(centres.mean(axis=0) - point)),
+    }
+
+
+def _area(fractions: np.ndarray, curve: np.ndarray) -> float:
+    """Trapezoid rule."""
+    return float(np.sum((curve[1:] + curve[:-1]) * np.diff(fractions)) / 2.0)
+
+
+def _baseline(x, mode: str, block: Sequence[int]):
+    import torch
+
+    if mode == "zero":
+        return torch.zeros_like(x)
+    if mode == "mean":
+        dims = tuple(range(2, x.ndim))
+        return x.mean(dim=dims, keepdim=True).expand_as(x).clone()
+    from monai.transforms import GaussianSmooth
+
+    smooth = GaussianSmooth(sigma=[float(b) for b in block])
+    return torch.stack([torch.as_tensor(smooth(sample)) for sample in x]).to(x.dtype)
+
+
+def deletion_insertion(
+    model: Any,
+    x: Any,
+    saliency: np.ndarray,
+    target: Optional[int] = None,
+    steps: int = 32,
+    baseline: str = "blur",
+    batch_size: int = 8,
+) -> Dict[str, Any]:
+    """RISE deletion and insertion scores of a map for one classifier input.
+
+    x: torch tensor (1, C, *spatial), the model input. saliency: the map on the token grid (each
+    element covers one block of x: spatial / saliency.shape voxels per axis) or on x's spatial grid.
+    Blocks are ranked by saliency (highest first, ties by index) and, over `steps` + 1 points
+    (fractions 0, 1/steps, ..., 1 of the blocks), deletion replaces the top-ranked blocks of x by the
+    baseline, insertion puts the top-ranked blocks of x into the baseline. The baseline is the same
+    for both: "blur" (default: x smoothed by a Gaussian of sigma = one block per axis, as RISE's
+    insertion start), "mean" (x's mean per channel) or "zero". The curves are the softmax probability
+    of `target` (default: the class predicted on x); AUCs by the trapezoid rule over the fraction.
+    Lower deletion AUC and higher insertion AUC mean the map ranks what the model uses first.
+    Cost: 2 * (steps + 1) forward passes, in batches of `batch_size`.
+    """
+    import torch
+
+    from .engine import primary_output
+
+    if baseline not in BASELINES:
+        raise AttentionMapError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
+    if not isinstance(x, torch.Tensor) or x.ndim < 3 or x.shape[0] != 1:
+        raise AttentionMapError(f"x: expected a torch tensor (1, C, *spatial), got {getattr(x, 'shape', type(x))}")
+    if int(steps) < 1:
+        raise AttentionMapError(f"steps: expected at least 1, got {steps}")
+    spatial = tuple(int(s) for s in x.shape[2:])
+    sal = np.asarray(saliency, dtype=np.float64)
+    if sal.ndim != len(spatial) or any(s % n for s, n in zip(spatial, sal.shape)):
+        raise AttentionMapError(
+            f"saliency: shape {sal.shape} must divide the input's spatial shape {spatial} (token grid or voxel grid)"
+        )
+    block = tuple(s // n for s, n in zip(spatial, sal.shape))
+    order = np.argsort(-sal.ravel(), kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    # rank of the block each voxel belongs to, on x's spatial grid
+    voxel_rank = rank.reshape(sal.shape)
+    for axis, size in enumerate(block):
+        voxel_rank = np.repeat(voxel_rank, size, axis=axis)
+    voxel_rank = torch.from_numpy(voxel_rank).to(x.device)
+    counts = np.rint(np.linspace(0.0, 1.0, int(steps) + 1) * order.size).astype(int)
+    fractions = counts / order.size
+    with torch.no_grad():
+        logits = primary_output(model(x))
+        if logits.ndim != 2:
+            raise AttentionMapError(
+                f"model: output shape {tuple(logits.shape)} is not class logits (B, K); "
+                "deletion/insertion scores need a classifier"
+            )
+        klass = int(logits.argmax(dim=1)[0]) if target is None else int(target)
+        if not 0 <= klass < logits.shape[1]:
+            raise AttentionMapError(f"target: expected 0..{logits.shape[1] - 1}, got {target}")
+        base = _baseline(x, baseline, block)
+        curves = {}
+        for name, start, end in (("deletion", x, base), ("insertion", base, x)):
+            probabilities = []
+            for first in range(0, len(counts), int(batch_size)):
+                chunk = counts[first:first + int(batch_size)]
+                keep_end = torch.stack([voxel_rank < int(c) for c in chunk])[:, None]  # (b, 1, *spatial)
+                batch = torch.where(keep_end, end, start)
+                out = primary_output(model(batch))
+                probabilities.append(torch.softmax(out.float(), dim=1)[:, klass].cpu().numpy())
+            curves[name] = np.concatenate(probabilities)
+    return {
+        "target": klass,
+        "baseline": baseline,
+        "steps": int(steps),
+        "fractions": fractions.tolist(),
+        "deletion_curve": curves["deletion"].tolist(),
+        "insertion_curve": curves["insertion"].tolist(),
+        "deletion_auc": _area(fractions, curves["deletion"]),
+        "insertion_auc": _area(fractions, curves["insertion"]),
+    }

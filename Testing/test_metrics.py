@@ -1,0 +1,136 @@
+"""metrics: mask statistics, pointing game, distances, RISE deletion / insertion, against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import ViT
+
+from AttentionMapLib.errors import AttentionMapError
+from AttentionMapLib.metrics import deletion_insertion, distance_to_mask_mm, mask_statistics, pointing_game
+
+
+def test_mask_statistics_by_hand():
+    attention = np.zeros((4, 3, 2))
+    attention[0, 0, 0] = 6.0
+    attention[1, 1, 1] = 3.0
+    attention[3, 2, 1] = 1.0
+    mask = np.zeros((4, 3, 2), dtype=np.uint8)
+    mask[1, 1, :] = 1
+    mask[3, 2, 1] = 2  # any value > 0 is inside
+    stats = mask_statistics(attention, mask)
+    assert stats["mass_fraction"] == pytest.approx(4.0 / 10.0)
+    assert stats["mean"] == pytest.approx(4.0 / 3.0)
+    assert stats["max"] == pytest.approx(3.0)
+    assert stats["volume_fraction"] == pytest.approx(3.0 / 24.0)
+    assert stats["mass_ratio"] == pytest.approx(0.4 / (3.0 / 24.0))
+    assert stats["pointing_hit"] is False
+    attention[1, 1, 0] = 7.0
+    assert mask_statistics(attention, mask)["pointing_hit"] is True
+
+
+def test_mask_statistics_refuses_mismatch_and_empty_mask():
+    with pytest.raises(AttentionMapError, match="differs from the attention map"):
+        mask_statistics(np.ones((2, 2, 2)), np.ones((2, 2, 3)))
+    with pytest.raises(AttentionMapError, match="empty"):
+        mask_statistics(np.ones((2, 2, 2)), np.zeros((2, 2, 2)))
+
+
+def test_pointing_game_tolerance_is_a_per_axis_box():
+    attention = np.zeros((8, 8, 8))
+    attention[2, 2, 2] = 1.0
+    mask = np.zeros((8, 8, 8), dtype=bool)
+    mask[3, 4, 2] = True  # 1 voxel away along I, 2 along J
+    assert not pointing_game(attention, mask)
+    assert not pointing_game(attention, mask, tolerance=1)
+    assert pointing_game(attention, mask, tolerance=2)
+    assert pointing_game(attention, mask, tolerance=(1, 2, 0))
+    assert not pointing_game(attention, mask, tolerance=(2, 1, 2))
+    mask[2, 2, 2] = True
+    assert pointing_game(attention, mask)
+
+
+def test_distance_to_mask_on_an_oblique_anisotropic_grid():
+    angle = math.radians(30)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag([0.8, 1.2, 2.5])
+    ijk_to_ras[:3, 3] = [10.0, -20.0, 5.0]
+    mask = np.zeros((10, 10, 6), dtype=bool)
+    mask[4, 5, 2] = mask[6, 5, 2] = True
+    centres = [ijk_to_ras[:3, :3] @ np.array(v, float) + ijk_to_ras[:3, 3] for v in ((4, 5, 2), (6, 5, 2))]
+    point = ijk_to_ras[:3, :3] @ np.array([4.0, 5.0, 5.0]) + ijk_to_ras[:3, 3]  # 3 slices (7.5 mm) above (4, 5, 2)
+    result = distance_to_mask_mm(point, mask, ijk_to_ras)
+    assert result["inside"] is False
+    assert result["nearest_mm"] == pytest.approx(7.5)
+    assert result["centroid_mm"] == pytest.approx(np.linalg.norm((centres[0] + centres[1]) / 2 - point))
+    inside = distance_to_mask_mm(centres[1], mask, ijk_to_ras)
+    assert inside["inside"] is True and inside["nearest_mm"] == 0.0
+
+
+class BlockDetector(torch.nn.Module):
+    """Class-1 logit = 10 * mean(x over the first 4x4x4 block) - 5, class-0 logit = 0."""
+
+    def forward(self, x):
+        score = 10.0 * x[:, 0, :4, :4, :4].mean(dim=(1, 2, 3)) - 5.0
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def _trapezoid(y, x):
+    y, x = np.asarray(y), np.asarray(x)
+    return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum())
+
+
+def test_deletion_insertion_by_hand():
+    x = torch.ones(1, 1, 8, 8, 8)
+    high, low = 1 / (1 + math.exp(-5)), 1 / (1 + math.exp(5))
+    saliency = np.arange(8, dtype=float)[::-1].reshape(2, 2, 2).copy()  # block (0, 0, 0) ranked first
+    scores = deletion_insertion(BlockDetector(), x, saliency, target=1, steps=8, baseline="zero")
+    fractions = np.arange(9) / 8
+    assert scores["fractions"] == pytest.approx(fractions.tolist())
+    assert scores["deletion_curve"] == pytest.approx([high] + [low] * 8, abs=1e-6)
+    assert scores["insertion_curve"] == pytest.approx([low] + [high] * 8, abs=1e-6)
+    assert scores["deletion_auc"] == pytest.approx(_trapezoid([high] + [low] * 8, fractions), abs=1e-6)
+    assert scores["insertion_auc"] == pytest.approx(_trapezoid([low] + [high] * 8, fractions), abs=1e-6)
+    worst = deletion_insertion(BlockDetector(), x, saliency[::-1, ::-1, ::-1].copy(), target=1, steps=8,
+                               baseline="zero", batch_size=3)
+    assert worst["deletion_curve"] == pytest.approx([high] * 8 + [low], abs=1e-6)
+    assert worst["deletion_auc"] > scores["deletion_auc"] and worst["insertion_auc"] < scores["insertion_auc"]
+
+
+def test_deletion_insertion_voxel_map_and_mean_baseline():
+    x = torch.zeros(1, 1, 8, 8, 8)
+    x[0, 0, :4, :4, :4] = 1.0
+    saliency = x[0, 0].numpy().copy()  # voxel-level map: the block's 64 voxels are in the first half
+    scores = deletion_insertion(BlockDetector(), x, saliency, steps=2, baseline="mean")
+    mean_logit = 10 * (64 / 512) - 5  # the baseline is x's mean everywhere
+    p = lambda logit: 1 / (1 + math.exp(-logit))  # noqa: E731
+    assert scores["target"] == 1  # the predicted class
+    assert scores["deletion_curve"] == pytest.approx([p(5), p(mean_logit), p(mean_logit)], abs=1e-6)
+    assert scores["insertion_curve"] == pytest.approx([p(mean_logit), p(5), p(5)], abs=1e-6)
+
+
+def test_deletion_insertion_on_a_vit_token_grid_with_blur_baseline():
+    torch.manual_seed(0)
+    model = ViT(1, (16, 16, 16), 8, hidden_size=32, mlp_dim=32, num_layers=1, num_heads=2,
+                classification=True, post_activation=None).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    saliency = np.random.default_rng(0).random((2, 2, 2))
+    scores = deletion_insertion(model, x, saliency, target=0, steps=4)
+    with torch.no_grad():
+        p_x = torch.softmax(model(x)[0], dim=1)[0, 0].item()
+    assert len(scores["deletion_curve"]) == len(scores["insertion_curve"]) == 5
+    assert scores["deletion_curve"][0] == pytest.approx(p_x, abs=1e-5)
+    assert scores["insertion_curve"][-1] == pytest.approx(p_x, abs=1e-5)
+    assert scores["deletion_curve"][-1] == pytest.approx(scores["insertion_curve"][0], abs=1e-6)
+    assert scores["baseline"] == "blur"
+
+
+def test_deletion_insertion_bad_inputs():
+    x = torch.ones(1, 1, 8, 8, 8)
+    with pytest.raises(AttentionMapError, match="must divide"):
+        deletion_insertion(BlockDetector(), x, np.ones((3, 3, 3)))
+    with pytest.raises(AttentionMapError, match="baseline"):
+        deletion_insertion(BlockDetector(), x, np.ones((2, 2, 2)), baseline="noise")
+    with pytest.raises(AttentionMapError, match="not class logits"):
+        deletion_insertion(lambda t: t, x, np.ones((2, 2, 2)))
