@@ -1,0 +1,140 @@
+"""Voxel-grid geometry: axis-order and patient-space conventions, token-grid affines, export resampling.
+
+Conventions used across the library:
+- arrays are indexed (I, J, K) (channels first when there are channels: (C, I, J, K)), as MONAI does;
+  Slicer's ``arrayFromVolume`` gives (K, J, I) (vector volumes (K, J, I, C)): see `kji_to_ijk`.
+- a grid's geometry is one (4, 4) float64 ``ijk_to_ras`` matrix mapping a voxel index (i, j, k, 1) to
+  the RAS millimetre position of that voxel's centre. Files and DICOM use LPS: see `lps_to_ras`.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from .errors import AttentionMapError
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def kji_to_ijk(array: np.ndarray) -> np.ndarray:
+    """Reverse all axes: (K, J, I) -> (I, J, K), and Slicer's vector (K, J, I, C) -> (C, I, J, K).
+
+    Self-inverse (`ijk_to_kji` is the same function). Returns a view, not a copy.
+    """
+    return np.asarray(array).transpose()
+
+
+ijk_to_kji = kji_to_ijk
+
+
+def lps_to_ras(matrix: np.ndarray) -> np.ndarray:
+    """A (4, 4) matrix mapping into LPS mapped into RAS instead (negate the first two output rows).
+
+    Self-inverse, so it also turns an ijk_to_ras matrix into ijk_to_lps.
+    """
+    return _LPS_TO_RAS @ np.asarray(matrix, dtype=np.float64)
+
+
+def check_ijk_to_ras(matrix: object, name: str = "ijk_to_ras") -> np.ndarray:
+    """Return `matrix` as a (4, 4) float64 array, or raise AttentionMapError if it is not a usable affine.
+
+    Usable: shape (4, 4), finite, last row (0, 0, 0, 1), and a 3x3 part that is far from singular
+    (smallest singular value above 1e-6 of the largest, and above 1e-6 mm).
+    """
+    try:
+        m = np.array(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise AttentionMapError(f"{name}: expected a 4x4 numeric matrix, got {type(matrix).__name__} ({exc})") from None
+    if m.shape != (4, 4):
+        raise AttentionMapError(f"{name}: expected a 4x4 matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise AttentionMapError(f"{name}: contains NaN or infinite values:\n{m}")
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
+        raise AttentionMapError(f"{name}: last row must be (0, 0, 0, 1), got {m[3].tolist()}")
+    singular = np.linalg.svd(m[:3, :3], compute_uv=False)
+    if singular[-1] <= 1e-6 * singular[0] or singular[-1] <= 1e-6:
+        raise AttentionMapError(
+            f"{name}: degenerate (non-invertible) 3x3 part, singular values {singular.tolist()}; "
+            "expected voxel spacings > 0 along three independent directions"
+        )
+    return m
+
+
+def voxel_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along I, J, K: the lengths of the matrix's first three columns, shape (3,)."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map points (..., 3) through a (4, 4) matrix; returns float64 (..., 3)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    p = np.asarray(points, dtype=np.float64)
+    return p @ m[:3, :3].T + m[:3, 3]
+
+
+def ras_to_ijk(ijk_to_ras: np.ndarray, points_ras: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices (..., 3) of RAS points (..., 3) on the grid with this ijk_to_ras."""
+    return apply_affine(np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)), points_ras)
+
+
+def token_grid_affine(
+    voxel_ijk_to_ras: np.ndarray, patch_size: Sequence[int], offset_voxels: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
+    """ijk_to_ras of a token grid whose token (0, 0, 0) covers voxels offset .. offset + patch - 1.
+
+    Token index t maps to voxel index offset + t * patch + (patch - 1) / 2: the centre of its patch,
+    so each token-grid voxel centre is the centre of the patch it summarises. Shape (4, 4), float64.
+    """
+    p = np.asarray(patch_size, dtype=np.float64)
+    token_to_voxel = np.diag([*p, 1.0])
+    token_to_voxel[:3, 3] = np.asarray(offset_voxels, dtype=np.float64) + (p - 1.0) / 2.0
+    return np.asarray(voxel_ijk_to_ras, dtype=np.float64) @ token_to_voxel
+
+
+def peak_index(grid: np.ndarray) -> Tuple[int, int, int]:
+    """(i, j, k) of the largest value of a 3D grid (first one in C order on ties)."""
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(grid)), grid.shape))
+
+
+def resample_grid(
+    grid: np.ndarray,
+    grid_ijk_to_ras: np.ndarray,
+    shape_ijk: Sequence[int],
+    target_ijk_to_ras: np.ndarray,
+    max_points: int = 4_000_000,
+) -> np.ndarray:
+    """Trilinear resampling of a 3D grid (I, J, K) onto another voxel grid, with torch ``grid_sample``.
+
+    Inside the grid's box (voxel centres +- half a voxel) values are interpolated between voxel
+    centres and held constant in the outer half voxel; outside the box the result is 0. The target
+    is processed in slabs along its K axis of at most `max_points` voxels, so memory stays bounded.
+    Returns float32 of shape `shape_ijk`.
+    """
+    import torch
+
+    source = np.asarray(grid, dtype=np.float32)
+    if source.ndim != 3:
+        raise AttentionMapError(f"grid: expected a 3D array (I, J, K), got shape {source.shape}")
+    shape = tuple(int(s) for s in shape_ijk)
+    if len(shape) != 3 or min(shape) < 1:
+        raise AttentionMapError(f"shape_ijk: expected three positive sizes, got {tuple(shape_ijk)}")
+    target_to_source = np.linalg.inv(check_ijk_to_ras(grid_ijk_to_ras, "grid ijk_to_ras")) @ check_ijk_to_ras(
+        target_ijk_to_ras, "target ijk_to_ras"
+    )
+    n = np.asarray(source.shape, dtype=np.float64)
+    # grid_sample wants (B, C, D, H, W) with coordinates (x, y, z) = (W, H, D) normalised to [-1, 1]
+    volume = torch.from_numpy(np.ascontiguousarray(source))[None, None]
+    out = np.empty(shape, dtype=np.float32)
+    slab = max(1, max_points // (shape[0] * shape[1]))
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    for k0 in range(0, shape[2], slab):
+        ks = np.arange(k0, min(k0 + slab, shape[2]))
+        target = np.stack(np.broadcast_arrays(ii[..., None], jj[..., None], ks[None, None, :]), axis=-1)
+        src = apply_affine(target_to_source, target)  # (I, J, k, 3) continuous source indices
+        inside = np.all((src >= -0.5) & (src <= n - 0.5), axis=-1)
+        norm = 2.0 * np.clip(src, 0.0, n - 1.0) / np.maximum(n - 1.0, 1.0) - 1.0
+        coords = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
+        sampled = torch.nn.functional.grid_sample(volume, coords, mode="bilinear", align_corners=True)
+        out[:, :, ks] = np.where(inside, sampled[0, 0].numpy(), 0.0)
+    return out

@@ -1,0 +1,118 @@
+"""Read and write volumes with their geometry (SimpleITK): NRRD, NIfTI, MetaImage, DICOM series.
+
+Arrays come and go indexed (I, J, K), or (C, I, J, K) for multi-component images, with a RAS
+``ijk_to_ras`` (4, 4) that includes spacing and direction cosines. SimpleITK works in LPS; the
+conversion happens here and nowhere else. Pixel types are kept as stored (an int16 CT stays int16,
+a float32 attention grid is written as float32); preprocessing converts to float32 for the model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import AttentionMapError
+from .geometry import check_ijk_to_ras, kji_to_ijk, lps_to_ras, voxel_spacing
+
+PathLike = Union[str, os.PathLike]
+
+_WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def image_ijk_to_ras(image) -> np.ndarray:
+    """RAS ijk_to_ras (4, 4) float64 of a 3D SimpleITK image (its LPS origin, spacing, direction)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return lps_to_ras(ijk_to_lps)
+
+
+def _read_dicom_series(folder: Path, series_id: Optional[str]):
+    sitk = _sitk()
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise AttentionMapError(f"{folder}: no DICOM series found in this folder")
+    if series_id is None:
+        if len(ids) > 1:
+            raise AttentionMapError(f"{folder}: {len(ids)} DICOM series found, pass series_id= one of {list(ids)}")
+        series_id = ids[0]
+    elif series_id not in ids:
+        raise AttentionMapError(f"{folder}: DICOM series {series_id!r} not found; series present: {list(ids)}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+    return reader.Execute()
+
+
+def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Read a 3D volume: a NRRD / NIfTI / MHA file, or a folder holding one DICOM series.
+
+    Returns (array_ijk, ijk_to_ras): array indexed (I, J, K), or (C, I, J, K) for multi-component
+    pixels, in the stored pixel type; ijk_to_ras (4, 4) float64 in RAS millimetres.
+    """
+    sitk = _sitk()
+    p = Path(path)
+    if not p.exists():
+        raise AttentionMapError(f"{p}: no such file or folder")
+    try:
+        image = _read_dicom_series(p, series_id) if p.is_dir() else sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise AttentionMapError(f"{p}: SimpleITK could not read it as a volume ({str(exc).strip()[:300]})") from None
+    if image.GetDimension() != 3:
+        raise AttentionMapError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
+    # GetArrayFromImage is (K, J, I) or (K, J, I, C); reversing gives (I, J, K) or (C, I, J, K)
+    array = np.ascontiguousarray(kji_to_ijk(sitk.GetArrayFromImage(image)))
+    return array, image_ijk_to_ras(image)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in _WRITE_SUFFIXES if name.endswith(s)), "")
+
+
+def write_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Path:
+    """Write a 3D array indexed (I, J, K) with its RAS geometry to .nrrd, .nii, .nii.gz or .mha.
+
+    The pixel type is kept (float32 stays float32). The affine must be spacing x direction with
+    orthonormal directions (no shear), as these formats store it. Written to a temporary file in
+    the same folder and renamed, so a failure leaves no partial file. Returns the path.
+    """
+    sitk = _sitk()
+    p = Path(path)
+    suffix = _suffix(p)
+    if not suffix:
+        raise AttentionMapError(f"{p}: expected a file name ending in one of {', '.join(_WRITE_SUFFIXES)}")
+    array = np.asarray(array_ijk)
+    if array.ndim != 3:
+        raise AttentionMapError(f"array_ijk: expected a 3D array indexed (I, J, K), got shape {array.shape}")
+    m = check_ijk_to_ras(ijk_to_ras)
+    spacing = voxel_spacing(m)
+    direction = m[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-5):
+        raise AttentionMapError(
+            f"ijk_to_ras: columns are not orthogonal (sheared grid); {suffix} stores spacing and "
+            f"orthonormal directions only:\n{m}"
+        )
+    ijk_to_lps = lps_to_ras(m)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(kji_to_ijk(array)))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((ijk_to_lps[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin(ijk_to_lps[:3, 3].tolist())
+    tmp = p.with_name(f".{p.name[: -len(suffix)]}.partial{os.getpid()}{suffix}")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, p)
+    except RuntimeError as exc:
+        raise AttentionMapError(f"{p}: SimpleITK could not write it ({str(exc).strip()[:300]})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p

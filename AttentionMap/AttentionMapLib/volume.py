@@ -1,0 +1,292 @@
+"""Volume in, placed attention grid out: preprocessing, windows, capture, blending, token-grid geometry.
+
+``explain_volume`` runs the card's MONAI preprocessing (`preprocess.preprocess_volume`), cuts the
+model input into windows, captures each window's attention once (`engine.capture_attention`), and
+blends the windows' token grids into one global token grid with its own RAS ijk_to_ras:
+
+- resize mode: the whole volume is resized to ``img_size``: one window, the global grid is its grid.
+- sliding-window mode: the preprocessed volume (padded to at least ``img_size`` and to a multiple of
+  the patch size) is tiled by windows of ``img_size`` whose starts are multiples of the patch size,
+  so every window's tokens coincide with tokens of the global grid (no resampling of token maps).
+  Neighbouring starts are ``floor(window * (1 - overlap) / patch) * patch`` voxels apart (at least
+  one patch) and the last window ends at the volume's end, so the grid covers the whole volume.
+
+Each window is read out unnormalised (``normalize="none"``); overlapping tokens are averaged (mean,
+or Gaussian weights favouring window centres); the normalisation is applied once, to the blended map.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import methods
+from .engine import CapturedAttention, _check_options, capture_attention, model_spec, readout, resolve_layer
+from .errors import AttentionMapError, Cancelled
+from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
+from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
+
+ProgressCallback = Callable[[float], None]
+CancelCheck = Callable[[], bool]
+_UNCHANGED: Any = object()
+
+
+def window_starts(size: int, window: int, patch: int, overlap: float) -> List[int]:
+    """Window starts (voxels) along one axis of a volume `size` long, `size` and `window` multiples of `patch`.
+
+    Starts are multiples of `patch`, spaced ``max(patch, floor(window * (1 - overlap) / patch) * patch)``,
+    the last one at ``size - window`` so the windows cover the whole axis.
+    """
+    step = max(patch, int(window * (1.0 - overlap)) // patch * patch)
+    last = size - window
+    return sorted(set(range(0, last, step)) | {last})
+
+
+def _blend_weights(grid_shape: Sequence[int], blend: str) -> np.ndarray:
+    """Per-token weights of one window (n1, n2, n3): ones, or a Gaussian (sigma = n / 8) about the centre."""
+    if blend == "mean":
+        return np.ones(grid_shape, dtype=np.float64)
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2.0) / max(n / 8.0, 1e-6)) ** 2) for n in grid_shape]
+    return np.maximum(axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :], 1e-6)
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """What a re-fusion needs: the cached attention of every window and where each window sits.
+
+    ``captures``: one CapturedAttention per batch, windows in order; ``offsets``: (W, 3) token
+    offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
+    ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's.
+    """
+
+    captures: Tuple[CapturedAttention, ...]
+    offsets: np.ndarray
+    grid_shape: Tuple[int, int, int]
+    weights: np.ndarray
+    ijk_to_ras: np.ndarray
+
+    def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+        """Global token index (3,) of the token whose patch contains the RAS point, or None."""
+        if query_ras is None:
+            return None
+        point = np.asarray(query_ras, dtype=np.float64)
+        if point.shape != (3,) or not np.all(np.isfinite(point)):
+            raise AttentionMapError(f"query_ras: expected three finite RAS coordinates (mm), got {query_ras!r}")
+        token = np.floor(ras_to_ijk(self.ijk_to_ras, point) + 0.5).astype(int)
+        if np.any(token < 0) or np.any(token >= np.asarray(self.grid_shape)):
+            corners = apply_affine(self.ijk_to_ras, np.array([[-0.5] * 3, np.asarray(self.grid_shape) - 0.5]))
+            raise AttentionMapError(
+                f"query_ras: {point.tolist()} lies outside the model input (token grid {self.grid_shape}, "
+                f"RAS corners {np.round(corners, 1).tolist()}); expected a point inside the volume"
+            )
+        return token
+
+    def window_maps(self, captured: CapturedAttention, offsets: np.ndarray, query: Optional[np.ndarray],
+                    **options: Any) -> List[Optional[np.ndarray]]:
+        """Unnormalised (n1, n2, n3) map per window of one batch; None for a window without the query."""
+        if query is None:
+            return list(readout(captured, query=None, normalize="none", **options))
+        local = query[None, :] - offsets
+        inside = np.all((local >= 0) & (local < np.asarray(captured.spec.grid_shape)), axis=1)
+        maps: List[Optional[np.ndarray]] = [None] * len(offsets)
+        for q in {tuple(int(v) for v in row) for row in local[inside]}:
+            batch_maps = readout(captured, query=q, normalize="none", **options)
+            for index in np.flatnonzero(inside & np.all(local == q, axis=1)):
+                maps[index] = batch_maps[index]
+        return maps
+
+    def blend(self, query: Optional[np.ndarray], normalize: str, **options: Any) -> np.ndarray:
+        """Global token grid (I, J, K) float32: weighted mean of the window maps, then normalised once."""
+        total = np.zeros(self.grid_shape, dtype=np.float64)
+        weight = np.zeros(self.grid_shape, dtype=np.float64)
+        first = 0
+        for captured in self.captures:
+            offsets = self.offsets[first:first + captured.batch_size]
+            first += captured.batch_size
+            for offset, window_map in zip(offsets, self.window_maps(captured, offsets, query, **options)):
+                if window_map is None:
+                    continue
+                region = tuple(slice(o, o + n) for o, n in zip(offset, window_map.shape))
+                total[region] += self.weights * window_map
+                weight[region] += self.weights
+        grid = np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), 0.0)
+        return methods.normalize_map(grid[None], normalize)[0]
+
+
+@dataclass(frozen=True)
+class VolumeAttention:
+    """An attention map on the token grid of a volume, placed in patient space.
+
+    grid: float32 (I, J, K) over the global token grid. ijk_to_ras: (4, 4) float64 mapping a grid
+    index to the RAS mm centre of the patch it summarises. window_logits: (W, K) model outputs per
+    window for class outputs (None for dense outputs such as UNETR's). probabilities: (K,) softmax of
+    each window's logits, then per class the maximum over windows (resize mode: the one window).
+    target: class (output index) the gradients were taken for (grad_rollout), else the caller's
+    target or None. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
+    query_ras: the RAS point whose token row was read out (None: CLS row, or mean of rows without
+    CLS); in sliding-window mode only windows holding that point contribute, other tokens are 0.
+    """
+
+    grid: np.ndarray
+    ijk_to_ras: np.ndarray
+    window_logits: Optional[np.ndarray]
+    probabilities: Optional[np.ndarray]
+    target: Optional[int]
+    method: str
+    layer: int
+    head_fusion: str
+    head: Optional[int]
+    discard_ratio: float
+    normalize: str
+    query_ras: Optional[np.ndarray]
+    num_windows: int
+    timings: Dict[str, float]
+    _tiling: _Tiling = field(repr=False, compare=False)
+
+    def peak_ras(self) -> np.ndarray:
+        """RAS position (3,) in mm of the centre of the grid's highest token."""
+        return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
+
+    def refuse(self, method: Optional[str] = None, layer: Optional[int] = None, discard_ratio: Optional[float] = None,
+               query_ras: Any = _UNCHANGED, normalize: Optional[str] = None) -> "VolumeAttention":
+        """A new VolumeAttention from the cached head-fused attention, without running the network.
+
+        Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
+        Head fusion and target are fixed at capture time.
+        """
+        start = time.perf_counter()
+        options = {
+            "method": self.method if method is None else method,
+            "layer": self.layer if layer is None else layer,
+            "discard_ratio": self.discard_ratio if discard_ratio is None else discard_ratio,
+        }
+        options["layer"] = resolve_layer(options["layer"], self._tiling.captures[0].spec.num_layers)
+        query_point = self.query_ras if query_ras is _UNCHANGED else query_ras
+        query = self._tiling.query_token(query_point)
+        norm = self.normalize if normalize is None else normalize
+        grid = self._tiling.blend(query, norm, **options)
+        fused = time.perf_counter()
+        return replace(
+            self, grid=grid, normalize=norm, discard_ratio=float(options["discard_ratio"]), method=options["method"],
+            layer=options["layer"], query_ras=None if query_point is None else np.asarray(query_point, dtype=np.float64),
+            timings={"preprocess": 0.0, "forward": 0.0, "fuse": fused - start, "geometry": 0.0},
+        )
+
+    def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
+        """The grid resampled (trilinear, 0 outside the grid's box) onto another voxel grid; float32 (I, J, K)."""
+        return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+
+
+def _sweep(model: torch.nn.Module, tiles: List[torch.Tensor], batch_size: int, capture: Callable,
+           progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], done: int, total: int) -> list:
+    """Run `capture` on batches of `tiles`; progress and cancel checks between batches."""
+    results = []
+    for first in range(0, len(tiles), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled after {first} of {len(tiles)} windows")
+        results.append(capture(torch.stack(tiles[first:first + batch_size])))
+        if progress is not None:
+            progress((done + min(first + batch_size, len(tiles))) / total)
+    return results
+
+
+def _class_outputs(captures: Sequence[CapturedAttention]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(window_logits (W, K), probabilities (K,): per class the max over windows of the softmax);
+    (None, None) for dense outputs."""
+    if captures[0].logits.ndim != 2:
+        return None, None
+    logits = torch.cat([c.logits for c in captures]).float().cpu()
+    return logits.numpy(), torch.softmax(logits, dim=1).amax(dim=0).numpy()
+
+
+def explain_volume(
+    model: torch.nn.Module,
+    array_ijk: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    preprocessing: Any,
+    img_size: Optional[Sequence[int]] = None,
+    query_ras: Optional[Sequence[float]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCheck] = None,
+    device: Optional[Any] = None,
+    method: str = "rollout",
+    layer: int = -1,
+    head_fusion: str = "mean",
+    head: Optional[int] = None,
+    discard_ratio: float = 0.0,
+    target: Optional[int] = None,
+    normalize: str = "minmax",
+) -> VolumeAttention:
+    """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
+
+    array_ijk: (I, J, K) or (C, I, J, K), any numeric dtype, never modified. ijk_to_ras: (4, 4) RAS.
+    preprocessing: the model card section (dict, see `preprocess`). img_size: the model's input size
+    (needed for a plain MONAI ViT, which does not store it). query_ras: read the row of the token whose
+    patch holds this RAS point. progress(fraction) and cancel() are called between batches (cancel
+    returning True raises errors.Cancelled). device: where the input goes (default: the model's).
+    The remaining arguments are those of `engine.explain`. In sliding-window mode grad_rollout without
+    a target first runs all windows without gradients to pick the class (highest window probability).
+    """
+    timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
+    start = time.perf_counter()
+    prep = parse_preprocessing(preprocessing)
+    spec = model_spec(model, img_size)
+    image = preprocess_volume(array_ijk, ijk_to_ras, prep, spec.img_size, spec.patch_size, spec.in_channels)
+    if device is None:
+        device = next(model.parameters()).device
+    volume = image.as_tensor().to(device=device, dtype=torch.float32)
+    axes = [window_starts(s, w, p, prep.overlap) for s, w, p in zip(volume.shape[1:], spec.img_size, spec.patch_size)]
+    starts = np.array(list(itertools.product(*axes)), dtype=int).reshape(-1, 3)
+    tiles = [volume[(slice(None), *(slice(a, a + w) for a, w in zip(s, spec.img_size)))] for s in starts]
+    batch = len(tiles) if prep.mode == RESIZE else prep.sw_batch_size
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _check_options(method, discard_ratio, normalize)
+    last = resolve_layer(layer, spec.num_layers)
+    patch = np.asarray(spec.patch_size)
+    tiling = _Tiling(
+        captures=(),
+        offsets=starts // patch,
+        grid_shape=tuple(int(s) for s in np.asarray(volume.shape[1:]) // patch),
+        weights=_blend_weights(spec.grid_shape, prep.blend),
+        ijk_to_ras=token_grid_affine(check_ijk_to_ras(image.affine.numpy(), "preprocessed affine"), patch),
+    )
+    query = tiling.query_token(query_ras)
+    timings["geometry"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    gradients = method == "grad_rollout"
+    two_sweeps = gradients and target is None and len(tiles) > 1
+    total = len(tiles) * (2 if two_sweeps else 1)
+    if two_sweeps:
+        first = _sweep(model, tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
+                       progress, cancel, 0, total)
+        probabilities = _class_outputs(first)[1]
+        target = None if probabilities is None else int(probabilities.argmax())
+    captures = _sweep(
+        model, tiles, batch,
+        lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
+        progress, cancel, total - len(tiles), total,
+    )
+    tiling = replace(tiling, captures=tuple(captures))
+    timings["forward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    grid = tiling.blend(query, normalize, method=method, layer=last, discard_ratio=discard_ratio)
+    window_logits, probabilities = _class_outputs(captures)
+    resolved = captures[0].target
+    if target is None and resolved is not None and gradients:
+        target = resolved[0]
+    timings["fuse"] = time.perf_counter() - start
+    return VolumeAttention(
+        grid=grid, ijk_to_ras=tiling.ijk_to_ras, window_logits=window_logits, probabilities=probabilities,
+        target=None if target is None else int(target), method=method, layer=last, head_fusion=head_fusion, head=head,
+        discard_ratio=float(discard_ratio), normalize=normalize,
+        query_ras=None if query_ras is None else np.asarray(query_ras, dtype=np.float64),
+        num_windows=len(tiles), timings=timings, _tiling=tiling,
+    )
