@@ -1,0 +1,400 @@
+"""``attention-map``: the headless main job.
+
+    attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
+                  [--method raw|rollout|grad_rollout] [--layer N] [--head-fusion mean|max|min] [--head H]
+                  [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
+                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
+    attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
+    attention-map sample-data [--cache-dir DIR]
+
+Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers
+count from the end (-1 = last, the default). Exit status: 0 on success, 2 on bad input (one line on
+stderr naming the input and the problem; outputs of the failed run are removed). Inputs are only read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import AttentionMapError
+
+_VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors reported on one line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attention-map", description="Attention maps of MONAI Vision Transformers on 3D volumes.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    model = _Parser(add_help=False)
+    model.add_argument("--model", default="demo", help="'demo', a model card .json, or a MONAI bundle folder")
+    model.add_argument("--trust-bundle", action="store_true",
+                       help="allow loading a MONAI bundle (its configs can run Python code)")
+    model.add_argument("--method", default="rollout", choices=("raw", "rollout", "grad_rollout"))
+    model.add_argument("--layer", type=int, default=-1,
+                       help="block 1..L (rollout: up to this block), or negative from the end; default -1 = last")
+    model.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
+    model.add_argument("--head", type=int, default=None, help="one head 0..H-1 instead of fusing heads")
+    model.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
+    model.add_argument("--target", default=None, help="class name or index (default: the card's, else the predicted)")
+    model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA when available, CPU otherwise and after CUDA out-of-memory")
+    model.add_argument("--normalize", default="percentile", choices=("minmax", "percentile", "none"),
+                       help="map scaling (default percentile: 1st..99th percentile to [0, 1])")
+
+    run = commands.add_parser("run", parents=[model], help="attention maps, overlays and a summary per input")
+    run.add_argument("inputs", nargs="+", metavar="INPUT", help="NRRD / NIfTI / MHA file or DICOM series folder")
+    run.add_argument("--query-ras", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                     help="read the attention of the patch at this RAS point (mm) instead of the CLS token")
+    run.add_argument("--label", nargs="+", default=None, metavar="MASK",
+                     help="tumour/organ mask on the input's grid, one per input (same order)")
+    run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
+    run.add_argument("--output-dir", required=True, type=Path)
+    run.set_defaults(func=run_command)
+
+    score = commands.add_parser("score", parents=[model],
+                                help="deletion / insertion AUC (RISE) of the map on the model input")
+    score.add_argument("input", metavar="INPUT")
+    score.add_argument("--centre-ras", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                       help="sliding-window cards: score the window centred here (default: the volume centre)")
+    score.add_argument("--steps", type=int, default=32, help="points on each curve minus one (default 32)")
+    score.add_argument("--baseline", default="blur", choices=("blur", "mean", "zero"),
+                       help="what deleted patches become / insertion starts from (default blur)")
+    score.add_argument("--output", type=Path, default=None, help="also write the scores and curves as JSON")
+    score.set_defaults(func=score_command)
+
+    sample = commands.add_parser("sample-data", help="download (once) and list the pyradiomics sample CTs")
+    sample.add_argument("--cache-dir", type=Path, default=None)
+    sample.set_defaults(func=sample_data_command)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AttentionMapError as exc:
+        print(f"attention-map: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def case_name(path: Path) -> str:
+    """File name without its volume suffix (lung2_image.nrrd -> lung2_image), or the DICOM folder's name."""
+    name = path.name
+    lowered = name.lower()
+    suffix = next((s for s in _VOLUME_SUFFIXES if lowered.endswith(s)), "")
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+def resolve_device(choice: str) -> str:
+    """auto -> cuda if torch sees a GPU, else cpu; cuda without a GPU is bad input."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise AttentionMapError("--device cuda: no CUDA device is available to torch; use --device cpu or auto")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def block_index(layer: int) -> int:
+    """CLI layer (1..L, or negative from the end) -> the engine's index (0..L-1, or negative)."""
+    if layer == 0:
+        raise AttentionMapError("--layer 0: layers are numbered from 1 (first block); -1 is the last")
+    return layer - 1 if layer > 0 else layer
+
+
+def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
+    """Keyword arguments for explain / explain_volume from the shared command-line options."""
+    from .models import class_index
+
+    target = class_index(args.target, loaded.classes, "--target") if args.target is not None else loaded.target
+    return {
+        "method": args.method,
+        "layer": block_index(args.layer),
+        "head_fusion": args.head_fusion,
+        "head": args.head,
+        "discard_ratio": args.discard_ratio,
+        "target": target,
+        "normalize": args.normalize,
+    }
+
+
+def _read_case(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    from .io import read_volume
+
+    return read_volume(path)
+
+
+def _read_label(label_path: Path, input_path: Path, shape: Tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
+    mask, mask_affine = _read_case(label_path)
+    if mask.shape != shape or not np.allclose(mask_affine, ijk_to_ras, atol=1e-3):
+        raise AttentionMapError(
+            f"{label_path}: the mask's voxel grid (shape {mask.shape}) differs from {input_path}'s (shape {shape}); "
+            "expected a mask on the input's grid"
+        )
+    if not np.any(mask > 0):
+        raise AttentionMapError(f"{label_path}: the mask is empty (no voxel > 0)")
+    return mask > 0
+
+
+def explain_with_fallback(loaded, device: str, auto: bool, call: Callable[[str], Any]) -> Tuple[Any, str]:
+    """call(device); with --device auto, a CUDA out-of-memory error reruns it on the CPU (message on stderr)."""
+    import torch
+
+    try:
+        return call(device), device
+    except torch.cuda.OutOfMemoryError:
+        if not (auto and device == "cuda"):
+            raise
+        print("attention-map: CUDA out of memory; running on the CPU instead", file=sys.stderr)
+        torch.cuda.empty_cache()
+        loaded.network.to("cpu")
+        return call("cpu"), "cpu"
+
+
+def _progress_bar(description: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=description, unit="%", leave=False, disable=None)
+
+    def update(fraction: float) -> None:
+        bar.update(max(0, round(100 * fraction) - bar.n))
+
+    return bar, update
+
+
+# ---------------------------------------------------------------------------------------------- run
+@dataclass
+class Case:
+    """One input on its way through `run`: the volume, its map, and its summary record."""
+
+    name: str
+    path: Path
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    label: Optional[np.ndarray]
+    read_s: float
+    attention: Any = None  # VolumeAttention
+    on_input: Optional[np.ndarray] = None  # the map resampled onto the input's voxel grid
+    record: Dict[str, Any] = field(default_factory=dict)
+
+    def overlay(self, classes: List[str], method: str):
+        from .render import OverlayCase, probability_title
+
+        title = probability_title(self.name, classes, self.attention.probabilities, method)
+        return OverlayCase(self.name, self.array, self.on_input, self.ijk_to_ras, self.record["peak_ras_mm"],
+                           title, self.label)
+
+
+def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]]) -> List[Case]:
+    """Read every input (and its mask) before anything is computed or written."""
+    paths = [Path(p) for p in inputs]
+    label_paths = [Path(p) for p in labels] if labels else []
+    if label_paths and len(label_paths) != len(paths):
+        raise AttentionMapError(f"--label: got {len(label_paths)} mask(s) for {len(paths)} input(s); expected one per input")
+    names = [case_name(p) for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise AttentionMapError(f"{duplicates[0]}: several inputs share this case name; their outputs would collide")
+    cases = []
+    for index, (name, path) in enumerate(zip(names, paths)):
+        t0 = time.perf_counter()
+        array, ijk_to_ras = _read_case(path)
+        label = _read_label(label_paths[index], path, array.shape[-3:], ijk_to_ras) if label_paths else None
+        cases.append(Case(name, path, array, ijk_to_ras, label, time.perf_counter() - t0))
+    return cases
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`attention-map run`: see the module docstring. Writes only into --output-dir."""
+    from tqdm import tqdm
+
+    from .models import load_model
+    from .render import shared_scale, write_montage, write_overlay
+
+    cases = read_cases(args.inputs, args.label)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
+    options = explain_options(args, loaded)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: List[Path] = []
+    try:
+        for case in tqdm(cases, desc="cases", unit="case", disable=None):
+            case.attention, device = _explain_case(loaded, case, args, options, device)
+            _write_maps(output_dir, case, args.resample, written)
+            case.record = _case_record(case, loaded.classes)
+        scale = shared_scale([c.on_input for c in cases])
+        for case in cases:
+            t0 = time.perf_counter()
+            overlay = output_dir / f"{case.name}_overlay.png"
+            written.append(write_overlay(overlay, case.overlay(loaded.classes, args.method), scale))
+            case.record["outputs"]["overlay"] = str(overlay)
+            case.record["timings_s"]["render"] = time.perf_counter() - t0
+        summary = {
+            "model": {"source": loaded.source, "classes": loaded.classes, "img_size": list(loaded.img_size),
+                      "description": loaded.card.get("description"), "notes": loaded.notes},
+            "options": {**options, "layer_cli": args.layer, "query_ras": args.query_ras, "device": device},
+            "colour_scale": list(scale),
+            "cases": [c.record for c in cases],
+        }
+        if len(cases) > 1:
+            montage = output_dir / "montage.png"
+            written.append(write_montage(montage, [c.overlay(loaded.classes, args.method) for c in cases], scale))
+            summary["montage"] = str(montage)
+        summary_path = output_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2))
+        written.append(summary_path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    print(f"attention-map: wrote {len(written)} files to {output_dir}")
+    return 0
+
+
+def _explain_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, Any], device: str):
+    from .volume import explain_volume
+
+    bar, update = _progress_bar(f"{case.name} windows")
+    try:
+        return explain_with_fallback(
+            loaded, device, args.device == "auto",
+            lambda dev: explain_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing,
+                                       img_size=loaded.img_size, query_ras=args.query_ras, progress=update,
+                                       device=dev, **options),
+        )
+    finally:
+        bar.close()
+
+
+def _write_maps(output_dir: Path, case: Case, resample: bool, written: List[Path]) -> None:
+    """<case>_attention.nrrd (token grid, own geometry) and, with --resample, the map on the input grid."""
+    from .io import write_volume
+
+    t0 = time.perf_counter()
+    grid_path = output_dir / f"{case.name}_attention.nrrd"
+    written.append(write_volume(grid_path, case.attention.grid, case.attention.ijk_to_ras))
+    case.on_input = case.attention.resample_to(case.array.shape[-3:], case.ijk_to_ras)
+    case.record["outputs"] = {"attention": str(grid_path)}
+    if resample:
+        resampled_path = output_dir / f"{case.name}_attention_resampled.nrrd"
+        written.append(write_volume(resampled_path, case.on_input, case.ijk_to_ras))
+        case.record["outputs"]["attention_resampled"] = str(resampled_path)
+    case.record["timings_s"] = {"write": time.perf_counter() - t0}
+
+
+def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
+    """Probabilities, peak, timings and (with a mask) the scores against the mask."""
+    from .geometry import voxel_spacing
+    from .metrics import distance_to_mask_mm, mask_statistics, pointing_game
+
+    attention = case.attention
+    peak = np.asarray(attention.peak_ras(), dtype=np.float64)
+    record: Dict[str, Any] = {
+        "case": case.name,
+        "input": str(case.path),
+        "probabilities": None if attention.probabilities is None else {
+            c: float(p) for c, p in zip(classes, attention.probabilities)},
+        "target": attention.target,
+        "peak_ras_mm": peak.tolist(),
+        "grid_shape": list(attention.grid.shape),
+        "num_windows": int(attention.num_windows),
+        "timings_s": {"read": case.read_s, **{k: float(v) for k, v in attention.timings.items()},
+                      **case.record["timings_s"]},
+        "outputs": case.record["outputs"],
+    }
+    if case.label is not None:
+        patch = np.rint(voxel_spacing(attention.ijk_to_ras) / voxel_spacing(case.ijk_to_ras)).astype(int)
+        distance = distance_to_mask_mm(peak, case.label, case.ijk_to_ras)
+        record["label"] = {
+            **mask_statistics(case.on_input, case.label),
+            "pointing_hit_one_patch": pointing_game(case.on_input, case.label, tolerance=patch.tolist()),
+            "peak_inside": distance["inside"],
+            "peak_to_nearest_label_voxel_mm": distance["nearest_mm"],
+            "peak_to_label_centroid_mm": distance["centroid_mm"],
+        }
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- score
+def score_command(args: argparse.Namespace) -> int:
+    """`attention-map score`: deletion / insertion AUC of the map on the model input.
+
+    The map is computed by `engine.explain` on the model input: for resize cards the whole
+    preprocessed volume, for sliding-window cards the window of img_size centred on --centre-ras
+    (default: the volume's centre), moved inside the volume and onto whole patches.
+    """
+    from .engine import explain, model_spec
+    from .metrics import deletion_insertion
+    from .models import load_model
+    from .preprocess import parse_preprocessing, preprocess_volume, RESIZE
+
+    (case,) = read_cases([args.input], None)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
+    options = explain_options(args, loaded)
+    spec = model_spec(loaded.network, loaded.img_size)
+    volume = preprocess_volume(case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
+                               spec.patch_size, spec.in_channels)
+    x = _score_window(volume, parse_preprocessing(loaded.preprocessing).mode == RESIZE, loaded.img_size,
+                      spec.patch_size, args.centre_ras)[None].to(device)
+    result = explain(loaded.network, x, **options)
+    scores = deletion_insertion(loaded.network, x, result.grid[0], target=options["target"],
+                                steps=args.steps, baseline=args.baseline)
+    report = {"case": case.name, "input": str(case.path), "model": loaded.source,
+              "options": {**options, "layer_cli": args.layer, "centre_ras": args.centre_ras}, **scores}
+    target = loaded.classes[scores["target"]] if loaded.classes else scores["target"]
+    print(f"{case.name}: deletion AUC {scores['deletion_auc']:.4f} (lower is better), insertion AUC "
+          f"{scores['insertion_auc']:.4f} (higher is better); target {target}, baseline {args.baseline}, "
+          f"{args.steps} steps")
+    if args.output is not None:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _score_window(volume, whole: bool, img_size: Sequence[int], patch_size: Sequence[int],
+                  centre_ras: Optional[Sequence[float]]):
+    """The model input (C, *img_size) as a plain tensor: the volume itself, or one window of it."""
+    from .geometry import ras_to_ijk
+
+    tensor = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+    if whole:
+        return tensor
+    shape = np.asarray(tensor.shape[1:])
+    size = np.asarray(img_size)
+    patch = np.asarray(patch_size)
+    if centre_ras is None:
+        centre = (shape - 1) / 2.0
+    else:
+        centre = ras_to_ijk(np.asarray(volume.affine, dtype=np.float64), np.asarray(centre_ras, dtype=np.float64))
+    start = np.clip(np.rint(centre - size / 2.0), 0, shape - size)
+    start = (start // patch * patch).astype(int)
+    window = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
+    return tensor[(slice(None),) + window]
+
+
+# ---------------------------------------------------------------------------------------------- sample data
+def sample_data_command(args: argparse.Namespace) -> int:
+    """`attention-map sample-data`: fetch (once) and print name and path of each sample volume."""
+    from .sample_data import fetch_sample_data
+
+    for name, path in fetch_sample_data(args.cache_dir).items():
+        print(f"{name}\t{path}")
+    return 0

@@ -1,0 +1,133 @@
+"""Overlay pictures: axial, coronal and sagittal slices through the attention peak, one PNG per case
+and a montage (one row per case) with one shared colour scale.
+
+Slices are taken after reorienting the volume to the nearest RAS axes (nibabel `io_orientation`; an
+oblique volume is shown along its closest axes) and drawn in millimetres in radiological convention:
+patient right on the left of axial and coronal views, anterior on the left of sagittal views,
+anterior / superior up. Matplotlib is used through its object API (no pyplot, no global backend).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600 HU: lung parenchyma and nodules
+COLORMAP = "inferno"
+# (horizontal axis, vertical axis, slice axis) in RAS-reoriented voxel indices; horizontal is drawn inverted.
+# horizontal < vertical, so a slice array is indexed (horizontal, vertical).
+VIEWS = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
+
+
+@dataclass
+class OverlayCase:
+    """One case to draw. volume, attention and label share one voxel grid (I, J, K) with ijk_to_ras."""
+
+    name: str
+    volume: np.ndarray
+    attention: np.ndarray
+    ijk_to_ras: np.ndarray
+    peak_ras: Sequence[float]
+    title: str
+    label: Optional[np.ndarray] = None
+
+
+def intensity_window(volume: np.ndarray) -> Tuple[float, float]:
+    """Display range: the lung window for CT in HU (1st percentile below -500), else the 1st..99th percentile."""
+    low, high = np.percentile(volume, (1.0, 99.0))
+    if low < -500.0:
+        return LUNG_WINDOW
+    return (float(low), float(high) if high > low else float(low) + 1.0)
+
+
+def shared_scale(attention_maps: Sequence[np.ndarray]) -> Tuple[float, float]:
+    """One colour scale for several maps: their joint min and max."""
+    low = min(float(np.min(a)) for a in attention_maps)
+    high = max(float(np.max(a)) for a in attention_maps)
+    return low, high if high > low else low + 1.0
+
+
+def write_overlay(path: Path, case: OverlayCase, scale: Optional[Tuple[float, float]] = None) -> Path:
+    """PNG with the three views of one case; scale defaults to the map's own range."""
+    return write_montage(path, [case], scale)
+
+
+def write_montage(path: Path, cases: Sequence[OverlayCase], scale: Optional[Tuple[float, float]] = None) -> Path:
+    """PNG with one row of three views per case, all on one colour scale (default: the joint range)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    low, high = scale if scale is not None else shared_scale([c.attention for c in cases])
+    norm = Normalize(vmin=low, vmax=high)
+    figure = Figure(figsize=(13.0, 4.6 * len(cases)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(cases), 3, squeeze=False)
+    for row, case in zip(axes, cases):
+        draw_case(row, case, norm)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=COLORMAP), ax=axes.ravel().tolist(), fraction=0.025,
+                    pad=0.02, label="attention")
+    path = Path(path)
+    figure.savefig(str(path), dpi=100)
+    return path
+
+
+def _reorient(case: OverlayCase) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """Volume, attention, label on the nearest-RAS axes, and the new ijk_to_ras."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    volume = case.volume[0] if case.volume.ndim == 4 else case.volume  # first channel of a (C, I, J, K) volume
+    orientation = io_orientation(case.ijk_to_ras)
+    affine = np.asarray(case.ijk_to_ras, dtype=np.float64) @ inv_ornt_aff(orientation, volume.shape)
+    label = None if case.label is None else apply_orientation(case.label, orientation)
+    return apply_orientation(volume, orientation), apply_orientation(case.attention, orientation), label, affine
+
+
+def draw_case(axes, case: OverlayCase, norm) -> None:
+    """Draw the three views of one case into three matplotlib Axes (colours scaled by `norm`)."""
+    from matplotlib import colormaps
+
+    from .geometry import ras_to_ijk, voxel_spacing
+
+    volume, attention, label, affine = _reorient(case)
+    spacing = voxel_spacing(affine)
+    peak = np.clip(np.rint(ras_to_ijk(affine, case.peak_ras)).astype(int), 0, np.array(volume.shape) - 1)
+    window = intensity_window(volume)
+    cmap = colormaps[COLORMAP]
+    for ax, (view, h, v, s) in zip(axes, VIEWS):
+        index = [slice(None)] * 3
+        index[s] = int(peak[s])
+        image = volume[tuple(index)]
+        heat = norm(attention[tuple(index)])
+        rgba = cmap(np.clip(heat, 0.0, 1.0))
+        rgba[..., 3] = 0.8 * np.clip((np.asarray(heat) - 0.15) / 0.85, 0.0, 1.0)  # low values transparent
+        extent = (-0.5 * spacing[h], (image.shape[0] - 0.5) * spacing[h],
+                  -0.5 * spacing[v], (image.shape[1] - 0.5) * spacing[v])
+        ax.imshow(image.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=extent,
+                  interpolation="nearest")
+        ax.imshow(np.transpose(rgba, (1, 0, 2)), origin="lower", extent=extent, interpolation="nearest")
+        if label is not None:
+            plane = label[tuple(index)]
+            if np.any(plane > 0):
+                xs = np.arange(plane.shape[0]) * spacing[h]
+                ys = np.arange(plane.shape[1]) * spacing[v]
+                ax.contour(xs, ys, (plane > 0).T.astype(np.float32), levels=[0.5], colors="cyan", linewidths=1.0)
+        ax.plot(peak[h] * spacing[h], peak[v] * spacing[v], marker="+", color="lime", markersize=14, mew=2)
+        ax.invert_xaxis()
+        ax.set_title(f"{view} (slice {int(peak[s])})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel(case.name, fontsize=10)
+    axes[1].text(0.5, 1.12, case.title, transform=axes[1].transAxes, ha="center", fontsize=10)
+
+
+def probability_title(name: str, classes: List[str], probabilities: Optional[Sequence[float]], method: str) -> str:
+    """e.g. "lung2 - rollout - P(lesion)=0.83, P(no lesion)=0.17" (classes by decreasing probability;
+    no probabilities for dense outputs)."""
+    if probabilities is None:
+        return f"{name} - {method}"
+    ranked = sorted(zip(classes, probabilities), key=lambda cp: -cp[1])
+    return f"{name} - {method} - " + ", ".join(f"P({c})={p:.2f}" for c, p in ranked)

@@ -1,0 +1,250 @@
+"""attention-map CLI end to end: real MONAI ViTs (oracle and random) from cards written in tmp, real files."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import ViT
+
+from AttentionMapLib.cli import main
+from AttentionMapLib.geometry import apply_affine
+from AttentionMapLib.io import read_volume, write_volume
+from oracle import make_oracle_vit
+
+ROOT = Path(__file__).resolve().parent.parent
+IMG, PATCH = (32, 32, 32), (8, 8, 8)
+SHAPE = (48, 40, 20)
+CUBE = (slice(30, 38), slice(8, 16), slice(12, 16))  # asymmetric, so a flipped axis would miss it
+PREPROCESSING = {"orientation": "RAS", "spacing": None,
+                 "intensity": {"a_min": -1000, "a_max": 400, "b_min": 0.0, "b_max": 1.0, "clip": True},
+                 "spatial": {"mode": "resize"}}
+
+
+def write_card(folder: Path, network: torch.nn.Module, args: dict) -> Path:
+    torch.save(network.state_dict(), folder / "weights.pt")
+    card = {"network": {"name": "ViT", "args": args}, "weights": "weights.pt", "preprocessing": PREPROCESSING,
+            "classes": ["no lesion", "lesion"], "target": "lesion", "description": "test model"}
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder / "card.json"
+
+
+@pytest.fixture
+def oracle_card(tmp_path):
+    """The oracle ViT: every query (CLS included) attends to the brightest patch."""
+    folder = tmp_path / "oracle"
+    folder.mkdir()
+    args = {"in_channels": 1, "img_size": list(IMG), "patch_size": list(PATCH), "hidden_size": 16, "mlp_dim": 16,
+            "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
+    return write_card(folder, make_oracle_vit(IMG, PATCH, classification=True), args)
+
+
+@pytest.fixture
+def random_card(tmp_path):
+    folder = tmp_path / "random"
+    folder.mkdir()
+    args = {"in_channels": 1, "img_size": list(IMG), "patch_size": list(PATCH), "hidden_size": 32, "mlp_dim": 32,
+            "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
+    torch.manual_seed(0)
+    return write_card(folder, ViT(**args), args)
+
+
+def oblique_affine() -> np.ndarray:
+    angle = np.radians(20)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine[:3, :3] = affine[:3, :3] @ np.diag([0.9, 1.1, 2.5])
+    affine[:3, 3] = [-20.0, 30.0, -50.0]
+    return affine
+
+
+@pytest.fixture
+def scan(tmp_path):
+    """An oblique, anisotropic, non-cubic 'CT' (HU, int16) with a bright cube and its label."""
+    volume = np.full(SHAPE, -1000, dtype=np.int16)
+    volume += np.random.default_rng(0).integers(-5, 6, SHAPE).astype(np.int16)
+    volume[CUBE] = 200
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[CUBE] = 1
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    write_volume(folder / "case1.nrrd", volume, oblique_affine())
+    write_volume(folder / "case1_label.nrrd", label, oblique_affine())
+    return folder
+
+
+def digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+def run_cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_run_writes_grid_resampled_map_overlay_and_summary(scan, oracle_card, tmp_path):
+    image, label, out = scan / "case1.nrrd", scan / "case1_label.nrrd", tmp_path / "out"
+    before = digest(scan)
+    assert run_cli("run", image, "--model", oracle_card, "--label", label, "--resample", "--output-dir", out) == 0
+    assert digest(scan) == before  # inputs never written
+    summary = json.loads((out / "summary.json").read_text())
+    case = summary["cases"][0]
+    assert case["case"] == "case1" and summary["options"]["method"] == "rollout"
+    # the token grid re-read from its NRRD: its peak, mapped by its own geometry, is summary.json's peak
+    grid, grid_affine = read_volume(out / "case1_attention.nrrd")
+    assert grid.shape == tuple(case["grid_shape"]) == (4, 4, 4)
+    peak = apply_affine(grid_affine, np.unravel_index(np.argmax(grid), grid.shape))
+    np.testing.assert_allclose(peak, case["peak_ras_mm"], atol=1e-4)
+    # the oracle looks at the bright cube: the peak lies in the label, and mass concentrates there
+    assert case["label"]["peak_inside"] is True and case["label"]["peak_to_nearest_label_voxel_mm"] == 0.0
+    assert case["label"]["pointing_hit_one_patch"] is True
+    assert case["label"]["mass_ratio"] > 5.0
+    cube_centre = apply_affine(oblique_affine(), [33.5, 11.5, 13.5])
+    assert case["label"]["peak_to_label_centroid_mm"] == pytest.approx(np.linalg.norm(peak - cube_centre))
+    resampled, resampled_affine = read_volume(out / "case1_attention_resampled.nrrd")
+    assert resampled.shape == SHAPE
+    np.testing.assert_allclose(resampled_affine, oblique_affine(), atol=1e-5)
+    assert set(case["timings_s"]) >= {"read", "preprocess", "forward", "fuse", "geometry", "write", "render"}
+    assert case["probabilities"].keys() == {"no lesion", "lesion"}
+    from matplotlib.image import imread
+
+    picture = imread(out / "case1_overlay.png")
+    assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 600
+
+
+def test_two_inputs_share_one_scale_and_get_a_montage(scan, random_card, tmp_path):
+    volume, affine = read_volume(scan / "case1.nrrd")
+    write_volume(scan / "case2.nii.gz", volume[::-1].copy(), affine)
+    before = digest(scan)
+    out = tmp_path / "out"
+    assert run_cli("run", scan / "case1.nrrd", scan / "case2.nii.gz", "--model", random_card,
+                   "--normalize", "none", "--method", "raw", "--layer", "1", "--output-dir", out) == 0
+    assert digest(scan) == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["layer"] == 0 and summary["options"]["layer_cli"] == 1
+    grids = [read_volume(out / f"{name}_attention.nrrd")[0] for name in ("case1", "case2")]
+    low, high = summary["colour_scale"]
+    assert low <= min(g.min() for g in grids) and high >= max(g.max() for g in grids)  # joint range
+    assert sorted(p.name for p in out.iterdir()) == [
+        "case1_attention.nrrd", "case1_overlay.png", "case2_attention.nrrd", "case2_overlay.png",
+        "montage.png", "summary.json"]
+
+
+def write_dicom_series(folder: Path, volume: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """One CT slice per file, geometry in the DICOM tags (LPS), as a scanner would write them."""
+    import SimpleITK as sitk
+
+    from AttentionMapLib.geometry import kji_to_ijk, lps_to_ras
+
+    folder.mkdir()
+    lps = lps_to_ras(ijk_to_ras)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    image = sitk.GetImageFromArray(np.ascontiguousarray(kji_to_ijk(volume)))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection(direction.ravel().tolist())
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
+    for k in range(volume.shape[2]):
+        piece = image[:, :, k]
+        position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+                "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0013": str(k + 1), "0018|0050": f"{spacing[2]:.6f}",
+                "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}"}
+        for tag, value in tags.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+
+
+def test_dicom_series_input_gives_the_same_map_as_nrrd(scan, oracle_card, tmp_path):
+    volume, affine = read_volume(scan / "case1.nrrd")
+    write_dicom_series(tmp_path / "dicom_case", volume, affine)
+    dicom_volume, dicom_affine = read_volume(tmp_path / "dicom_case")
+    np.testing.assert_array_equal(dicom_volume, volume)
+    np.testing.assert_allclose(dicom_affine, affine, atol=1e-4)
+    before = digest(tmp_path / "dicom_case")
+    assert run_cli("run", tmp_path / "dicom_case", "--model", oracle_card, "--output-dir", tmp_path / "a") == 0
+    assert run_cli("run", scan / "case1.nrrd", "--model", oracle_card, "--output-dir", tmp_path / "b") == 0
+    assert digest(tmp_path / "dicom_case") == before
+    from_dicom = json.loads((tmp_path / "a" / "summary.json").read_text())["cases"][0]
+    from_nrrd = json.loads((tmp_path / "b" / "summary.json").read_text())["cases"][0]
+    assert from_dicom["case"] == "dicom_case"
+    np.testing.assert_allclose(from_dicom["peak_ras_mm"], from_nrrd["peak_ras_mm"], atol=1e-3)
+
+
+def bad_arguments(scan: Path, card: Path, tmp: Path):
+    (tmp / "notes.txt").write_text("not a volume")
+    write_volume(tmp / "flat.nrrd", np.zeros((40, 36, 1), dtype=np.int16), np.eye(4))
+    write_volume(tmp / "small_label.nrrd", np.ones((8, 8, 8), dtype=np.uint8), np.eye(4))
+    image = scan / "case1.nrrd"
+    return {
+        "missing input": (["run", tmp / "absent.nrrd", "--model", card], "absent.nrrd: no such file"),
+        "unreadable input": (["run", tmp / "notes.txt", "--model", card], "notes.txt: SimpleITK could not read"),
+        "2D second input": (["run", image, tmp / "flat.nrrd", "--model", card], "2D image"),
+        "label grid": (["run", image, "--label", tmp / "small_label.nrrd", "--model", card], "small_label.nrrd: the mask"),
+        "target": (["run", image, "--target", "tumour", "--model", card], "--target: target 'tumour' is not a class"),
+        "layer 0": (["run", image, "--layer", "0", "--model", card], "--layer 0: layers are numbered from 1"),
+        "layer range": (["run", image, "--layer", "5", "--model", card], "layer: expected"),
+        "model": (["run", image, "--model", tmp / "nomodel.json"], "nomodel.json: no such model"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing input", "unreadable input", "2D second input", "label grid", "target",
+                                  "layer 0", "layer range", "model"])
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(case, scan, oracle_card, tmp_path, capsys):
+    argv, message = bad_arguments(scan, oracle_card, tmp_path)[case]
+    out = tmp_path / "out"
+    before = digest(scan)
+    assert run_cli(*argv, "--output-dir", out) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attention-map: error: ") and message in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())  # no partial outputs (the 2D case fails after case1)
+    assert digest(scan) == before
+
+
+def test_console_entry_point_reports_one_line(tmp_path):
+    code = "import sys; from AttentionMapLib.cli import main; sys.exit(main())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "AttentionMap")}
+    done = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "absent.nrrd"), "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"attention-map: error: {tmp_path / 'absent.nrrd'}: no such file or folder"]
+    usage = subprocess.run([sys.executable, "-c", code, "run", "x.nrrd"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+    assert "--output-dir" in usage.stderr
+
+
+def test_score_reports_deletion_and_insertion(scan, random_card, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("run", scan / "case1.nrrd", "--model", random_card, "--output-dir", out) == 0
+    probability = json.loads((out / "summary.json").read_text())["cases"][0]["probabilities"]["lesion"]
+    report_path = tmp_path / "score.json"
+    assert run_cli("score", scan / "case1.nrrd", "--model", random_card, "--steps", "8", "--output", report_path) == 0
+    assert "deletion AUC" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["target"] == 1 and report["baseline"] == "blur"
+    assert len(report["deletion_curve"]) == len(report["insertion_curve"]) == 9
+    # the score runs on the same model input as `run`: the first deletion point is run's probability
+    assert report["deletion_curve"][0] == pytest.approx(probability, abs=1e-5)
+    assert report["insertion_curve"][-1] == pytest.approx(probability, abs=1e-5)
+    assert 0.0 <= report["deletion_auc"] <= 1.0 and 0.0 <= report["insertion_auc"] <= 1.0
+
+
+def test_sample_data_lists_cached_files(tmp_path, capsys):
+    from AttentionMapLib.sample_data import SAMPLE_NAMES
+
+    for name in SAMPLE_NAMES:
+        (tmp_path / f"{name}.nrrd").write_bytes(b"")
+    assert run_cli("sample-data", "--cache-dir", tmp_path) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"lung1_image\t{tmp_path / 'lung1_image.nrrd'}"
+    assert len(lines) == len(SAMPLE_NAMES)
