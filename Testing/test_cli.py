@@ -25,7 +25,14 @@ PREPROCESSING = {"orientation": "RAS", "spacing": None,
                  "spatial": {"mode": "resize"}}
 
 
+def vit_args(hidden: int) -> dict:
+    return {"in_channels": 1, "img_size": list(IMG), "patch_size": list(PATCH), "hidden_size": hidden,
+            "mlp_dim": hidden, "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2,
+            "post_activation": None}
+
+
 def write_card(folder: Path, network: torch.nn.Module, args: dict) -> Path:
+    folder.mkdir()
     torch.save(network.state_dict(), folder / "weights.pt")
     card = {"network": {"name": "ViT", "args": args}, "weights": "weights.pt", "preprocessing": PREPROCESSING,
             "classes": ["no lesion", "lesion"], "target": "lesion", "description": "test model"}
@@ -35,22 +42,14 @@ def write_card(folder: Path, network: torch.nn.Module, args: dict) -> Path:
 
 @pytest.fixture
 def oracle_card(tmp_path):
-    """The oracle ViT: every query (CLS included) attends to the brightest patch."""
-    folder = tmp_path / "oracle"
-    folder.mkdir()
-    args = {"in_channels": 1, "img_size": list(IMG), "patch_size": list(PATCH), "hidden_size": 16, "mlp_dim": 16,
-            "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
-    return write_card(folder, make_oracle_vit(IMG, PATCH, classification=True), args)
+    """The oracle ViT (hidden 16): every query (CLS included) attends to the brightest patch."""
+    return write_card(tmp_path / "oracle", make_oracle_vit(IMG, PATCH, classification=True), vit_args(16))
 
 
 @pytest.fixture
 def random_card(tmp_path):
-    folder = tmp_path / "random"
-    folder.mkdir()
-    args = {"in_channels": 1, "img_size": list(IMG), "patch_size": list(PATCH), "hidden_size": 32, "mlp_dim": 32,
-            "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
     torch.manual_seed(0)
-    return write_card(folder, ViT(**args), args)
+    return write_card(tmp_path / "random", ViT(**vit_args(32)), vit_args(32))
 
 
 def oblique_affine() -> np.ndarray:
@@ -248,3 +247,29 @@ def test_sample_data_lists_cached_files(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"lung1_image\t{tmp_path / 'lung1_image.nrrd'}"
     assert len(lines) == len(SAMPLE_NAMES)
+
+
+def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path, monkeypatch, capsys):
+    """tools/demo.py (what `make demo` runs) on a sample-data cache whose lung2 is the synthetic scan."""
+    import importlib.util
+    import shutil
+
+    from AttentionMapLib.sample_data import SAMPLE_NAMES
+
+    cache = tmp_path / "cache" / "sample-data"
+    cache.mkdir(parents=True)
+    for name in SAMPLE_NAMES:
+        (cache / f"{name}.nrrd").write_bytes(b"")
+    shutil.copy(scan / "case1.nrrd", cache / "lung2_image.nrrd")
+    shutil.copy(scan / "case1_label.nrrd", cache / "lung2_label.nrrd")
+    monkeypatch.setenv("ATTENTIONMAP_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo-output"
+    assert demo.main(["--model", str(oracle_card), "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "lung2_image_overlay.png") in printed and str(out / "lung2_image_attention.nrrd") in printed
+    assert "INSIDE the tumour label" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lung2_image_attention.nrrd", "lung2_image_overlay.png", "summary.json"]

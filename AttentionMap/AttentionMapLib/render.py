@@ -16,6 +16,7 @@ import numpy as np
 
 LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600 HU: lung parenchyma and nodules
 COLORMAP = "inferno"
+MAX_ALPHA = 0.65  # opacity of the highest attention; the bottom quarter of the scale is fully transparent
 # (horizontal axis, vertical axis, slice axis) in RAS-reoriented voxel indices; horizontal is drawn inverted.
 # horizontal < vertical, so a slice array is indexed (horizontal, vertical).
 VIEWS = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
@@ -103,7 +104,7 @@ def draw_case(axes, case: OverlayCase, norm) -> None:
         image = volume[tuple(index)]
         heat = norm(attention[tuple(index)])
         rgba = cmap(np.clip(heat, 0.0, 1.0))
-        rgba[..., 3] = 0.8 * np.clip((np.asarray(heat) - 0.15) / 0.85, 0.0, 1.0)  # low values transparent
+        rgba[..., 3] = MAX_ALPHA * np.clip((np.asarray(heat) - 0.25) / 0.75, 0.0, 1.0)  # low values transparent
         extent = (-0.5 * spacing[h], (image.shape[0] - 0.5) * spacing[h],
                   -0.5 * spacing[v], (image.shape[1] - 0.5) * spacing[v])
         ax.imshow(image.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=extent,

@@ -1,0 +1,69 @@
+"""What `make demo` runs: fetch the sample CTs, explain lung2 with the demo model, say where the peak is.
+
+    python tools/demo.py [--model demo] [--case lung2] [--method rollout] [--output-dir demo-output]
+
+Runs `attention-map run <case>_image.nrrd --model demo --method rollout --label <case>_label.nrrd` (the
+CLI's own code, AttentionMapLib.cli), which writes <case>_image_attention.nrrd (the token grid with its
+geometry: load it over the CT in 3D Slicer), <case>_image_overlay.png and summary.json, then prints where
+they are and where the attention peak lies relative to the tumour label. Exit status as the CLI's.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "AttentionMap"))  # works without pip install too
+
+from AttentionMapLib.cli import main as attention_map  # noqa: E402
+from AttentionMapLib.errors import AttentionMapError  # noqa: E402
+from AttentionMapLib.sample_data import fetch_sample_data  # noqa: E402
+
+
+def describe(summary: Dict[str, Any]) -> List[str]:
+    """Lines telling where the outputs are and where the peak lies relative to the tumour."""
+    case = summary["cases"][0]
+    label = case["label"]
+    x, y, z = case["peak_ras_mm"]
+    outputs = case["outputs"]
+    lines = [
+        f"Token grid {'x'.join(map(str, case['grid_shape']))} with its geometry (load over the CT in 3D Slicer): "
+        f"{outputs['attention']}",
+        f"Overlay (axial / coronal / sagittal through the peak, tumour outlined in cyan): {outputs['overlay']}",
+        f"Summary: {Path(outputs['attention']).parent / 'summary.json'}",
+    ]
+    if case["probabilities"]:
+        lines.append("Model output: " + ", ".join(f"P({c}) = {p:.2f}" for c, p in case["probabilities"].items()))
+    where = ("INSIDE the tumour label" if label["peak_inside"] else
+             f"outside the tumour label, {label['peak_to_nearest_label_voxel_mm']:.1f} mm from its nearest voxel")
+    lines += [
+        f"Attention peak ({summary['options']['method']}) at RAS ({x:.1f}, {y:.1f}, {z:.1f}) mm: {where}; "
+        f"{label['peak_to_label_centroid_mm']:.1f} mm from the tumour centroid.",
+        f"Attention mass inside the tumour: {100 * label['mass_fraction']:.1f} % for "
+        f"{100 * label['volume_fraction']:.1f} % of the volume ({label['mass_ratio']:.1f} x a uniform map).",
+    ]
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="'demo', a model card .json, or a bundle folder")
+    parser.add_argument("--case", default="lung2", choices=("lung1", "lung2"))
+    parser.add_argument("--method", default="rollout", choices=("raw", "rollout", "grad_rollout"))
+    parser.add_argument("--output-dir", default="demo-output", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        paths = fetch_sample_data()
+    except AttentionMapError as exc:
+        print(f"demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    status = attention_map(["run", str(paths[f"{args.case}_image"]), "--model", args.model, "--method", args.method,
+                            "--label", str(paths[f"{args.case}_label"]), "--output-dir", str(args.output_dir)])
+    if status == 0:
+        summary = json.loads((args.output_dir / "summary.json").read_text())
+        print("\n".join(describe(summary)))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
