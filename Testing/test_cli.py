@@ -124,7 +124,7 @@ def test_two_inputs_share_one_scale_and_get_a_montage(scan, random_card, tmp_pat
                    "--normalize", "none", "--method", "raw", "--layer", "1", "--output-dir", out) == 0
     assert digest(scan) == before
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["options"]["layer"] == 0 and summary["options"]["layer_cli"] == 1
+    assert summary["options"]["layer"] == 0 and summary["options"]["layer_cli"] == 1  # 1-based on the CLI
     grids = [read_volume(out / f"{name}_attention.nrrd")[0] for name in ("case1", "case2")]
     low, high = summary["colour_scale"]
     assert low <= min(g.min() for g in grids) and high >= max(g.max() for g in grids)  # joint range
@@ -190,8 +190,8 @@ def bad_arguments(scan: Path, card: Path, tmp: Path):
         "2D second input": (["run", image, tmp / "flat.nrrd", "--model", card], "2D image"),
         "label grid": (["run", image, "--label", tmp / "small_label.nrrd", "--model", card], "small_label.nrrd: the mask"),
         "target": (["run", image, "--target", "tumour", "--model", card], "--target: target 'tumour' is not a class"),
-        "layer 0": (["run", image, "--layer", "0", "--model", card], "--layer 0: layers are numbered from 1"),
-        "layer range": (["run", image, "--layer", "5", "--model", card], "layer: expected"),
+        "layer 0": (["run", image, "--layer", "0", "--model", card], "--layer 0: expected 1..2 (first to last block)"),
+        "layer range": (["run", image, "--layer", "-3", "--model", card], "the model has 2 blocks"),
         "model": (["run", image, "--model", tmp / "nomodel.json"], "nomodel.json: no such model"),
     }
 
@@ -273,3 +273,24 @@ def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path
     assert "INSIDE the tumour label" in printed
     assert sorted(p.name for p in out.iterdir()) == [
         "lung2_image_attention.nrrd", "lung2_image_overlay.png", "summary.json"]
+
+
+def test_cuda_out_of_memory_falls_back_to_cpu_with_auto(capsys):
+    from types import SimpleNamespace
+
+    from AttentionMapLib.cli import explain_with_fallback
+
+    loaded = SimpleNamespace(network=torch.nn.Linear(2, 2))
+    devices = []
+
+    def call(device):
+        devices.append(device)
+        if device == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "map"
+
+    assert explain_with_fallback(loaded, "cuda", True, call) == ("map", "cpu")
+    assert devices == ["cuda", "cpu"]
+    assert "CUDA out of memory; running on the CPU instead" in capsys.readouterr().err
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # --device cuda: no silent fallback
+        explain_with_fallback(loaded, "cuda", False, call)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import AttentionMapError
+from .io import read_volume
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 
@@ -112,21 +113,25 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def block_index(layer: int) -> int:
-    """CLI layer (1..L, or negative from the end) -> the engine's index (0..L-1, or negative)."""
-    if layer == 0:
-        raise AttentionMapError("--layer 0: layers are numbered from 1 (first block); -1 is the last")
-    return layer - 1 if layer > 0 else layer
+def block_index(layer: int, num_layers: int) -> int:
+    """CLI layer (1..L, or -L..-1 from the end) -> the engine's block index 0..L-1."""
+    if not (1 <= layer <= num_layers or -num_layers <= layer <= -1):
+        raise AttentionMapError(
+            f"--layer {layer}: expected 1..{num_layers} (first to last block) or -{num_layers}..-1 "
+            f"(from the end); the model has {num_layers} blocks"
+        )
+    return layer - 1 if layer > 0 else num_layers + layer
 
 
 def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     """Keyword arguments for explain / explain_volume from the shared command-line options."""
+    from .engine import model_spec
     from .models import class_index
 
     target = class_index(args.target, loaded.classes, "--target") if args.target is not None else loaded.target
     return {
         "method": args.method,
-        "layer": block_index(args.layer),
+        "layer": block_index(args.layer, model_spec(loaded.network, loaded.img_size).num_layers),
         "head_fusion": args.head_fusion,
         "head": args.head,
         "discard_ratio": args.discard_ratio,
@@ -135,14 +140,8 @@ def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     }
 
 
-def _read_case(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    from .io import read_volume
-
-    return read_volume(path)
-
-
 def _read_label(label_path: Path, input_path: Path, shape: Tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
-    mask, mask_affine = _read_case(label_path)
+    mask, mask_affine = read_volume(label_path)
     if mask.shape != shape or not np.allclose(mask_affine, ijk_to_ras, atol=1e-3):
         raise AttentionMapError(
             f"{label_path}: the mask's voxel grid (shape {mask.shape}) differs from {input_path}'s (shape {shape}); "
@@ -215,7 +214,7 @@ def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]]) -> List[C
     cases = []
     for index, (name, path) in enumerate(zip(names, paths)):
         t0 = time.perf_counter()
-        array, ijk_to_ras = _read_case(path)
+        array, ijk_to_ras = read_volume(path)
         label = _read_label(label_paths[index], path, array.shape[-3:], ijk_to_ras) if label_paths else None
         cases.append(Case(name, path, array, ijk_to_ras, label, time.perf_counter() - t0))
     return cases
