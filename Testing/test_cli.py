@@ -294,3 +294,23 @@ def test_cuda_out_of_memory_falls_back_to_cpu_with_auto(capsys):
     assert "CUDA out of memory; running on the CPU instead" in capsys.readouterr().err
     with pytest.raises(torch.cuda.OutOfMemoryError):  # --device cuda: no silent fallback
         explain_with_fallback(loaded, "cuda", False, call)
+
+
+def test_run_with_a_dense_output_model(scan, tmp_path):
+    """UNETR: no class probabilities; the map of output channel 1 (grad_rollout) is still written and drawn."""
+    from monai.networks.nets import UNETR
+
+    args = {"in_channels": 1, "out_channels": 2, "img_size": 32, "feature_size": 8, "hidden_size": 32,
+            "mlp_dim": 32, "num_heads": 2}
+    folder = tmp_path / "unetr"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(UNETR(**args).state_dict(), folder / "weights.pt")
+    card = {"network": {"name": "UNETR", "args": args}, "weights": "weights.pt", "preprocessing": PREPROCESSING}
+    (folder / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+    assert run_cli("run", scan / "case1.nrrd", "--model", folder / "card.json", "--method", "grad_rollout",
+                   "--output-dir", out) == 0
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert case["probabilities"] is None and case["target"] == 1 and case["grid_shape"] == [2, 2, 2]
+    assert (out / "case1_overlay.png").stat().st_size > 0

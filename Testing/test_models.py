@@ -205,3 +205,24 @@ def test_demo_model_loads():
     with torch.no_grad():
         logits = loaded.network(torch.zeros(1, 1, *loaded.img_size))[0]
     assert logits.shape == (1, 2)
+
+
+@pytest.mark.parametrize("name, args", [
+    ("UNETR", {"in_channels": 1, "out_channels": 2, "img_size": 32, "feature_size": 8, "hidden_size": 32,
+               "mlp_dim": 32, "num_heads": 2}),
+    ("ViTAutoEnc", {"in_channels": 1, "img_size": [16, 16, 16], "patch_size": 4, "hidden_size": 32, "mlp_dim": 32,
+                    "num_layers": 1, "num_heads": 2}),
+])
+def test_other_monai_transformers_load_from_cards(tmp_path, name, args):
+    import monai.networks.nets as nets
+
+    torch.manual_seed(0)
+    reference = getattr(nets, name)(**args)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    card = {"network": {"name": name, "args": args}, "weights": "model.pt", "preprocessing": PREPROCESSING}
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    loaded = load_model(str(tmp_path / "card.json"))
+    assert type(loaded.network) is type(reference)
+    assert_same_weights(loaded.network, reference)
+    assert loaded.img_size == ((32,) * 3 if name == "UNETR" else (16, 16, 16))
+    assert loaded.classes == [] and loaded.target is None  # no class names, no classification head
