@@ -134,3 +134,27 @@ def test_deletion_insertion_bad_inputs():
         deletion_insertion(BlockDetector(), x, np.ones((2, 2, 2)), baseline="noise")
     with pytest.raises(AttentionMapError, match="not class logits"):
         deletion_insertion(lambda t: t, x, np.ones((2, 2, 2)))
+
+
+def test_score_volume_scores_the_window_around_the_centre_point():
+    from AttentionMapLib.metrics import score_volume
+
+    torch.manual_seed(0)
+    model = ViT(1, (32, 32, 32), 8, hidden_size=32, mlp_dim=32, num_layers=1, num_heads=2,
+                classification=True, post_activation=None).eval()
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(-1000, 400, (64, 40, 40)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [5.0, -3.0, 2.0]
+    prep = {"orientation": "RAS", "spacing": None,
+            "intensity": {"a_min": -1000, "a_max": 400, "b_min": 0.0, "b_max": 1.0, "clip": True},
+            "spatial": {"mode": "sliding_window"}}
+    centre = affine[:3, :3] @ np.array([50.0, 20.0, 20.0]) + affine[:3, 3]
+    scores = score_volume(model, volume, affine, prep, centre_ras=centre, steps=2, baseline="zero",
+                          method="raw", target=1)
+    assert scores["window_start"] == [32, 0, 0]  # centre - 16, kept inside the volume, on whole patches
+    window = torch.from_numpy((volume[32:64, 0:32, 0:32] + 1000) / 1400)[None, None]
+    with torch.no_grad():
+        expected = torch.softmax(model(window)[0], dim=1)[0, 1].item()
+    assert scores["deletion_curve"][0] == pytest.approx(expected, abs=1e-5)
+    assert score_volume(model, volume, affine, prep, steps=1, method="raw")["window_start"] == [16, 0, 0]

@@ -334,29 +334,17 @@ def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- score
 def score_command(args: argparse.Namespace) -> int:
-    """`attention-map score`: deletion / insertion AUC of the map on the model input.
-
-    The map is computed by `engine.explain` on the model input: for resize cards the whole
-    preprocessed volume, for sliding-window cards the window of img_size centred on --centre-ras
-    (default: the volume's centre), moved inside the volume and onto whole patches.
-    """
-    from .engine import explain, model_spec
-    from .metrics import deletion_insertion
+    """`attention-map score`: deletion / insertion AUC of the map on the model input (`metrics.score_volume`)."""
+    from .metrics import score_volume
     from .models import load_model
-    from .preprocess import parse_preprocessing, preprocess_volume, RESIZE
 
     (case,) = read_cases([args.input], None)
     device = resolve_device(args.device)
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
-    spec = model_spec(loaded.network, loaded.img_size)
-    volume = preprocess_volume(case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
-                               spec.patch_size, spec.in_channels)
-    x = _score_window(volume, parse_preprocessing(loaded.preprocessing).mode == RESIZE, loaded.img_size,
-                      spec.patch_size, args.centre_ras)[None].to(device)
-    result = explain(loaded.network, x, **options)
-    scores = deletion_insertion(loaded.network, x, result.grid[0], target=options["target"],
-                                steps=args.steps, baseline=args.baseline)
+    scores = score_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
+                          centre_ras=args.centre_ras, steps=args.steps, baseline=args.baseline, device=device,
+                          **options)
     report = {"case": case.name, "input": str(case.path), "model": loaded.source,
               "options": {**options, "layer_cli": args.layer, "centre_ras": args.centre_ras}, **scores}
     target = loaded.classes[scores["target"]] if loaded.classes else scores["target"]
@@ -366,27 +354,6 @@ def score_command(args: argparse.Namespace) -> int:
     if args.output is not None:
         Path(args.output).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _score_window(volume, whole: bool, img_size: Sequence[int], patch_size: Sequence[int],
-                  centre_ras: Optional[Sequence[float]]):
-    """The model input (C, *img_size) as a plain tensor: the volume itself, or one window of it."""
-    from .geometry import ras_to_ijk
-
-    tensor = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
-    if whole:
-        return tensor
-    shape = np.asarray(tensor.shape[1:])
-    size = np.asarray(img_size)
-    patch = np.asarray(patch_size)
-    if centre_ras is None:
-        centre = (shape - 1) / 2.0
-    else:
-        centre = ras_to_ijk(np.asarray(volume.affine, dtype=np.float64), np.asarray(centre_ras, dtype=np.float64))
-    start = np.clip(np.rint(centre - size / 2.0), 0, shape - size)
-    start = (start // patch * patch).astype(int)
-    window = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
-    return tensor[(slice(None),) + window]
 
 
 # ---------------------------------------------------------------------------------------------- sample data

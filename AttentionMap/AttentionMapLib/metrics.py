@@ -3,7 +3,8 @@
 - `mask_statistics`, `pointing_game`: a map and a mask on the same voxel grid (resample the token
   grid first with ``VolumeAttention.resample_to``, or reduce the mask to the token grid).
 - `distance_to_mask_mm`: a point (e.g. the attention peak, RAS mm) against a mask with its geometry.
-- `deletion_insertion`: RISE-style causal scores (Petsiuk et al. 2018) on the model input itself.
+- `deletion_insertion`: RISE-style causal scores (Petsiuk et al. 2018) on the model input itself;
+  `score_volume`: the same for a volume and a model card's preprocessing (CLI `attention-map score`).
 """
 from __future__ import annotations
 
@@ -189,3 +190,47 @@ def deletion_insertion(
         "deletion_auc": _area(fractions, curves["deletion"]),
         "insertion_auc": _area(fractions, curves["insertion"]),
     }
+
+
+def score_volume(
+    model: Any,
+    array_ijk: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    preprocessing: Any,
+    img_size: Optional[Sequence[int]] = None,
+    centre_ras: Optional[Sequence[float]] = None,
+    steps: int = 32,
+    baseline: str = "blur",
+    device: Optional[Any] = None,
+    **explain_kwargs: Any,
+) -> Dict[str, Any]:
+    """`deletion_insertion` of the map `engine.explain` gives on a volume's model input.
+
+    The volume (I, J, K) or (C, I, J, K) with its RAS ijk_to_ras goes through the card's preprocessing;
+    resize cards are scored on the whole model input, sliding-window cards on one window of img_size
+    centred on `centre_ras` (default: the volume's centre), moved inside the volume and onto whole
+    patches. explain_kwargs: method, layer (0-based), head_fusion, head, discard_ratio, target,
+    normalize. Returns deletion_insertion's dict plus "window_start" (model-input voxel index).
+    """
+    import torch
+
+    from .engine import explain, model_spec
+    from .geometry import ras_to_ijk
+    from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
+
+    spec = model_spec(model, img_size)
+    prep = parse_preprocessing(preprocessing)
+    volume = preprocess_volume(array_ijk, ijk_to_ras, prep, spec.img_size, spec.patch_size, spec.in_channels)
+    shape, size, patch = (np.asarray(v) for v in (volume.shape[1:], spec.img_size, spec.patch_size))
+    start = np.zeros(len(size), dtype=int)
+    if prep.mode != RESIZE:
+        centre = (shape - 1) / 2.0 if centre_ras is None else ras_to_ijk(volume.affine.numpy(), centre_ras)
+        start = (np.clip(np.rint(centre - size / 2.0), 0, shape - size) // patch * patch).astype(int)
+    window = (slice(None),) + tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
+    if device is None:
+        device = next(model.parameters()).device
+    x = volume.as_tensor()[window][None].to(device=device, dtype=torch.float32)
+    result = explain(model, x, **explain_kwargs)
+    scores = deletion_insertion(model, x, result.grid[0], target=explain_kwargs.get("target"), steps=steps,
+                                baseline=baseline)
+    return {**scores, "window_start": start.tolist()}
