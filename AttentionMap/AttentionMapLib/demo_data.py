@@ -1,0 +1,334 @@
+"""Data for the demo lung-nodule ViT: real chest CT, lung masks, synthetic nodules, training crops, held-out set.
+
+Used by ``tools/train_demo_model.py``, ``tools/evaluate_demo_model.py`` and the tests, so that training,
+evaluation and inference see the same preprocessing as the demo model card:
+LoadImage -> EnsureChannelFirst -> Orientation("RAS") -> Spacing(2 mm; bilinear, labels nearest)
+-> ScaleIntensityRange(-1000..400 HU -> 0..1, clip).
+Synthetic nodules are inserted in HU on the resampled grid, before the intensity step.
+
+Arrays are indexed (I, J, K) on the RAS 2 mm grid: I = right -> left, J = posterior -> anterior,
+K = inferior -> superior (K is the direction of the 5 mm source slices).
+
+Held-out split (regions, not only seeds): for each lung CT a z-slab (`HELDOUT_SLABS`, K indices on the 2 mm
+grid) holds the centres of every held-out nodule; training nodule centres stay at least `SLAB_MARGIN`
+voxels (22 mm, more than the largest nodule's reach) away from that slab, so no training nodule ever
+touches a held-out nodule position. Held-out crops use their own seed. Both real tumours (lung1's
+small one and lung2's large one, bounding boxes widened by `TUMOUR_MARGIN`) are kept out of every
+training and held-out crop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import AttentionMapError
+
+SPACING_MM = 2.0
+CROP = 48
+HU_RANGE = (-1000.0, 400.0)
+RADIUS_MM = (3.0, 15.0)
+NODULE_HU = (-300.0, 100.0)
+NOISE_HU = (10.0, 30.0)
+AXIS_SCALE = (0.8, 1.25)
+EDGE_MM = (0.5, 1.5)
+Z_BLUR = np.array([0.25, 0.5, 0.25], dtype=np.float32)
+MAX_REACH_VOX = 11  # 15 mm * 1.25 + edge + z-blur < 22 mm
+TUMOUR_MARGIN = 4  # voxels (8 mm) added to each side of a real tumour's bounding box
+SLAB_MARGIN = MAX_REACH_VOX
+HELDOUT_SLABS: Dict[str, Tuple[int, int]] = {"lung1": (36, 52), "lung2": (100, 116)}
+HELDOUT_SEED = 20261128
+LUNG_HU = -400.0
+
+
+@dataclass
+class LungCT:
+    """One chest CT on the RAS 2 mm grid.
+
+    hu: float32 (I, J, K) Hounsfield units; lung: bool (I, J, K); tumour: bool (I, J, K) real tumour label;
+    ijk_to_ras: (4, 4); name: e.g. "lung2".
+    """
+
+    name: str
+    hu: np.ndarray
+    lung: np.ndarray
+    tumour: np.ndarray
+    ijk_to_ras: np.ndarray
+
+    def tumour_box(self, margin: int = TUMOUR_MARGIN) -> Tuple[np.ndarray, np.ndarray]:
+        """Inclusive lower and exclusive upper (I, J, K) corners of the tumour bounding box, widened."""
+        idx = np.argwhere(self.tumour)
+        return idx.min(0) - margin, idx.max(0) + 1 + margin
+
+
+@dataclass
+class CropSet:
+    """Crops ready for the model.
+
+    images: float32 (N, 1, 48, 48, 48) in 0..1; labels: int64 (N,) 1 = nodule; masks: bool (N, 48, 48, 48)
+    nodule voxels (all False for negatives); origins: int (N, 3) crop corner on the source grid;
+    sources: list of CT names; radii_mm: float (N,) nodule mean radius (0 for negatives).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    origins: np.ndarray
+    sources: List[str]
+    radii_mm: np.ndarray
+
+
+def preprocessing_transforms(label: bool = False):
+    """The demo card's geometric preprocessing as MONAI array transforms (loading is done by `io`).
+
+    Orientation("RAS") -> Spacing(2 mm, bilinear; nearest when `label`), applied to a channel-first MetaTensor.
+    """
+    from monai.transforms import Compose, Orientation, Spacing
+
+    mode = "nearest" if label else "bilinear"
+    return Compose([Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))), Spacing(pixdim=(SPACING_MM,) * 3, mode=mode)])
+
+
+def intensity_transform():
+    """ScaleIntensityRange(-1000..400 HU -> 0..1, clip), as in the demo card."""
+    from monai.transforms import ScaleIntensityRange
+
+    return ScaleIntensityRange(a_min=HU_RANGE[0], a_max=HU_RANGE[1], b_min=0.0, b_max=1.0, clip=True)
+
+
+def scale_intensity(hu: np.ndarray) -> np.ndarray:
+    """HU array (any shape) -> float32 0..1 with the card's intensity transform."""
+    return np.asarray(intensity_transform()(np.asarray(hu, dtype=np.float32)), dtype=np.float32)
+
+
+def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
+    import torch
+    from monai.data import MetaTensor
+
+    from .io import read_volume
+
+    array, ijk_to_ras = read_volume(path)
+    tensor = MetaTensor(torch.as_tensor(array[None].astype(np.float32)), affine=torch.as_tensor(ijk_to_ras))
+    out = preprocessing_transforms(label)(tensor)
+    return np.asarray(out[0], dtype=np.float32), np.asarray(out.affine, dtype=np.float64)
+
+
+def lung_mask(hu: np.ndarray) -> np.ndarray:
+    """Lung voxels of a chest CT (I, J, K): per axial (K) slice, air (< -400 HU) components that do not
+    touch the slice border and cover at least 100 voxels; then the 3D components of at least 10 % of the
+    largest one (drops trachea and small gas pockets). A per-slice rule because a field of view that cuts
+    the body makes a 3D "not touching the border" test remove the lungs."""
+    import SimpleITK as sitk
+
+    air = hu < LUNG_HU
+    mask = np.zeros_like(air)
+    for k in range(air.shape[2]):
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(air[:, :, k].astype(np.uint8))))
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        counts = np.bincount(labels.ravel())
+        keep = counts >= 100
+        keep[border] = False
+        keep[0] = False
+        mask[:, :, k] = keep[labels]
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    if counts.max() == 0:
+        return mask
+    return (counts >= 0.1 * counts.max())[labels]
+
+
+def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
+    """Read a chest CT and its tumour label, resample both to RAS 2 mm, and compute the lung mask."""
+    hu, affine = _resample(Path(image_path), label=False)
+    label, _ = _resample(Path(label_path), label=True)
+    return LungCT(name=name, hu=hu, lung=lung_mask(hu), tumour=label > 0.5, ijk_to_ras=affine)
+
+
+def load_demo_cts(paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
+    """lung1 and lung2 from the pyradiomics sample data (fetched and cached by `sample_data`)."""
+    if paths is None:
+        from .sample_data import fetch_sample_data
+
+        paths = fetch_sample_data()
+    return [load_lung_ct(paths[f"{n}_image"], paths[f"{n}_label"], n) for n in ("lung1", "lung2")]
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def nodule_weight(shape: Sequence[int], centre: Sequence[float], radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Soft occupancy (0..1) of a random ellipsoidal nodule on a 2 mm grid of `shape` (I, J, K).
+
+    Semi-axes = radius_mm * U(0.8, 1.25) each, random orientation, sigmoid edge of width U(0.5, 1.5) mm,
+    then blurred along K with [1/4, 1/2, 1/4] (the look of structures reconstructed from 5 mm slices).
+    The nodule mask is ``weight > 0.5``. Returns float32 `shape`, zero farther than 11 voxels from `centre`.
+    """
+    axes = radius_mm * rng.uniform(*AXIS_SCALE, size=3)
+    rot = _rotation(rng)
+    edge = rng.uniform(*EDGE_MM)
+    c = np.asarray(centre, dtype=np.float64)
+    lo = np.maximum(np.floor(c).astype(int) - MAX_REACH_VOX, 0)
+    hi = np.minimum(np.floor(c).astype(int) + MAX_REACH_VOX + 2, shape)
+    grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+    d = np.stack([(g - ci) * SPACING_MM for g, ci in zip(grids, c)], axis=-1) @ rot
+    q = np.sqrt(np.sum((d / axes) ** 2, axis=-1))
+    w = 1.0 / (1.0 + np.exp(np.clip((q - 1.0) * axes.mean() / edge, -50, 50)))
+    padded = np.pad(w, ((0, 0), (0, 0), (1, 1)))
+    w = Z_BLUR[0] * padded[:, :, :-2] + Z_BLUR[1] * padded[:, :, 1:-1] + Z_BLUR[2] * padded[:, :, 2:]
+    out = np.zeros(shape, dtype=np.float32)
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = w
+    return out
+
+
+def insert_nodule(hu: np.ndarray, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of `hu` with a nodule of HU U(-300, 100) plus Gaussian noise (sd U(10, 30) HU) blended in
+    by `weight` (same shape). The input is not modified."""
+    level = rng.uniform(*NODULE_HU)
+    sd = rng.uniform(*NOISE_HU)
+    out = np.array(hu, dtype=np.float32)
+    idx = np.nonzero(weight)
+    if idx[0].size:
+        box = tuple(slice(i.min(), i.max() + 1) for i in idx)
+        w = weight[box]
+        noise = rng.standard_normal(size=w.shape, dtype=np.float32) * np.float32(sd)
+        out[box] = out[box] * (1.0 - w) + (np.float32(level) + noise) * w
+    return out
+
+
+class CropSampler:
+    """Draws 48^3 (CROP) crops with and without a synthetic nodule from the lung CTs.
+
+    region "train": nodule centres in lung (eroded by 2 voxels), at least SLAB_MARGIN voxels from the
+    held-out slab; region "heldout": centres inside the held-out slab. Crops never meet a widened real
+    tumour box. The whole nodule (reach 11 voxels) lies inside the crop.
+    """
+
+    def __init__(self, cts: Sequence[LungCT], region: str = "train"):
+        if region not in ("train", "heldout"):
+            raise AttentionMapError(f"region: expected 'train' or 'heldout', got {region!r}")
+        self.cts = list(cts)
+        self.region = region
+        self.boxes = [ct.tumour_box() for ct in self.cts]
+        self.centres = [self._centres(ct, box) for ct, box in zip(self.cts, self.boxes)]
+
+    def _centres(self, ct: LungCT, box: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        import SimpleITK as sitk
+
+        eroded = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(ct.lung.astype(np.uint8)), [2, 2, 2])) > 0
+        idx = np.argwhere(eroded)
+        z0, z1 = HELDOUT_SLABS[ct.name]
+        k = idx[:, 2]
+        if self.region == "heldout":
+            keep = (k >= z0) & (k < z1)
+        else:
+            keep = (k < z0 - SLAB_MARGIN) | (k >= z1 + SLAB_MARGIN)
+        lo, hi = box
+        near_tumour = np.all((idx >= lo - MAX_REACH_VOX) & (idx < hi + MAX_REACH_VOX), axis=1)
+        return idx[keep & ~near_tumour]
+
+    def _origin(self, ci: int, centre: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
+        ct = self.cts[ci]
+        m = MAX_REACH_VOX + 1
+        lo = np.maximum(centre - CROP + m, 0)
+        hi = np.minimum(centre - m, np.array(ct.hu.shape) - CROP)
+        if np.any(hi < lo):
+            return None
+        origin = np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
+        tlo, thi = self.boxes[ci]
+        if np.all((origin < thi) & (origin + CROP > tlo)):
+            return None
+        return origin
+
+    def sample_pair(self, rng: np.random.Generator, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = False):
+        """One crop with and one without a nodule, same place.
+
+        Returns (positive_hu, negative_hu, mask, origin, ct_name, radius): HU float32 (48, 48, 48),
+        mask bool (48, 48, 48) nodule voxels of the positive. `flip`: random flips of each axis (same for both).
+        """
+        while True:
+            ci = int(rng.integers(len(self.cts)))
+            ct, centres = self.cts[ci], self.centres[ci]
+            centre = centres[rng.integers(len(centres))]
+            origin = self._origin(ci, centre, rng)
+            if origin is not None:
+                break
+        sl = tuple(slice(o, o + CROP) for o in origin)
+        negative = ct.hu[sl]
+        radius = float(rng.uniform(*radius_mm))
+        weight = nodule_weight(negative.shape, centre - origin + rng.uniform(-0.5, 0.5, 3), radius, rng)
+        positive = insert_nodule(negative, weight, rng)
+        mask = weight > 0.5
+        negative = negative.copy()
+        if flip:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    positive, negative, mask = (np.flip(a, axis) for a in (positive, negative, mask))
+        return (np.ascontiguousarray(positive), np.ascontiguousarray(negative), np.ascontiguousarray(mask), origin, ct.name, radius)
+
+    def batches(self, rng: np.random.Generator, pairs: int, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = True) -> CropSet:
+        """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative)."""
+        images, labels, masks, origins, sources, radii = [], [], [], [], [], []
+        empty = np.zeros((CROP,) * 3, dtype=bool)
+        for _ in range(pairs):
+            pos, neg, mask, origin, name, radius = self.sample_pair(rng, radius_mm, flip)
+            images += [pos, neg]
+            labels += [1, 0]
+            masks += [mask, empty]
+            origins += [origin, origin]
+            sources += [name, name]
+            radii += [radius, 0.0]
+        return CropSet(
+            images=scale_intensity(np.stack(images))[:, None],
+            labels=np.array(labels, dtype=np.int64),
+            masks=np.stack(masks),
+            origins=np.array(origins),
+            sources=sources,
+            radii_mm=np.array(radii),
+        )
+
+
+def heldout_set(cts: Sequence[LungCT], pairs: int = 128, seed: int = HELDOUT_SEED) -> CropSet:
+    """The fixed held-out set: `pairs` nodules (radius U(3, 15) mm) centred in the held-out slabs, each
+    crop also given without its nodule (2 * pairs crops), no flips. Deterministic for a given seed;
+    the first n pairs of a larger set equal the set drawn with pairs=n."""
+    return CropSampler(cts, "heldout").batches(np.random.default_rng(seed), pairs, flip=False)
+
+
+def heldout_batches(cts: Sequence[LungCT], pairs: int, seed: int = HELDOUT_SEED, chunk: int = 16) -> Iterator[CropSet]:
+    """`heldout_set` in chunks of `chunk` pairs (same crops, same order), to bound memory."""
+    sampler = CropSampler(cts, "heldout")
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < pairs:
+        n = min(chunk, pairs - done)
+        yield sampler.batches(rng, n, flip=False)
+        done += n
+
+
+def token_labels(masks: np.ndarray, patch: int = 8) -> np.ndarray:
+    """Per-patch "contains nodule" labels: bool (N, n1, n2, n3) from masks (N, I, J, K), C order over patches."""
+    n, i, j, k = masks.shape
+    m = masks.reshape(n, i // patch, patch, j // patch, patch, k // patch, patch)
+    return m.any(axis=(2, 4, 6))
+
+
+def crop_around(ct: LungCT, centre: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """A 48^3 crop whose centre is nearest `centre` (I, J, K) while staying inside the volume.
+
+    Returns (image float32 (1, 48, 48, 48) in 0..1, origin (3,) int)."""
+    half = CROP // 2
+    origin = np.clip(np.asarray(centre, dtype=int) - half, 0, np.array(ct.hu.shape) - CROP)
+    sl = tuple(slice(o, o + CROP) for o in origin)
+    return scale_intensity(ct.hu[sl])[None], origin
