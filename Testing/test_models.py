@@ -126,9 +126,12 @@ def test_old_monai_checkpoint_with_cross_attention_keys_is_mapped(tmp_path):
         ({"network": {"name": "ViT", "args": {**ARGS, "hidden_size": 33}}}, "MONAI ViT rejects network.args"),
         ({"network": {"name": "ViT", "args": ARGS}}, "'weights'"),
         ({"network": {"name": "ViT", "args": ARGS}, "weights": "absent.pt"}, "absent.pt: weights file not found"),
+        ({"network": {"name": "ViT", "args": ARGS}, "weights": "model.pt", "preprocessing": {"spatial": {"mode": "crop"}}},
+         r"card.json: preprocessing.spatial.mode: expected 'resize' or 'sliding_window'"),
     ],
 )
 def test_bad_cards_name_the_problem(tmp_path, card, message):
+    torch.save(tiny_vit().state_dict(), tmp_path / "model.pt")
     path = tmp_path / "card.json"
     path.write_text(json.dumps(card))
     with pytest.raises(AttentionMapError, match=message):

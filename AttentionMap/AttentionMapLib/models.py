@@ -78,9 +78,7 @@ def _load_card(card_path: Path) -> LoadedModel:
     if not card.get("weights"):
         raise AttentionMapError(f"{card_path}: 'weights' (a path relative to the card) is missing")
     notes = load_weights(network, card_path.parent / card["weights"])
-    preprocessing = card.get("preprocessing")
-    if not isinstance(preprocessing, dict):
-        raise AttentionMapError(f"{card_path}: 'preprocessing' must be an object (orientation, spacing, ...)")
+    preprocessing = _checked_preprocessing(card_path, card.get("preprocessing"))
     classes = _class_names(card_path, card.get("classes"), network)
     return LoadedModel(
         network=network,
@@ -145,7 +143,7 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
         card["description"] = meta["description"]
     return LoadedModel(
         network=network,
-        preprocessing=extra.get("preprocessing", BUNDLE_DEFAULT_PREPROCESSING),
+        preprocessing=_checked_preprocessing(extra_file, extra.get("preprocessing", BUNDLE_DEFAULT_PREPROCESSING)),
         classes=classes,
         target=class_index(extra.get("target"), classes, str(folder)),
         img_size=_img_size(folder, img_size, 3),
@@ -227,6 +225,19 @@ def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
             f"{weights_path}: expected a state dict of tensors (optionally under 'state_dict' or 'model')"
         )
     return dict(loaded)
+
+
+def _checked_preprocessing(source: Path, preprocessing: Any) -> Dict[str, Any]:
+    """The card's preprocessing section, checked now (preprocess.parse_preprocessing) so a bad card fails at load."""
+    from .preprocess import parse_preprocessing
+
+    if not isinstance(preprocessing, dict):
+        raise AttentionMapError(f"{source}: 'preprocessing' must be an object (orientation, spacing, intensity, spatial)")
+    try:
+        parse_preprocessing(preprocessing)
+    except AttentionMapError as exc:
+        raise AttentionMapError(f"{source}: {exc}") from None
+    return preprocessing
 
 
 def _build_network(card_path: Path, name: Any, args: Any) -> Any:
