@@ -1,0 +1,321 @@
+"""Static checks of the Slicer extension: what a Slicer build, the Extensions Index and Slicer 5.8
+(Python 3.9) would reject, checked without Slicer. Facts are from the Slicer sources (v5.8.0
+parameterNodeWrapper/guiConnectors.py, Utilities/Templates) and Slicer/ExtensionsIndex
+(scripts/check_description_files.py, catalog schema v1.0.1)."""
+import ast
+import json
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+import slicer
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE_DIR = ROOT / "AttentionMap"
+MODULE_FILE = MODULE_DIR / "AttentionMap.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "AttentionMap.ui"
+LIB_DIR = MODULE_DIR / "AttentionMapLib"
+CATALOG = ROOT / "AttentionMap.json"
+
+# Slicer 5.8 GUI connectors: widget class -> the unannotated parameter types it can bind.
+# (ctkSliderWidget binds float only in 5.8; int widgets are QSlider/QSpinBox; str/enum combos need Choice.)
+CONNECTORS_5_8 = {
+    "QCheckBox": {"bool"}, "ctkCheckBox": {"bool"}, "QPushButton": {"bool"},
+    "QSlider": {"int"}, "QSpinBox": {"int"},
+    "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "qMRMLSliderWidget": {"float"},
+    "ctkDoubleSlider": {"float"}, "ctkDoubleSpinBox": {"float"}, "qMRMLSpinBox": {"float"},
+    "QComboBox": {"choice"}, "ctkComboBox": {"choice"},
+    "QLineEdit": {"str"}, "QLabel": {"str"}, "QTextEdit": {"str"},
+    "ctkPathLineEdit": {"Path"}, "ctkDirectoryButton": {"Path"},
+    "qMRMLNodeComboBox": {"node"},
+}
+# Schema v1.0.1 properties and the categories accepted by the Extensions Index checker.
+CATALOG_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                      "build_subdirectory", "enabled", "tier"}
+ACCEPTED_CATEGORIES = {
+    "Active Learning", "Analysis", "Cardiac", "Converters", "DICOM", "Developer Tools", "Diffusion", "Examples",
+    "Exporter", "Filtering", "IGT", "Informatics", "Neuroimaging", "Nuclear Medicine", "Quantification",
+    "Radiotherapy", "Registration", "Rendering", "Segmentation", "Shape Analysis", "Simulation", "Training",
+    "Ultrasound", "Utilities"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def cmake_list(path: Path, variable: str) -> list:
+    text = path.read_text()
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{path}: no set({variable} ...)"
+    return [item.replace("${MODULE_NAME}", "AttentionMap") for item in match.group(1).split()]
+
+
+def cmake_set(text: str, variable: str) -> str:
+    match = re.search(rf'set\s*\(\s*{variable}\s+"([^"]*)"\s*\)', text)
+    assert match, f"set({variable} \"...\") missing"
+    return match.group(1)
+
+
+def module_ast() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(), feature_version=(3, 9))
+
+
+def parameter_node_fields() -> dict:
+    """name -> (annotation AST, default AST or None) of the @parameterNodeWrapper class."""
+    for node in module_ast().body:
+        if isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list):
+            return {s.target.id: (s.annotation, s.value) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in AttentionMap.py")
+
+
+def module_constants() -> dict:
+    constants = {}
+    for node in module_ast().body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return constants
+
+
+def field_kind(annotation: ast.AST) -> tuple:
+    """('node', class name) / ('choice', choices) / ('float' | 'int' | 'bool' | 'str' | 'Path', None)."""
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        base, *extras = annotation.slice.elts
+        for extra in extras:
+            if isinstance(extra, ast.Call) and ast.unparse(extra.func) == "Choice":
+                return "choice", module_constants().get(ast.unparse(extra.args[0]), None)
+        return field_kind(base)
+    name = ast.unparse(annotation).split(".")[-1]
+    if name.startswith("vtkMRML"):
+        return "node", name
+    return name, None
+
+
+def ui_widgets() -> dict:
+    """widget name -> (class, {property name: element})."""
+    tree = ElementTree.parse(UI_FILE)
+    widgets = {}
+    for widget in tree.iter("widget"):
+        props = {p.get("name"): p for p in widget.findall("property")}
+        widgets[widget.get("name")] = (widget.get("class"), props)
+    return widgets
+
+
+def bound_widgets() -> dict:
+    """SlicerParameterName -> (widget name, class, properties)."""
+    bound = {}
+    for name, (cls, props) in ui_widgets().items():
+        if "SlicerParameterName" in props:
+            parameter = props["SlicerParameterName"].find("string").text
+            assert parameter not in bound, f"{parameter} is bound to two widgets"
+            bound[parameter] = (name, cls, props)
+    return bound
+
+
+def png_size(path: Path) -> tuple:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+# ---------------------------------------------------------------- CMake
+
+def test_every_file_in_the_module_cmake_lists_exists():
+    listed = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS") + cmake_list(
+        MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES")
+    missing = [item for item in listed if not (MODULE_DIR / item).is_file()]
+    assert not missing, f"listed in AttentionMap/CMakeLists.txt but missing: {missing}"
+    assert len(listed) == len(set(listed)), "a file is listed twice"
+
+
+def test_every_library_file_and_resource_is_listed():
+    listed = set(cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
+    listed |= set(cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES"))
+    library = {f"AttentionMapLib/{p.relative_to(LIB_DIR).as_posix()}" for p in LIB_DIR.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    resources = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    assert "AttentionMap.py" in listed
+    assert not (library - listed), f"library files missing from MODULE_PYTHON_SCRIPTS: {sorted(library - listed)}"
+    assert not (resources - listed), f"resources missing from MODULE_PYTHON_RESOURCES: {sorted(resources - listed)}"
+    assert {"Resources/Models/demo_lung_nodule_vit.json", "Resources/Models/demo_lung_nodule_vit.pt",
+            "Resources/UI/AttentionMap.ui", "Resources/Icons/AttentionMap.png"} <= listed
+
+
+def test_module_cmake_builds_with_generic_tests_and_registers_the_self_test():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*NAME \$\{MODULE_NAME\}.*WITH_GENERIC_TESTS.*\)", text, re.S)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert "add_subdirectory(Testing)" in text
+    assert "add_subdirectory(Python)" in (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text()
+    assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+    assert "class AttentionMapTest(ScriptedLoadableModuleTest)" in MODULE_FILE.read_text()
+
+
+def test_extension_cmake_has_full_metadata_and_images_that_exist():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(AttentionMap\)", text, re.M)
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
+        assert cmake_set(text, variable).strip(), variable
+    assert cmake_set(text, "EXTENSION_DEPENDS") == "PyTorch"
+    assert "add_subdirectory(AttentionMap)" in text and "find_package(Slicer REQUIRED)" in text
+    assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in text and "${Slicer_EXTENSION_CPACK}" in text
+    homepage = cmake_set(text, "EXTENSION_HOMEPAGE")
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    # the Extensions Index checker reads these two with exactly these patterns
+    icons = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text)
+    screenshots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text)
+    assert len(icons) == 1 and screenshots
+    for url in [icons[0]] + screenshots[0].split():
+        assert url.startswith(raw), f"{url} is not a raw file of {homepage}"
+        local = ROOT / url[len(raw):]
+        assert local.is_file(), f"{url}: {local} does not exist in the repository"
+        png_size(local)
+    assert png_size(ROOT / icons[0][len(raw):]) == (128, 128)
+    assert png_size(MODULE_DIR / "Resources" / "Icons" / "AttentionMap.png") == (128, 128)
+
+
+# ---------------------------------------------------------------- catalog entry and licence
+
+def test_catalog_entry_meets_the_extensions_index_rules():
+    raw = CATALOG.read_bytes()
+    assert b"\r" not in raw, "the index requires LF line endings"
+    entry = json.loads(raw)
+    assert set(entry) <= CATALOG_PROPERTIES, f"not in schema v1.0.1: {set(entry) - CATALOG_PROPERTIES}"
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json")
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert entry["category"] in ACCEPTED_CATEGORIES and entry["category"] == cmake_set(cmake, "EXTENSION_CATEGORY")
+    assert entry["build_dependencies"] == ["PyTorch"] == cmake_set(cmake, "EXTENSION_DEPENDS").split()
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    name = CATALOG.stem
+    assert not name.lower().startswith("slicer"), "the extension name must not start with Slicer"
+    assert re.search(rf"^project\({name}\)", cmake, re.M), "file name must equal the CMake project name"
+    assert entry["scm_url"].startswith("https://")
+    repository = entry["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
+    assert repository.startswith("Slicer"), "the repository name should start with Slicer"
+    assert entry["scm_url"].rstrip("/").removesuffix(".git") == cmake_set(cmake, "EXTENSION_HOMEPAGE")
+
+
+def test_bsd3_licence_at_the_root():
+    text = (ROOT / "LICENSE").read_text()
+    assert "BSD 3-Clause License" in text and "AttentionMap contributors" in text
+    assert "Neither the name of the copyright holder" in text
+
+
+# ---------------------------------------------------------------- module file vs .ui vs parameter node
+
+def test_every_ui_widget_used_exists_in_the_ui_file():
+    used = {node.attr for node in ast.walk(module_ast())
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    assert used, "AttentionMap.py uses no self.ui widgets?"
+    missing = used - set(ui_widgets())
+    assert not missing, f"self.ui.<name> used but not in AttentionMap.ui: {sorted(missing)}"
+
+
+def test_every_slicer_parameter_name_is_a_field_and_its_widget_can_bind_it():
+    fields = parameter_node_fields()
+    bound = bound_widgets()
+    assert not set(bound) - set(fields), f"SlicerParameterName without a field: {set(bound) - set(fields)}"
+    for parameter, (widget, cls, props) in bound.items():
+        kind, detail = field_kind(fields[parameter][0])
+        assert kind in CONNECTORS_5_8.get(cls, set()), f"{widget} ({cls}) cannot bind {parameter} ({kind}) in 5.8"
+        if kind == "node":
+            types = [s.text for s in props["nodeTypes"].iter("string")]
+            for node_type in types:
+                assert getattr(slicer, node_type)().IsA(detail), f"{widget}: {node_type} is not a {detail}"
+        if kind == "choice":
+            assert detail, f"{parameter}: Choice must name a literal module-level list"
+            default = fields[parameter][1]
+            if default is not None:
+                value = module_constants().get(ast.unparse(default).split("[")[0], None)
+                value = value[ast.literal_eval(default.slice)] if isinstance(default, ast.Subscript) else (
+                    ast.literal_eval(default))
+                assert value in detail, f"{parameter}: default {value!r} not among {detail}"
+        if cls == "QSlider":
+            assert "WithinRange" in ast.unparse(fields[parameter][0]), "a QSlider needs a bounded int (5.8)"
+
+
+def test_every_mrml_widget_gets_the_scene():
+    tree = ElementTree.parse(UI_FILE)
+    receivers = {c.find("receiver").text for c in tree.iter("connection")
+                 if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
+    combos = {name for name, (cls, _) in ui_widgets().items() if cls == "qMRMLNodeComboBox"}
+    assert combos and combos == receivers, f"without setMRMLScene: {combos - receivers}"
+    root = tree.getroot().find("widget")
+    assert root.get("class") == "qMRMLWidget" and root.get("name") == "AttentionMap"
+
+
+def test_module_has_the_slicer_metadata():
+    text = MODULE_FILE.read_text()
+    for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert re.search(rf"self\.parent\.{attribute} = ", text), attribute
+    for base in ("AttentionMap(ScriptedLoadableModule)", "AttentionMapWidget(ScriptedLoadableModuleWidget, "
+                 "VTKObservationMixin)", "AttentionMapLogic(ScriptedLoadableModuleLogic)"):
+        assert f"class {base}" in text
+
+
+# ---------------------------------------------------------------- Python 3.9 and imports without torch
+
+PY39_FILES = [MODULE_FILE] + sorted(LIB_DIR.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", PY39_FILES, ids=lambda p: p.name)
+def test_parses_as_python_3_9(path):
+    tree = ast.parse(path.read_text(), feature_version=(3, 9))
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+    if path == MODULE_FILE:
+        assert not future, "no `from __future__` in AttentionMap.py"
+    if not future:  # annotations are evaluated at run time: `X | Y` fails on 3.9
+        annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.AnnAssign, ast.arg)) and n.annotation]
+        annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.returns]
+        for annotation in annotations:
+            assert not any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)), \
+                f"{path.name}: `X | Y` annotation {ast.unparse(annotation)}"
+
+
+def _top_level_imports(tree: ast.Module) -> list:
+    """(module, names) of every import executed when the module is imported (not inside functions)."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_module_top_level_imports_need_no_torch_or_monai():
+    allowed_roots = set(sys.stdlib_module_names) | {"slicer", "qt", "ctk", "vtk", "numpy", "AttentionMapLib"}
+    imports = _top_level_imports(module_ast())
+    assert {module.split(".")[0] for module, _ in imports} <= allowed_roots
+    library = [f"AttentionMapLib.{name}" for module, names in imports if module == "AttentionMapLib"
+               for name in names if (LIB_DIR / f"{name}.py").is_file()]
+    assert library, "AttentionMap.py should use the library"
+    # import exactly those library modules with torch and MONAI made unimportable
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(MODULE_DIR)!r})
+        for blocked in ("torch", "monai", "einops"):
+            sys.modules[blocked] = None
+        import importlib
+        for name in {library!r}:
+            importlib.import_module(name)
+        try:
+            import AttentionMap
+            print("MODULE IMPORTED")
+        except ModuleNotFoundError as error:
+            print("MISSING", error.name)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    # slicer-core has no Qt: the module stops at `import ctk`/`import qt`, never at torch or monai
+    assert last == "MODULE IMPORTED" or last in ("MISSING ctk", "MISSING qt"), result.stdout + result.stderr
