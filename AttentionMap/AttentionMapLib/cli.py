@@ -232,6 +232,7 @@ def run_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
     output_dir = Path(args.output_dir)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
     try:
@@ -263,6 +264,8 @@ def run_command(args: argparse.Namespace) -> int:
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
         raise
     print(f"attention-map: wrote {len(written)} files to {output_dir}")
     return 0
@@ -288,15 +291,16 @@ def _write_maps(output_dir: Path, case: Case, resample: bool, written: List[Path
     from .io import write_volume
 
     t0 = time.perf_counter()
+    case.on_input = case.attention.resample_to(case.array.shape[-3:], case.ijk_to_ras)
+    t1 = time.perf_counter()
     grid_path = output_dir / f"{case.name}_attention.nrrd"
     written.append(write_volume(grid_path, case.attention.grid, case.attention.ijk_to_ras))
-    case.on_input = case.attention.resample_to(case.array.shape[-3:], case.ijk_to_ras)
     case.record["outputs"] = {"attention": str(grid_path)}
     if resample:
         resampled_path = output_dir / f"{case.name}_attention_resampled.nrrd"
         written.append(write_volume(resampled_path, case.on_input, case.ijk_to_ras))
         case.record["outputs"]["attention_resampled"] = str(resampled_path)
-    case.record["timings_s"] = {"write": time.perf_counter() - t0}
+    case.record["timings_s"] = {"resample": t1 - t0, "write": time.perf_counter() - t1}
 
 
 def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
