@@ -38,6 +38,7 @@ POLL_INTERVAL_MS = 100
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
 REFUSION_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
+RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device")
 
 
 class AttentionMap(ScriptedLoadableModule):
@@ -186,7 +187,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentValues(self) -> Dict[str, Any]:
         p = self._parameterNode
-        return {name: getattr(p, name) for name in REFUSION_FIELDS + DISPLAY_FIELDS}
+        return {name: getattr(p, name) for name in REFUSION_FIELDS + DISPLAY_FIELDS + RERUN_FIELDS}
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -213,17 +214,20 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif changed & set(DISPLAY_FIELDS):
             with slicer.util.tryWithErrorDisplay("Failed to update the display."):
                 self.logic.updateDisplay(p)
+        elif changed & set(RERUN_FIELDS):
+            self.ui.statusLabel.text = "Press Apply to run the network with the new input, model, heads or target."
 
     def _observeQueryPoint(self, node) -> None:
         if node is self._observedQueryNode:
             return
-        if self._observedQueryNode is not None:
-            self.removeObserver(self._observedQueryNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
-                                self.onQueryPointMoved)
+        events = (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        for event in events if self._observedQueryNode is not None else ():
+            self.removeObserver(self._observedQueryNode, event, self.onQueryPointMoved)
         self._observedQueryNode = node
         self.ui.queryPlaceWidget.setCurrentNode(node)
-        if node is not None:
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self.onQueryPointMoved)
+        for event in events if node is not None else ():
+            self.addObserver(node, event, self.onQueryPointMoved)
 
     def onQueryPointMoved(self, caller=None, event=None) -> None:
         if self._job is None and self.logic.result is not None:

@@ -5,6 +5,17 @@ import pytest
 
 
 # ---- slicer-core scene (owner: SLICER helper) --------------------------------------------------
+def _register_segmentation_converters(slicer):
+    """Closed surface <-> binary labelmap rules, registered once per process as Slicer's Segmentations
+    module does at start-up (slicer-core has the rule classes but registers none)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        factory.RegisterConverterRule(rule())
+
+
 @pytest.fixture
 def slicer_scene():
     """A real MRML scene set up as the Slicer application does, with a window-less red slice view.
@@ -16,6 +27,7 @@ def slicer_scene():
     import slicer
     import vtk
 
+    _register_segmentation_converters(slicer)
     scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)

@@ -412,6 +412,29 @@ def test_segment_statistics_agree_with_numpy(slicer_scene, case, segmentation_tr
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == count
 
 
+def test_segment_from_a_closed_surface_is_rasterised_on_the_volume_grid(slicer_scene, case):
+    """The self-test's path: a sphere drawn as a surface, converted to a binary labelmap by the
+    segmentation's own converter, placed on the CT grid (oblique, anisotropic)."""
+    ct, attention = case
+    segmentation = slicer_scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "sphere")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    centre = (ct_affine() @ np.array([20.0, 18.0, 12.0, 1.0]))[:3]
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*centre)
+    sphere.SetRadius(9.0)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    segment_id = segmentation.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", [1.0, 0.0, 0.0])
+    mask = mrml.segment_mask(segmentation, segment_id, SHAPE, ct_affine())
+    voxel_mm3 = abs(np.linalg.det(ct_affine()[:3, :3]))
+    assert mask.sum() * voxel_mm3 == pytest.approx(4 / 3 * np.pi * 9.0 ** 3, rel=0.15)
+    centroid = (ct_affine() @ np.append(np.argwhere(mask).mean(axis=0), 1.0))[:3]
+    assert np.linalg.norm(centroid - centre) < 1.5  # right place, axes not swapped
+    rows = mrml.read_table(mrml.segment_statistics(attention, segmentation, ct))
+    assert rows["ball"]["volume_fraction"] == pytest.approx(mask.mean(), rel=1e-6)
+
+
 def test_segment_statistics_bad_input(slicer_scene, case):
     ct, attention = case
     scene = slicer_scene.scene
@@ -421,6 +444,14 @@ def test_segment_statistics_bad_input(slicer_scene, case):
         mrml.segment_statistics(attention, empty, ct)
     with pytest.raises(AttentionMapError, match="segmentation node"):
         mrml.segment_statistics(attention, ct, ct)
+    outside = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "far away")
+    far_affine = ct_affine(origin=(500.0, 500.0, 500.0))  # a segment that misses the CT entirely
+    outside.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(_box_mask(CUBE), far_affine), "lost", [0, 1, 0])
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(AttentionMapError, match="segment 'lost' of 'far away': empty on the grid of 'CT'"):
+        mrml.segment_statistics(attention, outside, ct)
+    with pytest.raises(AttentionMapError, match="no segment with ID 'nope'"):
+        mrml.segment_statistics(attention, outside, ct, segment_ids=["nope"])
     assert scene.GetNumberOfNodes() == before
 
 

@@ -335,10 +335,14 @@ def segment_statistics(attention: Any, segmentation_node: Any, reference_volume_
     ids = _segment_ids(segmentation_node, segment_ids)
     shape, ijk_to_ras = volume_geometry(reference_volume_node)
     values = np.asarray(attention.resample_to(shape, ijk_to_ras), dtype=np.float32)
-    segmentation = segmentation_node.GetSegmentation()
-    rows = [(segmentation.GetSegment(sid).GetName() if segmentation.GetSegment(sid) else sid,
-             mask_statistics(values, segment_mask(segmentation_node, sid, shape, ijk_to_ras)))
-            for sid in ids]
+    rows = []
+    for sid in ids:
+        mask = segment_mask(segmentation_node, sid, shape, ijk_to_ras)
+        name = segmentation_node.GetSegmentation().GetSegment(sid).GetName()
+        if not mask.any():
+            raise AttentionMapError(f"segment '{name}' of '{segmentation_node.GetName()}': empty on the grid of "
+                                    f"'{reference_volume_node.GetName()}' (nothing painted, or outside the volume)")
+        rows.append((name, mask_statistics(values, mask)))
     if table_node is not None and not table_node.IsA("vtkMRMLTableNode"):
         raise AttentionMapError(f"statistics table: expected a table node, got {table_node.GetClassName()}")
     scene = reference_volume_node.GetScene()
