@@ -122,19 +122,22 @@ def resample_grid(
     target_to_source = np.linalg.inv(check_ijk_to_ras(grid_ijk_to_ras, "grid ijk_to_ras")) @ check_ijk_to_ras(
         target_ijk_to_ras, "target ijk_to_ras"
     )
-    n = np.asarray(source.shape, dtype=np.float64)
+    # source index = step_i * i + step_j * j + step_k * k + origin, built by broadcasting (float32)
+    steps = torch.from_numpy(target_to_source[:3, :3].T.astype(np.float32))  # row a: step per target axis a
+    origin = torch.from_numpy(target_to_source[:3, 3].astype(np.float32))
+    n = torch.tensor(source.shape, dtype=torch.float32)
+    along_i = torch.arange(shape[0], dtype=torch.float32)[:, None, None, None] * steps[0]
+    along_j = torch.arange(shape[1], dtype=torch.float32)[None, :, None, None] * steps[1]
     # grid_sample wants (B, C, D, H, W) with coordinates (x, y, z) = (W, H, D) normalised to [-1, 1]
     volume = torch.from_numpy(np.ascontiguousarray(source))[None, None]
+    scale = 2.0 / torch.clamp(n - 1.0, min=1.0)
     out = np.empty(shape, dtype=np.float32)
     slab = max(1, max_points // (shape[0] * shape[1]))
-    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     for k0 in range(0, shape[2], slab):
-        ks = np.arange(k0, min(k0 + slab, shape[2]))
-        target = np.stack(np.broadcast_arrays(ii[..., None], jj[..., None], ks[None, None, :]), axis=-1)
-        src = apply_affine(target_to_source, target)  # (I, J, k, 3) continuous source indices
-        inside = np.all((src >= -0.5) & (src <= n - 0.5), axis=-1)
-        norm = 2.0 * np.clip(src, 0.0, n - 1.0) / np.maximum(n - 1.0, 1.0) - 1.0
-        coords = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
-        sampled = torch.nn.functional.grid_sample(volume, coords, mode="bilinear", align_corners=True)
-        out[:, :, ks] = np.where(inside, sampled[0, 0].numpy(), 0.0)
+        ks = torch.arange(k0, min(k0 + slab, shape[2]), dtype=torch.float32)[None, None, :, None]
+        src = along_i + along_j + (ks * steps[2] + origin)  # (I, J, k, 3) continuous source indices
+        inside = ((src >= -0.5) & (src <= n - 0.5)).all(dim=-1)
+        coords = (torch.minimum(torch.clamp(src, min=0.0), n - 1.0) * scale - 1.0).flip(-1)
+        sampled = torch.nn.functional.grid_sample(volume, coords[None], mode="bilinear", align_corners=True)[0, 0]
+        out[:, :, k0:k0 + ks.shape[2]] = torch.where(inside, sampled, torch.zeros(())).numpy()
     return out
