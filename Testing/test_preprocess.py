@@ -115,6 +115,7 @@ def test_parse_refuses_bad_sections(section, words):
     ((3, 16, 16, 16), 1, r"expects 1 channel\(s\)"),
     ((16, 16, 16), 2, r"expects 2 channel\(s\)"),
     ((1, 1, 16, 16, 16), 1, r"expects 1 channel\(s\)"),
+    ((16, 16, 16, 1), 1, r"expects 1 channel\(s\): an array \(I, J, K\) or \(1, I, J, K\) \(channels first\)"),
 ])
 def test_check_volume_refuses_bad_shapes(shape, channels, words):
     with pytest.raises(AttentionMapError, match=words):

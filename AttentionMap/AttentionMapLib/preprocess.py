@@ -201,11 +201,12 @@ def check_volume(array_ijk: Any, in_channels: int) -> np.ndarray:
     array = np.asarray(array_ijk)
     if array.dtype.kind not in "biuf":
         raise AttentionMapError(f"array_ijk: expected a numeric array, got dtype {array.dtype}")
-    if array.ndim < 3 or (array.ndim == 3 and 1 in array.shape) or (array.ndim == 4 and 1 in array.shape[1:]):
-        raise AttentionMapError(
-            f"array_ijk: got shape {array.shape}, a 2D image; expected a 3D volume (I, J, K) with "
-            "more than one voxel along each axis"
-        )
+    two_d = AttentionMapError(
+        f"array_ijk: got shape {array.shape}, a 2D image; expected a 3D volume (I, J, K) with "
+        "more than one voxel along each axis"
+    )
+    if array.ndim < 3:
+        raise two_d
     channels = 1 if array.ndim == 3 else array.shape[0]
     if array.ndim > 4 or channels != in_channels:
         expected = "(I, J, K) or (1, I, J, K)" if in_channels == 1 else f"({in_channels}, I, J, K)"
@@ -213,6 +214,8 @@ def check_volume(array_ijk: Any, in_channels: int) -> np.ndarray:
             f"array_ijk: got shape {array.shape}; the model expects {in_channels} channel(s): "
             f"an array {expected} (channels first)"
         )
+    if 1 in array.shape[-3:]:
+        raise two_d
     volume = np.array(array, dtype=np.float32, copy=True).reshape((-1, *array.shape[-3:]))
     bad = ~np.isfinite(volume)
     if bad.any():
