@@ -66,13 +66,12 @@ def test_written_grid_keeps_values_dtype_and_geometry(tmp_path, suffix):
     assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left
 
 
-def _write_dicom_series(folder, image: sitk.Image) -> None:
+def _write_dicom_series(folder, image: sitk.Image, series: str = "1.2.826.0.1.3680043.2.1125.1.99.1") -> None:
     """One CT slice per file with patient position/orientation tags, as a scanner would."""
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = np.array(image.GetDirection()).reshape(3, 3)
     orientation = "\\".join(f"{v:.10f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
-    series = "1.2.826.0.1.3680043.2.1125.1.99.1"
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
@@ -85,7 +84,7 @@ def _write_dicom_series(folder, image: sitk.Image) -> None:
         }
         for tag, value in tags.items():
             piece.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{series[-1]}_slice{k:03d}.dcm"))
         writer.Execute(piece)
 
 
@@ -98,6 +97,20 @@ def test_dicom_series_folder_reads_with_oblique_geometry(tmp_path):
         lps = np.array(image.TransformIndexToPhysicalPoint(voxel))
         assert np.allclose(apply_affine(ijk_to_ras, voxel), lps * [-1, -1, 1], atol=1e-3)
         assert array[voxel] == image.GetPixel(voxel)
+
+
+def test_folder_with_two_series_needs_a_series_id(tmp_path):
+    image = _sitk_image()
+    _write_dicom_series(tmp_path, image, series="1.2.826.0.1.3680043.2.1125.1.99.1")
+    shifted = sitk.Image(image)
+    shifted.SetOrigin((0.0, 0.0, 500.0))
+    _write_dicom_series(tmp_path, shifted, series="1.2.826.0.1.3680043.2.1125.1.99.2")
+    with pytest.raises(AttentionMapError, match="2 DICOM series found, pass series_id="):
+        read_volume(tmp_path)
+    with pytest.raises(AttentionMapError, match="not found"):
+        read_volume(tmp_path, series_id="1.2.3")
+    _, ijk_to_ras = read_volume(tmp_path, series_id="1.2.826.0.1.3680043.2.1125.1.99.2")
+    assert np.allclose(ijk_to_ras[:3, 3], [0.0, 0.0, 500.0], atol=1e-3)
 
 
 def test_vector_image_reads_channels_first(tmp_path):
