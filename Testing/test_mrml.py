@@ -254,11 +254,7 @@ def test_overlay_goes_to_every_slice_view(slicer_scene, case):
 # ---------------------------------------------------------------- what the slice view draws
 
 def _render(slice_logic) -> np.ndarray:
-    producer = slice_logic.GetImageDataConnection().GetProducer()
-    producer.Update()
-    image = producer.GetOutput()
-    width, height, _ = image.GetDimensions()
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1).astype(float)
+    return mrml.render_slice(slice_logic).astype(float)
 
 
 def _pixel_of(slice_node, ras):

@@ -2,7 +2,7 @@
 
 A real chest CT (pyradiomics lung2) and its tumour label go into a slicer-core MRML scene; the model
 explains the CT; AttentionMapLib.mrml writes the overlay node exactly as the module does; three
-window-less vtkMRMLSliceLogic views (axial, coronal, sagittal through the attention peak) composite
+window-less vtkMRMLSliceLogic views (axial, coronal, sagittal through the tumour) composite
 CT + overlay + label outline, and their RGBA images are saved side by side. Nothing is painted by hand.
 
     .venv/bin/python tools/make_slicer_screenshot.py [--model demo|CARD.json] [--data DIR]
@@ -23,23 +23,11 @@ VIEW_SIZE = 360
 
 
 def _scene():
-    import slicer
-    import vtk
+    from AttentionMapLib import mrml
 
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.GetColorLogic().SetMRMLScene(scene)
-    app.GetColorLogic().AddDefaultColorNodes()
-    app.SetSliceLogics(vtk.vtkCollection())
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
-    views = []
-    for name, orientation in (("Red", "Axial"), ("Green", "Coronal"), ("Yellow", "Sagittal")):
-        logic = slicer.vtkMRMLSliceLogic()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        logic.AddSliceNode(name).SetOrientation(orientation)
-        views.append(logic)
+    scene, app = mrml.headless_scene()
+    views = [mrml.add_slice_view(scene, app, name, orientation)
+             for name, orientation in (("Red", "Axial"), ("Green", "Coronal"), ("Yellow", "Sagittal"))]
     return scene, app, views  # keep app alive: the slice logics do not hold a reference to it
 
 
@@ -53,20 +41,15 @@ def _add_volume(scene, array_ijk, ijk_to_ras, name, class_name="vtkMRMLScalarVol
     return node
 
 
-def _render(logic, peak_ras):
-    from vtk.util import numpy_support
+def _render(logic, ras):
+    from AttentionMapLib import mrml
 
     node = logic.GetSliceNode()
     node.SetDimensions(VIEW_SIZE, VIEW_SIZE, 1)
     logic.FitSliceToBackground()
     normal = np.array([node.GetSliceToRAS().GetElement(r, 2) for r in range(3)])
-    logic.SetSliceOffset(float(normal @ peak_ras))
-    producer = logic.GetImageDataConnection().GetProducer()
-    producer.Update()
-    image = producer.GetOutput()
-    width, height, _ = image.GetDimensions()
-    rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, 4)
-    return rgba[::-1, :, :3].copy()  # VTK rows go bottom-up
+    logic.SetSliceOffset(float(normal @ ras))
+    return mrml.render_slice(logic)[::-1, :, :3].copy()  # VTK rows go bottom-up
 
 
 def main() -> None:
@@ -101,7 +84,7 @@ def main() -> None:
     display.SetWindowLevel(1500, -500)  # lung window
     tumour = _add_volume(scene, (label > 0).astype(np.uint8), label_affine, "tumour",
                          "vtkMRMLLabelMapVolumeNode")
-    tumour.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGreen")  # outline drawn in green
+    tumour.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeLabels")  # 0 transparent, 1 green
 
     model = load_model(args.model, device="cpu")
     array, ijk_to_ras = mrml.volume_to_array(ct)
@@ -111,21 +94,23 @@ def main() -> None:
     mrml.configure_display(overlay, threshold=0.4)  # the module's defaults: threshold 0.4, opacity 0.5
     mrml.show_overlay(overlay, ct, opacity=0.5)
     peak = attention.peak_ras()
+    centre = np.argwhere(label > 0).mean(axis=0)
+    tumour_ras = (label_affine @ np.append(centre, 1.0))[:3]
     panels = []
-    for logic in views:
+    for logic in views:  # slices through the tumour, its outline drawn from the label
         logic.GetSliceCompositeNode().SetLabelVolumeID(tumour.GetID())
         logic.GetSliceNode().SetUseLabelOutline(True)
-        panels.append(_render(logic, peak))
+        panels.append(_render(logic, tumour_ras))
     screenshot = np.concatenate([np.pad(p, ((0, 0), (0, 4), (0, 0))) for p in panels], axis=1)[:, :-4]
     out = ROOT / "Resources" / "Screenshots" / "AttentionMap-lung2.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(screenshot).save(out)
 
-    # icon: the axial view around the peak, 128 x 128
+    # icon: the axial view around the tumour, 128 x 128
     axial = panels[0]
     node = views[0].GetSliceNode()
     xy = np.linalg.solve(np.array([[node.GetXYToRAS().GetElement(r, c) for c in range(4)] for r in range(4)]),
-                         np.append(peak, 1.0))
+                         np.append(tumour_ras, 1.0))
     cx, cy = int(round(xy[0])), VIEW_SIZE - 1 - int(round(xy[1]))
     half = 64
     cx, cy = min(max(cx, half), VIEW_SIZE - half), min(max(cy, half), VIEW_SIZE - half)
@@ -135,8 +120,6 @@ def main() -> None:
     module_icon = ROOT / "AttentionMap" / "Resources" / "Icons" / "AttentionMap.png"
     module_icon.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(icon, module_icon)
-    centre = np.argwhere(label > 0).mean(axis=0)
-    tumour_ras = (label_affine @ np.append(centre, 1.0))[:3]
     print(f"model {args.model}: P = {np.round(attention.probabilities, 3)}, peak RAS {np.round(peak, 1)}, "
           f"tumour centroid {np.round(tumour_ras, 1)}, distance {np.linalg.norm(peak - tumour_ras):.1f} mm, "
           f"{attention.num_windows} windows")

@@ -409,3 +409,45 @@ def show_cases(attentions: Sequence[Any], scene: Any, output_nodes: Optional[Seq
     for node in nodes:
         configure_display(node, color_node, window, threshold)
     return nodes
+
+
+# ---------------------------------------------------------------- window-less slice views (slicer-core)
+
+def headless_scene() -> Tuple[Any, Any]:
+    """(scene, application logic) set up as the Slicer application does at start-up: default colour
+    tables, slice orientation presets, segmentation converter rules. Keep the application logic
+    referenced while the scene is in use: slice logics do not hold a reference to it."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():  # once per process, as the Segmentations module does
+        for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                     slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+            factory.RegisterConverterRule(rule())
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    app.SetSliceLogics(vtk.vtkCollection())
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
+    return scene, app
+
+
+def add_slice_view(scene: Any, app: Any, name: str, orientation: Optional[str] = None) -> Any:
+    """A slice view without a window ("Red", "Green", ...): its vtkMRMLSliceLogic."""
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLApplicationLogic(app)
+    logic.SetMRMLScene(scene)
+    node = logic.AddSliceNode(name)
+    if orientation:
+        node.SetOrientation(orientation)
+    return logic
+
+
+def render_slice(slice_logic: Any) -> np.ndarray:
+    """The RGBA image (rows, columns, 4) uint8 the view would draw: background, foreground and label
+    layers blended by vtkMRMLSliceLogic. Row y, column x is the slice's XY pixel (x, y) (bottom-up)."""
+    producer = slice_logic.GetImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutput()
+    width, height, _ = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1).copy()
