@@ -33,7 +33,8 @@ def describe(summary: Dict[str, Any]) -> List[str]:
         f"Summary: {Path(outputs['attention']).parent / 'summary.json'}",
     ]
     if case["probabilities"]:
-        lines.append("Model output: " + ", ".join(f"P({c}) = {p:.2f}" for c, p in case["probabilities"].items()))
+        over = f" (each the highest of {case['num_windows']} windows)" if case["num_windows"] > 1 else ""
+        lines.append(f"Model output{over}: " + ", ".join(f"P({c}) = {p:.2f}" for c, p in case["probabilities"].items()))
     where = ("INSIDE the tumour label" if label["peak_inside"] else
              f"outside the tumour label, {label['peak_to_nearest_label_voxel_mm']:.1f} mm from its nearest voxel")
     lines += [

@@ -197,6 +197,8 @@ class Case:
         from .render import OverlayCase, probability_title
 
         title = probability_title(self.name, classes, self.attention.probabilities, method)
+        if self.attention.probabilities is not None and self.attention.num_windows > 1:
+            title += f" (each the highest of {self.attention.num_windows} windows)"
         return OverlayCase(self.name, self.array, self.on_input, self.ijk_to_ras, self.record["peak_ras_mm"],
                            title, self.label)
 
