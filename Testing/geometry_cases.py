@@ -4,7 +4,7 @@ benchmarks/geometry_errors.py: LPS-stored axes, oblique directions, anisotropic 
 Intensities are CT-like (air -1000 HU plus noise, cube +200 HU), so the card's intensity window maps
 them to [0, 1]: non-negative, as the oracle ViT needs.
 """
-from typing import Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -62,12 +62,12 @@ def cube_volume(case: str, position: Sequence[float], seed: int = 0) -> CubeVolu
     return CubeVolume(array, ijk_to_ras, apply_affine(ijk_to_ras, centroid))
 
 
-def peak_error(result, centre_ras: np.ndarray) -> Dict[str, float]:
+def peak_error(result, centre_ras: np.ndarray) -> Dict[str, Any]:
     """How far the peak of a VolumeAttention lies from the cube centre.
 
     mm: distance of the peak token's centre from the cube centre; half_diagonal_mm: half the
-    token's patch diagonal (the allowed bound); patch_fraction: the largest per-axis offset of the
-    cube centre from the peak token, in patches (0.5 = on the patch border).
+    token's patch diagonal (the allowed bound); offset: (3,) signed offset of the cube centre from
+    the peak token, in patches; patch_fraction: its largest magnitude (0.5 = on the patch border).
     """
     patch_mm = voxel_spacing(result.ijk_to_ras)
     peak = result.peak_ras()
@@ -75,5 +75,6 @@ def peak_error(result, centre_ras: np.ndarray) -> Dict[str, float]:
     return {
         "mm": float(np.linalg.norm(peak - centre_ras)),
         "half_diagonal_mm": float(0.5 * np.linalg.norm(patch_mm)),
+        "offset": offset,
         "patch_fraction": float(np.abs(offset).max()),
     }

@@ -32,7 +32,6 @@ import torch  # noqa: E402
 from geometry_cases import CASES, INTENSITY, MODELS, cube_volume, peak_error  # noqa: E402
 from oracle import make_oracle_vit  # noqa: E402
 
-from AttentionMapLib.geometry import ras_to_ijk  # noqa: E402
 from AttentionMapLib.volume import explain_volume  # noqa: E402
 
 PREPROCESSING = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "intensity": INTENSITY}
@@ -45,11 +44,10 @@ def measure_case(model, img_size, case: str, mode: str, positions: np.ndarray) -
         result = explain_volume(model, volume.array, volume.ijk_to_ras, {**PREPROCESSING, "spatial": {"mode": mode}},
                                 img_size=img_size, method="raw", layer=0)
         error = peak_error(result, volume.centre_ras)
-        offset = ras_to_ijk(result.ijk_to_ras, volume.centre_ras) - ras_to_ijk(result.ijk_to_ras, result.peak_ras())
         errors.append(error["mm"])
         fractions.append(error["patch_fraction"])
-        offsets.append(offset)
-        hits.append(bool(np.all(np.abs(offset) <= 0.5)))
+        offsets.append(error["offset"])
+        hits.append(error["patch_fraction"] <= 0.5)
         bound, windows = error["half_diagonal_mm"], result.num_windows
     return {
         "mean_mm": float(np.mean(errors)), "max_mm": float(np.max(errors)), "bound_mm": bound,

@@ -181,7 +181,7 @@ class VolumeAttention:
         return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
 
 
-def _sweep(model: torch.nn.Module, tiles: List[torch.Tensor], batch_size: int, capture: Callable,
+def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
            progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], done: int, total: int) -> list:
     """Run `capture` on batches of `tiles`; progress and cancel checks between batches."""
     results = []
@@ -264,12 +264,12 @@ def explain_volume(
     two_sweeps = gradients and target is None and len(tiles) > 1
     total = len(tiles) * (2 if two_sweeps else 1)
     if two_sweeps:
-        first = _sweep(model, tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
+        first = _sweep(tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
                        progress, cancel, 0, total)
         probabilities = _class_outputs(first)[1]
         target = None if probabilities is None else int(probabilities.argmax())
     captures = _sweep(
-        model, tiles, batch,
+        tiles, batch,
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
         progress, cancel, total - len(tiles), total,
     )
