@@ -34,6 +34,7 @@ MODEL_DEFAULT_TARGET = "(model default)"
 TORCH_REQUIREMENT = ">=2.1"
 MONAI_REQUIREMENT = "monai[einops]>=1.4"
 POLL_INTERVAL_MS = 100
+REFUSION_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
 
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
 REFUSION_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
@@ -114,6 +115,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._timer = None
+        self._refuseTimer = None
         self._lastValues: Dict[str, Any] = {}
         self._observedQueryNode = None
 
@@ -127,6 +129,10 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
+        self._refuseTimer = qt.QTimer()
+        self._refuseTimer.setSingleShot(True)
+        self._refuseTimer.setInterval(REFUSION_DELAY_MS)
+        self._refuseTimer.connect("timeout()", self._refuse)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -142,6 +148,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         self._timer.stop()
+        self._refuseTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -212,7 +219,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if running or self.logic.result is None:
             return
         if changed & set(REFUSION_FIELDS):
-            self._refuse()
+            self._refuseTimer.start()
         elif changed & set(DISPLAY_FIELDS):
             with slicer.util.tryWithErrorDisplay("Failed to update the display."):
                 self.logic.updateDisplay(p)
@@ -233,7 +240,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onQueryPointMoved(self, caller=None, event=None) -> None:
         if self._job is None and self.logic.result is not None:
-            self._refuse()
+            self._refuseTimer.start()
 
     def onTargetChanged(self, index: int) -> None:
         if self._parameterNode is not None:
@@ -241,6 +248,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.targetClass = "" if index <= 0 else text
 
     def _refuse(self) -> None:
+        if self._job is not None or self.logic.result is None or self._parameterNode is None:
+            return
         try:
             seconds = self.logic.refuse(self._parameterNode)
             self.ui.statusLabel.text = f"Updated from cached attention in {seconds * 1000:.0f} ms (network not re-run)."
