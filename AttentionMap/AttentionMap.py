@@ -114,6 +114,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._jobKind = None  # "explain" (the network runs; Apply shows Cancel) or "refuse" (cached attention)
+        self._refusePending = False
         self._timer = None
         self._refuseTimer = None
         self._lastValues: Dict[str, Any] = {}
@@ -202,7 +204,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        running = self._job is not None
+        running = self._jobKind == "explain"
         self.ui.applyButton.enabled = running or bool(p.inputVolume)
         self.ui.applyButton.toolTip = "Stop the running model" if running else "Run the model on the input volume"
         self.ui.modelPathLineEdit.enabled = p.modelKind != MODEL_KINDS[0]
@@ -239,7 +241,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(node, event, self.onQueryPointMoved)
 
     def onQueryPointMoved(self, caller=None, event=None) -> None:
-        if self._job is None and self.logic.result is not None:
+        if self._jobKind != "explain" and self.logic.result is not None:
             self._refuseTimer.start()
 
     def onTargetChanged(self, index: int) -> None:
@@ -248,28 +250,35 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.targetClass = "" if index <= 0 else text
 
     def _refuse(self) -> None:
-        if self._job is not None or self.logic.result is None or self._parameterNode is None:
+        """Re-read the cached attention with the current options, in the background."""
+        if self.logic.result is None or self._parameterNode is None:
             return
-        try:
-            seconds = self.logic.refuse(self._parameterNode)
-            self.ui.statusLabel.text = f"Updated from cached attention in {seconds * 1000:.0f} ms (network not re-run)."
-        except AttentionMapError as error:
-            self.ui.statusLabel.text = f"{error} - press Apply to run the network again."
+        if self._job is not None:  # one at a time: fuse again once the current job is done
+            self._refusePending = self._jobKind == "refuse"
+            return
+        self._startJob("refuse", self.logic.startRefuse(self._parameterNode))
+
+    def _startJob(self, kind: str, job) -> None:
+        self._job, self._jobKind = job, kind
+        if kind == "explain":
+            self._setRunning(True)
+        self._timer.start()
 
     # ------------------------------------------------------------ Apply / Cancel and the background job
 
     def onApplyButton(self) -> None:
-        if self._job is not None:
+        if self._jobKind == "explain":
             self._job.cancel()
             self.ui.statusLabel.text = "Cancelling after the current window..."
             return
+        if self._job is not None:  # a re-fusion: its result is dropped, the new run replaces it
+            self._job.cancel()
+            self._job, self._jobKind, self._refusePending = None, None, False
         with slicer.util.tryWithErrorDisplay("Failed to start the model.", waitCursor=True):
             if not self.ensureDependencies():
                 self.ui.statusLabel.text = "PyTorch and MONAI are needed to run a model."
                 return
-            self._job = self.logic.startExplain(self._parameterNode)
-            self._setRunning(True)
-            self._timer.start()
+            self._startJob("explain", self.logic.startExplain(self._parameterNode))
 
     def ensureDependencies(self) -> bool:
         """torch through the PyTorch extension, MONAI through pip - each only after the user agreed."""
@@ -307,25 +316,38 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is None:
             self._timer.stop()
             return
+        kind = self._jobKind
         for event in self._job.poll():
             if event.kind == worker.PROGRESS:
                 self.ui.progressBar.value = int(100 * event.value)
-            elif event.kind == worker.DONE:
-                self._finish()
+                continue
+            self._finish()
+            if event.kind == worker.DONE and kind == "explain":
                 self._applyResult(event.value)
+            elif event.kind == worker.DONE:
+                with slicer.util.tryWithErrorDisplay("Failed to show the attention map."):
+                    seconds = self.logic.applyRefused(event.value, self._parameterNode)
+                    self.ui.statusLabel.text = (f"Updated from the cached attention in {seconds * 1000:.0f} ms "
+                                                "(the network was not re-run).")
             elif event.kind == worker.CANCELLED:
-                self._finish()
                 self.ui.statusLabel.text = "Cancelled: nothing was changed."
-            elif event.kind == worker.ERROR:
-                self._finish()
+            elif kind == "refuse":  # e.g. grad_rollout needs gradients captured by a run
+                self.ui.statusLabel.text = f"{event.value} - press Apply to run the network again."
+            else:
                 logging.error(event.detail)
                 self.ui.statusLabel.text = f"Failed: {event.value}"
                 slicer.util.errorDisplay(f"AttentionMap failed: {event.value}", detailedText=event.detail)
+            if self._refusePending:
+                self._refusePending = False
+                self._refuse()
+            return
 
     def _finish(self) -> None:
         self._timer.stop()
-        self._job = None
-        self._setRunning(False)
+        wasRunning = self._jobKind == "explain"
+        self._job, self._jobKind = None, None
+        if wasRunning:
+            self._setRunning(False)
 
     def _applyResult(self, result) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to show the attention map."):
@@ -425,12 +447,19 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self.numLayers = model_spec(result.model.network, result.model.img_size).num_layers
         return self._show(result.attention, p)
 
-    def refuse(self, p: AttentionMapParameterNode) -> float:
-        """Re-read the cached attention with the current fusion options; returns seconds taken."""
-        attention = self.result.attention.refuse(**self.fusionOptions(p))
+    def startRefuse(self, p: AttentionMapParameterNode) -> worker.BackgroundJob:
+        """Re-read the cached attention with the current fusion options, in a background thread."""
+        return worker.refuse_job(self.result.attention, self.fusionOptions(p))
+
+    def applyRefused(self, attention, p: AttentionMapParameterNode) -> float:
+        """Main thread: show a re-fused VolumeAttention in the same output node; returns its fusion seconds."""
         self.result = self.result._replace(attention=attention)
         self._show(attention, p)
         return attention.timings["fuse"]
+
+    def refuse(self, p: AttentionMapParameterNode) -> float:
+        """Blocking re-fusion (scripts, self-test); the widget uses startRefuse + applyRefused."""
+        return self.applyRefused(self.result.attention.refuse(**self.fusionOptions(p)), p)
 
     def _show(self, attention, p: AttentionMapParameterNode):
         name = f"{self.inputVolume.GetName()} attention" if self.inputVolume else "Attention"

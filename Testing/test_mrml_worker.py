@@ -10,7 +10,7 @@ import torch
 from AttentionMapLib import AttentionMapError, Cancelled
 from AttentionMapLib.volume import explain_volume
 from AttentionMapLib.worker import (CANCELLED, DONE, ERROR, PROGRESS, BackgroundJob, ModelCache, explain_job,
-                                    resolve_device)
+                                    refuse_job, resolve_device)
 from oracle import make_oracle_vit
 
 IMG_SIZE = (16, 16, 16)
@@ -170,3 +170,17 @@ def test_bad_model_source_and_device_come_back_as_errors(tmp_path):
         with pytest.raises(AttentionMapError, match="no CUDA GPU"):
             resolve_device("cuda")
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_refuse_job_equals_refuse_on_the_callers_thread(oracle_card):
+    _, model = oracle_card
+    array, affine = volume()
+    attention = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE)
+    options = {"method": "raw", "layer": 0, "discard_ratio": 0.3, "query_ras": attention.peak_ras()}
+    final = refuse_job(attention, options).wait(60)
+    assert final.kind == DONE, final.detail
+    expected = attention.refuse(**options)
+    np.testing.assert_array_equal(final.value.grid, expected.grid)
+    assert final.value.method == "raw" and final.value.timings["forward"] == 0.0
+    bad = refuse_job(attention, {"method": "nonsense"}).wait(60)
+    assert bad.kind == ERROR and "method" in str(bad.value)

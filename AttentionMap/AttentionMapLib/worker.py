@@ -162,3 +162,14 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
         return ExplainResult(model, attention)
 
     return BackgroundJob(run, name=f"AttentionMap explain ({model_source})").start()
+
+
+def refuse_job(attention: Any, fusion_options: Dict[str, Any]) -> BackgroundJob:
+    """A started job returning ``attention.refuse(**fusion_options)`` (a new VolumeAttention).
+
+    Re-fusion reads only the cached head-fused attention (no network run) but can still take seconds
+    (e.g. a discard ratio at ~1700 tokens), so it runs off the GUI thread too.
+    """
+    options = dict(fusion_options)
+    return BackgroundJob(lambda progress, is_cancelled: attention.refuse(**options),
+                         name="AttentionMap re-fusion").start()
