@@ -389,7 +389,8 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.models = worker.ModelCache()
         self.result = None  # the last worker.ExplainResult, with the VolumeAttention shown now
-        self.inputVolume = None
+        self.inputVolume = None  # the volume that result explains
+        self._runningInput = None  # the volume of the job started last (becomes inputVolume when applied)
         self.numLayers = 0  # of the model that produced the result
 
     def getParameterNode(self) -> AttentionMapParameterNode:
@@ -435,7 +436,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         if p.inputVolume is None:
             raise AttentionMapError("input volume: choose a volume")
         array, ijkToRas = mrml.volume_to_array(p.inputVolume)
-        self.inputVolume = p.inputVolume
+        self._runningInput = p.inputVolume
         return worker.explain_job(self.modelSource(p), array, ijkToRas, self.explainOptions(p),
                                   trust_bundle=p.trustBundle, device=p.device, cache=self.models)
 
@@ -443,7 +444,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         """Main thread: write the result into the output node (reused or new) and show it."""
         from AttentionMapLib.engine import model_spec  # torch is there: the job just ran
 
-        self.result = result
+        self.result, self.inputVolume = result, self._runningInput
         self.numLayers = model_spec(result.model.network, result.model.img_size).num_layers
         return self._show(result.attention, p)
 
