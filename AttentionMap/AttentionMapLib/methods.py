@@ -33,14 +33,16 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean", head: Optiona
 def discard_lowest(fused: torch.Tensor, ratio: float, keep_first: bool) -> torch.Tensor:
     """Copy of ``fused`` ``(B, N, N)`` with the lowest ``ratio`` of each sample's N*N entries set to 0.
 
-    ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as vit-explain does. O(N^2 log N) per sample.
+    The cut is the k-th smallest value (``k = int(N*N * ratio)``, found by selection in O(N^2));
+    entries tied with it are dropped too. ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as
+    vit-explain does.
     """
     flat = fused.reshape(fused.shape[0], -1)
     count = int(flat.shape[1] * ratio)
     if count == 0:
         return fused
-    lowest = flat.topk(count, dim=1, largest=False).indices
-    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True)
+    cut = flat.kthvalue(count, dim=1, keepdim=True).values
+    drop = flat <= cut
     if keep_first:
         drop[:, 0] = False
     return flat.masked_fill(drop, 0.0).reshape(fused.shape)
@@ -49,7 +51,8 @@ def discard_lowest(fused: torch.Tensor, ratio: float, keep_first: bool) -> torch
 def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discard_ratio: float, has_cls: bool) -> torch.Tensor:
     """Abnar & Zuidema rollout read out from the left: ``e^T Â_L ... Â_1``.
 
-    ``Â_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``.
+    ``Â_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``
+    (O(N^2) per layer).
     ``layers`` are in forward order (first block first). Never forms ``Â``: with ``s`` the row sums of
     ``0.5 * A + 0.5 * I``, ``v Â = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
     """
