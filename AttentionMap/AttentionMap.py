@@ -7,7 +7,6 @@ torch is imported inside functions, after the dependency check.
 """
 import importlib.util
 import logging
-import os
 import pathlib
 from typing import Annotated, Any, Dict, List, Optional
 

@@ -116,6 +116,17 @@ def test_volume_to_array_is_an_ijk_copy_with_world_geometry(slicer_scene):
     np.testing.assert_allclose(world, to_parent @ affine, atol=1e-9)
 
 
+def test_vector_volume_becomes_channels_first(slicer_scene):
+    channels = np.stack([ct_array(seed=s) for s in range(3)])  # (C, I, J, K)
+    node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(channels.transpose(3, 2, 1, 0)))  # (K, J, I, C)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ct_affine()))
+    got, affine = mrml.volume_to_array(node)
+    assert got.shape == (3, *SHAPE)
+    np.testing.assert_array_equal(got, channels)
+    np.testing.assert_allclose(affine, ct_affine(), atol=1e-9)
+
+
 def test_non_linear_parent_transform_is_refused(slicer_scene):
     node = add_volume(slicer_scene.scene, ct_array(), ct_affine())
     grid_transform = slicer_scene.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
