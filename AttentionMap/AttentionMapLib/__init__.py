@@ -19,6 +19,12 @@ _LAZY = {
     "readout": "engine",
     "explain_volume": "volume",
     "VolumeAttention": "volume",
+    "read_volume": "io",
+    "write_volume": "io",
+    "kji_to_ijk": "geometry",
+    "ijk_to_kji": "geometry",
+    "lps_to_ras": "geometry",
+    "parse_preprocessing": "preprocess",
     "load_model": "models",
     "LoadedModel": "models",
 }

@@ -270,7 +270,8 @@ def _check_fusion(head_fusion: str, head: Optional[int], num_heads: int) -> None
         raise AttentionMapError(f"head: expected 0..{num_heads - 1} (the model has {num_heads} heads), got {head}")
 
 
-def _check_options(method: str, discard_ratio: float, normalize: str) -> None:
+def check_options(method: str, discard_ratio: float, normalize: str) -> None:
+    """One clear error for an unknown method or normalisation, or a discard ratio outside [0, 1)."""
     if method not in METHODS:
         raise AttentionMapError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if not 0.0 <= float(discard_ratio) < 1.0:
@@ -315,7 +316,7 @@ def readout(
     ``0..layer`` (needs a capture with gradients). The row is the query token when given, else CLS,
     else the mean over all query rows.
     """
-    _check_options(method, discard_ratio, normalize)
+    check_options(method, discard_ratio, normalize)
     spec = captured.spec
     last = resolve_layer(layer, spec.num_layers)
     query_index = resolve_query(query, spec)
@@ -357,7 +358,7 @@ def explain(
     look at") instead of CLS / the mean of rows. ``normalize``: minmax | percentile | none.
     The model is left exactly as it was (see :func:`capture.hooked_attention`).
     """
-    _check_options(method, discard_ratio, normalize)
+    check_options(method, discard_ratio, normalize)
     captured = capture_attention(model, x, head_fusion, head, with_gradients=method == "grad_rollout", target=target)
     last = resolve_layer(layer, captured.spec.num_layers)
     grid = readout(captured, method, last, discard_ratio, query, normalize)

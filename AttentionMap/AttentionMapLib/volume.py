@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import methods
-from .engine import CapturedAttention, _check_options, capture_attention, model_spec, readout, resolve_layer
+from .engine import CapturedAttention, check_options, capture_attention, model_spec, readout, resolve_layer
 from .errors import AttentionMapError, Cancelled
 from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
@@ -246,7 +246,7 @@ def explain_volume(
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    _check_options(method, discard_ratio, normalize)
+    check_options(method, discard_ratio, normalize)
     last = resolve_layer(layer, spec.num_layers)
     patch = np.asarray(spec.patch_size)
     tiling = _Tiling(
