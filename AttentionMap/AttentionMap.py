@@ -6,6 +6,7 @@ without torch or MONAI installed (Slicer imports every module at start-up): anyt
 torch is imported inside functions, after the dependency check.
 """
 import importlib.util
+import json
 import logging
 import pathlib
 from typing import Annotated, Any, Dict, List, Optional
@@ -217,6 +218,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         values = self._currentValues()
         changed = {name for name in values if values[name] != self._lastValues.get(name)}
         self._lastValues = values
+        if changed & {"modelKind", "modelPath"} or self.ui.targetComboBox.count == 0:
+            self._showClasses(self.logic.cardClassNames(p), None, None)  # names from the card, before a run
+            self.ui.probabilitiesLabel.text = "(press Apply)"
         if running or self.logic.result is None:
             return
         if changed & set(REFUSION_FIELDS):
@@ -410,6 +414,18 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         if path in ("", "."):
             raise AttentionMapError(f"model: choose a {p.modelKind}")
         return path
+
+    def cardClassNames(self, p: AttentionMapParameterNode) -> List[str]:
+        """Class names from the model card (demo or .json) before any run; [] for bundles or unreadable cards."""
+        from AttentionMapLib.models import DEMO_CARD  # models imports torch only when loading a network
+
+        try:
+            source = self.modelSource(p)
+            card = DEMO_CARD if source == "demo" else pathlib.Path(source)
+            classes = json.loads(card.read_text(encoding="utf-8")).get("classes") if card.is_file() else None
+        except (AttentionMapError, OSError, ValueError, AttributeError):
+            return []
+        return [str(c) for c in classes] if isinstance(classes, list) else []
 
     @staticmethod
     def queryRas(p: AttentionMapParameterNode) -> Optional[np.ndarray]:
