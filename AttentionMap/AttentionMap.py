@@ -65,6 +65,8 @@ Head fusion, target class, model and device need another Apply.</li>
 <li>Segment statistics: pick a segmentation and press <i>Compute</i> for the attention mass, mean and
 maximum inside each segment, the segment's volume fraction, their ratio (1 = no better than uniform)
 and whether the peak falls inside (pointing game).</li>
+<li>Several cases on one colour scale (Python console):
+<code>logic = slicer.util.getModuleLogic("AttentionMap"); logic.processCases([ct1, ct2], logic.getParameterNode())</code>.</li>
 </ol>
 The overlay is the model's token grid with its exact geometry (one voxel per patch); Slicer interpolates it
 for display. Attention maps show what the network weighted, not a proof of what drove its decision.
@@ -511,14 +513,34 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         p.statisticsTable = table
         return table
 
-    def process(self, p: AttentionMapParameterNode, timeoutSeconds: float = 600.0):
-        """Blocking run for scripts and the self-test: start, wait, apply. Returns the output node."""
-        final = self.startExplain(p).wait(timeoutSeconds)
+    @staticmethod
+    def _resultOf(job: worker.BackgroundJob, timeoutSeconds: float):
+        final = job.wait(timeoutSeconds)
         if final.kind == worker.ERROR:
             raise final.value
         if final.kind == worker.CANCELLED:
             raise RuntimeError("AttentionMap: the run was cancelled")
-        return self.applyResult(final.value, p)
+        return final.value
+
+    def process(self, p: AttentionMapParameterNode, timeoutSeconds: float = 600.0):
+        """Blocking run for scripts and the self-test: start, wait, apply. Returns the output node."""
+        return self.applyResult(self._resultOf(self.startExplain(p), timeoutSeconds), p)
+
+    def processCases(self, volumes: List[Any], p: AttentionMapParameterNode, timeoutSeconds: float = 600.0):
+        """Several volumes explained with the same options and shown on one colour scale (blocking).
+
+        Maps are not normalised per case (normalize "none"), so colours compare across cases. Nodes
+        are made only after every case succeeded. Returns the attention volume nodes.
+        """
+        options = {**self.explainOptions(p), "normalize": "none"}
+        attentions = []
+        for volume in volumes:
+            array, ijkToRas = mrml.volume_to_array(volume)
+            job = worker.explain_job(self.modelSource(p), array, ijkToRas, options, trust_bundle=p.trustBundle,
+                                     device=p.device, cache=self.models)
+            attentions.append(self._resultOf(job, timeoutSeconds).attention)
+        return mrml.show_cases(attentions, slicer.mrmlScene, names=[f"{v.GetName()} attention" for v in volumes],
+                               color_node=p.colorNode, threshold_fraction=p.threshold)
 
 
 class AttentionMapTest(ScriptedLoadableModuleTest):
