@@ -519,3 +519,11 @@ def test_whole_pipeline_leaves_the_input_node_unchanged(slicer_scene, oracle):
     mrml.show_overlay(node, ct, 0.5)
     mrml.show_volume_rendering(node)
     assert node_state(ct) == before
+
+
+def test_shared_window_of_constant_maps_is_still_a_valid_window():
+    grids = [np.full((2, 2, 2), 0.3, np.float32), np.full((3, 2, 2), 0.3, np.float32)]
+    assert mrml.shared_window(grids) == (pytest.approx(0.3), pytest.approx(1.3))
+    assert mrml.shared_window([np.zeros((2, 2, 2)), np.full((2, 2, 2), 2.0)]) == (0.0, 2.0)
+    with pytest.raises(AttentionMapError, match="at least one"):
+        mrml.shared_window([])
