@@ -13,6 +13,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+demo: $(STAMP)
+	$(PY) tools/demo.py --output-dir demo-output
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
