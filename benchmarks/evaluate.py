@@ -1,0 +1,523 @@
+"""One command for the explanation-quality evaluation: writes docs/EVALUATION.md, docs/evaluation.json, docs/evaluation.png.
+
+    nice -n 5 .venv/bin/python benchmarks/evaluate.py                 # the demo model, every case (minutes)
+    .venv/bin/python benchmarks/evaluate.py --pairs 4 --out /tmp/e     # a few cases, to try the script
+
+Same cases, same model, one run; nothing is edited by hand.
+
+Cases (each a model-input crop with a lesion mask on the same voxels):
+- held-out synthetic nodules: the first ``--pairs`` positive crops of ``demo_data.heldout_set`` (fixed seed,
+  nodule centres in z-slabs no training nodule touches); the nodule-free twin crops are not scored (no mask);
+- the real tumours of ``lung1`` and ``lung2``: a crop centred on each label's centroid and six crops shifted
+  by a quarter crop along each axis (``demo_data.crop_around``);
+- whole volumes (``lung1``, ``lung2``): ``volume.explain_volume`` with the card's sliding windows, the token
+  grid resampled onto the label's voxel grid (attention maps only: the baselines and deletion/insertion
+  need a single model input).
+
+Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), and the
+baselines of ``AttentionMapLib.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
+(MONAI ``OcclusionSensitivity``), random. All on the token grid, min-max normalised, target = the card's
+lesion class.
+
+Metrics (``AttentionMapLib.metrics``): pointing game on the token grid (the peak patch contains lesion
+voxels; and within one patch, i.e. the 26 neighbours count too), relevance mass accuracy (the map, each token's
+value spread over its patch's voxels, inside the mask / in total) and its ratio to the mask's volume fraction
+(1 = a uniform map), RISE deletion and insertion AUC of P(lesion) (blur baseline: see ``--baseline``), and the
+seconds each map takes per case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402
+
+measure.add_library_to_path()
+
+MAPS = ("raw", "rollout", "grad_rollout", "gradcam", "occlusion", "random")
+ATTENTION = ("raw", "rollout", "grad_rollout")
+BASELINES = ("gradcam", "occlusion", "random")
+LABELS = {"raw": "raw (last block)", "rollout": "rollout", "grad_rollout": "grad_rollout", "gradcam": "Grad-CAM",
+          "occlusion": "occlusion", "random": "random"}
+GROUPS = ("held-out synthetic nodules", "lung1 tumour crops", "lung2 tumour crops")
+
+
+@dataclass
+class Settings:
+    model: str
+    pairs: int
+    steps: int
+    baseline: str
+    occlusion_mask: int
+    occlusion_overlap: float
+    workers: int
+    seed: int
+
+
+@dataclass
+class Case:
+    """One model input ``image`` (C, *img_size) float32 and its lesion ``mask`` (*img_size) bool."""
+
+    name: str
+    group: str
+    image: np.ndarray
+    mask: np.ndarray
+    radius_mm: float
+
+
+# ----------------------------------------------------------------------------------------------- cases
+def build_cases(cts, pairs: int) -> List[Case]:
+    from AttentionMapLib import demo_data
+
+    cases: List[Case] = []
+    for chunk in demo_data.heldout_batches(cts, pairs):
+        for i in range(0, len(chunk.labels), 2):  # positive, then its nodule-free twin
+            index = len(cases)
+            cases.append(Case(f"heldout-{index:03d}", GROUPS[0], chunk.images[i], chunk.masks[i], float(chunk.radii_mm[i])))
+    for ct in cts:
+        centre = np.round(np.argwhere(ct.tumour).mean(axis=0)).astype(int)
+        shift = demo_data.CROP // 4
+        offsets = [np.zeros(3, int)] + [sign * shift * np.eye(3, dtype=int)[axis] for axis in range(3) for sign in (-1, 1)]
+        for offset in offsets:
+            image, origin = demo_data.crop_around(ct, centre + offset)
+            mask = ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origin)]
+            if mask.any():
+                label = "centred" if not offset.any() else "shift " + ",".join(f"{o:+d}" for o in offset)
+                cases.append(Case(f"{ct.name} {label}", f"{ct.name} tumour crops", image.astype(np.float32), mask.copy(), float("nan")))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+_STATE: Dict[str, Any] = {}
+
+
+def _init_worker(settings: Settings) -> None:
+    """Per process: one thread, the model, and the baselines (built once: Grad-CAM copies the model)."""
+    import torch
+
+    from AttentionMapLib.baselines import GradCAM, OcclusionSensitivity
+    from AttentionMapLib.models import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(settings.model)
+    _STATE.update(settings=settings, loaded=loaded, gradcam=GradCAM(loaded.network, "tokens"),
+                  occlusion=OcclusionSensitivity(loaded.network, mask_size=[settings.occlusion_mask] * 3,
+                                                 overlap=settings.occlusion_overlap, mode="gaussian"))
+
+
+def _map_functions(case_index: int) -> Dict[str, Callable[[Any], np.ndarray]]:
+    from AttentionMapLib import explain
+    from AttentionMapLib.baselines import RandomMap
+
+    loaded, target = _STATE["loaded"], _STATE["loaded"].target
+    model = loaded.network
+    functions: Dict[str, Callable[[Any], np.ndarray]] = {
+        method: (lambda x, m=method: explain(model, x, method=m, target=target).grid[0]) for method in ATTENTION
+    }
+    functions["gradcam"] = lambda x: _STATE["gradcam"](x, target)[0]
+    functions["occlusion"] = lambda x: _STATE["occlusion"](x, target)[0]
+    random_map = RandomMap(model, seed=_STATE["settings"].seed + case_index)
+    functions["random"] = lambda x: random_map(x)[0]
+    return functions
+
+
+def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
+    """Every map and metric for one case (runs in a worker)."""
+    import torch
+
+    from AttentionMapLib import demo_data
+    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.metrics import deletion_insertion, mask_statistics, pointing_game
+
+    index, case = job
+    settings, loaded = _STATE["settings"], _STATE["loaded"]
+    model = loaded.network
+    x = torch.from_numpy(case.image[None])
+    spec = model_spec(model, loaded.img_size)
+    tokens_mask = demo_data.token_labels(case.mask[None], spec.patch_size[0])[0]
+    with torch.no_grad():
+        probability = float(torch.softmax(model(x)[0].float(), dim=1)[0, loaded.target])
+    record: Dict[str, Any] = {"name": case.name, "group": case.group, "radius_mm": case.radius_mm,
+                              "p_lesion": probability, "mask_voxels": int(case.mask.sum()),
+                              "chance_pointing": float(tokens_mask.mean()),
+                              "chance_pointing_1": float(_dilate(tokens_mask).mean()), "maps": {}}
+    for name, function in _map_functions(index).items():
+        start = time.perf_counter()
+        tokens = function(x)
+        seconds = time.perf_counter() - start
+        voxels = _to_voxels(tokens, spec.patch_size)
+        stats = mask_statistics(voxels, case.mask)
+        scores = deletion_insertion(model, x, tokens, target=loaded.target, steps=settings.steps, baseline=settings.baseline,
+                                    batch_size=settings.steps + 1)
+        record["maps"][name] = {
+            "seconds": seconds, "pointing": pointing_game(tokens, tokens_mask), "pointing_1": pointing_game(tokens, tokens_mask, 1),
+            "mass_fraction": stats["mass_fraction"], "mass_ratio": stats["mass_ratio"],
+            "deletion_auc": scores["deletion_auc"], "insertion_auc": scores["insertion_auc"],
+        }
+    record["volume_fraction"] = float(case.mask.mean())
+    return record
+
+
+def _to_voxels(tokens: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+    """Token grid (n1, n2, n3) -> input voxels: each token's value over its whole patch."""
+    for axis, size in enumerate(patch):
+        tokens = np.repeat(tokens, size, axis=axis)
+    return tokens
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Token mask grown by one token in every direction (26-neighbourhood): 'within one patch'."""
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    for shift in np.ndindex(3, 3, 3):
+        out |= padded[shift[0]:shift[0] + mask.shape[0], shift[1]:shift[1] + mask.shape[1], shift[2]:shift[2] + mask.shape[2]]
+    return out
+
+
+def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Whole-volume attention (sliding windows) against the tumour label, on the label's voxel grid."""
+    import torch
+
+    from AttentionMapLib.geometry import voxel_spacing
+    from AttentionMapLib.io import read_volume
+    from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics, pointing_game
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.volume import explain_volume
+
+    torch.set_num_threads(max(1, settings.workers))
+    loaded = load_model(settings.model)
+    rows = []
+    for name in ("lung1", "lung2"):
+        image, affine = read_volume(paths[f"{name}_image"])
+        label, label_affine = read_volume(paths[f"{name}_label"])
+        label = label > 0
+        log(f"whole volume {name}: one sweep with gradients, three maps ...")
+        start = time.perf_counter()
+        grad = explain_volume(loaded.network, image, affine, loaded.preprocessing, img_size=loaded.img_size,
+                              method="grad_rollout", target=loaded.target)
+        sweep = time.perf_counter() - start
+        results = {"grad_rollout": (grad, sweep)}
+        for method in ("raw", "rollout"):  # re-read from the same capture, without running the network
+            start = time.perf_counter()
+            results[method] = (grad.refuse(method=method), time.perf_counter() - start)
+        # one patch (the token spacing in mm) in label voxels, per label axis
+        tolerance = np.ceil(voxel_spacing(grad.ijk_to_ras).max() / voxel_spacing(label_affine)).astype(int)
+        for method in ATTENTION:
+            result, seconds = results[method]
+            resampled = result.resample_to(label.shape, label_affine)
+            stats = mask_statistics(resampled, label)
+            distance = distance_to_mask_mm(result.peak_ras(), label, label_affine)
+            rows.append({"case": name, "map": method, "seconds": seconds, "windows": result.num_windows,
+                         "p_lesion": float(result.probabilities[loaded.target]) if result.probabilities is not None else float("nan"),
+                         "pointing": stats["pointing_hit"], "pointing_1": pointing_game(resampled, label, tolerance),
+                         "peak_to_label_mm": distance["nearest_mm"], "mass_fraction": stats["mass_fraction"],
+                         "mass_ratio": stats["mass_ratio"], "volume_fraction": stats["volume_fraction"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def wilson(hits: int, n: int) -> Tuple[float, float]:
+    """95 % Wilson interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z, p = 1.96, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def mean_ci(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and the half-width of its normal 95 % interval (NaNs dropped)."""
+    array = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    half = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else float("nan")
+    return float(array.mean()), float(half)
+
+
+def summarise(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per map: rates, means with 95 % intervals, median seconds, over the given records."""
+    summary = {}
+    n = len(records)
+    for name in MAPS:
+        maps = [r["maps"][name] for r in records]
+        hits, hits1 = sum(m["pointing"] for m in maps), sum(m["pointing_1"] for m in maps)
+        summary[name] = {
+            "n": n, "pointing": hits / n, "pointing_ci": wilson(hits, n), "pointing_1": hits1 / n, "pointing_1_ci": wilson(hits1, n),
+            **{key: mean_ci([m[key] for m in maps]) for key in ("mass_fraction", "mass_ratio", "deletion_auc", "insertion_auc")},
+            "seconds": float(np.median([m["seconds"] for m in maps])),
+        }
+    return summary
+
+
+def paired(records: List[Dict[str, Any]], a: str, b: str, key: str, lower_is_better: bool) -> Tuple[int, int, int]:
+    """(cases where a beats b, ties, cases where b beats a) on one metric."""
+    wins = ties = losses = 0
+    for r in records:
+        x, y = float(r["maps"][a][key]), float(r["maps"][b][key])
+        if x == y:
+            ties += 1
+        elif (x < y) == lower_is_better:
+            wins += 1
+        else:
+            losses += 1
+    return wins, ties, losses
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test p-value (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f} %"
+
+
+def summary_table(summary: Dict[str, Dict[str, Any]]) -> List[str]:
+    lines = ["| map | pointing game | within one patch | mass inside mask | mass / volume fraction | deletion AUC ↓ | insertion AUC ↑ | s per case |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in MAPS:
+        s = summary[name]
+        ci, ci1 = s["pointing_ci"], s["pointing_1_ci"]
+        lines.append(
+            f"| {LABELS[name]} | {_pct(s['pointing'])} [{_pct(ci[0])}–{_pct(ci[1])}] | {_pct(s['pointing_1'])} [{_pct(ci1[0])}–{_pct(ci1[1])}] "
+            f"| {s['mass_fraction'][0]:.3f} ± {s['mass_fraction'][1]:.3f} | {s['mass_ratio'][0]:.2f} ± {s['mass_ratio'][1]:.2f} "
+            f"| {s['deletion_auc'][0]:.3f} ± {s['deletion_auc'][1]:.3f} | {s['insertion_auc'][0]:.3f} ± {s['insertion_auc'][1]:.3f} "
+            f"| {s['seconds']:.3f} |")
+    return lines
+
+
+def chance_line(records: List[Dict[str, Any]]) -> str:
+    return (f"Chance (a peak drawn uniformly over the tokens): pointing {_pct(np.mean([r['chance_pointing'] for r in records]))}, "
+            f"within one patch {_pct(np.mean([r['chance_pointing_1'] for r in records]))}; mean mask volume fraction "
+            f"{np.mean([r['volume_fraction'] for r in records]):.4f}; mean P(lesion) {np.mean([r['p_lesion'] for r in records]):.2f} "
+            f"({sum(r['p_lesion'] >= 0.5 for r in records)}/{len(records)} cases with P(lesion) ≥ 0.5).")
+
+
+def reading(records: List[Dict[str, Any]], summary: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Computed comparisons: best map per metric, attention against each baseline with sign tests, and
+    where the attention maps win or lose (nodule size, detected or missed)."""
+    lines = []
+    metrics = (("pointing", False, "pointing game"), ("mass_ratio", False, "relevance mass ratio"),
+               ("deletion_auc", True, "deletion AUC"), ("insertion_auc", False, "insertion AUC"))
+    for key, lower, label in metrics:
+        value = (lambda n: summary[n][key] if key == "pointing" else summary[n][key][0])
+        ranked = sorted(MAPS, key=value, reverse=not lower)
+        lines.append(f"- {label}: best {LABELS[ranked[0]]}, then " + ", ".join(LABELS[n] for n in ranked[1:]) + ".")
+    for method in ATTENTION:
+        for baseline in ("gradcam", "occlusion"):
+            parts = []
+            for key, lower, label in metrics:
+                wins, ties, losses = paired(records, method, baseline, key, lower)
+                parts.append(f"{label} better in {wins}, worse in {losses}, tied in {ties} (sign test p = {sign_test_p(wins, losses):.2g})")
+            lines.append(f"- {LABELS[method]} vs {LABELS[baseline]}, per case: " + "; ".join(parts) + ".")
+    synthetic = [r for r in records if r["group"] == GROUPS[0]]
+    if synthetic:
+        radii = np.array([r["radius_mm"] for r in synthetic])
+        cut = float(np.median(radii))
+        for label, subset in ((f"nodules of radius < {cut:.1f} mm (median)", [r for r in synthetic if r["radius_mm"] < cut]),
+                              (f"nodules of radius ≥ {cut:.1f} mm", [r for r in synthetic if r["radius_mm"] >= cut]),
+                              ("crops the model calls lesion (P ≥ 0.5)", [r for r in synthetic if r["p_lesion"] >= 0.5]),
+                              ("crops the model misses (P < 0.5)", [r for r in synthetic if r["p_lesion"] < 0.5])):
+            if subset:
+                rates = ", ".join(f"{LABELS[n]} {_pct(np.mean([r['maps'][n]['pointing'] for r in subset]))}" for n in MAPS)
+                lines.append(f"- held-out, {label} (n = {len(subset)}): pointing game {rates}.")
+    return lines
+
+
+def volume_table(rows: List[Dict[str, Any]]) -> List[str]:
+    lines = ["| volume | map | windows | P(lesion) | peak in tumour | within one patch | peak to tumour (mm) | mass inside | mass / volume fraction | s (sweep or re-read) |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {LABELS[r['map']]} | {r['windows']} | {r['p_lesion']:.2f} | {'yes' if r['pointing'] else 'no'} | "
+                     f"{'yes' if r['pointing_1'] else 'no'} | {r['peak_to_label_mm']:.1f} | {r['mass_fraction']:.4f} | "
+                     f"{r['mass_ratio']:.2f} | {r['seconds']:.1f} |")
+    return lines
+
+
+def plot(records: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("pointing", "pointing game"), ("pointing_1", "within one patch"), ("mass_ratio", "mass / volume fraction"),
+              ("deletion_auc", "deletion AUC (lower = better)"), ("insertion_auc", "insertion AUC (higher = better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        for offset, group in enumerate(GROUPS):
+            subset = [r for r in records if r["group"] == group]
+            if not subset:
+                continue
+            values = [np.nanmean([float(r["maps"][n][key]) for r in subset]) for n in MAPS]
+            ax.bar(np.arange(len(MAPS)) + offset * 0.27, values, 0.27, label=f"{group} (n = {len(subset)})")
+        ax.set_xticks(np.arange(len(MAPS)) + 0.27)
+        ax.set_xticklabels([LABELS[n] for n in MAPS], rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
+    s: Settings = Settings(**result["settings"])
+    records = result["cases"]
+    model = result["model"]
+    lines = [
+        "# Evaluation: do the attention maps point at what the model uses?", "",
+        f"Generated by `{command}` (commit {result['commit']}, {result['started']}, {result['minutes']:.0f} min, "
+        f"{s.workers} worker process(es) with one torch thread each, on a shared 2-core machine). Every number comes from this "
+        "one run: same model, same cases. Do not edit by hand: rerun the command.", "",
+        f"Model: `{s.model}` — {model['description']}", "",
+        "## Set-up", "",
+        f"- **Cases**: {sum(r['group'] == GROUPS[0] for r in records)} held-out synthetic nodules (the positive crops of "
+        f"`demo_data.heldout_set`, seed {model['heldout_seed']}, nodule centres in z-slabs no training nodule touches; radius "
+        f"3–15 mm), and crops around the real tumours: {sum(r['group'] == GROUPS[1] for r in records)} for lung1 (small), "
+        f"{sum(r['group'] == GROUPS[2] for r in records)} for lung2 (large): centred on the label's centroid and shifted by a "
+        "quarter crop along each axis (crops without tumour voxels dropped). Plus both whole volumes with the card's sliding windows.",
+        f"- **Maps** (token grid {model['grid']}, {model['patch']} voxel patches, min-max normalised, target = class "
+        f"{model['target']} \"{model['target_name']}\"): raw = last block's CLS row, heads averaged; rollout (Abnar & Zuidema); "
+        "grad_rollout (Chefer et al.); Grad-CAM = MONAI `GradCAM` on the input of the last block's attention (patch tokens "
+        "reshaped to the grid; after the last block only the CLS token reaches the head, so later layers have no patch "
+        "gradient), raw ReLU map (MONAI's default post-processing inverts, it is not used); occlusion = MONAI "
+        f"`OcclusionSensitivity`, {s.occlusion_mask}³-voxel boxes, overlap {s.occlusion_overlap}, Gaussian occlusion (box "
+        "centre faded to 0 = air), importance = P(lesion) − P(lesion | occluded), averaged per patch; random = uniform noise (seeded).",
+        "- **Pointing game**: the map's peak token is a hit when its patch holds lesion voxels; *within one patch* also "
+        "accepts the 26 neighbouring patches. Rates with 95 % Wilson intervals.",
+        "- **Relevance mass accuracy**: each token's value spread over its patch's voxels; mass inside the mask / total mass. "
+        "*mass / volume fraction* divides by the mask's share of the crop: 1 = no better than a uniform map. Mean ± 95 % interval. "
+        "Depends on the normalisation (min-max, as displayed): the floor of the map is subtracted.",
+        f"- **Deletion / insertion** (RISE, `metrics.deletion_insertion`): patches ordered by the map, {s.steps} steps; deletion "
+        f"replaces the top patches of the crop by the baseline, insertion puts them into the baseline; baseline = `{s.baseline}` "
+        "(the crop smoothed by a Gaussian of one patch sigma: insertion starts from this blurred crop); trapezoid AUC of P(lesion). "
+        "Lower deletion AUC / higher insertion AUC = the map ranks first what the model uses.",
+        "- **s per case**: median wall-clock seconds to compute the map for one crop (one forward for raw / rollout, forward + "
+        f"backward for grad_rollout and Grad-CAM, one forward per occlusion box), {s.workers} worker(s) sharing the machine.", "",
+        "![evaluation](evaluation.png)", "",
+    ]
+    for group in GROUPS:
+        subset = [r for r in records if r["group"] == group]
+        if subset:
+            lines += [f"## {group} (n = {len(subset)})", "", chance_line(subset), ""] + summary_table(summarise(subset)) + [""]
+    lines += ["## Whole volumes (sliding windows, attention maps only)", "",
+              "One sliding-window sweep with gradients per volume (`explain_volume(..., method='grad_rollout')`, its time in "
+              "the grad_rollout row); raw and rollout are re-read from the same capture (`VolumeAttention.refuse`, the time of "
+              "that re-read). A sweep without gradients is cheaper (docs/BENCHMARKS.md, end to end). The token grid is "
+              "resampled (trilinear) onto the label's voxel grid; *within one patch*: the peak within one patch length (per "
+              "axis, in label voxels) of the tumour; P(lesion): the highest window probability.", ""] + volume_table(result["volumes"]) + [""]
+    synthetic = [r for r in records if r["group"] == GROUPS[0]]
+    lines += ["## Reading (computed from the tables above)", "", "Held-out synthetic nodules unless stated:", ""]
+    lines += reading(synthetic, summarise(synthetic)) if synthetic else ["- no held-out cases in this run."]
+    real = [r for r in records if r["group"] != GROUPS[0]]
+    if real:
+        lines += ["", "Real-tumour crops (lung1 and lung2 together):", ""]
+        lines += reading(real, summarise(real))
+    lines += ["", "## What these numbers can and cannot say", "",
+              "The pointing game and relevance mass ask whether a map lands on the lesion; deletion and insertion ask whether "
+              "the map ranks first the regions the model's output depends on. The two can disagree: a model may rely on context "
+              "around a lesion, and then a faithful map is not a well-localised one. The evaluation explains one small demo "
+              "model trained on synthetic nodules in two patients' CTs; held-out crops share those patients' anatomy. "
+              "Occlusion and deletion/insertion perturb the input the same way (removing tissue), which favours occlusion on "
+              "the deletion metric by construction. The random map gives the chance level of every metric on the same cases.", ""]
+    (out / "EVALUATION.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    from AttentionMapLib import demo_data
+    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.sample_data import fetch_sample_data
+
+    started = time.perf_counter()
+    loaded = load_model(settings.model)
+    spec = model_spec(loaded.network, loaded.img_size)
+    paths = fetch_sample_data()
+    log("loading the sample CTs and drawing the held-out cases ...")
+    cts = demo_data.load_demo_cts(paths)
+    cases = build_cases(cts, settings.pairs)
+    volumes = score_volumes(settings, paths, log)
+    log(f"{len(cases)} cases, {settings.workers} worker(s) ...")
+    records: List[Dict[str, Any]] = []
+    jobs = list(enumerate(cases))
+    if settings.workers > 1:
+        with multiprocessing.get_context("fork").Pool(settings.workers, _init_worker, (settings,)) as pool:
+            for record in pool.imap(score_case, jobs):
+                records.append(record)
+                if len(records) % 10 == 0:
+                    log(f"  {len(records)}/{len(cases)} cases, {(time.perf_counter() - started) / 60:.1f} min")
+    else:
+        _init_worker(settings)
+        records = [score_case(job) for job in jobs]
+    return {
+        "settings": settings.__dict__, "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "minutes": (time.perf_counter() - started) / 60.0, "machine": measure.machine_description(),
+        "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
+                  "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
+                  "target_name": loaded.classes[loaded.target] if loaded.target is not None else "", "heldout_seed": demo_data.HELDOUT_SEED},
+        "cases": records, "volumes": volumes,
+    }
+
+
+def _commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=measure.REPO, capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="'demo' or a model card .json (a lung-nodule classifier on demo_data crops)")
+    parser.add_argument("--pairs", type=int, default=100, help="held-out synthetic nodules (positive crops) to score")
+    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps")
+    parser.add_argument("--baseline", default="blur", choices=("blur", "mean", "zero"), help="deletion/insertion baseline")
+    parser.add_argument("--occlusion-mask", type=int, default=16, help="occlusion box edge (voxels)")
+    parser.add_argument("--occlusion-overlap", type=float, default=0.25, help="occlusion box overlap (0.25: 12-voxel stride)")
+    parser.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random maps (plus the case index)")
+    parser.add_argument("--out", type=Path, default=measure.REPO / "docs")
+    parser.add_argument("--from-json", type=Path, help="only rewrite the report from a saved evaluation.json")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(args.model, args.pairs, args.steps, args.baseline, args.occlusion_mask, args.occlusion_overlap, args.workers, args.seed)
+    command = "python benchmarks/evaluate.py" + (f" --model {args.model}" if args.model != "demo" else "") + (
+        f" --pairs {args.pairs}" if args.pairs != 100 else "")
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = run(settings)
+        (args.out / "evaluation.json").write_text(json.dumps(result, indent=1, default=_json_default))
+        result = json.loads((args.out / "evaluation.json").read_text())
+    plot(result["cases"], args.out / "evaluation.png")
+    write_report(result, args.out, command)
+    print(f"wrote {args.out / 'EVALUATION.md'}")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
