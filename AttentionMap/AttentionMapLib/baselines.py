@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .engine import model_spec, primary_output
+from .engine import model_spec, primary_output, resolve_target
 from .errors import AttentionMapError
 from .methods import normalize_map
 
@@ -61,16 +61,6 @@ class _TokenGrid(torch.nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return grid.clone()
-
-
-def _targets(logits: torch.Tensor, target: Target) -> List[int]:
-    batch, classes = int(logits.shape[0]), int(logits.shape[1])
-    if target is None:
-        return [int(i) for i in logits.argmax(dim=1)]
-    targets = [int(target)] * batch if np.ndim(target) == 0 else [int(t) for t in target]
-    if len(targets) != batch or any(not 0 <= t < classes for t in targets):
-        raise AttentionMapError(f"target: expected a class index in 0..{classes - 1} (one, or one per sample of {batch}), got {target!r}")
-    return targets
 
 
 def _block_mean(voxels: np.ndarray, grid_shape: Tuple[int, ...]) -> np.ndarray:
@@ -181,7 +171,7 @@ class OcclusionSensitivity:
             with torch.no_grad():
                 logits = wrapped(x)
                 probabilities = torch.softmax(logits.float(), dim=1)
-                targets = _targets(logits, target)
+                targets = resolve_target(logits, target)
                 for i, sample in enumerate(x):
                     with warnings.catch_warnings():  # MONAI 1.6 indexes with lists; torch warns about it
                         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
