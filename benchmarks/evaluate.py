@@ -50,6 +50,7 @@ BASELINES = ("gradcam", "occlusion", "random")
 LABELS = {"raw": "raw (last block)", "rollout": "rollout", "grad_rollout": "grad_rollout", "gradcam": "Grad-CAM",
           "occlusion": "occlusion", "random": "random"}
 GROUPS = ("held-out synthetic nodules", "lung1 tumour crops", "lung2 tumour crops")
+BASELINE_CASES = 20  # held-out crops on which --baseline auto compares the deletion/insertion baselines
 
 
 @dataclass
@@ -182,6 +183,27 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     for shift in np.ndindex(3, 3, 3):
         out |= padded[shift[0]:shift[0] + mask.shape[0], shift[1]:shift[1] + mask.shape[1], shift[2]:shift[2] + mask.shape[2]]
     return out
+
+
+def baseline_probabilities(settings: Settings, cases: Sequence[Case]) -> Dict[str, float]:
+    """Mean P(target) of each deletion/insertion baseline (the crop with every patch replaced), from
+    ``metrics.deletion_insertion`` with one step: the end of its deletion curve is the baseline itself."""
+    import torch
+
+    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.metrics import BASELINES, deletion_insertion
+    from AttentionMapLib.models import load_model
+
+    loaded = load_model(settings.model)
+    flat = np.ones(model_spec(loaded.network, loaded.img_size).grid_shape)  # token grid: the blur's sigma is one patch
+    probabilities: Dict[str, List[float]] = {"original": []}
+    for case in cases:
+        x = torch.from_numpy(case.image[None])
+        for mode in BASELINES:
+            scores = deletion_insertion(loaded.network, x, flat, target=loaded.target, steps=1, baseline=mode)
+            probabilities.setdefault(mode, []).append(scores["deletion_curve"][-1])
+        probabilities["original"].append(scores["deletion_curve"][0])
+    return {mode: float(np.mean(values)) for mode, values in probabilities.items()}
 
 
 def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:
@@ -376,6 +398,20 @@ def plot(records: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+BASELINE_TEXT = {"blur": "the crop smoothed by a Gaussian of one patch sigma, RISE's insertion start",
+                 "mean": "the crop's mean intensity everywhere", "zero": "intensity 0 everywhere, i.e. -1000 HU: air"}
+
+
+def baseline_choice(probabilities: Optional[Dict[str, float]], cases: int) -> str:
+    """Why this baseline: the mean P(lesion) of every candidate baseline crop (``--baseline auto``)."""
+    if not probabilities:
+        return "Chosen on the command line."
+    values = ", ".join(f"{mode} {p:.2f}" for mode, p in probabilities.items() if mode != "original")
+    return (f"Chosen automatically as the most lesion-free reference: mean P(lesion) of the fully replaced crop on the first "
+            f"{cases} held-out positives: {values} (the original crops: {probabilities['original']:.2f}); a baseline the "
+            "model itself calls a lesion would make both curves flat whatever the map.")
+
+
 def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
     s: Settings = Settings(**result["settings"])
     records = result["cases"]
@@ -405,9 +441,10 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
         "*mass / volume fraction* divides by the mask's share of the crop: 1 = no better than a uniform map. Mean ± 95 % interval. "
         "Depends on the normalisation (min-max, as displayed): the floor of the map is subtracted.",
         f"- **Deletion / insertion** (RISE, `metrics.deletion_insertion`): patches ordered by the map, {s.steps} steps; deletion "
-        f"replaces the top patches of the crop by the baseline, insertion puts them into the baseline; baseline = `{s.baseline}` "
-        "(the crop smoothed by a Gaussian of one patch sigma: insertion starts from this blurred crop); trapezoid AUC of P(lesion). "
-        "Lower deletion AUC / higher insertion AUC = the map ranks first what the model uses.",
+        f"replaces the top patches of the crop by the baseline, insertion puts them into the baseline, so insertion starts "
+        f"from the baseline crop: `{s.baseline}` ({BASELINE_TEXT[s.baseline]}). {baseline_choice(result.get('baseline_probabilities'), min(BASELINE_CASES, sum(r['group'] == GROUPS[0] for r in records)))} "
+        "Trapezoid AUC of P(lesion) over the fraction of patches; lower deletion AUC / higher insertion AUC = the map ranks "
+        "first what the model uses.",
         "- **s per case**: median wall-clock seconds to compute the map for one crop (one forward for raw / rollout, forward + "
         f"backward for grad_rollout and Grad-CAM, one forward per occlusion box), {s.workers} worker(s) sharing the machine.", "",
         "![evaluation](evaluation.png)", "",
@@ -453,6 +490,11 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
     log("loading the sample CTs and drawing the held-out cases ...")
     cts = demo_data.load_demo_cts(paths)
     cases = build_cases(cts, settings.pairs)
+    baselines = None
+    if settings.baseline == "auto":
+        baselines = baseline_probabilities(settings, [c for c in cases if c.group == GROUPS[0]][:BASELINE_CASES])
+        settings.baseline = min((m for m in baselines if m != "original"), key=baselines.get)
+        log(f"deletion/insertion baseline: {settings.baseline} (mean P(target) {baselines})")
     volumes = score_volumes(settings, paths, log)
     log(f"{len(cases)} cases, {settings.workers} worker(s) ...")
     records: List[Dict[str, Any]] = []
@@ -472,7 +514,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
                   "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
                   "target_name": loaded.classes[loaded.target] if loaded.target is not None else "", "heldout_seed": demo_data.HELDOUT_SEED},
-        "cases": records, "volumes": volumes,
+        "cases": records, "volumes": volumes, "baseline_probabilities": baselines,
     }
 
 
@@ -487,7 +529,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default="demo", help="'demo' or a model card .json (a lung-nodule classifier on demo_data crops)")
     parser.add_argument("--pairs", type=int, default=100, help="held-out synthetic nodules (positive crops) to score")
     parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps")
-    parser.add_argument("--baseline", default="blur", choices=("blur", "mean", "zero"), help="deletion/insertion baseline")
+    parser.add_argument("--baseline", default="auto", choices=("auto", "blur", "mean", "zero"),
+                        help="deletion/insertion baseline; auto: the one with the lowest mean P(target) on the first "
+                             f"{BASELINE_CASES} held-out crops (the most lesion-free reference)")
     parser.add_argument("--occlusion-mask", type=int, default=16, help="occlusion box edge (voxels)")
     parser.add_argument("--occlusion-overlap", type=float, default=0.25, help="occlusion box overlap (0.25: 12-voxel stride)")
     parser.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
