@@ -14,7 +14,8 @@ Variants (batch 1, eval mode):
   gradient-based attention method must do.
 
 Times come from one process per configuration with the variants interleaved (round robin, after one
-warm-up forward), so load changes on a shared machine hit every variant alike; memory comes from one
+warm-up forward); on CPU the compared time is the process's CPU time (one thread), which the other jobs
+of a shared machine do not inflate as they do the wall time (reported beside it). Memory comes from one
 fresh process per variant and configuration (see ``measure``).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ VARIANTS = ("forward", "forward_flash", "seed", "raw", "rollout", "grad_rollout"
 # Timed only, to see where grad_rollout's time goes: a forward with autograd plus a backward from the
 # predicted class's logit either to the input (what the engine does) or only down to the attention matrices.
 REFERENCES = ("backward_to_input", "backward_to_attention")
+CLOCKS = {"cpu": "CPU seconds of the process", "cuda": "wall seconds, CUDA synchronised"}
 VIT_B = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
 CONFIGS: List[Dict[str, Any]] = [
     {"name": "ViT-B 96³ / p16", "img_size": 96, "patch_size": 16, **VIT_B},
@@ -178,14 +180,17 @@ def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, devic
     sync = _sync(device)
     calls = {v: make_call(model, x, v) for v in variants}
     measure.timed(calls["forward"], sync)  # warm-up: thread pools, allocator, lazy initialisation
-    times: Dict[str, List[float]] = {v: [] for v in variants}
+    times: Dict[str, List[float]] = {v: [] for v in variants}  # CPU seconds on CPU, wall seconds on CUDA
+    wall: Dict[str, List[float]] = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
-            times[variant].append(measure.timed(calls[variant], sync))
+            seconds, cpu = measure.timed(calls[variant], sync)
+            times[variant].append(cpu if device == "cpu" else seconds)
+            wall[variant].append(seconds)
     ours = explain(model, x, method="rollout", normalize="none").grid.reshape(1, -1)
     with block_flags(model, save_attn=True, use_flash_attention=False):
         theirs = seed_rollout(model, x)
-    return {"times": times, "rollout_max_abs_diff": float(np.abs(ours - theirs).max()),
+    return {"times": times, "wall": wall, "clock": CLOCKS[device], "rollout_max_abs_diff": float(np.abs(ours - theirs).max()),
             "rollout_max": float(theirs.max()), **describe(model, x)}
 
 
@@ -200,12 +205,12 @@ def memory_worker(config: Dict[str, Any], variant: str, device: str) -> Dict[str
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / measure.MIB
-        seconds = measure.timed(call, torch.cuda.synchronize)
+        seconds = measure.timed(call, torch.cuda.synchronize)[0]
         peak = torch.cuda.max_memory_allocated() / measure.MIB
         return {"extra_mib": peak - baseline, "cold_seconds": seconds, "method": "torch.cuda.max_memory_allocated"}
     baseline = measure.rss_mib()
     exact = measure.reset_peak_rss()
-    seconds = measure.timed(call)
+    seconds = measure.timed(call)[0]
     peak = measure.peak_rss_mib()
     return {"extra_mib": peak - baseline, "cold_seconds": seconds,
             "method": "VmHWM reset" if exact else "VmHWM (not resettable: includes model build)"}
@@ -224,16 +229,17 @@ def run_section(configs: List[Dict[str, Any]], repeats: int, threads: int, devic
         log(f"{config['name']} on {device}: timing {len(VARIANTS) + len(REFERENCES)} variants x {repeats} ...")
         timing = measure.run_worker(script, {"kind": "time", "config": config, "variants": list(VARIANTS + REFERENCES),
                                              "repeats": repeats, "device": device}, threads)
-        row = {"config": config["name"], **{k: v for k, v in timing.items() if k != "times"}, "variants": {}}
+        row = {"config": config["name"], **{k: v for k, v in timing.items() if k not in ("times", "wall")}, "variants": {}}
         for variant in VARIANTS:
             log(f"  memory of {variant} ...")
             memory = measure.run_worker(script, {"kind": "memory", "config": config, "variant": variant, "device": device}, threads)
             row["memory_method"] = memory["method"]
             row["variants"][variant] = {"seconds": measure.median(timing["times"][variant]), "all_seconds": timing["times"][variant],
+                                        "wall_seconds": measure.median(timing["wall"][variant]),
                                         "extra_mib": memory["extra_mib"], "cold_seconds": memory["cold_seconds"]}
         for reference in REFERENCES:
-            row["variants"][reference] = {"seconds": measure.median(timing["times"][reference]),
-                                          "all_seconds": timing["times"][reference]}
+            row["variants"][reference] = {"seconds": measure.median(timing["times"][reference]), "all_seconds": timing["times"][reference],
+                                          "wall_seconds": measure.median(timing["wall"][reference])}
         rows.append(row)
     return rows
 

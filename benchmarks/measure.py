@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024.0 * 1024.0
@@ -62,13 +62,15 @@ def peak_rss_mib() -> float:
     return float(_status_kib("VmHWM") or 0) / 1024.0
 
 
-def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
-    """Wall-clock seconds of one call of ``fn`` (``sync`` waits for the device, e.g. CUDA)."""
+def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> Tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of one call of ``fn``; ``sync`` waits for the
+    device (e.g. CUDA). With one thread the CPU time is what the call costs, whatever else the shared
+    machine is running; the wall time is what the user waits."""
     sync()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def median(values: List[float]) -> float:

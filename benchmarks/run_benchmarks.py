@@ -79,9 +79,10 @@ def engine_table(rows: List[Dict[str, Any]]) -> List[str]:
         seed_peak, seed_over = v["seed"]["extra_mib"], _overhead(row, "seed")
         lines += [f"#### {row['config']}: {row['patches']} patches + CLS = {row['tokens']} tokens, "
                   f"{row['layers']} layers x {row['heads']} heads, {row['parameters'] / 1e6:.1f} M parameters", "",
-                  "| variant | time (s) | x plain forward | x flash forward | peak memory above baseline (MiB) "
+                  f"Time = {row['clock']} (median), wall = median wall-clock seconds of the same calls.", "",
+                  "| variant | time (s) | x plain forward | x flash forward | wall (s) | peak memory above baseline (MiB) "
                   "| beyond plain forward (MiB) | seed's peak / this peak | seed's extra / this extra |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in bench_engine.VARIANTS:
             m = v[name]
             over = _overhead(row, name)
@@ -89,11 +90,11 @@ def engine_table(rows: List[Dict[str, Any]]) -> List[str]:
             ratio_extra = "-" if name in ("forward", "forward_flash", "seed") else (
                 f"{seed_over / over:.1f}" if over > MEMORY_FLOOR_MIB else f"> {seed_over / over:.0f}")
             lines.append(f"| {LABELS[name]} | {m['seconds']:.3f} | {m['seconds'] / forward:.2f} | {m['seconds'] / flash:.2f} | "
-                         f"{m['extra_mib']:,.0f} | {over_text} | {seed_peak / max(m['extra_mib'], MEMORY_FLOOR_MIB):.1f} | {ratio_extra} |")
+                         f"{m['wall_seconds']:.3f} | {m['extra_mib']:,.0f} | {over_text} | {seed_peak / max(m['extra_mib'], MEMORY_FLOOR_MIB):.1f} | {ratio_extra} |")
         for name in bench_engine.REFERENCES:
             lines.append(f"| {LABELS[name]} | {v[name]['seconds']:.3f} | {v[name]['seconds'] / forward:.2f} | "
-                         f"{v[name]['seconds'] / flash:.2f} | - | - | - | - |")
-        lines += ["", f"All timing repeats (s): " + "; ".join(f"{n} " + ", ".join(f"{t:.3f}" for t in v[n]['all_seconds'])
+                         f"{v[name]['seconds'] / flash:.2f} | {v[name]['wall_seconds']:.3f} | - | - | - | - |")
+        lines += ["", f"All timing repeats ({row['clock']}): " + "; ".join(f"{n} " + ", ".join(f"{t:.3f}" for t in v[n]['all_seconds'])
                                                        for n in bench_engine.VARIANTS + bench_engine.REFERENCES),
                   f"Check: the seed's full-matrix rollout and `explain(..., 'rollout', normalize='none')` differ by at most "
                   f"{row['rollout_max_abs_diff']:.1e} (largest value {row['rollout_max']:.1e}).", ""]
@@ -150,9 +151,10 @@ def end_to_end_lines(e2e: Optional[Dict[str, Any]]) -> List[str]:
     lines = [f"`{e2e['case']}` ({'x'.join(map(str, first['volume_shape']))} voxels) -> token grid "
              f"{'x'.join(map(str, first['grid_shape']))} written as NRRD; card spatial mode: `{json.dumps(e2e['spatial'])}`, "
              f"{first['windows']} window(s). Median seconds per stage:", "",
-             "| method | " + " | ".join(bench_volume.STAGES) + " | total |", "|---|" + "---:|" * (len(bench_volume.STAGES) + 1)]
+             "| method | " + " | ".join(bench_volume.STAGES) + " | total (wall) | CPU seconds |", "|---|" + "---:|" * (len(bench_volume.STAGES) + 2)]
     for method, row in methods.items():
-        lines.append(f"| {method} | " + " | ".join(f"{row['stages'][s]:.2f}" for s in bench_volume.STAGES) + f" | {row['total']:.2f} |")
+        lines.append(f"| {method} | " + " | ".join(f"{row['stages'][s]:.2f}" for s in bench_volume.STAGES)
+                     + f" | {row['total']:.2f} | {row['cpu_total']:.2f} |")
     return lines
 
 
@@ -162,12 +164,13 @@ def sliding_lines(rows: Optional[List[Dict[str, Any]]]) -> List[str]:
     import numpy as np
 
     windows = np.array([r["windows"] for r in rows], dtype=float)
-    seconds = np.array([r["seconds"] for r in rows])
+    seconds = np.array([r["cpu_seconds"] for r in rows])
     slope, intercept = np.polyfit(windows, seconds, 1) if len(rows) > 1 else (seconds[0] / windows[0], 0.0)
-    lines = ["| overlap | windows | explain_volume (s) | of which forward + capture (s) | s per window |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['overlap']:.3f} | {r['windows']} | {r['seconds']:.2f} | {r['forward_seconds']:.2f} | {r['seconds'] / r['windows']:.3f} |"
+    lines = ["`explain_volume` on lung2 (rollout), the card's preprocessing in sliding-window mode at several overlaps.", "",
+             "| overlap | windows | CPU seconds | CPU seconds per window | wall seconds |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['overlap']:.3f} | {r['windows']} | {r['cpu_seconds']:.2f} | {r['cpu_seconds'] / r['windows']:.4f} | {r['seconds']:.2f} |"
               for r in rows]
-    lines += ["", f"Least-squares line: {slope:.3f} s per window + {intercept:.2f} s fixed (preprocessing, blending)."]
+    lines += ["", f"Least-squares line (CPU): {slope:.4f} s per window + {intercept:.2f} s fixed (preprocessing, blending)."]
     return lines
 
 
@@ -189,7 +192,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         memory = [max(r["variants"][name]["extra_mib"], MEMORY_FLOOR_MIB) for r in rows]
         axes[0].bar(positions + i * width, ratios, width, label=LABELS[name])
         axes[1].bar(positions + i * width, memory, width, label=LABELS[name])
-    for ax, title in ((axes[0], "time / plain forward (CPU, batch 1)"), (axes[1], "peak memory above baseline (MiB, log)")):
+    for ax, title in ((axes[0], "CPU time / plain forward (batch 1)"), (axes[1], "peak memory above baseline (MiB, log)")):
         ax.set_xticks(positions + width * (len(names) - 1) / 2)
         ax.set_xticklabels([f"{r['config']}\n{r['tokens']} tokens" for r in rows], fontsize=8)
         ax.set_title(title)
@@ -198,8 +201,8 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     if sliding:
         windows = [r["windows"] for r in sliding]
-        axes[2].plot(windows, [r["seconds"] for r in sliding], "o-", label="explain_volume")
-        axes[2].plot(windows, [r["forward_seconds"] for r in sliding], "s--", label="forward + capture")
+        axes[2].plot(windows, [r["cpu_seconds"] for r in sliding], "o-", label="CPU seconds")
+        axes[2].plot(windows, [r["seconds"] for r in sliding], "s--", label="wall seconds (shared machine)")
         axes[2].set_xlabel("windows")
         axes[2].set_ylabel("seconds")
         axes[2].set_title("sliding window on lung2 (rollout)")
@@ -226,7 +229,9 @@ def write_report(results: Dict[str, Any], out: Path, command: str) -> None:
         "![benchmarks](benchmarks.png)", "",
         "How it is measured:", "",
         f"- **time**: median of {results['repeats']} calls, all variants of a configuration interleaved in one process "
-        "after one warm-up forward (so a load change on the shared machine hits them alike).",
+        "after one warm-up forward. On CPU the time compared is the CPU time of the process (`time.process_time`, one "
+        "thread): the other jobs on this shared machine stretch the wall time of a call by whatever they take, not its "
+        "CPU time. Wall time is in its own column.",
         "- **peak memory above baseline**: each variant in a fresh process; baseline = resident memory after the model and "
         "the input exist; peak = the kernel's peak-RSS counter (`VmHWM`, reset through `/proc/self/clear_refs` just "
         "before the call) during one cold call. glibc is told to return every block above 128 KiB to the system on free "
