@@ -153,15 +153,15 @@ def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
                               "chance_pointing": float(tokens_mask.mean()),
                               "chance_pointing_1": float(_dilate(tokens_mask).mean()), "maps": {}}
     for name, function in _map_functions(index).items():
-        start = time.perf_counter()
-        tokens = function(x)
-        seconds = time.perf_counter() - start
+        holder: Dict[str, np.ndarray] = {}
+        wall, seconds = measure.timed(lambda: holder.update(tokens=function(x)))
+        tokens = holder["tokens"]
         voxels = _to_voxels(tokens, spec.patch_size)
         stats = mask_statistics(voxels, case.mask)
         scores = deletion_insertion(model, x, tokens, target=loaded.target, steps=settings.steps, baseline=settings.baseline,
                                     batch_size=settings.steps + 1)
         record["maps"][name] = {
-            "seconds": seconds, "pointing": pointing_game(tokens, tokens_mask), "pointing_1": pointing_game(tokens, tokens_mask, 1),
+            "seconds": seconds, "wall_seconds": wall, "pointing": pointing_game(tokens, tokens_mask), "pointing_1": pointing_game(tokens, tokens_mask, 1),
             "mass_fraction": stats["mass_fraction"], "mass_ratio": stats["mass_ratio"],
             "deletion_auc": scores["deletion_auc"], "insertion_auc": scores["insertion_auc"],
         }
@@ -216,7 +216,7 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
     from AttentionMapLib.models import load_model
     from AttentionMapLib.volume import explain_volume
 
-    torch.set_num_threads(max(1, settings.workers))
+    torch.set_num_threads(1)
     loaded = load_model(settings.model)
     rows = []
     for name in ("lung1", "lung2"):
@@ -224,14 +224,15 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
         label, label_affine = read_volume(paths[f"{name}_label"])
         label = label > 0
         log(f"whole volume {name}: one sweep with gradients, three maps ...")
-        start = time.perf_counter()
-        grad = explain_volume(loaded.network, image, affine, loaded.preprocessing, img_size=loaded.img_size,
-                              method="grad_rollout", target=loaded.target)
-        sweep = time.perf_counter() - start
+        holder: Dict[str, Any] = {}
+        sweep = measure.timed(lambda: holder.update(grad=explain_volume(
+            loaded.network, image, affine, loaded.preprocessing, img_size=loaded.img_size, method="grad_rollout",
+            target=loaded.target)))[1]
+        grad = holder["grad"]
         results = {"grad_rollout": (grad, sweep)}
         for method in ("raw", "rollout"):  # re-read from the same capture, without running the network
-            start = time.perf_counter()
-            results[method] = (grad.refuse(method=method), time.perf_counter() - start)
+            seconds = measure.timed(lambda m=method: holder.update(result=grad.refuse(method=m)))[1]
+            results[method] = (holder["result"], seconds)
         # one patch (the token spacing in mm) in label voxels, per label axis
         tolerance = np.ceil(voxel_spacing(grad.ijk_to_ras).max() / voxel_spacing(label_affine)).astype(int)
         for method in ATTENTION:
@@ -312,7 +313,7 @@ def _pct(value: float) -> str:
 
 
 def summary_table(summary: Dict[str, Dict[str, Any]]) -> List[str]:
-    lines = ["| map | pointing game | within one patch | mass inside mask | mass / volume fraction | deletion AUC ↓ | insertion AUC ↑ | s per case |",
+    lines = ["| map | pointing game | within one patch | mass inside mask | mass / volume fraction | deletion AUC ↓ | insertion AUC ↑ | CPU s per case |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in MAPS:
         s = summary[name]
@@ -364,7 +365,7 @@ def reading(records: List[Dict[str, Any]], summary: Dict[str, Dict[str, Any]]) -
 
 
 def volume_table(rows: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| volume | map | windows | P(lesion) | peak in tumour | within one patch | peak to tumour (mm) | mass inside | mass / volume fraction | s (sweep or re-read) |",
+    lines = ["| volume | map | windows | P(lesion) | peak in tumour | within one patch | peak to tumour (mm) | mass inside | mass / volume fraction | CPU s (sweep or re-read) |",
              "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {LABELS[r['map']]} | {r['windows']} | {r['p_lesion']:.2f} | {'yes' if r['pointing'] else 'no'} | "
@@ -445,8 +446,9 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
         f"from the baseline crop: `{s.baseline}` ({BASELINE_TEXT[s.baseline]}). {baseline_choice(result.get('baseline_probabilities'), min(BASELINE_CASES, sum(r['group'] == GROUPS[0] for r in records)))} "
         "Trapezoid AUC of P(lesion) over the fraction of patches; lower deletion AUC / higher insertion AUC = the map ranks "
         "first what the model uses.",
-        "- **s per case**: median wall-clock seconds to compute the map for one crop (one forward for raw / rollout, forward + "
-        f"backward for grad_rollout and Grad-CAM, one forward per occlusion box), {s.workers} worker(s) sharing the machine.", "",
+        "- **CPU s per case**: median CPU seconds (one thread; the wall time on this shared machine is longer and is kept in "
+        "evaluation.json) to compute the map for one crop: one forward for raw / rollout, forward + backward for grad_rollout "
+        "and Grad-CAM, one forward per occlusion box.", "",
         "![evaluation](evaluation.png)", "",
     ]
     for group in GROUPS:
