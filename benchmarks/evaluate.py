@@ -473,8 +473,9 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
               "the map ranks first the regions the model's output depends on. The two can disagree: a model may rely on context "
               "around a lesion, and then a faithful map is not a well-localised one. The evaluation explains one small demo "
               "model trained on synthetic nodules in two patients' CTs; held-out crops share those patients' anatomy. "
-              "Occlusion and deletion/insertion perturb the input the same way (removing tissue), which favours occlusion on "
-              "the deletion metric by construction. The random map gives the chance level of every metric on the same cases.", ""]
+              + ("Occlusion (box centres faded to 0) and deletion/insertion (patches set to 0) perturb the input the same way, "
+                 "which favours occlusion on those two metrics by construction. " if s.baseline == "zero" else "")
+              + "The random map gives the chance level of every metric on the same cases.", ""]
     (out / "EVALUATION.md").write_text("\n".join(lines))
 
 
