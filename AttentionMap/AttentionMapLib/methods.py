@@ -49,12 +49,12 @@ def discard_lowest(fused: torch.Tensor, ratio: float, keep_first: bool) -> torch
 
 
 def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discard_ratio: float, has_cls: bool) -> torch.Tensor:
-    """Abnar & Zuidema rollout read out from the left: ``e^T Â_L ... Â_1``.
+    """Abnar & Zuidema rollout read out from the left: ``e^T Ahat_L ... Ahat_1``.
 
-    ``Â_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``
+    ``Ahat_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``
     (O(N^2) per layer).
-    ``layers`` are in forward order (first block first). Never forms ``Â``: with ``s`` the row sums of
-    ``0.5 * A + 0.5 * I``, ``v Â = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
+    ``layers`` are in forward order (first block first). Never forms ``Ahat``: with ``s`` the row sums of
+    ``0.5 * A + 0.5 * I``, ``v Ahat = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
     """
     vector = readout
     for fused in reversed(list(layers)):
@@ -67,10 +67,10 @@ def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discar
 
 
 def gradient_rollout_vector(readout: torch.Tensor, relevances: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Chefer et al. 2021 read out from the left: ``e^T (I + Ā_L) ... (I + Ā_1)``.
+    """Chefer et al. 2021 read out from the left: ``e^T (I + Abar_L) ... (I + Abar_1)``.
 
-    ``relevances`` are ``Ā_b = mean_heads((dy/dA_b * A_b)^+)`` ``(B, N, N)`` in forward order; the
-    update ``R <- R + Ā_b R`` (first block first) gives ``R = (I + Ā_L) ... (I + Ā_1)``.
+    ``relevances`` are ``Abar_b = mean_heads((dy/dA_b * A_b)^+)`` ``(B, N, N)`` in forward order; the
+    update ``R <- R + Abar_b R`` (first block first) gives ``R = (I + Abar_L) ... (I + Abar_1)``.
     """
     vector = readout
     for relevance in reversed(list(relevances)):
