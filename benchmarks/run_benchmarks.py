@@ -117,17 +117,33 @@ def target_lines(rows: List[Dict[str, Any]]) -> List[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
+    def rounds(name: str) -> str:
+        """The ratio in each round robin (the variants of one round ran back to back): the spread of the noise."""
+        pairs = zip(v[name]["all_seconds"], v["forward"]["all_seconds"])
+        return ", ".join(f"{a / b:.2f}" for a, b in pairs)
+
     return [
         f"Judged on {row['config']} ({row['tokens']} tokens):", "",
         f"- rollout time: {rollout_time:.2f}x the plain forward (target ≤ {TARGETS['rollout_time']}x): "
-        f"{verdict(rollout_time <= TARGETS['rollout_time'])}; {rollout_flash:.2f}x the flash-attention forward.",
+        f"{verdict(rollout_time <= TARGETS['rollout_time'])} (ratio of medians; per round {rounds('rollout')}); "
+        f"{rollout_flash:.2f}x the flash-attention forward.",
         f"- rollout memory: the seed's way needs {_overhead(row, 'seed'):,.0f} MiB beyond the plain forward, rollout "
         f"{_overhead(row, 'rollout'):,.0f} MiB: {memory:.1f}x less (target ≥ {TARGETS['rollout_memory']:.0f}x): "
         f"{verdict(memory >= TARGETS['rollout_memory'])}. Peak above baseline: {v['seed']['extra_mib']:,.0f} vs "
         f"{v['rollout']['extra_mib']:,.0f} MiB ({peak_memory:.1f}x).",
         f"- grad_rollout time: {grad_time:.2f}x the plain forward (target ≤ {TARGETS['grad_rollout_time']}x): "
-        f"{verdict(grad_time <= TARGETS['grad_rollout_time'])}.",
+        f"{verdict(grad_time <= TARGETS['grad_rollout_time'])} (per round {rounds('grad_rollout')}); forward + backward "
+        f"alone: {v['backward_to_input']['seconds'] / v['forward']['seconds']:.2f}x.",
+        "",
+        f"With {len(v['forward']['all_seconds'])} repeats on a shared machine, the CPU time of one call varies by "
+        f"{_spread(v['forward']['all_seconds']):.0f} % (plain forward, max/min - 1) even though other jobs do not count in "
+        "it (they still compete for memory bandwidth and caches): ratios within about that much of a target are not "
+        "distinguishable from it in this run.",
     ]
+
+
+def _spread(values: List[float]) -> float:
+    return 100.0 * (max(values) / min(values) - 1.0)
 
 
 def profile_lines(rows: List[Dict[str, Any]]) -> List[str]:
