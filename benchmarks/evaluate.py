@@ -486,7 +486,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
     from AttentionMapLib.models import load_model
     from AttentionMapLib.sample_data import fetch_sample_data
 
-    started = time.perf_counter()
+    started, stamp = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     loaded = load_model(settings.model)
     spec = model_spec(loaded.network, loaded.img_size)
     paths = fetch_sample_data()
@@ -512,7 +512,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         _init_worker(settings)
         records = [score_case(job) for job in jobs]
     return {
-        "settings": settings.__dict__, "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "settings": settings.__dict__, "commit": _commit(), "started": stamp,
         "minutes": (time.perf_counter() - started) / 60.0, "machine": measure.machine_description(),
         "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
                   "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
