@@ -1,0 +1,306 @@
+"""Evaluate the demo lung-nodule ViT on the fixed held-out set and on the two real tumours; write the card.
+
+    # export the final training checkpoint, evaluate it, and write weights + card (all numbers from here):
+    .venv/bin/python tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship
+    # re-evaluate the shipped model (prints JSON, writes nothing):
+    .venv/bin/python tools/evaluate_demo_model.py
+
+Held-out set: `demo_data.heldout_set(cts, pairs=PAIRS, seed=demo_data.HELDOUT_SEED)`: nodules centred in
+z-slabs of lung1/lung2 that no training nodule touches, each crop also without its nodule.
+Pointing game (rollout, `AttentionMapLib.explain`, target = "lesion", head mean): the peak token of the
+6x6x6 map is a hit when its 16 mm patch contains nodule voxels; "within one patch" also counts the 26
+neighbouring patches. Chance = the same hit rates for a peak drawn uniformly over the tokens.
+Real tumours: crops centred on each label's centroid and shifted by 24 mm along each axis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "AttentionMap"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from AttentionMapLib import demo_data, explain  # noqa: E402
+from AttentionMapLib.geometry import apply_affine  # noqa: E402
+from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
+from train_demo_model import auc, build_network  # noqa: E402
+
+MODELS_DIR = ROOT / "AttentionMap" / "Resources" / "Models"
+CARD_NAME = "demo_lung_nodule_vit.json"
+WEIGHTS_NAME = "demo_lung_nodule_vit.pt"
+PAIRS = 200
+SUBSET_PAIRS = 6  # the small fixed subset the test suite re-checks
+SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
+PATCH = 8
+
+
+def chance_rate(tokens: np.ndarray, tolerance: int) -> float:
+    """Pointing-game hit rate of a peak drawn uniformly over the token grid, for one mask (n1, n2, n3)."""
+    hits = [pointing_game(onehot, tokens, tolerance) for onehot in np.eye(tokens.size).reshape(-1, *tokens.shape)]
+    return float(np.mean(hits))
+
+
+def peak_hits(grids: np.ndarray, tokens: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per sample (grids, tokens: (N, n1, n2, n3)): peak in a nodule patch, peak within one patch, and the
+    chance rates of both."""
+    return {
+        "hit": np.array([pointing_game(g, t, 0) for g, t in zip(grids, tokens)]),
+        "hit_within_one_patch": np.array([pointing_game(g, t, 1) for g, t in zip(grids, tokens)]),
+        "chance": np.array([chance_rate(t, 0) for t in tokens]),
+        "chance_within_one_patch": np.array([chance_rate(t, 1) for t in tokens]),
+    }
+
+
+def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
+    """P(lesion) (N,) and attention grids (N, 6, 6, 6) (normalize='none', target 1) for images (N, 1, 48, 48, 48)."""
+    probs, grids = [], []
+    for s in range(0, len(images), batch):
+        result = explain(model, torch.from_numpy(images[s : s + batch]), method=method, target=1, normalize="none")
+        probs.append(torch.softmax(result.logits.detach(), 1)[:, 1].numpy())
+        grids.append(result.grid)
+    return np.concatenate(probs), np.concatenate(grids)
+
+
+def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pairs: int) -> Dict[str, object]:
+    """Accuracy, AUC and pointing games (rollout and raw last layer) on the first `pairs` held-out pairs."""
+    probs, rollout, raw, tokens, labels, radii = [], [], [], [], [], []
+    for chunk in demo_data.heldout_batches(cts, pairs):
+        p, g = run_model(model, chunk.images)
+        _, r = run_model(model, chunk.images, method="raw")
+        probs.append(p)
+        rollout.append(g)
+        raw.append(r)
+        tokens.append(demo_data.token_labels(chunk.masks, PATCH))
+        labels.append(chunk.labels)
+        radii.append(chunk.radii_mm)
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    pos = y == 1
+    tok = np.concatenate(tokens)[pos]
+    radius = np.concatenate(radii)[pos]
+    roll = peak_hits(np.concatenate(rollout)[pos], tok)
+    rawh = peak_hits(np.concatenate(raw)[pos], tok)
+    mass_ratio = [mask_statistics(g, t)["mass_ratio"] for g, t in zip(np.concatenate(rollout)[pos], tok)]
+    out: Dict[str, object] = {
+        "heldout_positives": int(pos.sum()),
+        "heldout_negatives": int((~pos).sum()),
+        "heldout_accuracy": float(((p > 0.5) == pos).mean()),
+        "heldout_auc": auc(p, y),
+        "heldout_sensitivity": float((p[pos] > 0.5).mean()),
+        "heldout_specificity": float((p[~pos] <= 0.5).mean()),
+        "rollout_pointing_game": float(roll["hit"].mean()),
+        "rollout_pointing_game_chance": float(roll["chance"].mean()),
+        "rollout_pointing_game_within_one_patch": float(roll["hit_within_one_patch"].mean()),
+        "rollout_pointing_game_within_one_patch_chance": float(roll["chance_within_one_patch"].mean()),
+        "rollout_mass_ratio_median": float(np.median(mass_ratio)),
+        "raw_last_layer_pointing_game": float(rawh["hit"].mean()),
+        "raw_last_layer_pointing_game_chance": float(rawh["chance"].mean()),
+        "rollout_pointing_game_by_radius_mm": {},
+    }
+    for lo, hi in ((3, 7), (7, 11), (11, 15.01)):
+        sel = (radius >= lo) & (radius < hi)
+        out["rollout_pointing_game_by_radius_mm"][f"{lo}-{int(hi)}"] = {
+            "n": int(sel.sum()),
+            "hit": float(roll["hit"][sel].mean()) if sel.any() else None,
+            "p_lesion_mean": float(p[pos][sel].mean()) if sel.any() else None,
+        }
+    return out
+
+
+def subset_values(model: torch.nn.Module, cts: Sequence[demo_data.LungCT]) -> Dict[str, object]:
+    """Exact per-crop values on the first SUBSET_PAIRS held-out pairs (re-checked by the tests)."""
+    subset = demo_data.heldout_set(cts, SUBSET_PAIRS)
+    p, g = run_model(model, subset.images)
+    peaks = g.reshape(len(g), -1).argmax(1)
+    return {"pairs": SUBSET_PAIRS, "p_lesion": [round(float(v), 5) for v in p], "rollout_peak_token": peaks.tolist()}
+
+
+def tumour_crops(ct: demo_data.LungCT) -> List[np.ndarray]:
+    """Crop centres (I, J, K): the tumour centroid and the centroid shifted by +-24 mm along each axis."""
+    centre = np.round(np.argwhere(ct.tumour).mean(0)).astype(int)
+    shifts = [np.zeros(3, int)] + [s * SHIFT_VOX * np.eye(3, dtype=int)[a] for a in range(3) for s in (-1, 1)]
+    return [centre + s for s in shifts]
+
+
+def real_tumour_results(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str, object]:
+    """Per crop: P(lesion), rollout peak (RAS mm of the peak patch's centre), hit (peak patch holds tumour
+    voxels), peak inside the label, distance (mm) from the peak to the nearest tumour voxel, hit chance."""
+    crops = [demo_data.crop_around(ct, centre) for centre in tumour_crops(ct)]
+    p, g = run_model(model, np.stack([image for image, _ in crops]))
+    rows = []
+    for (_, origin), prob, grid in zip(crops, p, g):
+        sl = tuple(slice(o, o + demo_data.CROP) for o in origin)
+        tokens = demo_data.token_labels(ct.tumour[sl][None], PATCH)[0]
+        peak = np.array(np.unravel_index(int(grid.argmax()), grid.shape))
+        peak_ras = apply_affine(ct.ijk_to_ras, origin + peak * PATCH + (PATCH - 1) / 2.0)
+        distance = distance_to_mask_mm(peak_ras, ct.tumour, ct.ijk_to_ras)
+        rows.append(
+            {
+                "crop_origin_ijk": origin.tolist(),
+                "p_lesion": round(float(prob), 4),
+                "peak_ras_mm": [round(float(v), 1) for v in peak_ras],
+                "peak_patch_holds_tumour": pointing_game(grid, tokens, 0),
+                "peak_inside_label": distance["inside"],
+                "distance_to_tumour_mm": round(distance["nearest_mm"], 1),
+                "hit_chance": round(chance_rate(tokens, 0), 4),
+                "tumour_patches": int(tokens.sum()),
+            }
+        )
+    return {
+        "crops": rows,
+        "peak_patch_holds_tumour": f"{sum(r['peak_patch_holds_tumour'] for r in rows)}/{len(rows)}",
+        "peak_inside_label": f"{sum(r['peak_inside_label'] for r in rows)}/{len(rows)}",
+        "hit_chance_mean": round(float(np.mean([r["hit_chance"] for r in rows])), 4),
+        "median_distance_mm": float(np.median([r["distance_to_tumour_mm"] for r in rows])),
+        "p_lesion_median": float(np.median([r["p_lesion"] for r in rows])),
+    }
+
+
+def load_shipped(card_path: Path) -> torch.nn.Module:
+    """The network a card describes, weights read with weights_only=True."""
+    card = json.loads(card_path.read_text())
+    model = build_network(card["network"]["args"])
+    model.load_state_dict({k: v.float() for k, v in torch.load(card_path.parent / card["weights"], weights_only=True).items()})
+    return model.eval()
+
+
+RECIPE = (
+    "From scratch, CPU (2 shared cores), torch threads 2. Paired batches: 8 crops per step, each once with and "
+    "once without a synthetic nodule at the same place (batch 16). AdamW (weight decay 0.05), linear warm-up "
+    "over the first {warmup} samples to lr {lr}, then constant (no cosine); gradient norm clipped at 1. "
+    "Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm. Random flips. "
+    "Loss = cross-entropy on the ViT's classification head + {token_weight} x token labelling: a Linear head "
+    "(training only, not shipped) on the last block's patch tokens after the ViT's final LayerNorm predicts "
+    "whether each 8^3 patch contains nodule voxels (BCE, positive weight {token_pos_weight}). {attention}"
+    "The ViT's classification head and attention are unchanged; the shipped network is a plain MONAI ViT."
+)
+
+
+def recipe_text(phases: List[Dict[str, object]]) -> str:
+    """Human-readable recipe from the checkpoint's recorded settings: the first phase in full, then what
+    each resumed phase changed."""
+    first = phases[0]["settings"]
+    w = float(first["cls_attention_weight"])
+    attention = (
+        f"PLUS an auxiliary loss (weight {w}) pulling the last layer's CLS attention (head mean) onto the "
+        "nodule's patches for positive crops: this shapes the attention maps. "
+        if w > 0
+        else "No loss on the attention itself. "
+    )
+    text = RECIPE.format(
+        warmup=first["warmup_samples"], lr=first["lr"], curriculum=first["curriculum_samples"],
+        token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention,
+    )
+    for phase in phases[1:]:
+        changed = {
+            k: v for k, v in phase["settings"].items()
+            if first.get(k) != v and k not in ("resume", "minutes", "out_dir")
+        }
+        text += f" Resumed at sample {phase['from_samples']} with " + (
+            ", ".join(f"{k}={v}" for k, v in changed.items()) or "the same settings"
+        ) + f" for at most {phase['settings']['minutes']} min."
+    return text
+
+
+def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_dir: Path) -> Path:
+    """Write the weights (fp32 state_dict) and the model card JSON into out_dir; returns the card path."""
+    card = {
+        "name": "demo_lung_nodule_vit",
+        "description": (
+            "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
+            "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
+            "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches)."
+        ),
+        "network": {"name": "ViT", "args": checkpoint["network_args"]},
+        "weights": WEIGHTS_NAME,
+        "preprocessing": {
+            "orientation": "RAS",
+            "spacing": [demo_data.SPACING_MM] * 3,
+            "intensity": {"a_min": demo_data.HU_RANGE[0], "a_max": demo_data.HU_RANGE[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
+            "spatial": {"mode": "sliding_window", "overlap": 0.5, "sw_batch_size": 4},
+        },
+        "classes": ["no lesion", "lesion"],
+        "target": 1,
+        "training_data": (
+            "lung1_image.nrrd and lung2_image.nrrd (chest CT, 5 mm slices) from the pyradiomics 3.0.1 source "
+            "distribution on PyPI (BSD-3-Clause), resampled to RAS 2 mm. Synthetic nodules: random ellipsoids, "
+            "radius 3-15 mm (semi-axes x0.8-1.25, random orientation), sigmoid edge 0.5-1.5 mm, blurred along z "
+            "with [1/4 1/2 1/4] like 5 mm slices, -300..100 HU with 10-30 HU noise, centred in the lung mask. "
+            f"Crops {demo_data.CROP}^3 voxels. Negatives: the same crops without the nodule. Held out: both real "
+            "tumours (no training or held-out crop meets their bounding box widened by 8 mm) and an axial slab per "
+            "CT (" + ", ".join(f"{k} K {a}-{b - 1}" for k, (a, b) in demo_data.HELDOUT_SLABS.items())
+            + " on the RAS 2 mm grid) holding every held-out nodule centre; training "
+            f"nodule centres stay {2 * demo_data.SLAB_MARGIN} mm or more from those slabs, so no training nodule "
+            "touches them. The held-out crops share the two patients' anatomy with training (only two CTs exist)."
+        ),
+        "training": {
+            "command": " && ".join(
+                " ".join(["nice -n 10 .venv/bin/python tools/train_demo_model.py", *phase["argv"]]) for phase in checkpoint["phases"]
+            ),
+            "seed": checkpoint["seed"],
+            "samples": checkpoint["samples"],
+            "steps": checkpoint["step"],
+            "wall_time_s": round(float(checkpoint["wall_time_s"]), 1),
+            "recipe": recipe_text(checkpoint["phases"]),
+        },
+        "metrics": metrics,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().float().contiguous() for k, v in checkpoint["model"].items()}
+    torch.save(weights, out_dir / WEIGHTS_NAME)
+    path = out_dir / CARD_NAME
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def evaluate(model: torch.nn.Module, pairs: int) -> Dict[str, object]:
+    """All card metrics for `model` (eval mode)."""
+    cts = demo_data.load_demo_cts()
+    metrics = heldout_metrics(model, cts, pairs)
+    metrics["heldout_subset"] = subset_values(model, cts)
+    metrics["real_tumours"] = {ct.name: real_tumour_results(model, ct) for ct in cts}
+    metrics["pointing_game_definition"] = (
+        "rollout (head mean, discard 0, target 'lesion') on the 6x6x6 token grid; hit = peak patch contains nodule "
+        "voxels; within one patch = peak in a nodule patch or one of its 26 neighbours; chance = hit rate of a "
+        "uniformly random peak, averaged over the positives"
+    )
+    metrics["heldout_set"] = (
+        f"AttentionMapLib.demo_data.heldout_set(load_demo_cts(), pairs={pairs}, seed={demo_data.HELDOUT_SEED}); "
+        "reproduce with: .venv/bin/python tools/evaluate_demo_model.py"
+    )
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="training checkpoint (default: the shipped card's weights)")
+    p.add_argument("--ship", action="store_true", help="write weights + card into --out-dir (needs --checkpoint)")
+    p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--pairs", type=int, default=PAIRS)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.checkpoint is not None:
+        checkpoint = torch.load(a.checkpoint, weights_only=True)
+        model = build_network(checkpoint["network_args"])
+        model.load_state_dict(checkpoint["model"])
+        model.eval()
+    elif a.ship:
+        p.error("--ship needs --checkpoint")
+    else:
+        model = load_shipped(a.out_dir / CARD_NAME)
+    metrics = evaluate(model, a.pairs)
+    print(json.dumps(metrics, indent=2))
+    if a.ship:
+        print(f"wrote {write_card(checkpoint, metrics, a.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

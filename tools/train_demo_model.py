@@ -1,0 +1,263 @@
+"""Train the demo lung-nodule ViT ("is there a lung nodule in this 48^3 crop at 2 mm?").
+
+The shipped model came from these two commands (CPU, 2 shared cores; 80 min at lr 2e-4, then a
+resumed 14 min at lr 6e-5; the card records samples and wall time):
+
+    nohup nice -n 10 .venv/bin/python tools/train_demo_model.py --out-dir build/demo_training > build/demo_training.out 2>&1 &
+    nohup nice -n 10 .venv/bin/python tools/train_demo_model.py --out-dir build/demo_training --resume --lr 6e-5 --minutes 14 > build/demo_training_phase2.out 2>&1 &
+
+then the weights and the card are written from the final checkpoint by
+``tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship``.
+
+Recipe (see docs in the model card): fixed seed; paired batches (every crop once with and once without
+a synthetic nodule, same place); AdamW, linear warm-up then a constant learning rate (no cosine);
+large-nodule curriculum (radius 8-15 mm for the first `--curriculum-samples`, then 3-15 mm); random flips;
+a per-patch auxiliary "token labelling" loss: a Linear head (lives only here, not shipped) on the last
+block's patch tokens (after the ViT's final LayerNorm) predicts whether each 8^3 patch contains nodule.
+Optional `--cls-attention-weight`: a loss pulling the last layer's CLS attention (head mean) onto the
+nodule's patches for positives (off by default; it shapes the attention, and the card says so if used).
+
+The network itself is a plain MONAI ViT; its classification head and attention are not changed.
+Checkpoints (`checkpoint.pt`: model, token head, optimiser, counters, RNG) are written every
+`--checkpoint-minutes` and at the end, so an interrupted run leaves a usable model; `--resume` continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AttentionMap"))
+
+from AttentionMapLib import demo_data  # noqa: E402
+from AttentionMapLib.capture import hooked_attention  # noqa: E402
+
+NETWORK_ARGS: Dict[str, object] = {
+    "in_channels": 1,
+    "img_size": [demo_data.CROP] * 3,
+    "patch_size": [8, 8, 8],
+    "hidden_size": 96,
+    "mlp_dim": 192,
+    "num_layers": 4,
+    "num_heads": 4,
+    "proj_type": "conv",
+    "classification": True,
+    "num_classes": 2,
+    "dropout_rate": 0.0,
+    "post_activation": None,
+}
+VALIDATION_SEED = 7  # monitoring crops, drawn from the training region (never the held-out slab)
+
+
+def build_network(args: Optional[Dict[str, object]] = None) -> torch.nn.Module:
+    """The demo MONAI ViT from its keyword arguments (default `NETWORK_ARGS`)."""
+    from monai.networks.nets import ViT
+
+    return ViT(**(args or NETWORK_ARGS))
+
+
+def patch_logits(model: torch.nn.Module, token_head: torch.nn.Module, hidden_last: torch.Tensor) -> torch.Tensor:
+    """Token-labelling logits (B, n_patches) from the last block's output (B, 1 + n_patches, hidden)."""
+    return token_head(model.norm(hidden_last[:, 1:])).squeeze(-1)
+
+
+def forward_losses(model, token_head, images, labels, token_targets, nodule_tokens, weights):
+    """Classification, token-labelling and (optional) CLS-attention losses for one batch: (losses dict, logits).
+
+    images (B, 1, *img_size); labels (B,); token_targets (B, n_patches) float; nodule_tokens (B, n_patches) bool.
+    """
+    captured: List[torch.Tensor] = []
+    if weights["cls_attention"] > 0:
+        with hooked_attention(model, lambda i, a: captured.append(a) if i == model_layers(model) - 1 else None):
+            logits, hidden = model(images)
+    else:
+        logits, hidden = model(images)
+    losses = {"cls": torch.nn.functional.cross_entropy(logits, labels)}
+    tok = patch_logits(model, token_head, hidden[-1])
+    pos_weight = torch.tensor(weights["token_pos_weight"])
+    losses["token"] = torch.nn.functional.binary_cross_entropy_with_logits(tok, token_targets, pos_weight=pos_weight)
+    if captured:
+        cls_row = captured[0][:, :, 0, 1:].mean(1)  # (B, n_patches)
+        positive = labels == 1
+        mass = (cls_row * nodule_tokens).sum(1)[positive]
+        losses["cls_attention"] = -torch.log(mass + 1e-6).mean() if positive.any() else cls_row.sum() * 0
+    losses["total"] = (
+        losses["cls"]
+        + weights["token"] * losses["token"]
+        + weights["cls_attention"] * losses.get("cls_attention", torch.tensor(0.0))
+    )
+    return losses, logits
+
+
+def model_layers(model: torch.nn.Module) -> int:
+    """Number of transformer blocks."""
+    return len(model.blocks)
+
+
+def to_tensors(batch: demo_data.CropSet):
+    tokens = demo_data.token_labels(batch.masks)
+    n = tokens.shape[0]
+    return (
+        torch.from_numpy(batch.images),
+        torch.from_numpy(batch.labels),
+        torch.from_numpy(tokens.reshape(n, -1).astype(np.float32)),
+        torch.from_numpy(tokens.reshape(n, -1)),
+    )
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+@torch.no_grad()
+def validate(model, token_head, batch: demo_data.CropSet) -> Dict[str, float]:
+    """Monitoring numbers on fixed training-region crops: AUC, accuracy, token-head hit, CLS-attention hit."""
+    captured: List[torch.Tensor] = []
+    images, labels, _, nodule_tokens = to_tensors(batch)
+    last = model_layers(model) - 1
+    probs, tok_hits, att_hits = [], [], []
+    for s in range(0, len(labels), 16):
+        with hooked_attention(model, lambda i, a: captured.append(a) if i == last else None):
+            logits, hidden = model(images[s : s + 16])
+        probs.append(torch.softmax(logits, 1)[:, 1])
+        tok = patch_logits(model, token_head, hidden[-1])
+        att = captured.pop()[:, :, 0, 1:].mean(1)
+        nod = nodule_tokens[s : s + 16]
+        pos = labels[s : s + 16] == 1
+        tok_hits.append(nod[torch.arange(len(nod)), tok.argmax(1)][pos])
+        att_hits.append(nod[torch.arange(len(nod)), att.argmax(1)][pos])
+    p = torch.cat(probs).numpy()
+    y = labels.numpy()
+    return {
+        "val_auc": auc(p, y),
+        "val_acc": float(((p > 0.5) == (y == 1)).mean()),
+        "val_token_peak_hit": float(torch.cat(tok_hits).float().mean()),
+        "val_last_cls_attention_peak_hit": float(torch.cat(att_hits).float().mean()),
+    }
+
+
+def save_checkpoint(path: Path, state: Dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", type=Path, default=Path("build/demo_training"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs-per-batch", type=int, default=8, help="batch = 2 x pairs crops")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-samples", type=int, default=1500)
+    p.add_argument("--curriculum-samples", type=int, default=6000, help="radius 8-15 mm until this many samples")
+    p.add_argument("--max-samples", type=int, default=200000)
+    p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (stops early, checkpointed)")
+    p.add_argument("--token-weight", type=float, default=1.0)
+    p.add_argument("--token-pos-weight", type=float, default=10.0)
+    p.add_argument("--cls-attention-weight", type=float, default=0.0)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--validation-pairs", type=int, default=32)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = a.out_dir / "train.log"
+    ckpt_path = a.out_dir / "checkpoint.pt"
+
+    cts = demo_data.load_demo_cts()
+    sampler = demo_data.CropSampler(cts, "train")
+    validation = sampler.batches(np.random.default_rng(VALIDATION_SEED), a.validation_pairs, flip=False)
+
+    model = build_network()
+    token_head = torch.nn.Linear(NETWORK_ARGS["hidden_size"], 1)
+    params = list(model.parameters()) + list(token_head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+    rng = np.random.default_rng(a.seed)
+    samples, step, elapsed_before = 0, 0, 0.0
+    phases: List[Dict[str, object]] = []
+    if a.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        token_head.load_state_dict(state["token_head"])
+        optimiser.load_state_dict(state["optimiser"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        samples, step, elapsed_before = state["samples"], state["step"], state["wall_time_s"]
+        phases = state.get("phases", [])
+    phases.append({"from_samples": samples, "argv": sys.argv[1:], "settings": {k: str(v) for k, v in vars(a).items()}})
+    weights = {"token": a.token_weight, "token_pos_weight": a.token_pos_weight, "cls_attention": a.cls_attention_weight}
+
+    def state_dict() -> Dict[str, object]:
+        return {
+            "model": model.state_dict(),
+            "token_head": token_head.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "samples": samples,
+            "step": step,
+            "wall_time_s": elapsed_before + time.time() - start,
+            "network_args": NETWORK_ARGS,
+            "phases": phases,
+            "seed": a.seed,
+        }
+
+    start = time.time()
+    last_ckpt = start
+    running: Dict[str, float] = {}
+    batch_size = 2 * a.pairs_per_batch
+    with open(log_path, "a") as log:
+        while samples < a.max_samples and time.time() - start < a.minutes * 60:
+            radius = (8.0, demo_data.RADIUS_MM[1]) if samples < a.curriculum_samples else demo_data.RADIUS_MM
+            lr = a.lr * min(1.0, (samples + batch_size) / a.warmup_samples)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            images, labels, token_targets, nodule_tokens = to_tensors(sampler.batches(rng, a.pairs_per_batch, radius))
+            model.train()
+            losses, _ = forward_losses(model, token_head, images, labels, token_targets, nodule_tokens, weights)
+            optimiser.zero_grad()
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            samples += batch_size
+            step += 1
+            for k, v in losses.items():
+                running[k] = 0.98 * running.get(k, float(v.detach())) + 0.02 * float(v.detach())
+            now = time.time()
+            if step % 25 == 0:
+                rate = samples / max(elapsed_before + now - start, 1e-9)
+                line = {"step": step, "samples": samples, "lr": lr, "wall_s": round(elapsed_before + now - start, 1)}
+                line.update({f"loss_{k}": round(v, 4) for k, v in running.items()})
+                line["samples_per_s"] = round(rate, 2)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+            if now - last_ckpt > a.checkpoint_minutes * 60:
+                metrics = validate(model, token_head, validation)
+                log.write(json.dumps({"step": step, "samples": samples, **metrics}) + "\n")
+                log.flush()
+                save_checkpoint(ckpt_path, state_dict())
+                last_ckpt = time.time()
+        metrics = validate(model, token_head, validation)
+        log.write(json.dumps({"step": step, "samples": samples, "final": True, **metrics}) + "\n")
+        save_checkpoint(ckpt_path, state_dict())
+    print(f"done: {samples} samples, {step} steps, checkpoint {ckpt_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
