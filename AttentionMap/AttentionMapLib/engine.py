@@ -223,7 +223,8 @@ def fuse_heads_detached(attention: torch.Tensor, head_fusion: str, head: Optiona
 
 def _relevance_hook(index: int, attention: torch.Tensor, store: List[Optional[torch.Tensor]]):
     def hook(gradient: torch.Tensor) -> None:
-        store[index] = (gradient * attention.detach()).clamp(min=0).mean(dim=1).float()
+        product = gradient * attention.detach()  # the one (B, heads, N, N) temporary
+        store[index] = product.clamp_(min=0).mean(dim=1).float()
 
     return hook
 
