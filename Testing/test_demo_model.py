@@ -1,0 +1,176 @@
+"""Demo model data and shipped model: synthetic nodules, crop sampling and the held-out split on the real
+pyradiomics lung CTs, and the shipped weights reproducing the numbers their card records.
+
+Needs the pyradiomics sample data (fetched once and cached by sample_data.fetch_sample_data).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AttentionMapLib import demo_data, explain
+from AttentionMapLib.errors import AttentionMapError
+
+MODELS = Path(__file__).resolve().parents[1] / "AttentionMap" / "Resources" / "Models"
+CARD = MODELS / "demo_lung_nodule_vit.json"
+
+
+@pytest.fixture(scope="module")
+def cts():
+    return demo_data.load_demo_cts()
+
+
+@pytest.fixture(scope="module")
+def card():
+    return json.loads(CARD.read_text())
+
+
+def test_nodule_weight_size_shape_and_blur():
+    rng = np.random.default_rng(3)
+    for radius in (3.0, 8.0, 15.0):
+        centre = np.array([31.3, 30.6, 32.2])
+        w = demo_data.nodule_weight((64, 64, 64), centre, radius, rng)
+        assert w.dtype == np.float32 and w.min() >= 0 and w.max() <= 1
+        mask = w > 0.5
+        volume_mm3 = mask.sum() * demo_data.SPACING_MM ** 3
+        equivalent_radius = (3 * volume_mm3 / (4 * np.pi)) ** (1 / 3)
+        assert 0.7 * radius <= equivalent_radius <= 1.3 * radius
+        assert np.allclose(np.argwhere(mask).mean(0), centre, atol=1.0)
+        # nothing beyond the documented reach
+        far = np.ones_like(mask)
+        c = np.floor(centre).astype(int)
+        r = demo_data.MAX_REACH_VOX
+        far[c[0] - r : c[0] + r + 2, c[1] - r : c[1] + r + 2, c[2] - r : c[2] + r + 2] = False
+        assert not w[far].any()
+    # blurred along K only: the K profile through the centre is smoother than a hard edge
+    w = demo_data.nodule_weight((64, 64, 64), (32, 32, 32), 10.0, np.random.default_rng(0))
+    assert 0.05 < w[32, 32, :].max() - w[32, 32, :][w[32, 32, :] > 0.02].min()
+
+
+def test_insert_nodule_changes_only_the_nodule_and_not_the_input():
+    rng = np.random.default_rng(1)
+    hu = np.full((64, 64, 64), -850.0, dtype=np.float32)
+    before = hu.copy()
+    w = demo_data.nodule_weight(hu.shape, (30, 34, 32), 9.0, rng)
+    out = demo_data.insert_nodule(hu, w, rng)
+    assert np.array_equal(hu, before)
+    assert np.array_equal(out[w == 0], hu[w == 0])
+    core = w > 0.99
+    lo, hi = demo_data.NODULE_HU
+    assert lo - 60 < out[core].mean() < hi + 60
+
+
+def test_token_labels_match_the_mask():
+    masks = np.zeros((2, 64, 64, 64), dtype=bool)
+    masks[0, 17, 40, 63] = True
+    tokens = demo_data.token_labels(masks)
+    assert tokens.shape == (2, 8, 8, 8)
+    assert tokens[0].sum() == 1 and tokens[0, 2, 5, 7] and not tokens[1].any()
+
+
+def test_lung_mask_is_plausible(cts):
+    for ct in cts:
+        lung_ml = ct.lung.sum() * 8e-3
+        assert 1500 < lung_ml < 8000, (ct.name, lung_ml)
+        assert np.median(ct.hu[ct.lung]) < -700
+
+
+def test_training_pairs_keep_tumours_and_heldout_slab_out(cts):
+    sampler = demo_data.CropSampler(cts, "train")
+    rng = np.random.default_rng(5)
+    by_name = {ct.name: ct for ct in cts}
+    for _ in range(12):
+        pos, neg, mask, origin, name, radius = sampler.sample_pair(rng)
+        ct = by_name[name]
+        sl = tuple(slice(o, o + demo_data.CROP) for o in origin)
+        assert np.array_equal(neg, ct.hu[sl])
+        assert not ct.tumour[tuple(slice(max(o - demo_data.TUMOUR_MARGIN, 0), o + demo_data.CROP + demo_data.TUMOUR_MARGIN) for o in origin)].any()
+        changed = pos != neg
+        assert mask.any() and np.all(changed[mask])
+        centre_in_crop = np.argwhere(mask).mean(0)
+        assert np.abs(np.argwhere(changed) - centre_in_crop).max() <= demo_data.MAX_REACH_VOX + 2
+        centre = np.round(centre_in_crop).astype(int) + origin
+        assert ct.lung[tuple(centre)]
+        z0, z1 = demo_data.HELDOUT_SLABS[name]
+        k = np.argwhere(mask)[:, 2] + origin[2]
+        assert np.all((k < z0) | (k >= z1)), "a training nodule touches the held-out slab"
+        assert 3.0 <= radius <= 15.0
+
+
+def test_heldout_set_is_deterministic_and_in_its_slab(cts):
+    a = demo_data.heldout_set(cts, pairs=4)
+    b = demo_data.heldout_set(cts, pairs=4)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+    assert a.images.shape == (8, 1) + (demo_data.CROP,) * 3 and a.images.min() >= 0 and a.images.max() <= 1
+    assert a.labels.tolist() == [1, 0] * 4
+    chunks = list(demo_data.heldout_batches(cts, pairs=4, chunk=3))
+    assert np.array_equal(np.concatenate([c.images for c in chunks]), a.images)
+    for i in range(0, 8, 2):
+        z0, z1 = demo_data.HELDOUT_SLABS[a.sources[i]]
+        centre_k = np.argwhere(a.masks[i])[:, 2].mean() + a.origins[i][2]
+        assert z0 - 1 <= centre_k <= z1
+        assert not a.masks[i + 1].any()
+
+
+def test_bad_region_is_refused(cts):
+    with pytest.raises(AttentionMapError, match="region"):
+        demo_data.CropSampler(cts, "test")
+
+
+def _shipped_network(card):
+    from monai.networks.nets import ViT
+
+    assert card["network"]["name"] == "ViT"
+    net = ViT(**card["network"]["args"])
+    weights = torch.load(MODELS / card["weights"], weights_only=True)
+    net.load_state_dict({k: v.float() for k, v in weights.items()})
+    return net.eval()
+
+
+def test_card_matches_the_preprocessing_used_in_training(card):
+    pre = card["preprocessing"]
+    assert pre["orientation"] == "RAS" and pre["spacing"] == [demo_data.SPACING_MM] * 3
+    assert (pre["intensity"]["a_min"], pre["intensity"]["a_max"]) == demo_data.HU_RANGE
+    assert card["network"]["args"]["img_size"] == [demo_data.CROP] * 3
+    assert card["classes"][card["target"]] == "lesion"
+    assert (MODELS / card["weights"]).stat().st_size <= 20 * 2 ** 20
+
+
+def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):
+    torch.set_num_threads(1)
+    subset_card = card["metrics"]["heldout_subset"]
+    subset = demo_data.heldout_set(cts, pairs=subset_card["pairs"])
+    result = explain(_shipped_network(card), torch.from_numpy(subset.images), method="rollout", target=1, normalize="none")
+    p = torch.softmax(result.logits.detach(), 1)[:, 1].numpy()
+    assert np.allclose(p, subset_card["p_lesion"], atol=2e-3)
+    peaks = result.grid.reshape(len(p), -1).argmax(1).tolist()
+    assert peaks == subset_card["rollout_peak_token"]
+
+
+def test_training_losses_with_and_without_the_attention_loss():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from train_demo_model import build_network, forward_losses
+
+    torch.manual_seed(0)
+    args = {"in_channels": 1, "img_size": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 32, "mlp_dim": 64,
+            "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
+    model = build_network(args)
+    head = torch.nn.Linear(32, 1)
+    images = torch.rand(4, 1, 16, 16, 16)
+    labels = torch.tensor([1, 0, 1, 0])
+    nodule = torch.zeros(4, 8, dtype=torch.bool)
+    nodule[0, 3] = nodule[2, 5] = True
+    for weight in (0.0, 0.5):
+        weights = {"token": 1.0, "token_pos_weight": 10.0, "cls_attention": weight}
+        losses, logits = forward_losses(model, head, images, labels, nodule.float(), nodule, weights)
+        assert logits.shape == (4, 2) and torch.isfinite(losses["total"])
+        assert ("cls_attention" in losses) == (weight > 0)
+        model.zero_grad()
+        head.zero_grad()
+        losses["total"].backward()
+        assert head.weight.grad.abs().sum() > 0
+        assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
