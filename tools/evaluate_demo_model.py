@@ -10,7 +10,8 @@ z-slabs of lung1/lung2 that no training nodule touches, each crop also without i
 Pointing game (rollout, `AttentionMapLib.explain`, target = "lesion", head mean): the peak token of the
 6x6x6 map is a hit when its 16 mm patch contains nodule voxels; "within one patch" also counts the 26
 neighbouring patches. Chance = the same hit rates for a peak drawn uniformly over the tokens.
-Real tumours: crops centred on each label's centroid and shifted by 24 mm along each axis.
+Real tumours: crops centred on each label's centroid and shifted by 24 mm along each axis; and the whole CT
+in overlapping windows (stride 48 mm, inside the volume): the rollout peak of the window with the highest P(lesion).
 """
 from __future__ import annotations
 
@@ -162,6 +163,37 @@ def real_tumour_results(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[st
     }
 
 
+def window_origins(shape: Sequence[int]) -> List[np.ndarray]:
+    """Crop corners tiling a volume with stride CROP // 2 (the card's overlap 0.5), the last flush with the end."""
+    axes = [sorted(set(range(0, n - demo_data.CROP + 1, demo_data.CROP // 2)) | {n - demo_data.CROP}) for n in shape]
+    return [np.array([a, b, c]) for a in axes[0] for b in axes[1] for c in axes[2]]
+
+
+def top_window_result(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str, object]:
+    """Whole CT in overlapping windows: where the rollout peak of the window with the highest P(lesion) lands
+    relative to the real tumour, and how many of the top 5 windows contain tumour voxels."""
+    origins = window_origins(ct.hu.shape)
+    images = np.stack([demo_data.scale_intensity(ct.hu[tuple(slice(o, o + demo_data.CROP) for o in origin)])[None] for origin in origins])
+    with torch.no_grad():
+        p = np.concatenate([torch.softmax(model(torch.from_numpy(images[s : s + 16]))[0], 1)[:, 1].numpy() for s in range(0, len(images), 16)])
+    order = np.argsort(-p, kind="stable")
+    holds = [bool(ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origins[i])].any()) for i in order[:5]]
+    best = order[0]
+    _, grid = run_model(model, images[best : best + 1])
+    peak = np.array(np.unravel_index(int(grid[0].argmax()), grid[0].shape))
+    peak_ras = apply_affine(ct.ijk_to_ras, origins[best] + peak * PATCH + (PATCH - 1) / 2.0)
+    distance = distance_to_mask_mm(peak_ras, ct.tumour, ct.ijk_to_ras)
+    return {
+        "windows": len(origins),
+        "top5_windows_holding_tumour": f"{sum(holds)}/5",
+        "top_window_p_lesion": round(float(p[best]), 4),
+        "top_window_peak_ras_mm": [round(float(v), 1) for v in peak_ras],
+        "top_window_peak_inside_label": distance["inside"],
+        "top_window_peak_distance_mm": round(distance["nearest_mm"], 1),
+        "top_window_peak_to_centroid_mm": round(distance["centroid_mm"], 1),
+    }
+
+
 def load_shipped(card_path: Path) -> torch.nn.Module:
     """The network a card describes, weights read with weights_only=True."""
     card = json.loads(card_path.read_text())
@@ -265,6 +297,7 @@ def evaluate(model: torch.nn.Module, pairs: int) -> Dict[str, object]:
     metrics = heldout_metrics(model, cts, pairs)
     metrics["heldout_subset"] = subset_values(model, cts)
     metrics["real_tumours"] = {ct.name: real_tumour_results(model, ct) for ct in cts}
+    metrics["real_tumours_whole_ct"] = {ct.name: top_window_result(model, ct) for ct in cts}
     metrics["pointing_game_definition"] = (
         "rollout (head mean, discard 0, target 'lesion') on the 6x6x6 token grid; hit = peak patch contains nodule "
         "voxels; within one patch = peak in a nodule patch or one of its 26 neighbours; chance = hit rate of a "
