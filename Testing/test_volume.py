@@ -74,33 +74,56 @@ def test_two_and_a_half_windows_per_axis_are_all_covered(vit):
     assert np.all(tokens >= -0.5) and np.all(tokens <= np.array(result.grid.shape) - 0.5)
 
 
-def _window_maps(model, volume, affine, prep, **options):
-    """Reference: every window's unnormalised map from engine.explain on the preprocessed input."""
+def _window_maps(model, volume, affine, prep, weighted_class=None, **options):
+    """Reference: every window's unnormalised map from engine.explain on the preprocessed input,
+    times the window's softmax probability of `weighted_class` when given."""
     image = preprocess_volume(volume, affine, prep, IMG, PATCH)[0].numpy()
     maps = {}
     for start in itertools.product(*[window_starts(s, w, p, 0.25) for s, w, p in zip(image.shape, IMG, PATCH)]):
         tile = image[tuple(slice(a, a + w) for a, w in zip(start, IMG))]
         x = torch.from_numpy(np.ascontiguousarray(tile))[None, None]
-        maps[tuple(a // p for a, p in zip(start, PATCH))] = engine.explain(model, x, normalize="none", **options).grid[0]
+        result = engine.explain(model, x, normalize="none", **options)
+        factor = 1.0 if weighted_class is None else float(torch.softmax(result.logits, dim=1)[0, weighted_class])
+        maps[tuple(a // p for a, p in zip(start, PATCH))] = factor * result.grid[0]
     return maps, tuple(s // p for s, p in zip(image.shape, PATCH))
+
+
+def _mean_blend(maps, grid_shape):
+    """(token -> the window values seen there, their unnormalised mean over windows)."""
+    values = {}
+    for offset, window_map in maps.items():
+        for index in itertools.product(*[range(n) for n in window_map.shape]):
+            values.setdefault(tuple(o + i for o, i in zip(offset, index)), []).append(window_map[index])
+    assert len(values) == int(np.prod(grid_shape)) and max(len(v) for v in values.values()) > 1
+    expected = np.zeros(grid_shape)
+    for index, seen in values.items():
+        expected[index] = np.mean(seen)
+    return values, expected
+
+
+def test_probability_weighted_blend_scales_each_window_by_its_target_probability(vit):
+    volume, affine = _volume(SMALL, seed=3), CASES["lps_axes"][1]
+    maps, grid_shape = _window_maps(vit, volume, affine, SLIDING, weighted_class=1, method="rollout")
+    result = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout", target=1)
+    assert result.window_weighting == "probability"
+    assert np.allclose(result.grid, normalize_map(_mean_blend(maps, grid_shape)[1][None], "minmax")[0], atol=1e-5)
+    unweighted = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout", target=1,
+                                window_weighting="none")
+    assert not np.allclose(unweighted.grid, result.grid, atol=1e-3)
+    with pytest.raises(AttentionMapError, match="window_weighting: expected one of probability, none"):
+        explain_volume(vit, volume, affine, SLIDING, img_size=IMG, window_weighting="max")
 
 
 def test_mean_blend_averages_windows_then_normalises_once(vit):
     volume, affine = _volume(SMALL, seed=3), CASES["lps_axes"][1]
     maps, grid_shape = _window_maps(vit, volume, affine, SLIDING, method="rollout")
-    values = {}
-    for offset, window_map in maps.items():
-        for index in itertools.product(*[range(n) for n in window_map.shape]):
-            values.setdefault(tuple(o + i for o, i in zip(offset, index)), []).append(window_map[index])
-    expected = np.zeros(grid_shape)
-    for index, seen in values.items():
-        expected[index] = np.mean(seen)
-    result = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout")
-    assert len(values) == int(np.prod(grid_shape)) and max(len(v) for v in values.values()) > 1
+    result = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout", window_weighting="none")
+    assert result.window_weighting == "none"
+    values, expected = _mean_blend(maps, grid_shape)
     assert np.allclose(result.grid, normalize_map(expected[None], "minmax")[0], atol=1e-5)
 
     gaussian = explain_volume(vit, volume, affine, {**SLIDING, "spatial": {**SLIDING["spatial"], "blend": "gaussian"}},
-                              img_size=IMG, method="rollout", normalize="none")
+                              img_size=IMG, method="rollout", normalize="none", window_weighting="none")
     low = np.zeros(grid_shape)
     high = np.zeros(grid_shape)
     for index, seen in values.items():

@@ -11,8 +11,10 @@ blends the windows' token grids into one global token grid with its own RAS ijk_
   Neighbouring starts are ``floor(window * (1 - overlap) / patch) * patch`` voxels apart (at least
   one patch) and the last window ends at the volume's end, so the grid covers the whole volume.
 
-Each window is read out unnormalised (``normalize="none"``); overlapping tokens are averaged (mean,
-or Gaussian weights favouring window centres); the normalisation is applied once, to the blended map.
+Each window is read out unnormalised (``normalize="none"``), scaled by the window's probability of
+the target class (``window_weighting="probability"``, class outputs only); overlapping tokens are
+averaged (mean, or Gaussian weights favouring window centres); the normalisation is applied once,
+to the blended map.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
 _UNCHANGED: Any = object()
+WINDOW_WEIGHTINGS = ("probability", "none")
 
 
 def window_starts(size: int, window: int, patch: int, overlap: float) -> List[int]:
@@ -60,7 +63,8 @@ class _Tiling:
 
     ``captures``: one CapturedAttention per batch, windows in order; ``offsets``: (W, 3) token
     offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
-    ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's.
+    ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's;
+    ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones).
     """
 
     captures: Tuple[CapturedAttention, ...]
@@ -68,6 +72,7 @@ class _Tiling:
     grid_shape: Tuple[int, int, int]
     weights: np.ndarray
     ijk_to_ras: np.ndarray
+    window_scale: Optional[np.ndarray] = None
 
     def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
         """Global token index (3,) of the token whose patch contains the RAS point, or None."""
@@ -103,16 +108,18 @@ class _Tiling:
         """Global token grid (I, J, K) float32: weighted mean of the window maps, then normalised once."""
         total = np.zeros(self.grid_shape, dtype=np.float64)
         weight = np.zeros(self.grid_shape, dtype=np.float64)
+        scale = np.ones(len(self.offsets)) if self.window_scale is None else self.window_scale
         first = 0
         for captured in self.captures:
             offsets = self.offsets[first:first + captured.batch_size]
-            first += captured.batch_size
-            for offset, window_map in zip(offsets, self.window_maps(captured, offsets, query, **options)):
+            maps = self.window_maps(captured, offsets, query, **options)
+            for offset, window_map, factor in zip(offsets, maps, scale[first:first + captured.batch_size]):
                 if window_map is None:
                     continue
                 region = tuple(slice(o, o + n) for o, n in zip(offset, window_map.shape))
-                total[region] += self.weights * window_map
+                total[region] += self.weights * (factor * window_map)
                 weight[region] += self.weights
+            first += captured.batch_size
         grid = np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), 0.0)
         return methods.normalize_map(grid[None], normalize)[0]
 
@@ -129,6 +136,8 @@ class VolumeAttention:
     target or None. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
     query_ras: the RAS point whose token row was read out (None: CLS row, or mean of rows without
     CLS); in sliding-window mode only windows holding that point contribute, other tokens are 0.
+    window_weighting: "probability" when each window's map was weighted by the window's probability
+    for the target class before blending (sliding window, class outputs), else "none".
     """
 
     grid: np.ndarray
@@ -145,6 +154,7 @@ class VolumeAttention:
     query_ras: Optional[np.ndarray]
     num_windows: int
     timings: Dict[str, float]
+    window_weighting: str
     _tiling: _Tiling = field(repr=False, compare=False)
 
     def peak_ras(self) -> np.ndarray:
@@ -220,6 +230,7 @@ def explain_volume(
     discard_ratio: float = 0.0,
     target: Optional[int] = None,
     normalize: str = "minmax",
+    window_weighting: str = "probability",
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -230,7 +241,14 @@ def explain_volume(
     returning True raises errors.Cancelled). device: where the input goes (default: the model's).
     The remaining arguments are those of `engine.explain`. In sliding-window mode grad_rollout without
     a target first runs all windows without gradients to pick the class (highest window probability).
+    window_weighting: "probability" (default) multiplies each window's map by that window's softmax
+    probability of the target class (the given target, else the class with the highest window
+    probability) before blending, so windows that do not see the class do not contribute their
+    attention (a classifier's attention in a window without the class points somewhere arbitrary);
+    "none" blends the maps as they are. Only used with several windows and class outputs.
     """
+    if window_weighting not in WINDOW_WEIGHTINGS:
+        raise AttentionMapError(f"window_weighting: expected one of {', '.join(WINDOW_WEIGHTINGS)}, got {window_weighting!r}")
     timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
     start = time.perf_counter()
     prep = parse_preprocessing(preprocessing)
@@ -277,16 +295,21 @@ def explain_volume(
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    grid = tiling.blend(query, normalize, method=method, layer=last, discard_ratio=discard_ratio)
     window_logits, probabilities = _class_outputs(captures)
     resolved = captures[0].target
     if target is None and resolved is not None and gradients:
         target = resolved[0]
+    weighting = window_weighting if window_logits is not None and len(tiles) > 1 else "none"
+    if weighting == "probability":
+        weighted_class = int(probabilities.argmax()) if target is None else int(target)
+        scale = torch.softmax(torch.from_numpy(window_logits), dim=1)[:, weighted_class].numpy().astype(np.float64)
+        tiling = replace(tiling, window_scale=scale)
+    grid = tiling.blend(query, normalize, method=method, layer=last, discard_ratio=discard_ratio)
     timings["fuse"] = time.perf_counter() - start
     return VolumeAttention(
         grid=grid, ijk_to_ras=tiling.ijk_to_ras, window_logits=window_logits, probabilities=probabilities,
         target=None if target is None else int(target), method=method, layer=last, head_fusion=head_fusion, head=head,
         discard_ratio=float(discard_ratio), normalize=normalize,
         query_ras=None if query_ras is None else np.asarray(query_ras, dtype=np.float64),
-        num_windows=len(tiles), timings=timings, _tiling=tiling,
+        num_windows=len(tiles), timings=timings, window_weighting=weighting, _tiling=tiling,
     )
