@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto: CUDA when available, CPU otherwise and after CUDA out-of-memory")
     model.add_argument("--normalize", default="percentile", choices=("minmax", "percentile", "none"),
-                       help="map scaling (default percentile: 1st..99th percentile to [0, 1])")
+                       help="map scaling (default percentile: 1st..99th percentile to 0..1, lower values 0, higher ones kept above 1)")
 
     run = commands.add_parser("run", parents=[model], help="attention maps, overlays and a summary per input")
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="NRRD / NIfTI / MHA file or DICOM series folder")
@@ -242,7 +242,8 @@ def run_command(args: argparse.Namespace) -> int:
             case.attention, device = _explain_case(loaded, case, args, options, device)
             _write_maps(output_dir, case, args.resample, written)
             case.record = _case_record(case, loaded.classes)
-        scale = shared_scale([c.on_input for c in cases])
+        # normalised maps share the scale their normalisation defines (percentile saturates above 1)
+        scale = shared_scale([c.on_input for c in cases]) if args.normalize == "none" else (0.0, 1.0)
         for case in cases:
             t0 = time.perf_counter()
             overlay = output_dir / f"{case.name}_overlay.png"

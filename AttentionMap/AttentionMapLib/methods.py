@@ -91,8 +91,10 @@ def readout_vector(batch: int, tokens: int, has_cls: bool, query_token: Optional
 def normalize_map(values: np.ndarray, mode: str = "minmax") -> np.ndarray:
     """Normalise each sample (axis 0) over all its other axes; float32 out.
 
-    ``minmax``: to [0, 1] (a constant map becomes all 0); ``percentile``: clipped to the 1st..99th
-    percentile first, then to [0, 1]; ``none``: unchanged.
+    ``minmax``: to [0, 1] (a constant map becomes all 0). ``percentile`` (robust, for display): the
+    1st percentile goes to 0 and the 99th to 1; values below the 1st are clipped to 0, values above
+    the 99th are kept (> 1, a display window of 0..1 saturates them) so that the peak stays one
+    token instead of a plateau of ties. ``none``: unchanged.
     """
     values = np.asarray(values, dtype=np.float32)
     if mode == "none":
@@ -100,8 +102,9 @@ def normalize_map(values: np.ndarray, mode: str = "minmax") -> np.ndarray:
     flat = values.reshape(values.shape[0], -1)
     if mode == "percentile":
         low, high = np.percentile(flat, PERCENTILE_RANGE, axis=1, keepdims=True)
-        flat = np.clip(flat, low, high)
-    low = flat.min(axis=1, keepdims=True)
-    span = flat.max(axis=1, keepdims=True) - low
+        flat = np.maximum(flat, low)
+    else:
+        low, high = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+    span = high - low
     scaled = np.where(span > 0, (flat - low) / np.where(span > 0, span, 1.0), 0.0)
     return scaled.astype(np.float32).reshape(values.shape)
