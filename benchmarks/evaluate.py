@@ -486,7 +486,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
     from AttentionMapLib.models import load_model
     from AttentionMapLib.sample_data import fetch_sample_data
 
-    started, stamp = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started, stamp, commit = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _commit()
     loaded = load_model(settings.model)
     spec = model_spec(loaded.network, loaded.img_size)
     paths = fetch_sample_data()
@@ -512,7 +512,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         _init_worker(settings)
         records = [score_case(job) for job in jobs]
     return {
-        "settings": settings.__dict__, "commit": _commit(), "started": stamp,
+        "settings": settings.__dict__, "commit": commit, "started": stamp,
         "minutes": (time.perf_counter() - started) / 60.0, "machine": measure.machine_description(),
         "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
                   "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
@@ -522,9 +522,14 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
 
 
 def _commit() -> str:
+    """HEAD at the start of the run, plus the library files that differ from it (the code that ran)."""
     import subprocess
 
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=measure.REPO, capture_output=True, text=True).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=measure.REPO, capture_output=True, text=True).stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "AttentionMap/AttentionMapLib", "benchmarks").splitlines()
+    return git("rev-parse", "--short", "HEAD") + (f" + uncommitted changes in {len(changed)} file(s)" if changed else "")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
