@@ -268,7 +268,7 @@ def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     out = tmp_path / "demo-output"
-    assert demo.main(["--model", str(oracle_card), "--output-dir", str(out)]) == 0
+    assert demo.main(["--model", str(oracle_card), "--output-dir", str(out), "--whole-scan"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "lung2_image_overlay.png") in printed and str(out / "lung2_image_attention.nrrd") in printed
     assert "INSIDE the tumour label" in printed

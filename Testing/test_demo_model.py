@@ -174,3 +174,18 @@ def test_training_losses_with_and_without_the_attention_loss():
         losses["total"].backward()
         assert head.weight.grad.abs().sum() > 0
         assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_lung_field_box_holds_the_lungs_and_both_tumours(cts):
+    for ct in cts:
+        start, stop = demo_data.lung_field_box(ct.hu, margin=2)
+        lung = np.argwhere(ct.lung)
+        assert np.all(start <= np.maximum(lung.min(axis=0) - 2, 0)) and np.all(stop >= lung.max(axis=0) + 1)
+        tumour = np.argwhere(ct.tumour)
+        assert np.all(tumour.min(axis=0) >= start) and np.all(tumour.max(axis=0) < stop), ct.name
+        assert np.prod(stop - start) < 0.9 * ct.hu.size  # it does cut something away
+
+
+def test_lung_field_box_refuses_a_volume_without_lungs():
+    with pytest.raises(AttentionMapError, match="volume: no lung field found"):
+        demo_data.lung_field_box(np.full((40, 40, 10), 40.0))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import (apply_affine, check_ijk_to_ras, ijk_to_kji, kji_to_ijk, lps_to_ras, peak_index,
+from AttentionMapLib.geometry import (apply_affine, check_ijk_to_ras, crop, ijk_to_kji, kji_to_ijk, lps_to_ras, peak_index,
                                       ras_to_ijk, resample_grid, token_grid_affine, voxel_spacing)
 from geometry_cases import CASES, OBLIQUE
 
@@ -90,3 +90,13 @@ def _translation(offset):
     t = np.eye(4)
     t[:3, 3] = offset
     return t
+
+
+def test_crop_keeps_every_kept_voxel_at_its_ras_position():
+    affine = CASES["oblique_30_20"][1]
+    array = np.random.default_rng(0).random((2, 9, 8, 7)).astype(np.float32)  # (C, I, J, K)
+    part, moved = crop(array, affine, (2, 1, 3), (7, 8, 6))
+    assert part.shape == (2, 5, 7, 3) and np.shares_memory(part, array) is False
+    assert part[1, 0, 0, 0] == array[1, 2, 1, 3] and part[0, 4, 6, 2] == array[0, 6, 7, 5]
+    assert np.allclose(apply_affine(moved, [4, 6, 2]), apply_affine(affine, [6, 7, 5]))
+    assert np.allclose(moved[:3, :3], affine[:3, :3])

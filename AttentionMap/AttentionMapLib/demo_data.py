@@ -140,6 +140,18 @@ def lung_mask(hu: np.ndarray) -> np.ndarray:
     return (counts >= 0.1 * counts.max())[labels]
 
 
+def lung_field_box(hu: np.ndarray, margin: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """(start, stop) voxel indices (I, J, K) of the bounding box of `lung_mask`, widened by `margin`
+    voxels and clipped to the volume: the region the demo model was trained on."""
+    voxels = np.argwhere(lung_mask(hu))
+    if len(voxels) == 0:
+        raise AttentionMapError("volume: no lung field found (air below -400 HU enclosed by the body); "
+                                "expected a chest CT in Hounsfield units")
+    start = np.maximum(voxels.min(axis=0) - margin, 0)
+    stop = np.minimum(voxels.max(axis=0) + 1 + margin, hu.shape)
+    return start, stop
+
+
 def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
     """Read a chest CT and its tumour label, resample both to RAS 2 mm, and compute the lung mask."""
     hu, affine = _resample(Path(image_path), label=False)

@@ -92,6 +92,15 @@ def token_grid_affine(
     return np.asarray(voxel_ijk_to_ras, dtype=np.float64) @ token_to_voxel
 
 
+def crop(array: np.ndarray, ijk_to_ras: np.ndarray, start: Sequence[int], stop: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Voxels ``start..stop`` (exclusive) of the last three (I, J, K) axes, with the ijk_to_ras that keeps
+    every kept voxel at its RAS position (the origin moves to voxel ``start``). Returns a copy."""
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    moved = np.array(ijk_to_ras, dtype=np.float64)
+    moved[:3, 3] = apply_affine(moved, np.asarray(start, dtype=np.float64))
+    return np.array(array[(Ellipsis,) + box]), moved
+
+
 def peak_index(grid: np.ndarray) -> Tuple[int, int, int]:
     """(i, j, k) of the largest value of a 3D grid (first one in C order on ties)."""
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(grid)), grid.shape))
