@@ -27,6 +27,10 @@ _LAZY = {
     "parse_preprocessing": "preprocess",
     "load_model": "models",
     "LoadedModel": "models",
+    "mask_statistics": "metrics",
+    "pointing_game": "metrics",
+    "deletion_insertion": "metrics",
+    "score_volume": "metrics",
 }
 
 __all__ = ["AttentionMapError", "Cancelled", *_LAZY]
