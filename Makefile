@@ -19,5 +19,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Not part of the two commands: regenerate docs/BENCHMARKS.md (tens of minutes on 2 cores) and
+# docs/EVALUATION.md (minutes) from one run each.
+bench: $(STAMP)
+	nice -n 5 $(PY) benchmarks/run_benchmarks.py
+
+evaluate: $(STAMP)
+	nice -n 5 $(PY) benchmarks/evaluate.py
+
 clean:
 	rm -rf $(VENV)
