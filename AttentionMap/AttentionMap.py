@@ -142,6 +142,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatisticsButton)
+        self.ui.scoreButton.connect("clicked(bool)", self.onScoreButton)
         self.ui.targetComboBox.connect("currentIndexChanged(int)", self.onTargetChanged)
         self.ui.queryPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.queryPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
@@ -215,6 +216,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trustBundleCheckBox.enabled = p.modelKind == MODEL_KINDS[2]
         self.ui.headSpinBox.enabled = p.headFusion == "single head"
         self.ui.statisticsButton.enabled = bool(p.segmentation) and self.logic.result is not None
+        self.ui.scoreButton.enabled = self.logic.result is not None
         self.ui.layerValueLabel.text = "last" if p.layer == 0 else str(p.layer)
         self._observeQueryPoint(p.queryPoint)
         values = self._currentValues()
@@ -329,6 +331,10 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finish()
             if event.kind == worker.DONE and kind == "explain":
                 self._applyResult(event.value)
+            elif event.kind == worker.DONE and kind == "score":
+                self.ui.scoreLabel.text = self.logic.describeScore(event.value)
+            elif kind == "score":
+                self.ui.scoreLabel.text = f"Scoring failed: {event.value}"
             elif event.kind == worker.DONE:
                 with slicer.util.tryWithErrorDisplay("Failed to show the attention map."):
                     seconds = self.logic.applyRefused(event.value, self._parameterNode)
@@ -375,6 +381,14 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = [f"{name}: {p:.1%}" + (" (explained)" if i == target else "")
                  for i, (name, p) in enumerate(zip(classes, probabilities))]
         self.ui.probabilitiesLabel.text = "\n".join(lines)
+
+    def onScoreButton(self) -> None:
+        if self._job is not None:
+            self.ui.scoreLabel.text = "Busy: score again once the current job has finished."
+            return
+        with slicer.util.tryWithErrorDisplay("Failed to start scoring.", waitCursor=True):
+            self.ui.scoreLabel.text = "Scoring the map in the background..."
+            self._startJob("score", self.logic.startScore(self._parameterNode))
 
     def onStatisticsButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to compute segment statistics.", waitCursor=True):
@@ -505,6 +519,26 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
     def _volumeRenderingLogic():
         module = getattr(slicer.modules, "volumerendering", None)
         return module.logic() if module is not None else None
+
+    def startScore(self, p: AttentionMapParameterNode) -> worker.BackgroundJob:
+        """Deletion / insertion AUC of the current map's method and options, in a background thread,
+        on the model window around the query point (else the attention peak)."""
+        if self.result is None or self.inputVolume is None:
+            raise AttentionMapError("score: press Apply first")
+        array, ijkToRas = mrml.volume_to_array(self.inputVolume)
+        attention = self.result.attention
+        centre = self.queryRas(p)
+        options = {"method": attention.method, "layer": attention.layer, "head_fusion": attention.head_fusion,
+                   "head": attention.head, "discard_ratio": attention.discard_ratio,
+                   "target": attention.target if attention.target is not None else self.result.model.target}
+        return worker.score_job(self.result.model, array, ijkToRas,
+                                attention.peak_ras() if centre is None else centre, options, device=p.device)
+
+    @staticmethod
+    def describeScore(scores: Dict[str, Any]) -> str:
+        return (f"Deletion AUC {scores['deletion_auc']:.3f} (lower is better), insertion AUC "
+                f"{scores['insertion_auc']:.3f} (higher is better); target {scores['target']}, "
+                f"baseline {scores['baseline']}, {scores['steps']} steps.")
 
     def segmentStatistics(self, p: AttentionMapParameterNode):
         if self.result is None:

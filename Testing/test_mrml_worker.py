@@ -184,3 +184,28 @@ def test_refuse_job_equals_refuse_on_the_callers_thread(oracle_card):
     assert final.value.method == "raw" and final.value.timings["forward"] == 0.0
     bad = refuse_job(attention, {"method": "nonsense"}).wait(60)
     assert bad.kind == ERROR and "method" in str(bad.value)
+
+
+def test_score_job_equals_score_volume_and_copies_its_input(oracle_card):
+    from AttentionMapLib.metrics import score_volume
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.worker import score_job
+
+    loaded = load_model(str(oracle_card[0]))
+    with torch.no_grad():  # values, output projections and head made random, so the curves move
+        torch.manual_seed(0)
+        for block in loaded.network.blocks:
+            block.attn.qkv.weight[32:].normal_()
+            block.attn.out_proj.weight.normal_()
+        loaded.network.classification_head.weight.normal_()
+    array, affine = volume()
+    original = array.copy()
+    options = {"method": "rollout", "layer": 1, "target": 1}
+    job = score_job(loaded, array, affine, (35.0, 2.0, 18.0), options, device="cpu")
+    array[:] = 0.0
+    final = job.wait(120)
+    assert final.kind == DONE, final.detail
+    direct = score_volume(loaded.network, original, affine, loaded.preprocessing, img_size=loaded.img_size,
+                          centre_ras=(35.0, 2.0, 18.0), device="cpu", **options)
+    assert final.value == direct
+    assert final.value["target"] == 1 and len(set(np.round(direct["deletion_curve"], 6))) > 1

@@ -9,7 +9,7 @@ Importing this module needs only the standard library; torch and MONAI are impor
 import queue
 import threading
 import traceback
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -131,6 +131,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _copies(array_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Copies of the input the job may keep: the caller's array can change once the job runs."""
+    return np.array(array_ijk, copy=True), np.array(ijk_to_ras, dtype=np.float64, copy=True)
+
+
 def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray,
                 explain_options: Optional[Dict[str, Any]] = None, trust_bundle: bool = False,
                 device: str = "auto", cache: Optional[ModelCache] = None) -> BackgroundJob:
@@ -141,8 +146,7 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     target, query_ras, normalize, ...); ``target`` may be a class index or name, None means the
     card's default. The result is an ExplainResult.
     """
-    array = np.array(array_ijk, copy=True)
-    affine = np.array(ijk_to_ras, dtype=np.float64, copy=True)
+    array, affine = _copies(array_ijk, ijk_to_ras)
     options = dict(explain_options or {})
     models = cache if cache is not None else ModelCache()
 
@@ -173,3 +177,20 @@ def refuse_job(attention: Any, fusion_options: Dict[str, Any]) -> BackgroundJob:
     options = dict(fusion_options)
     return BackgroundJob(lambda progress, is_cancelled: attention.refuse(**options),
                          name="AttentionMap re-fusion").start()
+
+
+def score_job(model: Any, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, centre_ras: Optional[Sequence[float]],
+              explain_options: Dict[str, Any], device: str = "auto") -> BackgroundJob:
+    """A started job returning ``metrics.score_volume`` (deletion / insertion AUC) of the map for a
+    loaded model on one model window centred on ``centre_ras``. The array is copied here, on the
+    caller's thread; ``explain_options`` as for engine.explain (layer 0-based, target an index)."""
+    array, affine = _copies(array_ijk, ijk_to_ras)
+    options = dict(explain_options)
+
+    def run(progress: Callable[[float], None], is_cancelled: Callable[[], bool]) -> Dict[str, Any]:
+        from .metrics import score_volume
+
+        return score_volume(model.network, array, affine, model.preprocessing, img_size=model.img_size,
+                            centre_ras=centre_ras, device=resolve_device(device), **options)
+
+    return BackgroundJob(run, name="AttentionMap score").start()
