@@ -24,6 +24,8 @@ VIEW_SIZE = 360
 
 def _scene():
     from AttentionMapLib import mrml
+    from AttentionMapLib.demo_data import lung_field_box
+    from AttentionMapLib.geometry import crop
 
     scene, app = mrml.headless_scene()
     views = [mrml.add_slice_view(scene, app, name, orientation)
@@ -43,6 +45,8 @@ def _add_volume(scene, array_ijk, ijk_to_ras, name, class_name="vtkMRMLScalarVol
 
 def _render(logic, ras):
     from AttentionMapLib import mrml
+    from AttentionMapLib.demo_data import lung_field_box
+    from AttentionMapLib.geometry import crop
 
     node = logic.GetSliceNode()
     node.SetDimensions(VIEW_SIZE, VIEW_SIZE, 1)
@@ -62,6 +66,8 @@ def main() -> None:
     from PIL import Image
 
     from AttentionMapLib import mrml
+    from AttentionMapLib.demo_data import lung_field_box
+    from AttentionMapLib.geometry import crop
     from AttentionMapLib.io import read_volume
     from AttentionMapLib.models import load_model
     from AttentionMapLib.volume import explain_volume
@@ -88,6 +94,8 @@ def main() -> None:
 
     model = load_model(args.model, device="cpu")
     array, ijk_to_ras = mrml.volume_to_array(ct)
+    start, stop = lung_field_box(array)  # the demo model's domain, as in `make demo`
+    array, ijk_to_ras = crop(array, ijk_to_ras, start, stop)
     attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing, img_size=model.img_size,
                                method="rollout", target=model.target, normalize="percentile")
     overlay = mrml.attention_to_volume(attention, scene, name="lung2 attention")
