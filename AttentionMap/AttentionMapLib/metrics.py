@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 
 from .errors import AttentionMapError
+from .geometry import peak_index
 
 Tolerance = Union[int, Sequence[int]]
 BASELINES = ("blur", "mean", "zero")
@@ -64,7 +65,7 @@ def pointing_game(attention: np.ndarray, mask: np.ndarray, tolerance: Tolerance 
     tol = np.broadcast_to(np.asarray(tolerance, dtype=int), (values.ndim,))
     if np.any(tol < 0):
         raise AttentionMapError(f"tolerance: expected voxel counts >= 0, got {tolerance}")
-    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    peak = peak_index(values)
     box = tuple(slice(max(0, p - t), p + t + 1) for p, t in zip(peak, tol))
     return bool(inside[box].any())
 

@@ -205,12 +205,12 @@ def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
 
 
 def _class_outputs(captures: Sequence[CapturedAttention]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(window_logits (W, K), probabilities (K,): per class the max over windows of the softmax);
+    """(window_logits (W, K), window_probabilities (W, K): the softmax of each window's logits);
     (None, None) for dense outputs."""
     if captures[0].logits.ndim != 2:
         return None, None
     logits = torch.cat([c.logits for c in captures]).float().cpu()
-    return logits.numpy(), torch.softmax(logits, dim=1).amax(dim=0).numpy()
+    return logits.numpy(), torch.softmax(logits, dim=1).numpy()
 
 
 def explain_volume(
@@ -284,8 +284,8 @@ def explain_volume(
     if two_sweeps:
         first = _sweep(tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
                        progress, cancel, 0, total)
-        probabilities = _class_outputs(first)[1]
-        target = None if probabilities is None else int(probabilities.argmax())
+        window_probabilities = _class_outputs(first)[1]
+        target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
     captures = _sweep(
         tiles, batch,
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
@@ -295,14 +295,15 @@ def explain_volume(
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    window_logits, probabilities = _class_outputs(captures)
+    window_logits, window_probabilities = _class_outputs(captures)
+    probabilities = None if window_probabilities is None else window_probabilities.max(axis=0)
     resolved = captures[0].target
     if target is None and resolved is not None and gradients:
         target = resolved[0]
     weighting = window_weighting if window_logits is not None and len(tiles) > 1 else "none"
     if weighting == "probability":
         weighted_class = int(probabilities.argmax()) if target is None else int(target)
-        scale = torch.softmax(torch.from_numpy(window_logits), dim=1)[:, weighted_class].numpy().astype(np.float64)
+        scale = window_probabilities[:, weighted_class].astype(np.float64)
         tiling = replace(tiling, window_scale=scale)
     grid = tiling.blend(query, normalize, method=method, layer=last, discard_ratio=discard_ratio)
     timings["fuse"] = time.perf_counter() - start
