@@ -105,7 +105,7 @@ def test_folder_with_two_series_needs_a_series_id(tmp_path):
     shifted = sitk.Image(image)
     shifted.SetOrigin((0.0, 0.0, 500.0))
     _write_dicom_series(tmp_path, shifted, series="1.2.826.0.1.3680043.2.1125.1.99.2")
-    with pytest.raises(AttentionMapError, match="2 DICOM series found, pass series_id="):
+    with pytest.raises(AttentionMapError, match="2 DICOM series found; choose one with --series-uid UID"):
         read_volume(tmp_path)
     with pytest.raises(AttentionMapError, match="not found"):
         read_volume(tmp_path, series_id="1.2.3")

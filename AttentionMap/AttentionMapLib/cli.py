@@ -8,13 +8,19 @@
     attention-map sample-data [--cache-dir DIR]
 
 Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers
-count from the end (-1 = last, the default). Exit status: 0 on success, 2 on bad input (one line on
-stderr naming the input and the problem; outputs of the failed run are removed). Inputs are only read.
+count from the end (-1 = last, the default). Exit status: 0 on success, 2 on bad input or an output that
+cannot be written (one line on stderr naming the input or output and the problem), 130 after Ctrl-C,
+143 after SIGTERM, 1 for an unexpected internal error (one line; ATTENTIONMAP_TRACEBACK=1 shows the
+traceback). Outputs are staged and moved into place at the end (`outputs.staged_folder`): a failed or
+interrupted run leaves nothing behind. Inputs are only read; an output never replaces an input or
+writes through a symbolic link.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ import numpy as np
 
 from .errors import AttentionMapError
 from .io import read_volume
+from .outputs import check_output_file, check_output_folder, staged_folder, write_file
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 
@@ -63,12 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
     run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
-    run.add_argument("--output-dir", required=True, type=Path)
+    run.add_argument("--output-dir", required=True, type=Path,
+                     help="created if missing; files of this run replace same-named earlier results, others stay")
+    run.add_argument("--series-uid", default=None, metavar="UID",
+                     help="DICOM folders holding several series: the SeriesInstanceUID to read")
     run.set_defaults(func=run_command)
 
     score = commands.add_parser("score", parents=[model],
                                 help="deletion / insertion AUC (RISE) of the map on the model input")
     score.add_argument("input", metavar="INPUT")
+    score.add_argument("--series-uid", default=None, metavar="UID",
+                       help="DICOM folder holding several series: the SeriesInstanceUID to read")
     score.add_argument("--centre-ras", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                        help="sliding-window cards: score the window centred here (default: the volume centre)")
     score.add_argument("--steps", type=int, default=32, help="points on each curve minus one (default 32)")
@@ -83,14 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staged outputs are removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _say(message: str) -> None:
+    print(f"attention-map: {' '.join(message.split())}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; returns the exit status."""
+    """Console entry point; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except AttentionMapError as exc:
-        print(f"attention-map: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:
+        _say("interrupted (Ctrl-C); no outputs of this run were kept")
+        return 130
+    except Terminated:
+        _say("terminated (SIGTERM); no outputs of this run were kept")
+        return 143
+    except Exception as exc:  # a fault of ours, not bad input: still one line, traceback on request
+        if os.environ.get("ATTENTIONMAP_TRACEBACK"):
+            raise
+        _say(f"internal error: {type(exc).__name__}: {exc} (set ATTENTIONMAP_TRACEBACK=1 for the traceback)")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -203,7 +241,7 @@ class Case:
                            title, self.label)
 
 
-def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]]) -> List[Case]:
+def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]], series_uid: Optional[str] = None) -> List[Case]:
     """Read every input (and its mask) before anything is computed or written."""
     paths = [Path(p) for p in inputs]
     label_paths = [Path(p) for p in labels] if labels else []
@@ -216,39 +254,73 @@ def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]]) -> List[C
     cases = []
     for index, (name, path) in enumerate(zip(names, paths)):
         t0 = time.perf_counter()
-        array, ijk_to_ras = read_volume(path)
+        array, ijk_to_ras = read_volume(path, series_uid)
         label = _read_label(label_paths[index], path, array.shape[-3:], ijk_to_ras) if label_paths else None
         cases.append(Case(name, path, array, ijk_to_ras, label, time.perf_counter() - t0))
     return cases
 
 
+def output_names(cases: Sequence[Case], resample: bool) -> List[str]:
+    """File names `run` writes into --output-dir, known before anything is computed."""
+    names = []
+    for case in cases:
+        names += [f"{case.name}_attention.nrrd", f"{case.name}_overlay.png"]
+        names += [f"{case.name}_attention_resampled.nrrd"] if resample else []
+    return names + (["montage.png"] if len(cases) > 1 else []) + ["summary.json"]
+
+
+def input_paths(args: argparse.Namespace) -> List[Path]:
+    """Every file or folder the command reads (volumes, masks, model): no output may replace one."""
+    paths = [Path(p) for p in getattr(args, "inputs", None) or [args.input]]
+    paths += [Path(p) for p in getattr(args, "label", None) or []]
+    return paths + ([Path(args.model)] if args.model != "demo" else [])
+
+
+def naming_input(path: Path, exc: AttentionMapError) -> AttentionMapError:
+    """The library's message about `array_ijk` told about the input file (with several inputs: which one)."""
+    return AttentionMapError(f"{path}: {str(exc).replace('array_ijk: ', '', 1)}")
+
+
+def check_case_volumes(cases: Sequence[Case], loaded) -> None:
+    """Every input the model can take (3D, channels, finite), checked before any is computed."""
+    from .engine import model_spec
+    from .preprocess import check_volume
+
+    in_channels = model_spec(loaded.network, loaded.img_size).in_channels
+    for case in cases:
+        try:
+            check_volume(case.array, in_channels)
+        except AttentionMapError as exc:
+            raise naming_input(case.path, exc) from None
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """`attention-map run`: see the module docstring. Writes only into --output-dir."""
+    """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end."""
     from tqdm import tqdm
 
     from .models import load_model
     from .render import shared_scale, write_montage, write_overlay
 
-    cases = read_cases(args.inputs, args.label)
+    cases = read_cases(args.inputs, args.label, args.series_uid)
+    names = output_names(cases, args.resample)
+    inputs = input_paths(args)
+    output_dir = check_output_folder(args.output_dir, names, inputs)
     device = resolve_device(args.device)
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
-    output_dir = Path(args.output_dir)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written: List[Path] = []
-    try:
+    check_case_volumes(cases, loaded)
+    with staged_folder(output_dir, names, inputs) as staging:
         for case in tqdm(cases, desc="cases", unit="case", disable=None):
             case.attention, device = _explain_case(loaded, case, args, options, device)
-            _write_maps(output_dir, case, args.resample, written)
+            _write_maps(staging, output_dir, case, args.resample)
             case.record = _case_record(case, loaded.classes)
         # normalised maps share the scale their normalisation defines (percentile saturates above 1)
         scale = shared_scale([c.on_input for c in cases]) if args.normalize == "none" else (0.0, 1.0)
         for case in cases:
             t0 = time.perf_counter()
-            overlay = output_dir / f"{case.name}_overlay.png"
-            written.append(write_overlay(overlay, case.overlay(loaded.classes, args.method), scale))
-            case.record["outputs"]["overlay"] = str(overlay)
+            name = f"{case.name}_overlay.png"
+            write_overlay(staging / name, case.overlay(loaded.classes, args.method), scale)
+            case.record["outputs"]["overlay"] = str(output_dir / name)
             case.record["timings_s"]["render"] = time.perf_counter() - t0
         summary = {
             "model": {"source": loaded.source, "classes": loaded.classes, "img_size": list(loaded.img_size),
@@ -258,19 +330,10 @@ def run_command(args: argparse.Namespace) -> int:
             "cases": [c.record for c in cases],
         }
         if len(cases) > 1:
-            montage = output_dir / "montage.png"
-            written.append(write_montage(montage, [c.overlay(loaded.classes, args.method) for c in cases], scale))
-            summary["montage"] = str(montage)
-        summary_path = output_dir / "summary.json"
-        summary_path.write_text(json.dumps(summary, indent=2))
-        written.append(summary_path)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
-    print(f"attention-map: wrote {len(written)} files to {output_dir}")
+            write_montage(staging / "montage.png", [c.overlay(loaded.classes, args.method) for c in cases], scale)
+            summary["montage"] = str(output_dir / "montage.png")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"attention-map: wrote {len(names)} files to {output_dir}")
     return 0
 
 
@@ -285,24 +348,29 @@ def _explain_case(loaded, case: Case, args: argparse.Namespace, options: Dict[st
                                        img_size=loaded.img_size, query_ras=args.query_ras, progress=update,
                                        device=dev, **options),
         )
+    except AttentionMapError as exc:
+        raise naming_input(case.path, exc) from None
     finally:
         bar.close()
 
 
-def _write_maps(output_dir: Path, case: Case, resample: bool, written: List[Path]) -> None:
-    """<case>_attention.nrrd (token grid, own geometry) and, with --resample, the map on the input grid."""
+def _write_maps(staging: Path, output_dir: Path, case: Case, resample: bool) -> None:
+    """<case>_attention.nrrd (token grid, own geometry) and, with --resample, the map on the input grid.
+
+    Written into `staging`; the summary records their final place in `output_dir`.
+    """
     from .io import write_volume
 
     t0 = time.perf_counter()
     case.on_input = case.attention.resample_to(case.array.shape[-3:], case.ijk_to_ras)
     t1 = time.perf_counter()
-    grid_path = output_dir / f"{case.name}_attention.nrrd"
-    written.append(write_volume(grid_path, case.attention.grid, case.attention.ijk_to_ras))
-    case.record["outputs"] = {"attention": str(grid_path)}
+    name = f"{case.name}_attention.nrrd"
+    write_volume(staging / name, case.attention.grid, case.attention.ijk_to_ras)
+    case.record["outputs"] = {"attention": str(output_dir / name)}
     if resample:
-        resampled_path = output_dir / f"{case.name}_attention_resampled.nrrd"
-        written.append(write_volume(resampled_path, case.on_input, case.ijk_to_ras))
-        case.record["outputs"]["attention_resampled"] = str(resampled_path)
+        name = f"{case.name}_attention_resampled.nrrd"
+        write_volume(staging / name, case.on_input, case.ijk_to_ras)
+        case.record["outputs"]["attention_resampled"] = str(output_dir / name)
     case.record["timings_s"] = {"resample": t1 - t0, "write": time.perf_counter() - t1}
 
 
@@ -345,13 +413,20 @@ def score_command(args: argparse.Namespace) -> int:
     from .metrics import score_volume
     from .models import load_model
 
-    (case,) = read_cases([args.input], None)
+    (case,) = read_cases([args.input], None, args.series_uid)
+    inputs = input_paths(args)
+    if args.output is not None:
+        check_output_file(Path(args.output), inputs, "--output")
     device = resolve_device(args.device)
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
-    scores = score_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
-                          centre_ras=args.centre_ras, steps=args.steps, baseline=args.baseline, device=device,
-                          **options)
+    check_case_volumes([case], loaded)
+    try:
+        scores = score_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
+                              centre_ras=args.centre_ras, steps=args.steps, baseline=args.baseline, device=device,
+                              **options)
+    except AttentionMapError as exc:
+        raise naming_input(case.path, exc) from None
     report = {"case": case.name, "input": str(case.path), "model": loaded.source,
               "options": {**options, "layer_cli": args.layer, "centre_ras": args.centre_ras}, **scores}
     target = loaded.classes[scores["target"]] if loaded.classes else scores["target"]
@@ -359,7 +434,7 @@ def score_command(args: argparse.Namespace) -> int:
           f"{scores['insertion_auc']:.4f} (higher is better); target {target}, baseline {args.baseline}, "
           f"{args.steps} steps")
     if args.output is not None:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        write_file(Path(args.output), json.dumps(report, indent=2).encode(), inputs, "--output")
     return 0
 
 
@@ -371,3 +446,7 @@ def sample_data_command(args: argparse.Namespace) -> int:
     for name, path in fetch_sample_data(args.cache_dir).items():
         print(f"{name}\t{path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ a float32 attention grid is written as float32); preprocessing converts to float
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -24,7 +25,41 @@ _WRITE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 def _sitk():
     import SimpleITK as sitk
 
+    # ITK prints its warnings (e.g. GDCM's "No Series were found") straight to stderr; the reader's
+    # outcome is reported by our own messages instead, one line per problem.
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
     return sitk
+
+
+def check_input_path(path: PathLike, what: str = "", folders: bool = True) -> Path:
+    """`path` as a Path if it is a regular file (or, with `folders`, a folder), else AttentionMapError.
+
+    Checked with os.stat before anything opens it: a named pipe (what a shell's <(...) gives), a device
+    or a socket is refused without being opened, so it can never block the reader. Symbolic links to a
+    file or folder are followed (inputs are only read). `what` prefixes the message (e.g. "--label").
+    """
+    p = Path(path)
+    name = f"{what} {p}" if what else str(p)
+    expected = "a regular file" + (" or a DICOM folder" if folders else "")
+    try:
+        info = os.stat(p)
+    except FileNotFoundError:
+        raise AttentionMapError(f"{name}: no such file or folder") from None
+    except OSError as exc:
+        raise AttentionMapError(f"{name}: cannot be read ({exc.strerror}); expected {expected}") from None
+    if stat.S_ISDIR(info.st_mode) and folders:
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise AttentionMapError(f"{name}: the folder cannot be read (permission denied)")
+        return p
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
+        raise AttentionMapError(f"{name}: is {kind}; expected {expected} (save a stream to a file first)")
+    if info.st_size == 0:
+        raise AttentionMapError(f"{name}: the file is empty; expected {expected}")
+    if not os.access(p, os.R_OK):
+        raise AttentionMapError(f"{name}: the file cannot be read (permission denied)")
+    return p
 
 
 def image_ijk_to_ras(image) -> np.ndarray:
@@ -43,7 +78,8 @@ def _read_dicom_series(folder: Path, series_id: Optional[str]):
         raise AttentionMapError(f"{folder}: no DICOM series found in this folder")
     if series_id is None:
         if len(ids) > 1:
-            raise AttentionMapError(f"{folder}: {len(ids)} DICOM series found, pass series_id= one of {list(ids)}")
+            raise AttentionMapError(f"{folder}: {len(ids)} DICOM series found; choose one with --series-uid UID "
+                                    f"(library: series_id=), one of {list(ids)}")
         series_id = ids[0]
     elif series_id not in ids:
         raise AttentionMapError(f"{folder}: DICOM series {series_id!r} not found; series present: {list(ids)}")
@@ -59,13 +95,14 @@ def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.nda
     pixels, in the stored pixel type; ijk_to_ras (4, 4) float64 in RAS millimetres.
     """
     sitk = _sitk()
-    p = Path(path)
-    if not p.exists():
-        raise AttentionMapError(f"{p}: no such file or folder")
+    p = check_input_path(path)
+    if series_id is not None and not p.is_dir():
+        raise AttentionMapError(f"{p}: a series UID was given but the input is a file, not a DICOM folder")
     try:
         image = _read_dicom_series(p, series_id) if p.is_dir() else sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        raise AttentionMapError(f"{p}: SimpleITK could not read it as a volume ({str(exc).strip()[:300]})") from None
+        reason = " ".join(str(exc).split())[-300:]
+        raise AttentionMapError(f"{p}: SimpleITK could not read it as a volume ({reason})") from None
     if image.GetDimension() != 3:
         raise AttentionMapError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
     # GetArrayFromImage is (K, J, I) or (K, J, I, C); reversing gives (I, J, K) or (C, I, J, K)

@@ -201,12 +201,10 @@ def check_volume(array_ijk: Any, in_channels: int) -> np.ndarray:
     array = np.asarray(array_ijk)
     if array.dtype.kind not in "biuf":
         raise AttentionMapError(f"array_ijk: expected a numeric array, got dtype {array.dtype}")
-    two_d = AttentionMapError(
-        f"array_ijk: got shape {array.shape}, a 2D image; expected a 3D volume (I, J, K) with "
-        "more than one voxel along each axis"
-    )
     if array.ndim < 3:
-        raise two_d
+        kind = "a 2D image" if array.ndim == 2 else f"a {array.ndim}D array"
+        raise AttentionMapError(f"array_ijk: got shape {array.shape}, {kind}; expected a 3D volume "
+                                "(I, J, K) with more than one voxel along each axis")
     channels = 1 if array.ndim == 3 else array.shape[0]
     if array.ndim > 4 or channels != in_channels:
         expected = "(I, J, K) or (1, I, J, K)" if in_channels == 1 else f"({in_channels}, I, J, K)"
@@ -214,8 +212,11 @@ def check_volume(array_ijk: Any, in_channels: int) -> np.ndarray:
             f"array_ijk: got shape {array.shape}; the model expects {in_channels} channel(s): "
             f"an array {expected} (channels first)"
         )
-    if 1 in array.shape[-3:]:
-        raise two_d
+    single = sum(1 for n in array.shape[-3:] if n < 2)
+    if single:
+        kind = "a 2D image" if single == 1 else f"{single} of its 3 axes hold a single voxel"
+        raise AttentionMapError(f"array_ijk: got shape {array.shape} ({kind}); expected a 3D volume (I, J, K) "
+                                "with more than one voxel along each axis")
     volume = np.array(array, dtype=np.float32, copy=True).reshape((-1, *array.shape[-3:]))
     bad = ~np.isfinite(volume)
     if bad.any():
