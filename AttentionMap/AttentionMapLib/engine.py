@@ -3,12 +3,23 @@
 Two steps, usable separately so that a GUI can re-fuse without re-running the network:
 
 - :func:`capture_attention` runs the forward (and, for gradient rollout, one backward) pass and keeps
-  one head-fused ``(B, N, N)`` matrix per layer (plus one relevance matrix per layer for gradient
-  rollout). Heads are fused inside the hook, as each layer's attention appears: the full
-  ``(B, heads, N, N)`` of a layer is never kept past its own block. Extra memory: ``L * B * N^2``
-  floats (x2 with gradients).
+  what the readout needs, by one of two attention paths:
+
+  - ``full``: flash attention off, one head-fused ``(B, N, N)`` matrix per layer (plus one relevance
+    matrix per layer for gradient rollout). Heads are fused inside the hook, as each layer's attention
+    appears: the full ``(B, heads, N, N)`` of a layer is never kept past its own block. Extra memory:
+    ``L * B * N^2`` floats (x2 with gradients), and the forward itself forms ``(B, heads, N, N)``.
+  - ``blockwise``: flash attention on, each block's Q, K (and V, dO for gradients), ``(B, heads, N,
+    d_head)``; the readout recomputes row slabs of the attention (see :mod:`.blockwise`). Extra
+    memory: ``2 * L * B * N * d`` floats (x2 with gradients) plus one slab.
+  - ``auto`` (default): ``blockwise`` when the model's blocks run flash attention or when the full
+    path's matrices would exceed :data:`FULL_PATH_BUDGET_BYTES`, and every block's attention is plain
+    ``softmax(Q K^T s)`` (no relative positional embedding, causal or attention mask,
+    ``attention_dtype``); else ``full``.
+
 - :func:`readout` turns that cache into a ``(B, n1, n2, n3)`` grid for a method, layer, query and
-  normalisation in O(L * B * N^2) by vector-matrix products (see :mod:`.methods`).
+  normalisation in O(L * B * N^2) by vector-matrix products (see :mod:`.methods`); both paths give
+  the same grid (to float32 rounding).
 
 Grid axis order is the input tensor's spatial order: MONAI's patch embedding flattens
 ``(B, C, s1, s2, s3)`` patches so that token ``t = (a * n2 + b) * n3 + c``; the CLS token, when the
@@ -23,11 +34,14 @@ import numpy as np
 import torch
 from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 
-from . import methods
+from . import blockwise, methods
 from .capture import attention_blocks, hooked_attention
 from .errors import AttentionMapError
 
 METHODS = ("raw", "rollout", "grad_rollout")
+ATTENTION_PATHS = ("auto", "full", "blockwise")
+FULL_PATH_BUDGET_BYTES = 512 * 1024 ** 2
+"""``auto`` takes the block-wise path when the full path's per-layer matrices would need more than this."""
 Query = Union[int, Sequence[int], None]
 Target = Union[int, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
 
@@ -53,22 +67,47 @@ class ModelSpec:
 class CapturedAttention:
     """Head-fused attention of one forward pass, ready to be read out again without the network.
 
-    ``layers[l]`` is ``(B, N, N)`` (rows = queries) for block ``l`` in forward order;
+    Full path: ``layers[l]`` is ``(B, N, N)`` (rows = queries) for block ``l`` in forward order;
     ``relevances[l]`` is Chefer's ``mean_heads((dy/dA * A)^+)`` ``(B, N, N)`` when captured with
-    gradients, else None. ``target`` is the output index per sample used for the gradients.
+    gradients, else None; ``factors`` is None. Block-wise path: ``layers`` is None and ``factors[l]``
+    holds block ``l``'s Q, K (V, dO) (``relevances`` is None either way then; gradients are present
+    when ``factors[0].output_grad`` is); ``block_rows``: query rows per slab (None: from free memory).
+    ``target`` is the output index per sample used for the gradients.
     """
 
     spec: ModelSpec
-    layers: List[torch.Tensor]
+    layers: Optional[List[torch.Tensor]]
     relevances: Optional[List[torch.Tensor]]
     logits: torch.Tensor
     target: Optional[List[int]]
     head_fusion: str
     head: Optional[int]
+    factors: Optional[List[blockwise.BlockFactors]] = None
+    block_rows: Optional[int] = None
+
+    @property
+    def attention_path(self) -> str:
+        return "full" if self.factors is None else "blockwise"
+
+    @property
+    def has_gradients(self) -> bool:
+        return self.relevances is not None if self.factors is None else self.factors[0].value is not None
+
+    def _first(self) -> torch.Tensor:
+        return self.layers[0] if self.factors is None else self.factors[0].query
 
     @property
     def batch_size(self) -> int:
-        return int(self.layers[0].shape[0])
+        return int(self._first().shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self._first().device
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the CLS token included."""
+        return int(self._first().shape[2 if self.factors is not None else -1])
 
 
 @dataclass
@@ -175,18 +214,29 @@ def capture_attention(
     with_gradients: bool = False,
     target: Target = None,
     img_size: Optional[Sequence[int]] = None,
+    attention_path: str = "auto",
+    block_rows: Optional[int] = None,
 ) -> CapturedAttention:
-    """One pass of ``model`` on ``x`` ``(B, C, *img_size)``, keeping head-fused attention per layer.
+    """One pass of ``model`` on ``x`` ``(B, C, *img_size)``, keeping what the readout needs per layer.
 
     With ``with_gradients`` also one backward pass from the target score (see :func:`target_scores`)
-    to the input only: no parameter's ``.grad`` is touched. Cost: one forward (+ one backward) pass,
-    plus O(heads * N^2) per layer to fuse heads.
+    to the input only: no parameter's ``.grad`` is touched. ``attention_path``: auto | full |
+    blockwise (see the module docstring); ``block_rows``: query rows per slab of the block-wise path
+    (None: from free memory). Cost: one forward (+ one backward) pass, plus (full path) O(heads * N^2)
+    per layer to fuse heads.
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 3:
         raise AttentionMapError(f"x: expected a torch tensor (B, C) + spatial axes, got {getattr(x, 'shape', type(x).__name__)}")
     spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
     _check_fusion(head_fusion, head, spec.num_heads)
     check_input(x, spec)
+    path = choose_attention_path(model, spec, int(x.shape[0]), with_gradients, attention_path)
+    if path == "blockwise":
+        try:
+            return _capture_factors(model, x, spec, head_fusion, head, with_gradients, target, block_rows)
+        except blockwise.NotPlainAttention:
+            if attention_path == "blockwise":
+                raise
     fused: List[Optional[torch.Tensor]] = [None] * spec.num_layers
     relevances: List[Optional[torch.Tensor]] = [None] * spec.num_layers
 
@@ -196,24 +246,63 @@ def capture_attention(
             attention.register_hook(_relevance_hook(index, attention, relevances))
 
     with hooked_attention(model, on_attention):
-        if with_gradients:
-            with torch.enable_grad():
-                leaf = x.detach().clone().requires_grad_(True)
-                logits = primary_output(model(leaf))
-                targets = resolve_target(logits, target)
-                score = target_scores(logits, targets, target)
-                torch.autograd.backward(score.sum(), inputs=[leaf])
-            logits = logits.detach()
-        else:
-            with torch.no_grad():
-                logits = primary_output(model(x))
-            targets = resolve_target(logits, target) if target is not None else None
+        logits, targets = _run(model, x, with_gradients, target)
     if any(f is None for f in fused):
         raise AttentionMapError("model: not every self-attention block ran in the forward pass")
     relevance_list = None
     if with_gradients:
         relevance_list = [r if r is not None else torch.zeros_like(f) for r, f in zip(relevances, fused)]
     return CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head)
+
+
+def _capture_factors(model, x, spec, head_fusion, head, with_gradients, target, block_rows) -> CapturedAttention:
+    """The block-wise path of :func:`capture_attention`: Q, K (V, dO) per block, flash attention on."""
+    with blockwise.hooked_factors(model, with_gradients) as store:
+        logits, targets = _run(model, x, with_gradients, target)
+    if any(f is None for f in store):
+        raise AttentionMapError("model: not every self-attention block ran in the forward pass")
+    return CapturedAttention(spec, None, None, logits, targets, head_fusion, head, factors=list(store),
+                             block_rows=block_rows)
+
+
+def _run(model, x, with_gradients: bool, target: Target) -> Tuple[torch.Tensor, Optional[List[int]]]:
+    """(logits, targets) of one forward pass, plus, with gradients, one backward pass from the target
+    score to a copy of the input (the hooks of the capture see the attention and its gradient)."""
+    if with_gradients:
+        with torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            logits = primary_output(model(leaf))
+            targets = resolve_target(logits, target)
+            score = target_scores(logits, targets, target)
+            torch.autograd.backward(score.sum(), inputs=[leaf])
+        return logits.detach(), targets
+    with torch.no_grad():
+        logits = primary_output(model(x))
+    return logits, resolve_target(logits, target) if target is not None else None
+
+
+def full_path_bytes(spec: ModelSpec, batch: int, with_gradients: bool) -> int:
+    """Bytes the full path keeps or forms beyond the forward: ``L`` fused ``(B, N, N)`` float32
+    matrices, with gradients also ``L`` relevance matrices and the ``(B, heads, N, N)`` attention of
+    every block that autograd saves for the backward."""
+    tokens = spec.num_patches + int(spec.has_cls)
+    per_matrix = 4 * batch * tokens * tokens
+    return spec.num_layers * per_matrix * ((2 + spec.num_heads) if with_gradients else 1)
+
+
+def choose_attention_path(model: torch.nn.Module, spec: ModelSpec, batch: int, with_gradients: bool,
+                          requested: str = "auto") -> str:
+    """``full`` or ``blockwise`` for ``requested`` (auto | full | blockwise), see the module docstring."""
+    if requested not in ATTENTION_PATHS:
+        raise AttentionMapError(f"attention_path: expected one of {', '.join(ATTENTION_PATHS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    blocks = attention_blocks(model)
+    if any(blockwise.unsupported_reason(b) is not None for b in blocks):
+        return "full"
+    if any(b.use_flash_attention for b in blocks):
+        return "blockwise"
+    return "blockwise" if full_path_bytes(spec, batch, with_gradients) > FULL_PATH_BUDGET_BYTES else "full"
 
 
 def fuse_heads_detached(attention: torch.Tensor, head_fusion: str, head: Optional[int]) -> torch.Tensor:
@@ -321,14 +410,17 @@ def readout(
     spec = captured.spec
     last = resolve_layer(layer, spec.num_layers)
     query_index = resolve_query(query, spec)
-    if method == "grad_rollout" and captured.relevances is None:
+    if method == "grad_rollout" and not captured.has_gradients:
         raise AttentionMapError("method: grad_rollout needs attention captured with gradients (capture_attention(..., with_gradients=True))")
-    first = captured.layers[0]
-    offset = 1 if first.shape[-1] == spec.num_patches + 1 else 0
-    row = methods.readout_vector(first.shape[0], first.shape[-1], offset == 1,
-                                 None if query_index is None else query_index + offset, first.device, first.dtype)
+    tokens = captured.num_tokens
+    offset = 1 if tokens == spec.num_patches + 1 else 0
+    row = methods.readout_vector(captured.batch_size, tokens, offset == 1,
+                                 None if query_index is None else query_index + offset, captured.device, torch.float32)
     with torch.no_grad():
-        if method == "raw":
+        if captured.factors is not None:
+            vector = blockwise.readout_vector(captured.factors, row, method, last, float(discard_ratio), offset == 1,
+                                              captured.head_fusion, captured.head, captured.block_rows)
+        elif method == "raw":
             vector = torch.bmm(row.unsqueeze(1), captured.layers[last]).squeeze(1)
         elif method == "rollout":
             vector = methods.rollout_vector(row, captured.layers[: last + 1], float(discard_ratio), offset == 1)
@@ -349,6 +441,7 @@ def explain(
     target: Target = None,
     query: Query = None,
     normalize: str = "minmax",
+    attention_path: str = "auto",
 ) -> AttentionResult:
     """Attention map of ``model`` for input ``x`` ``(B, C, *img_size)``.
 
@@ -357,10 +450,14 @@ def explain(
     ``target``: a class index, default the predicted class; for dense outputs the mean of a channel,
     see :func:`target_scores`). ``query``: read the row of one patch token ("what does this patch
     look at") instead of CLS / the mean of rows. ``normalize``: minmax | percentile | none.
-    The model is left exactly as it was (see :func:`capture.hooked_attention`).
+    ``attention_path``: ``auto`` (default), ``full`` (per-layer N x N matrices, flash attention off
+    for the pass) or ``blockwise`` (per-layer Q, K (V, dO), flash attention on; O(L * N * d) memory),
+    see the module docstring; both give the same map. The model is left exactly as it was (see
+    :func:`capture.hooked_attention` and :func:`blockwise.hooked_factors`).
     """
     check_options(method, discard_ratio, normalize)
-    captured = capture_attention(model, x, head_fusion, head, with_gradients=method == "grad_rollout", target=target)
+    captured = capture_attention(model, x, head_fusion, head, with_gradients=method == "grad_rollout", target=target,
+                                 attention_path=attention_path)
     last = resolve_layer(layer, captured.spec.num_layers)
     grid = readout(captured, method, last, discard_ratio, query, normalize)
     return AttentionResult(grid, captured.logits, method, last, captured.target, head_fusion, head,
