@@ -1,7 +1,7 @@
 """AttentionMap: where does a 3D Vision Transformer look? Slicer module (GUI and wiring only).
 
-The computation lives in AttentionMapLib (Qt-free): ``worker`` runs the network in a background
-thread, ``volume`` explains a volume, ``mrml`` turns results into nodes. This file must import
+The computation lives in AttentionMapLib (Qt-free): ``worker`` runs the network in a separate worker
+process (a Python thread barely runs inside Slicer, see worker.py), ``mrml`` turns results into nodes. This file must import
 without torch or MONAI installed (Slicer imports every module at start-up): anything that needs
 torch is imported inside functions, after the dependency check.
 """
@@ -152,6 +152,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._job is not None:
             self._job.cancel()
+        worker.stop_shared_worker()  # Slicer is closing: no worker process may outlive it
         self._timer.stop()
         self._refuseTimer.stop()
         self.removeObservers()
@@ -328,6 +329,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if event.kind == worker.PROGRESS:
                 self.ui.progressBar.value = int(100 * event.value)
                 continue
+            if event.kind == worker.LOG:
+                logging.info(f"AttentionMap worker: {event.value}")
+                continue
             self._finish()
             if event.kind == worker.DONE and kind == "explain":
                 self._applyResult(event.value)
@@ -406,7 +410,6 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.models = worker.ModelCache()
         self.result = None  # the last worker.ExplainResult, with the VolumeAttention shown now
         self.inputVolume = None  # the volume that result explains
         self._runningInput = None  # the volume of the job started last (becomes inputVolume when applied)
@@ -462,25 +465,23 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         return {**self.fusionOptions(p), "head_fusion": "mean" if single else p.headFusion,
                 "head": p.head - 1 if single else None, "target": p.targetClass or None}
 
-    def startExplain(self, p: AttentionMapParameterNode) -> worker.BackgroundJob:
-        """Copy the input (on this, the main thread) and start the model in a background thread."""
+    def startExplain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
+        """Copy the input (on this, the main thread) and start the model in the worker process."""
         if p.inputVolume is None:
             raise AttentionMapError("input volume: choose a volume")
         array, ijkToRas = mrml.volume_to_array(p.inputVolume)
         self._runningInput = p.inputVolume
         return worker.explain_job(self.modelSource(p), array, ijkToRas, self.explainOptions(p),
-                                  trust_bundle=p.trustBundle, device=p.device, cache=self.models)
+                                  trust_bundle=p.trustBundle, device=p.device)
 
-    def applyResult(self, result, p: AttentionMapParameterNode):
+    def applyResult(self, result: worker.ExplainResult, p: AttentionMapParameterNode):
         """Main thread: write the result into the output node (reused or new) and show it."""
-        from AttentionMapLib.engine import model_spec  # torch is there: the job just ran
-
         self.result, self.inputVolume = result, self._runningInput
-        self.numLayers = model_spec(result.model.network, result.model.img_size).num_layers
+        self.numLayers = result.model.num_layers
         return self._show(result.attention, p)
 
-    def startRefuse(self, p: AttentionMapParameterNode) -> worker.BackgroundJob:
-        """Re-read the cached attention with the current fusion options, in a background thread."""
+    def startRefuse(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
+        """Re-read the worker's cached attention with the current fusion options (no network run)."""
         return worker.refuse_job(self.result.attention, self.fusionOptions(p))
 
     def applyRefused(self, attention, p: AttentionMapParameterNode) -> float:
@@ -491,7 +492,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
 
     def refuse(self, p: AttentionMapParameterNode) -> float:
         """Blocking re-fusion (scripts, self-test); the widget uses startRefuse + applyRefused."""
-        return self.applyRefused(self.result.attention.refuse(**self.fusionOptions(p)), p)
+        return self.applyRefused(self._resultOf(self.startRefuse(p), 600.0), p)
 
     def _show(self, attention, p: AttentionMapParameterNode):
         name = f"{self.inputVolume.GetName()} attention" if self.inputVolume else "Attention"
@@ -520,19 +521,17 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         module = getattr(slicer.modules, "volumerendering", None)
         return module.logic() if module is not None else None
 
-    def startScore(self, p: AttentionMapParameterNode) -> worker.BackgroundJob:
-        """Deletion / insertion AUC of the current map's method and options, in a background thread,
-        on the model window around the query point (else the attention peak)."""
+    def startScore(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
+        """Deletion / insertion AUC of the current map's method and options, in the worker (on the
+        device the network is on), on the model window around the query point (else the attention peak)."""
         if self.result is None or self.inputVolume is None:
             raise AttentionMapError("score: press Apply first")
-        array, ijkToRas = mrml.volume_to_array(self.inputVolume)
         attention = self.result.attention
         centre = self.queryRas(p)
         options = {"method": attention.method, "layer": attention.layer, "head_fusion": attention.head_fusion,
                    "head": attention.head, "discard_ratio": attention.discard_ratio,
                    "target": attention.target if attention.target is not None else self.result.model.target}
-        return worker.score_job(self.result.model, array, ijkToRas,
-                                attention.peak_ras() if centre is None else centre, options, device=p.device)
+        return worker.score_job(self.result, attention.peak_ras() if centre is None else centre, options)
 
     @staticmethod
     def describeScore(scores: Dict[str, Any]) -> str:
@@ -548,7 +547,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         return table
 
     @staticmethod
-    def _resultOf(job: worker.BackgroundJob, timeoutSeconds: float):
+    def _resultOf(job: worker.WorkerJob, timeoutSeconds: float):
         final = job.wait(timeoutSeconds)
         if final.kind == worker.ERROR:
             raise final.value
@@ -571,7 +570,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         for volume in volumes:
             array, ijkToRas = mrml.volume_to_array(volume)
             job = worker.explain_job(self.modelSource(p), array, ijkToRas, options, trust_bundle=p.trustBundle,
-                                     device=p.device, cache=self.models)
+                                     device=p.device)
             attentions.append(self._resultOf(job, timeoutSeconds).attention)
         return mrml.show_cases(attentions, slicer.mrmlScene, names=[f"{v.GetName()} attention" for v in volumes],
                                color_node=p.colorNode, threshold_fraction=p.threshold)

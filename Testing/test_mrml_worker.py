@@ -1,16 +1,30 @@
-"""AttentionMapLib.worker: the background job runner the Slicer logic uses (no Qt, no MRML in the
-thread). Real threads, a real MONAI ViT loaded from a real model card, real explain_volume."""
+"""AttentionMapLib.worker: the worker process the Slicer module runs the network in.
+
+Real worker processes (started as the module starts them), a real MONAI ViT loaded from a model
+card on disk, real explain_volume / refuse / score_volume compared with the same calls made here.
+Crash, kill, timeout and parent-death tests check that no process survives.
+"""
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from multiprocessing.connection import AuthenticationError, Connection
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from AttentionMapLib import AttentionMapError, Cancelled
+from AttentionMapLib import AttentionMapError, worker
+from AttentionMapLib import worker_protocol as protocol
 from AttentionMapLib.volume import explain_volume
-from AttentionMapLib.worker import (CANCELLED, DONE, ERROR, PROGRESS, BackgroundJob, ModelCache, explain_job,
-                                    refuse_job, resolve_device)
+from AttentionMapLib.worker import CANCELLED, DONE, ERROR, LOG, PROGRESS, WorkerDied, WorkerProcess, explain_job
+from AttentionMapLib.worker_process import resolve_device
 from oracle import make_oracle_vit
 
 IMG_SIZE = (16, 16, 16)
@@ -18,194 +32,388 @@ PATCH = (4, 4, 4)
 PREPROCESSING = {"orientation": "RAS", "spacing": None,
                  "intensity": {"a_min": 0.0, "a_max": 1.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
                  "spatial": {"mode": "sliding_window", "overlap": 0.0, "sw_batch_size": 1}}
+ARGS = {"in_channels": 1, "img_size": list(IMG_SIZE), "patch_size": list(PATCH), "hidden_size": 16,
+        "mlp_dim": 16, "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2,
+        "post_activation": None}
+
+
+def write_card(folder: Path, model: torch.nn.Module) -> Path:
+    torch.save(model.state_dict(), folder / "oracle.pt")
+    card = {"network": {"name": "ViT", "args": ARGS}, "weights": "oracle.pt", "preprocessing": PREPROCESSING,
+            "classes": ["background", "bright"], "target": 1}
+    path = folder / "oracle.json"
+    path.write_text(json.dumps(card))
+    return path
 
 
 @pytest.fixture(scope="module")
 def oracle_card(tmp_path_factory):
-    """A model card + weights on disk for the oracle ViT (sliding window of 16^3, 4 windows)."""
-    folder = tmp_path_factory.mktemp("card")
+    """A model card + weights on disk for the oracle ViT (sliding window of 16^3), and the network."""
     model = make_oracle_vit(IMG_SIZE, PATCH, classification=True, num_layers=2)
-    torch.save(model.state_dict(), folder / "oracle.pt")
-    args = {"in_channels": 1, "img_size": list(IMG_SIZE), "patch_size": list(PATCH), "hidden_size": 16,
-            "mlp_dim": 16, "num_layers": 2, "num_heads": 2, "classification": True, "num_classes": 2,
-            "post_activation": None}
-    card = {"network": {"name": "ViT", "args": args}, "weights": "oracle.pt", "preprocessing": PREPROCESSING,
-            "classes": ["background", "bright"], "target": 1}
-    path = folder / "oracle.json"
-    path.write_text(json.dumps(card))
-    return path, model
+    return write_card(tmp_path_factory.mktemp("card"), model), model
 
 
-def volume():
-    """32 x 16 x 16 voxels, anisotropic: two sliding windows of 16^3 (overlap 0) along I."""
-    array = np.full((32, 16, 16), 0.1, np.float32)
+@pytest.fixture(scope="module")
+def shared():
+    """One worker process for the tests that do not kill it (one torch thread: the machine is shared)."""
+    process = WorkerProcess(threads=1)
+    yield process
+    process.close()
+
+
+def volume(windows_along_i: int = 2):
+    """(16 * windows) x 16 x 16 voxels, anisotropic, a bright block: that many windows of 16^3 along I."""
+    array = np.full((16 * windows_along_i, 16, 16), 0.1, np.float32)
     array[22:26, 4:8, 8:12] = 1.0
     affine = np.diag([1.0, 1.2, 1.5, 1.0])
     affine[:3, 3] = (10.0, -5.0, 3.0)
     return array, affine
 
 
-def test_job_reports_progress_then_result():
-    def work(progress, is_cancelled):
-        for step in range(3):
-            progress((step + 1) / 3)
-        return threading.current_thread().name
-
-    job = BackgroundJob(work, name="worker-test").start()
-    final = job.wait(30)
-    assert final.kind == DONE and final.value == "worker-test"  # ran off the caller's thread
-    assert job.finished and job.poll() == []
+def process_gone(pid: int) -> bool:
+    """True when no process ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state
 
 
-def test_poll_returns_events_in_order_without_blocking():
-    release = threading.Event()
-
-    def work(progress, is_cancelled):
-        progress(0.5)
-        release.wait(30)
-        return 42
-
-    job = BackgroundJob(work).start()
-    events = []
-    while not events:
-        events = job.poll()
-    assert [e.kind for e in events] == [PROGRESS] and not job.finished
-    release.set()
-    job.wait(30)
-    assert job.finished
+def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process_gone(pid):
+            return True
+        time.sleep(0.05)
+    return process_gone(pid)
 
 
-def test_error_is_handed_back_with_its_traceback():
-    def work(progress, is_cancelled):
-        raise AttentionMapError("volume: expected 3D")
-
-    final = BackgroundJob(work).start().wait(30)
-    assert final.kind == ERROR and isinstance(final.value, AttentionMapError)
-    assert "volume: expected 3D" in final.detail and "Traceback" in final.detail
-
-
-def test_cancel_is_reported_even_if_the_function_finishes():
-    started, release = threading.Event(), threading.Event()
-
-    def work(progress, is_cancelled):
-        started.set()
-        release.wait(30)
-        if is_cancelled():
-            raise Cancelled("stopped")
-        return "finished"
-
-    job = BackgroundJob(work).start()
-    started.wait(30)
-    job.cancel()
-    release.set()
-    assert job.wait(30).kind == CANCELLED
-
-    def ignores_cancel(progress, is_cancelled):
-        started.wait(30)
-        return "result nobody should apply"
-
-    job = BackgroundJob(ignores_cancel)
-    job.cancel()
-    assert job.start().wait(30).kind == CANCELLED
+def events_until_final(job, seconds: float = 120.0):
+    events, deadline = [], time.monotonic() + seconds
+    while not job.finished and time.monotonic() < deadline:
+        events += job.poll()
+        time.sleep(0.01)
+    assert job.finished, f"no final event within {seconds} s: {events}"
+    return events
 
 
-def test_explain_job_equals_a_direct_run_and_copies_its_input(oracle_card):
+# ---------------------------------------------------------------- protocol
+
+def connection_pair():
+    left, right = socket.socketpair()
+    return Connection(left.detach()), Connection(right.detach())
+
+
+def test_protocol_carries_numbers_and_refuses_objects(tmp_path):
+    a, b = connection_pair()
+    grid = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    protocol.send(a, {"event": "done", "value": {"n": np.int64(3), "x": np.float32(0.5)}},
+                  {"grid": grid, "empty": np.zeros((0, 3)), "mask": grid > 5})
+    header, arrays = protocol.receive(b)
+    assert header == {"event": "done", "value": {"n": 3, "x": 0.5}}
+    np.testing.assert_array_equal(arrays["grid"], grid)
+    assert arrays["grid"].dtype == np.float32 and arrays["empty"].shape == (0, 3)
+    np.testing.assert_array_equal(arrays["mask"], grid > 5)
+    with pytest.raises(TypeError, match="not plain data"):
+        protocol.send(a, {"value": object()})
+    # a peer announcing an object array or sending something that is not JSON is refused
+    a.send_bytes(json.dumps({"arrays": [{"name": "x", "dtype": "|O", "shape": [1]}]}).encode())
+    with pytest.raises(protocol.ProtocolError, match="only numbers"):
+        protocol.receive(b)
+    a.send_bytes(b"\x80\x04 a pickle")
+    with pytest.raises(protocol.ProtocolError, match="not JSON"):
+        protocol.receive(b)
+    # inputs on disk: numbers only, deleted once read
+    path = protocol.save_input(grid, str(tmp_path), "input")
+    np.testing.assert_array_equal(protocol.load_input(path), grid)
+    assert not os.path.exists(path)
+    np.save(tmp_path / "objects.npy", np.array([{"code": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        protocol.load_input(str(tmp_path / "objects.npy"))
+    with pytest.raises(AttentionMapError, match="numeric"):
+        protocol.save_input(np.array(["a"], dtype=object), str(tmp_path), "bad")
+
+
+def test_a_peer_without_the_key_is_refused():
+    server = protocol.listen()
+    assert protocol.accept(server, b"k" * 32) is None  # nobody there: returns at once
+    intruder = threading.Thread(target=lambda: pytest.raises(Exception, protocol.connect,
+                                                             server.getsockname(), b"x" * 32), daemon=True)
+    intruder.start()
+    deadline = time.monotonic() + 30
+    with pytest.raises(AuthenticationError):
+        while time.monotonic() < deadline:
+            protocol.accept(server, b"k" * 32)
+            time.sleep(0.01)
+    intruder.join(30)
+    server.close()
+
+
+# ---------------------------------------------------------------- jobs against direct calls
+
+def test_explain_job_equals_a_direct_run_and_the_callers_array_is_free(oracle_card, shared):
     path, model = oracle_card
     array, affine = volume()
     original = array.copy()
-    job = explain_job(str(path), array, affine, {"method": "rollout", "target": "bright"}, device="cpu")
-    array[:] = 0.0  # the caller changes its array while the job runs: the job has its own copy
+    job = explain_job(str(path), array, affine, {"method": "rollout", "target": "bright"}, device="cpu",
+                      worker=shared)
+    array[:] = 0.0  # the caller changes its array once the job was started: the worker has its own
     final = job.wait(120)
-    assert final.kind == DONE, final.detail
+    assert final.kind == DONE, final.value
     direct = explain_volume(model, original, affine, PREPROCESSING, img_size=IMG_SIZE, target=1)
-    np.testing.assert_allclose(final.value.attention.grid, direct.grid, atol=1e-6)
-    np.testing.assert_allclose(final.value.attention.ijk_to_ras, direct.ijk_to_ras)
-    assert final.value.model.classes == ["background", "bright"]
-    assert final.value.attention.num_windows == 2
+    result = final.value
+    np.testing.assert_allclose(result.attention.grid, direct.grid, atol=1e-6)
+    np.testing.assert_allclose(result.attention.ijk_to_ras, direct.ijk_to_ras)
+    np.testing.assert_allclose(result.attention.peak_ras(), direct.peak_ras())
+    np.testing.assert_allclose(result.attention.probabilities, direct.probabilities, atol=1e-6)
+    assert result.model.classes == ["background", "bright"] and result.model.device == "cpu"
+    assert (result.model.num_layers, result.model.num_heads) == (2, 2)
+    assert result.attention.num_windows == 2 and result.attention.target == 1
+    assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # the input file was read and removed
 
 
-def test_explain_job_reports_progress_and_uses_the_cards_default_target(oracle_card):
+def test_progress_log_and_the_cards_default_target(oracle_card, shared):
     path, _ = oracle_card
-    cache = ModelCache()
-    job = explain_job(str(path), *volume(), {"method": "grad_rollout"}, device="auto", cache=cache)
-    final = job.wait(120)
-    assert final.kind == DONE, final.detail
-    assert final.value.attention.target == 1  # the card's "target": 1
-    # progress events were posted before the result (drained by wait: count them via a fresh job)
-    job = explain_job(str(path), *volume(), {}, device="cpu", cache=cache)
-    kinds = []
-    while not job.finished:
-        kinds += [e.kind for e in job.poll()]
-    assert kinds.count(PROGRESS) == 2 and kinds[-1] == DONE
-    assert cache.get(str(path), False, "cpu") is job.wait(1).value.model  # loaded once, reused
+    job = explain_job(str(path), *volume(), {"method": "grad_rollout"}, device="auto", worker=shared)
+    events = events_until_final(job)
+    assert [e.kind for e in events if e.kind != LOG] == [PROGRESS, PROGRESS, DONE]
+    assert events[-1].value.attention.target == 1  # the card's "target": 1
+    assert job.poll() == [] and job.wait(1).kind == DONE
+    # the model stays loaded in the worker: a second job logs no second "Loaded model"
+    second = events_until_final(explain_job(str(path), *volume(), {}, device="cpu", worker=shared))
+    assert not any(e.kind == LOG and "Loaded model" in e.value for e in second)
 
 
-def test_cancel_stops_within_one_window(oracle_card):
-    """Cancel pressed while the first window runs: the second window never starts."""
+def test_refuse_job_equals_refuse_in_this_process(oracle_card, shared):
     path, model = oracle_card
     array, affine = volume()
-    windows_done = []
+    result = explain_job(str(path), array, affine, {"normalize": "minmax"}, device="cpu", worker=shared).wait(120).value
+    attention = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1, normalize="minmax")
+    options = {"method": "raw", "layer": 0, "discard_ratio": 0.3, "query_ras": attention.peak_ras()}
+    final = worker.refuse_job(result.attention, options, worker=shared).wait(60)
+    assert final.kind == DONE, final.value
+    expected = attention.refuse(**options)
+    np.testing.assert_allclose(final.value.grid, expected.grid, atol=1e-6)
+    np.testing.assert_allclose(final.value.query_ras, attention.peak_ras())
+    assert final.value.method == "raw" and final.value.timings["forward"] == 0.0
+    assert final.value.result_id == result.attention.result_id
+    bad = worker.refuse_job(result.attention, {"method": "nonsense"}, worker=shared).wait(60)
+    assert bad.kind == ERROR and isinstance(bad.value, AttentionMapError) and "method" in str(bad.value)
+    assert "Traceback" in bad.detail
+    # another explanation replaces the cached one: re-fusing the old result is refused clearly
+    explain_job(str(path), array, affine, {}, device="cpu", worker=shared).wait(120)
+    stale = worker.refuse_job(result.attention, {"layer": 0}, worker=shared).wait(60)
+    assert stale.kind == ERROR and "press Apply" in str(stale.value)
 
-    def work(progress, is_cancelled):
-        def report(fraction):
-            windows_done.append(fraction)
-            job.cancel()  # the user presses Cancel as soon as the first window is done
-            progress(fraction)
-        return explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE,
-                              progress=report, cancel=is_cancelled)
 
-    job = BackgroundJob(work)
-    assert job.start().wait(120).kind == CANCELLED
-    assert windows_done == [0.5]
+def test_score_job_equals_score_volume_on_the_networks_device(tmp_path, shared):
+    from AttentionMapLib.metrics import score_volume
 
-
-def test_bad_model_source_and_device_come_back_as_errors(tmp_path):
+    model = make_oracle_vit(IMG_SIZE, PATCH, classification=True, num_layers=2)
+    with torch.no_grad():  # values, output projections and head made random, so the curves move
+        torch.manual_seed(0)
+        for block in model.blocks:
+            block.attn.qkv.weight[32:].normal_()
+            block.attn.out_proj.weight.normal_()
+        model.classification_head.weight.normal_()
+    path = write_card(tmp_path, model)
     array, affine = volume()
-    final = explain_job(str(tmp_path / "missing.json"), array, affine, device="cpu").wait(60)
-    assert final.kind == ERROR and isinstance(final.value, AttentionMapError)
-    assert "missing.json" in str(final.value)
+    result = explain_job(str(path), array, affine, {}, device="cpu", worker=shared).wait(120).value
+    options = {"method": "rollout", "layer": 1, "target": 1}
+    final = worker.score_job(result, (35.0, 2.0, 18.0), options, worker=shared).wait(120)
+    assert final.kind == DONE, final.value
+    direct = score_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, centre_ras=(35.0, 2.0, 18.0),
+                          **options)
+    assert final.value == {**direct, "device": "cpu"}  # the device the network is on, not a GUI choice
+    assert len(set(np.round(direct["deletion_curve"], 6))) > 1
+
+
+def test_one_job_at_a_time_and_errors_come_back(oracle_card, shared, tmp_path):
+    path, _ = oracle_card
+    array, affine = volume(4)
+    running = explain_job(str(path), array, affine, {}, device="cpu", worker=shared)
+    with pytest.raises(AttentionMapError, match="one job at a time"):
+        explain_job(str(path), array, affine, {}, device="cpu", worker=shared)
+    assert running.wait(120).kind == DONE
+    final = explain_job(str(tmp_path / "missing.json"), array, affine, device="cpu", worker=shared).wait(60)
+    assert final.kind == ERROR and isinstance(final.value, AttentionMapError) and "missing.json" in str(final.value)
+    final = explain_job(str(path), array, affine, device="tpu", worker=shared).wait(60)
+    assert final.kind == ERROR and "device" in str(final.value)
     with pytest.raises(AttentionMapError, match="device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(AttentionMapError, match="no CUDA GPU"):
             resolve_device("cuda")
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_refuse_job_equals_refuse_on_the_callers_thread(oracle_card):
-    _, model = oracle_card
-    array, affine = volume()
-    attention = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE)
-    options = {"method": "raw", "layer": 0, "discard_ratio": 0.3, "query_ras": attention.peak_ras()}
-    final = refuse_job(attention, options).wait(60)
-    assert final.kind == DONE, final.detail
-    expected = attention.refuse(**options)
-    np.testing.assert_array_equal(final.value.grid, expected.grid)
-    assert final.value.method == "raw" and final.value.timings["forward"] == 0.0
-    bad = refuse_job(attention, {"method": "nonsense"}).wait(60)
-    assert bad.kind == ERROR and "method" in str(bad.value)
+def test_cancel_between_windows_keeps_the_worker(oracle_card, shared):
+    """Cancel after the first window: the worker stops before the last of 12 windows and serves the next job."""
+    path, _ = oracle_card
+    job = explain_job(str(path), *volume(12), {}, device="cpu", worker=shared)
+    events = []
+    while not any(e.kind == PROGRESS for e in events):
+        events += job.poll()
+        time.sleep(0.005)
+    job.cancel()
+    events += events_until_final(job)
+    assert events[-1].kind == CANCELLED
+    assert sum(e.kind == PROGRESS for e in events) < 12
+    assert shared.alive and job.wait(1).kind == CANCELLED
+    assert explain_job(str(path), *volume(), {}, device="cpu", worker=shared).wait(120).kind == DONE
 
 
-def test_score_job_equals_score_volume_and_copies_its_input(oracle_card):
-    from AttentionMapLib.metrics import score_volume
-    from AttentionMapLib.models import load_model
-    from AttentionMapLib.worker import score_job
+def test_a_cancel_before_the_worker_got_the_job_sends_nothing(oracle_card):
+    process = WorkerProcess(threads=1)
+    try:
+        job = explain_job(str(oracle_card[0]), *volume(), {}, device="cpu", worker=process)
+        job.cancel()
+        assert job.wait(30).kind == CANCELLED
+        assert sorted(os.listdir(process.folder)) == ["worker.log"]  # its input file is removed too
+    finally:
+        process.close()
+    assert wait_gone(process.pid)
 
-    loaded = load_model(str(oracle_card[0]))
-    with torch.no_grad():  # values, output projections and head made random, so the curves move
-        torch.manual_seed(0)
-        for block in loaded.network.blocks:
-            block.attn.qkv.weight[32:].normal_()
-            block.attn.out_proj.weight.normal_()
-        loaded.network.classification_head.weight.normal_()
-    array, affine = volume()
-    original = array.copy()
-    options = {"method": "rollout", "layer": 1, "target": 1}
-    job = score_job(loaded, array, affine, (35.0, 2.0, 18.0), options, device="cpu")
-    array[:] = 0.0
-    final = job.wait(120)
-    assert final.kind == DONE, final.detail
-    direct = score_volume(loaded.network, original, affine, loaded.preprocessing, img_size=loaded.img_size,
-                          centre_ras=(35.0, 2.0, 18.0), device="cpu", **options)
-    assert final.value == direct
-    assert final.value["target"] == 1 and len(set(np.round(direct["deletion_curve"], 6))) > 1
+
+# ---------------------------------------------------------------- crashes, kills, timeouts, orphans
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])
+def test_a_worker_that_dies_mid_job_gives_one_error_and_the_next_job_works(oracle_card, how):
+    path, _ = oracle_card
+    first = worker.shared_worker()
+    job = explain_job(str(path), *volume(12), {}, device="cpu")
+    events = []
+    while not any(e.kind == PROGRESS for e in events):  # the network is running
+        events += job.poll()
+    os.kill(first.pid, getattr(signal, how))
+    events += events_until_final(job, 30)
+    finals = [e for e in events if e.kind in worker.FINAL_KINDS]
+    assert len(finals) == 1 and finals[0].kind == ERROR and isinstance(finals[0].value, WorkerDied)
+    assert how in str(finals[0].value) and "next run starts a fresh one" in str(finals[0].value)
+    if how == "SIGSEGV":  # faulthandler wrote where it crashed into the log, the error's details
+        assert "Segmentation fault" in finals[0].detail
+    assert wait_gone(first.pid) and not os.path.exists(first.folder)
+    job = explain_job(str(path), *volume(), {}, device="cpu")
+    assert job.wait(120).kind == DONE and worker.shared_worker().pid != first.pid
+    worker.stop_shared_worker()
+
+
+def test_timeout_kills_the_worker_and_the_processes_it_started(tmp_path, oracle_card):
+    """A trusted bundle whose config starts a child process and hangs: the job's timeout kills both."""
+    folder = tmp_path / "bundle"
+    (folder / "configs").mkdir(parents=True)
+    pid_file = tmp_path / "child.pid"
+    hang = (f"$open({str(pid_file)!r}, 'w').write(str(__import__('subprocess').Popen(['sleep', '300']).pid)) "
+            "and __import__('time').sleep(300)")
+    config = {"hang": hang, "network_def": {"_target_": "monai.networks.nets.ViT", **ARGS, "_requires_": "@hang"}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    process = WorkerProcess(threads=1)
+    assert explain_job(str(oracle_card[0]), *volume(), {}, device="cpu", worker=process).wait(120).kind == DONE
+    job = explain_job(str(folder), *volume(), {}, trust_bundle=True, device="cpu", worker=process, timeout=4.0)
+    final = job.wait(60)
+    assert final.kind == ERROR and isinstance(final.value, TimeoutError) and "4 s" in str(final.value)
+    child = int(pid_file.read_text())
+    assert wait_gone(process.pid) and wait_gone(child), "a process survived the hard stop"
+
+
+def test_a_cancel_the_worker_cannot_honour_kills_it(tmp_path, oracle_card, monkeypatch):
+    """Cancel during a step without cancel checks (here: a hanging bundle load): hard stop after the grace."""
+    monkeypatch.setattr(worker, "CANCEL_GRACE_S", 1.0)
+    folder = tmp_path / "bundle"
+    (folder / "configs").mkdir(parents=True)
+    config = {"hang": "$__import__('time').sleep(300)",
+              "network_def": {"_target_": "monai.networks.nets.ViT", **ARGS, "_requires_": "@hang"}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    process = WorkerProcess(threads=1)
+    job = explain_job(str(folder), *volume(), {}, trust_bundle=True, device="cpu", worker=process)
+    while not job._sent:
+        job.poll()
+        time.sleep(0.01)
+    job.cancel()
+    assert job.wait(60).kind == CANCELLED
+    assert wait_gone(process.pid)
+
+
+def test_the_worker_exits_when_its_parent_dies():
+    """A parent (standing in for Slicer) killed with SIGKILL gets no cleanup: its worker ends by itself."""
+    script = textwrap.dedent("""
+        import sys, time
+        from AttentionMapLib.worker import WorkerProcess
+        process = WorkerProcess(threads=1)
+        while process.connection() is None:
+            time.sleep(0.01)
+        print(process.pid, flush=True)
+        time.sleep(300)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([worker.PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker_pid = int(parent.stdout.readline())
+        assert not process_gone(worker_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert wait_gone(worker_pid, 15), "the worker outlived its parent"
+
+
+def test_stopping_the_shared_worker_leaves_no_process(oracle_card):
+    job = explain_job(str(oracle_card[0]), *volume(), {}, device="cpu")
+    pid = worker.shared_worker().pid
+    assert job.wait(120).kind == DONE
+    worker.stop_shared_worker()
+    assert wait_gone(pid)
+
+
+# ---------------------------------------------------------------- Slicer's event loop, emulated
+
+def emulated_slicer_loop(start_job):
+    """Run a job as the module does inside Slicer: the main thread idles in C *holding the GIL* for
+    100 ms (PythonQt with thread support off: Qt's event loop never releases it), then the QTimer
+    callback polls. Returns (seconds until the final event, longest poll() in seconds, final event)."""
+    import ctypes
+
+    sleep_holding_the_gil = ctypes.PyDLL(None).usleep
+    start = time.perf_counter()
+    job = start_job()
+    longest, final = 0.0, None
+    while final is None:
+        sleep_holding_the_gil(100_000)
+        before = time.perf_counter()
+        events = job.poll()
+        longest = max(longest, time.perf_counter() - before)
+        final = next((e for e in events if e.kind in worker.FINAL_KINDS), None)
+        assert time.perf_counter() - start < 300, "the job did not finish inside the emulated event loop"
+    return time.perf_counter() - start, longest, final
+
+
+def waited(start_job):
+    start = time.perf_counter()
+    final = start_job().wait(300)
+    return time.perf_counter() - start, final
+
+
+def test_explain_refuse_and_score_finish_inside_slicers_event_loop(shared):
+    """Explain, re-fusion and score finish within 1.5x (+1 s) of their time when the caller just
+    waits, with the main thread blocked the way Slicer blocks it; no poll() takes more than 50 ms.
+
+    The thread-based job this worker process replaced fails it: measured here before the change
+    (demo model, 120 x 120 x 96 volume, one torch thread, the machine shared with other work),
+    explain took 0.92 s when waited for and 5.1 s inside this emulated loop (5.5x; in the issue's
+    measurement 0.4 s against more than 38 s), because the job's thread ran only while the main
+    thread was in Python - a few microseconds per 100 ms.
+    """
+    array = np.random.default_rng(0).normal(0.0, 300.0, (120, 120, 96)).astype(np.float32)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    result = explain_job("demo", array, affine, {}, device="cpu", worker=shared).wait(300).value  # loads the model
+    starts = {
+        "explain": lambda: explain_job("demo", array, affine, {"method": "rollout"}, device="cpu", worker=shared),
+        "refuse": lambda: worker.refuse_job(result.attention, {"method": "raw", "layer": 1}, worker=shared),
+        "score": lambda: worker.score_job(result, None, {"method": "rollout", "target": 1}, worker=shared),
+    }
+    for name in ("refuse", "score", "explain"):  # explain last: it replaces the worker's cached result
+        start_job = starts[name]
+        plain, final = waited(start_job)
+        assert final.kind == DONE, (name, final.value)
+        looped, longest, final = emulated_slicer_loop(start_job)
+        assert final.kind == DONE, (name, final.value)
+        assert looped <= 1.5 * plain + 1.0, f"{name}: {looped:.2f} s in the event loop, {plain:.2f} s waited"
+        assert longest <= 0.05, f"{name}: a poll() took {longest * 1000:.0f} ms"

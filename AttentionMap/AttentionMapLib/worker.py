@@ -1,196 +1,490 @@
-"""Background jobs: run the network off the GUI thread, hand results back through a queue.
+"""Background jobs in a worker process: the network never runs in the GUI process.
 
-The worker thread never touches MRML nodes, scene VTK objects or Qt widgets: it gets plain arrays
-(copied on the caller's thread) and returns plain results. The caller polls ``BackgroundJob.poll()``
-on its own thread (in Slicer: a ``qt.QTimer`` callback) and applies the results there.
+Inside Slicer a Python thread barely runs: PythonQt keeps the GIL while Qt's event loop idles
+(commontk/PythonQt ``src/PythonQtThreadSupport.cpp``: ``_enableGILScope = false``), so a thread
+only advances while the main thread runs Python. All torch work therefore runs in one long-lived
+worker process (``worker_process``) started with Slicer's own Python; this module is its client
+and imports neither torch nor MONAI.
 
-Importing this module needs only the standard library; torch and MONAI are imported inside the job.
+``explain_job`` / ``refuse_job`` / ``score_job`` return a ``WorkerJob``: ``poll()`` (never blocks:
+it reads only what has already arrived), ``cancel()``, ``wait(timeout)``; events are progress
+(fraction 0..1), log (a line for the details area), done (the result, plain data), error (the
+exception and the worker's traceback) and cancelled. The worker keeps its models and the last
+explanation, so a re-fusion or a score sends a few options, not the volume.
+
+A cancel not honoured within CANCEL_GRACE_S, a job timeout, a dead worker or Slicer closing kills
+the worker's whole process group; the next job starts a fresh worker.
 """
-import queue
-import threading
-import traceback
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import AttentionMapError, Cancelled
+from . import worker_protocol as protocol
+from .errors import AttentionMapError
+from .geometry import apply_affine, peak_index, resample_grid
 
-PROGRESS, DONE, ERROR, CANCELLED = "progress", "done", "error", "cancelled"
+PROGRESS, LOG, DONE, ERROR, CANCELLED = "progress", "log", "done", "error", "cancelled"
 FINAL_KINDS = (DONE, ERROR, CANCELLED)
+CANCEL_GRACE_S = 5.0  # a cancel not honoured by then (e.g. inside a long forward pass) kills the worker
+STARTUP_TIMEOUT_S = 60.0
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)  # the folder holding AttentionMapLib
 
-JobFunction = Callable[[Callable[[float], None], Callable[[], bool]], Any]
+
+class WorkerDied(RuntimeError):
+    """The worker process ended while a job ran (crash, out of memory, killed)."""
 
 
 class JobEvent(NamedTuple):
-    """What a job reports: kind is progress (value: fraction 0..1), done (value: the result),
-    error (value: the exception; ``detail`` holds its traceback) or cancelled (value: None)."""
+    """kind: progress (value: fraction), log (value: text), done (value: the result), error (value:
+    the exception; ``detail``: the worker's traceback) or cancelled (value: None)."""
     kind: str
     value: Any = None
     detail: str = ""
 
 
-class BackgroundJob:
-    """One function run in a daemon thread: ``fn(progress, is_cancelled) -> result``.
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model loaded in the worker, as the GUI needs it (plain data)."""
 
-    ``progress(fraction)`` and ``is_cancelled()`` are safe to call from the thread. A job that was
-    cancelled reports ``cancelled`` even if the function finished anyway, so its result is never applied.
+    classes: List[str]
+    target: Optional[int]
+    img_size: Tuple[int, ...]
+    num_layers: int
+    num_heads: int
+    source: str
+    notes: List[str]
+    device: str  # where the network is (scores run there too)
+
+
+@dataclass(frozen=True)
+class AttentionData:
+    """A VolumeAttention computed in the worker, as plain data (fields as in volume.VolumeAttention).
+
+    grid: float32 (I, J, K) token grid; ijk_to_ras: (4, 4) RAS of the token centres. result_id names
+    the worker's cached explanation that re-fusion and scores read.
     """
 
-    def __init__(self, fn: JobFunction, name: str = "AttentionMap job") -> None:
-        self._fn = fn
-        self._events: "queue.Queue[JobEvent]" = queue.Queue()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+    grid: np.ndarray
+    ijk_to_ras: np.ndarray
+    window_logits: Optional[np.ndarray]
+    probabilities: Optional[np.ndarray]
+    target: Optional[int]
+    method: str
+    layer: int
+    head_fusion: str
+    head: Optional[int]
+    discard_ratio: float
+    normalize: str
+    query_ras: Optional[np.ndarray]
+    num_windows: int
+    timings: Dict[str, float]
+    window_weighting: str
+    result_id: int
+
+    def peak_ras(self) -> np.ndarray:
+        """RAS position (3,) in mm of the centre of the grid's highest token."""
+        return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
+
+    def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
+        """The grid resampled (trilinear, 0 outside) onto another voxel grid; float32 (I, J, K)."""
+        return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+
+
+class ExplainResult(NamedTuple):
+    """What an explain job returns: the model (class names, layers, device) and the attention."""
+    model: ModelInfo
+    attention: AttentionData
+
+
+def worker_python() -> str:
+    """Slicer's own Python (PythonSlicer) inside the application, else this interpreter.
+
+    Found as Slicer itself finds it (Slicer v5.8.0 Base/Python/slicer/util.py, _executePythonModule:
+    ``shutil.which("PythonSlicer")``, on PATH in the application); ``sys.executable`` is the Slicer
+    executable there, not a Python.
+    """
+    try:
+        from slicer import app  # noqa: F401  (exists only in the Slicer application)
+    except ImportError:
+        return sys.executable
+    found = shutil.which("PythonSlicer")
+    if not found:
+        raise AttentionMapError("worker: the PythonSlicer executable was not found on PATH; reinstall Slicer")
+    return found
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    if os.name == "nt" and returncode >= 0xC0000000:
+        return f"crashed (Windows status 0x{returncode:08X})"
+    return f"exit code {returncode}"
+
+
+class WorkerProcess:
+    """One worker process, its connection and its scratch folder (inputs travel as .npy files).
+
+    Starting returns at once: the worker connects back (checked in ``connection()``, never blocking)
+    with a random key it reads from stdin. One job at a time.
+    """
+
+    def __init__(self, python: Optional[str] = None, threads: Optional[int] = None,
+                 startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
+        self.folder = tempfile.mkdtemp(prefix="AttentionMap-worker-")
+        self.log_path = os.path.join(self.folder, "worker.log")
+        self._key = os.urandom(protocol.AUTHKEY_BYTES)
+        self._server = protocol.listen()
+        self._conn: Any = None
+        self._startup_deadline = time.monotonic() + startup_timeout
+        self.job: Optional["WorkerJob"] = None
+        self._next_id = 1
+        command = [python or worker_python(), "-m", "AttentionMapLib.worker_process",
+                   "--port", str(self._server.getsockname()[1]), "--parent-pid", str(os.getpid())]
+        if threads is not None:
+            command += ["--threads", str(int(threads))]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=self.folder, **_own_process_group())
+        self.process.stdin.write((self._key.hex() + "\n").encode("ascii"))
+        self.process.stdin.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def connection(self) -> Any:
+        """The authenticated connection, or None while the worker is still starting (never blocks).
+        Raises WorkerDied if the worker ended or did not connect within the startup timeout."""
+        if self._conn is None:
+            if not self.alive:
+                raise WorkerDied(f"the worker process ended while starting ({describe_exit(self.process.poll())})")
+            if time.monotonic() > self._startup_deadline:
+                self.kill()
+                raise WorkerDied(f"the worker process did not start within {STARTUP_TIMEOUT_S:.0f} s")
+            self._conn = protocol.accept(self._server, self._key)
+        return self._conn
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the worker's stdout / stderr (a crash's traceback lands there)."""
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """Stop the worker and every process it started, at once; remove its scratch folder."""
+        if self.alive:
+            _kill_process_group(self.process)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit; kill it (and its children) if it has not within ``timeout``."""
+        if self._conn is not None and self.alive:
+            try:
+                protocol.send(self._conn, {"op": "shutdown"})
+                self.process.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._server.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _own_process_group() -> Dict[str, Any]:
+    """Popen arguments that put the worker into a process group of its own (killed as a whole)."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def _kill_process_group(process: subprocess.Popen) -> None:
+    if os.name == "nt":  # /T: the whole tree, /F: without asking
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+Decoder = Callable[[Dict[str, Any], protocol.Arrays], Any]
+
+
+class WorkerJob:
+    """One request to the worker. The GUI calls ``poll()`` from its timer; scripts call ``wait()``.
+
+    A job that was cancelled reports ``cancelled`` even if the worker finished it anyway, so its
+    result is never applied. ``timeout`` (seconds, None: none) kills the worker when exceeded.
+    """
+
+    def __init__(self, worker: WorkerProcess, header: Dict[str, Any], decode: Decoder,
+                 timeout: Optional[float] = None, input_path: Optional[str] = None) -> None:
+        if worker.job is not None and not worker.job.finished:
+            raise AttentionMapError("worker: a job is still running; one job at a time (cancel it or wait)")
+        self.worker = worker
+        self.id = worker.new_id()
+        self._header = dict(header, id=self.id)
+        self._decode = decode
+        self._timeout = timeout
+        self._input_path = input_path
+        self._started = time.monotonic()
+        self._sent = False
+        self._cancel_time: Optional[float] = None
         self._final: Optional[JobEvent] = None
-
-    def start(self) -> "BackgroundJob":
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        """Ask the function to stop at its next cancel check (between windows / batches)."""
-        self._cancel.set()
+        worker.job = self
 
     @property
     def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel_time is not None
 
     @property
     def finished(self) -> bool:
         """True once the final event (done / error / cancelled) has been returned by poll() or wait()."""
         return self._final is not None
 
-    def poll(self) -> List[JobEvent]:
-        """All events posted since the last call, oldest first (never blocks)."""
-        events = []
-        while True:
+    def cancel(self) -> None:
+        """Ask the worker to stop at its next check (between windows); kill it after CANCEL_GRACE_S."""
+        if self._final is not None or self._cancel_time is not None:
+            return
+        self._cancel_time = time.monotonic()
+        if self._sent:
             try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return events
-            if event.kind in FINAL_KINDS:
-                self._final = event
-            events.append(event)
+                protocol.send(self.worker.connection(), {"op": "cancel", "id": self.id})
+            except (OSError, WorkerDied):
+                pass  # the next poll() reports the dead worker
+
+    def poll(self) -> List[JobEvent]:
+        """All events that have arrived since the last call, oldest first (never waits)."""
+        if self._final is not None:
+            return []
+        try:
+            events = self._receive()
+        except (WorkerDied, EOFError, OSError, protocol.ProtocolError) as error:
+            death = self._death(error)
+            return [self._end(JobEvent(ERROR, death, self.worker.log_tail()), kill=True)]
+        if self._final is not None:
+            return events
+        now = time.monotonic()
+        if self._cancel_time is not None and (not self._sent or now - self._cancel_time > CANCEL_GRACE_S):
+            events.append(self._end(JobEvent(CANCELLED), kill=self._sent))
+        elif self._timeout is not None and now - self._started > self._timeout:
+            error = TimeoutError(f"the job ran longer than {self._timeout:g} s: the worker process was stopped "
+                                 "(the next run starts a fresh one)")
+            events.append(self._end(JobEvent(ERROR, error), kill=True))
+        return events
 
     def wait(self, timeout: Optional[float] = None) -> JobEvent:
-        """Block until the job ends and return its final event (for scripts and tests, not the GUI)."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"{self._thread.name}: still running after {timeout} s")
-        self.poll()
-        assert self._final is not None
+        """Block until the job ends and return its final event (for scripts and tests, not the GUI).
+        Raises TimeoutError if it has not ended within ``timeout`` seconds (the job keeps running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._final is None:
+            self.poll()
+            if self._final is not None:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"worker job {self._header.get('op')}: still running after {timeout} s")
+            conn = self.worker._conn if self._sent else None
+            if conn is not None:
+                try:
+                    conn.poll(0.1)
+                except (OSError, EOFError):
+                    pass
+            else:
+                time.sleep(0.02)
         return self._final
 
-    def _run(self) -> None:
-        try:
-            result = self._fn(self._post_progress, self._cancel.is_set)
-        except Cancelled:
-            self._events.put(JobEvent(CANCELLED))
-        except Exception as error:  # reported to the GUI thread, which shows it
-            self._events.put(JobEvent(ERROR, error, traceback.format_exc()))
-        else:
-            self._events.put(JobEvent(CANCELLED) if self._cancel.is_set() else JobEvent(DONE, result))
+    # ------------------------------------------------------------ internals
 
-    def _post_progress(self, fraction: float) -> None:
-        self._events.put(JobEvent(PROGRESS, float(fraction)))
+    def _receive(self) -> List[JobEvent]:
+        conn = self.worker.connection()
+        if conn is None:
+            if not self.worker.alive:
+                raise WorkerDied("the worker process ended")
+            return []
+        if not self._sent:
+            if self._cancel_time is not None:
+                return []
+            protocol.send(conn, self._header)
+            self._sent = True
+        events = []
+        while self._final is None and conn.poll(0):
+            header, arrays = protocol.receive(conn)
+            if header.get("id") not in (self.id, None) and header.get("event") != LOG:
+                continue  # a late event of an earlier, abandoned job
+            kind = header.get("event")
+            if kind == PROGRESS:
+                events.append(JobEvent(PROGRESS, float(header["value"])))
+            elif kind == LOG:
+                events.append(JobEvent(LOG, str(header.get("message", ""))))
+            elif kind == DONE:
+                final = JobEvent(CANCELLED) if self.cancel_requested else JobEvent(DONE, self._decode(header["value"],
+                                                                                                      arrays))
+                events.append(self._end(final))
+            elif kind == CANCELLED:
+                events.append(self._end(JobEvent(CANCELLED)))
+            elif kind == ERROR:
+                events.append(self._end(JobEvent(ERROR, _error(header), str(header.get("detail", "")))))
+        return events
+
+    def _death(self, error: Exception) -> Exception:
+        if isinstance(error, WorkerDied):
+            return error
+        process = self.worker.process
+        for _ in range(20):  # the socket closes a moment before the exit status is known
+            if process.poll() is not None:
+                break
+            time.sleep(0.01)
+        return WorkerDied(f"the worker process stopped unexpectedly ({describe_exit(process.poll())}); the next run "
+                          "starts a fresh one")
+
+    def _end(self, event: JobEvent, kill: bool = False) -> JobEvent:
+        self._final = event
+        if kill:
+            self.worker.kill()
+        if self._input_path is not None and os.path.exists(self._input_path):
+            os.remove(self._input_path)  # the worker deletes it once read; not if it never got the job
+        return event
 
 
-class ExplainResult(NamedTuple):
-    """What an explain job returns: the loaded model (for class names) and the VolumeAttention."""
-    model: Any
-    attention: Any
+def _error(header: Dict[str, Any]) -> Exception:
+    """The worker's exception as one the GUI can show: AttentionMapError for bad input, else RuntimeError."""
+    message = str(header.get("message", ""))
+    if header.get("user_error"):
+        return AttentionMapError(message)
+    return RuntimeError(f"{header.get('type', 'Error')}: {message}")
 
 
-class ModelCache:
-    """Loaded models by (source, trust_bundle, device), so Apply does not reload the weights."""
+# ---------------------------------------------------------------- decoding results
 
-    def __init__(self) -> None:
-        self._models: Dict[Tuple[str, bool, str], Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, source: str, trust_bundle: bool, device: str) -> Any:
-        from .models import load_model  # torch is imported only here, inside the job
-
-        key = (str(source), bool(trust_bundle), device)
-        with self._lock:
-            if key not in self._models:
-                self._models[key] = load_model(str(source), trust_bundle=trust_bundle, device=device)
-            return self._models[key]
+def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int) -> AttentionData:
+    return AttentionData(
+        grid=arrays["grid"], ijk_to_ras=arrays["ijk_to_ras"], window_logits=arrays.get("window_logits"),
+        probabilities=arrays.get("probabilities"), query_ras=arrays.get("query_ras"), result_id=int(result_id),
+        target=fields["target"], method=fields["method"], layer=int(fields["layer"]), head=fields["head"],
+        head_fusion=fields["head_fusion"], discard_ratio=float(fields["discard_ratio"]), normalize=fields["normalize"],
+        num_windows=int(fields["num_windows"]), timings=dict(fields["timings"]),
+        window_weighting=fields["window_weighting"])
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu' / 'cuda' are checked."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise AttentionMapError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AttentionMapError("device 'cuda': no CUDA GPU is available to PyTorch; choose 'auto' or 'cpu'")
-    return device
+def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
+    model = dict(value["model"], img_size=tuple(value["model"]["img_size"]))
+    return ExplainResult(ModelInfo(**model), _attention(value["attention"], arrays, value["result_id"]))
 
 
-def _copies(array_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Copies of the input the job may keep: the caller's array can change once the job runs."""
-    return np.array(array_ijk, copy=True), np.array(ijk_to_ras, dtype=np.float64, copy=True)
+def _refused(value: Dict[str, Any], arrays: protocol.Arrays) -> AttentionData:
+    return _attention(value["attention"], arrays, value["result_id"])
+
+
+def _scores(value: Dict[str, Any], arrays: protocol.Arrays) -> Dict[str, Any]:
+    return dict(value)
+
+
+# ---------------------------------------------------------------- the shared worker and the entry points
+
+_shared: Optional[WorkerProcess] = None
+
+
+def shared_worker() -> WorkerProcess:
+    """The module's worker process, started on first use and again after it died or was stopped."""
+    global _shared
+    if _shared is None or not _shared.alive:
+        if _shared is not None:
+            _shared.kill()
+        _shared = WorkerProcess()
+    return _shared
+
+
+def stop_shared_worker() -> None:
+    """Stop the shared worker and its children (Slicer closing, scene closed, tests)."""
+    global _shared
+    if _shared is not None:
+        _shared.close(timeout=2.0)
+        _shared = None
+
+
+atexit.register(stop_shared_worker)
+
+
+def _plain_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Options as JSON data: arrays (query point) become lists."""
+    return {k: (np.asarray(v, dtype=np.float64).tolist() if isinstance(v, (np.ndarray, tuple)) else v)
+            for k, v in (options or {}).items()}
 
 
 def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray,
                 explain_options: Optional[Dict[str, Any]] = None, trust_bundle: bool = False,
-                device: str = "auto", cache: Optional[ModelCache] = None) -> BackgroundJob:
-    """A started job that loads the model (cached) and runs volume.explain_volume on a copy of the array.
+                device: str = "auto", worker: Optional[WorkerProcess] = None,
+                timeout: Optional[float] = None) -> WorkerJob:
+    """Explain a volume in the worker: load the model (cached there), run volume.explain_volume.
 
-    ``array_ijk`` (I, J, K) or (C, I, J, K) and ``ijk_to_ras`` (4x4) are copied here, on the caller's
-    thread. ``explain_options`` go to explain_volume (method, layer, head_fusion, head, discard_ratio,
-    target, query_ras, normalize, ...); ``target`` may be a class index or name, None means the
-    card's default. The result is an ExplainResult.
+    ``array_ijk`` (I, J, K) or (C, I, J, K) is written to the worker's scratch folder here (straight
+    from its buffer, no copy in memory), so the caller may change it afterwards. ``explain_options``
+    go to explain_volume (method, layer, head_fusion, head, discard_ratio, target, query_ras,
+    normalize, ...); ``target`` may be a class index or name, None means the card's default.
+    The result is an ExplainResult (plain data).
     """
-    array, affine = _copies(array_ijk, ijk_to_ras)
-    options = dict(explain_options or {})
-    models = cache if cache is not None else ModelCache()
-
-    def run(progress: Callable[[float], None], is_cancelled: Callable[[], bool]) -> ExplainResult:
-        from .models import class_index
-        from .volume import explain_volume
-
-        resolved = resolve_device(device)
-        model = models.get(model_source, trust_bundle, resolved)
-        if is_cancelled():
-            raise Cancelled("cancelled before the network ran")
-        kwargs = {"img_size": model.img_size, **options}
-        target = kwargs.get("target")  # None: the card's default (itself None: the predicted class)
-        kwargs["target"] = model.target if target is None else class_index(target, model.classes, model.source)
-        attention = explain_volume(model.network, array, affine, model.preprocessing, progress=progress,
-                                   cancel=is_cancelled, device=resolved, **kwargs)
-        return ExplainResult(model, attention)
-
-    return BackgroundJob(run, name=f"AttentionMap explain ({model_source})").start()
+    worker = worker or shared_worker()
+    affine = np.asarray(ijk_to_ras, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise AttentionMapError(f"ijk_to_ras: expected a 4x4 matrix, got shape {affine.shape}")
+    if worker.job is not None and not worker.job.finished:
+        raise AttentionMapError("worker: a job is still running; one job at a time (cancel it or wait)")
+    path = protocol.save_input(np.asarray(array_ijk), worker.folder, f"input-{worker._next_id}")
+    header = {"op": "explain", "model_source": str(model_source), "trust_bundle": bool(trust_bundle),
+              "device": device, "options": _plain_options(explain_options), "input": path,
+              "ijk_to_ras": affine.tolist()}
+    return WorkerJob(worker, header, _explain_result, timeout, input_path=path)
 
 
-def refuse_job(attention: Any, fusion_options: Dict[str, Any]) -> BackgroundJob:
-    """A started job returning ``attention.refuse(**fusion_options)`` (a new VolumeAttention).
-
-    Re-fusion reads only the cached head-fused attention (no network run) but can still take seconds
-    (e.g. a discard ratio at ~1700 tokens), so it runs off the GUI thread too.
-    """
-    options = dict(fusion_options)
-    return BackgroundJob(lambda progress, is_cancelled: attention.refuse(**options),
-                         name="AttentionMap re-fusion").start()
+def refuse_job(attention: AttentionData, fusion_options: Dict[str, Any], worker: Optional[WorkerProcess] = None,
+               timeout: Optional[float] = None) -> WorkerJob:
+    """Re-read the worker's cached attention of ``attention`` (VolumeAttention.refuse options: method,
+    layer, discard_ratio, query_ras, normalize) without running the network; the result is an AttentionData."""
+    header = {"op": "refuse", "result_id": attention.result_id, "options": _plain_options(fusion_options)}
+    return WorkerJob(worker or shared_worker(), header, _refused, timeout)
 
 
-def score_job(model: Any, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, centre_ras: Optional[Sequence[float]],
-              explain_options: Dict[str, Any], device: str = "auto") -> BackgroundJob:
-    """A started job returning ``metrics.score_volume`` (deletion / insertion AUC) of the map for a
-    loaded model on one model window centred on ``centre_ras``. The array is copied here, on the
-    caller's thread; ``explain_options`` as for engine.explain (layer 0-based, target an index)."""
-    array, affine = _copies(array_ijk, ijk_to_ras)
-    options = dict(explain_options)
-
-    def run(progress: Callable[[float], None], is_cancelled: Callable[[], bool]) -> Dict[str, Any]:
-        from .metrics import score_volume
-
-        return score_volume(model.network, array, affine, model.preprocessing, img_size=model.img_size,
-                            centre_ras=centre_ras, device=resolve_device(device), **options)
-
-    return BackgroundJob(run, name="AttentionMap score").start()
+def score_job(result: ExplainResult, centre_ras: Optional[Sequence[float]], explain_options: Dict[str, Any],
+              worker: Optional[WorkerProcess] = None, timeout: Optional[float] = None) -> WorkerJob:
+    """``metrics.score_volume`` (deletion / insertion AUC) of the worker's last explanation: its model
+    on its input, on the device the network is on, one model window centred on ``centre_ras``.
+    ``explain_options`` as for engine.explain (layer 0-based, target an index). The result is a dict
+    (score_volume's, plus "device")."""
+    header = {"op": "score", "result_id": result.attention.result_id, "options": _plain_options(explain_options),
+              "centre_ras": None if centre_ras is None else np.asarray(centre_ras, dtype=np.float64).tolist()}
+    return WorkerJob(worker or shared_worker(), header, _scores, timeout)

@@ -1,0 +1,257 @@
+"""The worker process: loads models and runs every torch computation for the Slicer module.
+
+Started by ``worker.WorkerProcess`` as ``python -m AttentionMapLib.worker_process --port P ...``
+with the connection key as one hex line on stdin. It connects back to the GUI process, then serves
+one request at a time (explain, refuse, score; see worker_protocol for the message format) and
+answers with progress / done / error / cancelled / log events. It keeps the loaded models and the
+last explanation (model, input, VolumeAttention), so a re-fusion or a score needs no transfer of
+the volume and no new forward pass.
+
+A reader thread takes the GUI's messages as they come: "cancel" sets a flag checked between windows,
+and a closed connection (the GUI process is gone) ends this process at once. A watchdog thread
+ends it too when the parent process disappears, so no worker outlives Slicer.
+"""
+import argparse
+import faulthandler
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import worker_protocol as protocol
+from .errors import AttentionMapError, Cancelled
+
+WATCHDOG_INTERVAL_S = 1.0
+
+
+def default_threads() -> int:
+    """Torch threads in the worker: all cores but one, which stays free for the GUI."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def parent_alive(pid: int) -> bool:
+    """True while process ``pid`` (the GUI) runs. POSIX: our parent changes when it dies."""
+    if os.name != "nt":
+        return os.getppid() == pid
+    import ctypes  # Windows: a handle to a dead process is signalled (WaitForSingleObject -> 0)
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+    if not handle:
+        return False
+    try:
+        return kernel32.WaitForSingleObject(handle, 0) != 0
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu' / 'cuda' are checked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise AttentionMapError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AttentionMapError("device 'cuda': no CUDA GPU is available to PyTorch; choose 'auto' or 'cpu'")
+    return device
+
+
+@dataclass
+class _LastExplanation:
+    """What a re-fusion or a score of the last explanation needs (kept in this process only)."""
+
+    job_id: int
+    model: Any  # models.LoadedModel
+    attention: Any  # volume.VolumeAttention
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+
+
+def attention_message(attention: Any) -> Tuple[Dict[str, Any], protocol.Arrays]:
+    """A VolumeAttention as plain data: (JSON fields, arrays grid / ijk_to_ras / probabilities / ...)."""
+    fields = {key: getattr(attention, key) for key in ("target", "method", "layer", "head_fusion", "head",
+                                                        "discard_ratio", "normalize", "num_windows",
+                                                        "window_weighting")}
+    fields["timings"] = dict(attention.timings)
+    arrays = {"grid": attention.grid, "ijk_to_ras": attention.ijk_to_ras}
+    for key in ("probabilities", "window_logits", "query_ras"):
+        if getattr(attention, key) is not None:
+            arrays[key] = np.asarray(getattr(attention, key))
+    return fields, arrays
+
+
+def model_message(model: Any, device: str) -> Dict[str, Any]:
+    """What the GUI shows about a loaded model (plain data)."""
+    from .engine import model_spec
+
+    spec = model_spec(model.network, model.img_size)
+    return {"classes": list(model.classes), "target": model.target, "img_size": list(model.img_size),
+            "num_layers": spec.num_layers, "num_heads": spec.num_heads, "source": model.source,
+            "notes": list(model.notes), "device": device}
+
+
+class WorkerServer:
+    """Serves the requests of one GUI connection until it closes."""
+
+    def __init__(self, conn: Any, threads: int) -> None:
+        self._conn = conn
+        self._threads = threads
+        self._requests: "queue.Queue[Tuple[Dict[str, Any], protocol.Arrays]]" = queue.Queue()
+        self._cancelled: set = set()
+        self._current = -1
+        self._models: Dict[Tuple[str, bool, str], Any] = {}
+        self._last: Optional[_LastExplanation] = None
+        self._torch_ready = False
+
+    # ------------------------------------------------------------ threads
+
+    def read_forever(self) -> None:
+        """Reader thread: cancel requests act at once, the rest is queued; a closed connection exits."""
+        while True:
+            try:
+                header, arrays = protocol.receive(self._conn)
+            except (EOFError, OSError):
+                os._exit(0)  # the GUI process closed the connection or died
+            if header.get("op") == "cancel":
+                self._cancelled.add(header.get("id"))
+            elif header.get("op") == "shutdown":
+                os._exit(0)
+            else:
+                self._requests.put((header, arrays))
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_forever, name="requests", daemon=True).start()
+        while True:
+            header, arrays = self._requests.get()
+            self._handle(header, arrays)
+
+    # ------------------------------------------------------------ requests
+
+    def _handle(self, header: Dict[str, Any], arrays: protocol.Arrays) -> None:
+        job_id = int(header.get("id", -1))
+        self._current = job_id
+        handler = {"explain": self._explain, "refuse": self._refuse, "score": self._score}.get(header.get("op"))
+        try:
+            if handler is None:
+                raise protocol.ProtocolError(f"worker: unknown request {header.get('op')!r}")
+            self._prepare_torch()
+            if self._is_cancelled():
+                raise Cancelled("cancelled before it started")
+            fields, out = handler(header, arrays)
+            if self._is_cancelled():
+                raise Cancelled("cancelled")
+            protocol.send(self._conn, {"event": "done", "id": job_id, "value": fields}, out)
+        except Cancelled:
+            protocol.send(self._conn, {"event": "cancelled", "id": job_id})
+        except Exception as error:  # reported to the GUI, which shows it; the worker stays usable
+            protocol.send(self._conn, {"event": "error", "id": job_id, "type": type(error).__name__,
+                                       "user_error": isinstance(error, AttentionMapError),
+                                       "message": str(error), "detail": traceback.format_exc()})
+        finally:
+            self._cancelled.discard(job_id)
+
+    def _is_cancelled(self) -> bool:
+        return self._current in self._cancelled
+
+    def _progress(self, fraction: float) -> None:
+        protocol.send(self._conn, {"event": "progress", "id": self._current, "value": float(fraction)})
+
+    def _log(self, message: str) -> None:
+        protocol.send(self._conn, {"event": "log", "id": self._current, "message": message})
+
+    def _prepare_torch(self) -> None:
+        if self._torch_ready:
+            return
+        start = time.perf_counter()
+        import torch
+
+        torch.set_num_threads(self._threads)
+        self._torch_ready = True
+        self._log(f"PyTorch {torch.__version__} imported in {time.perf_counter() - start:.1f} s; "
+                  f"{self._threads} thread(s); CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+
+    def _model(self, source: str, trust_bundle: bool, device: str) -> Any:
+        from .models import load_model
+
+        key = (source, trust_bundle, device)
+        if key not in self._models:
+            start = time.perf_counter()
+            self._models[key] = load_model(source, trust_bundle=trust_bundle, device=device)
+            self._log(f"Loaded model {source} on {device} in {time.perf_counter() - start:.1f} s")
+        return self._models[key]
+
+    def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
+        from .models import class_index
+        from .volume import explain_volume
+
+        array = protocol.load_input(header["input"])
+        ijk_to_ras = np.asarray(header["ijk_to_ras"], dtype=np.float64)
+        device = resolve_device(header.get("device", "auto"))
+        model = self._model(str(header["model_source"]), bool(header.get("trust_bundle")), device)
+        options = dict(header.get("options") or {})
+        target = options.get("target")  # None: the card's default (itself None: the predicted class)
+        options["target"] = model.target if target is None else class_index(target, model.classes, model.source)
+        self._last = None  # a failed or cancelled run leaves nothing to re-fuse
+        attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
+                                   **{"img_size": model.img_size, **options}, progress=self._progress,
+                                   cancel=self._is_cancelled, device=device)
+        self._last = _LastExplanation(self._current, model, attention, array, ijk_to_ras)
+        fields, out = attention_message(attention)
+        return {"model": model_message(model, device), "attention": fields, "result_id": self._current}, out
+
+    def _last_of(self, header: Dict[str, Any]) -> _LastExplanation:
+        last = self._last
+        if last is None or last.job_id != header.get("result_id"):
+            raise AttentionMapError("the worker no longer holds this result (it was restarted or ran another "
+                                    "volume since): press Apply to run the network again")
+        return last
+
+    def _refuse(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
+        last = self._last_of(header)
+        options = dict(header.get("options") or {})
+        attention = last.attention.refuse(**options)
+        last.attention = attention
+        fields, out = attention_message(attention)
+        return {"attention": fields, "result_id": last.job_id}, out
+
+    def _score(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
+        """Deletion / insertion of the last explanation's input on the device its network is on."""
+        from .metrics import score_volume
+
+        last = self._last_of(header)
+        model = last.model
+        scores = score_volume(model.network, last.array, last.ijk_to_ras, model.preprocessing,
+                              img_size=model.img_size, centre_ras=header.get("centre_ras"),
+                              **dict(header.get("options") or {}))
+        return {**scores, "device": str(next(model.network.parameters()).device)}, {}
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=default_threads())
+    args = parser.parse_args(argv)
+    authkey = bytes.fromhex(sys.stdin.readline().strip())
+    faulthandler.enable()  # a crash writes its Python traceback to stderr (the worker's log file)
+
+    def watchdog() -> None:
+        while parent_alive(args.parent_pid):
+            time.sleep(WATCHDOG_INTERVAL_S)
+        os._exit(0)
+
+    threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
+    conn = protocol.connect(("127.0.0.1", args.port), authkey)
+    WorkerServer(conn, max(1, args.threads)).serve()
+
+
+if __name__ == "__main__":
+    main()
