@@ -90,11 +90,16 @@ def test_blockwise_equals_full_matrix_path(classification, block_rows, head_fusi
 
 
 def random_factors(batch=2, heads=3, tokens=61, dim=8, seed=0, tied_rows=()) -> blockwise.BlockFactors:
-    """Q, K, V, dO float32 with rows whose query is 0 (uniform attention: N entries tied at 1/N)."""
+    """Block input, q/k/v projections and dO, float32; the tied rows' query is 0 (the token's input is
+    0 and q has no bias): uniform attention, N entries tied at exactly 1/N."""
     generator = torch.Generator().manual_seed(seed)
-    q, k, v, d = (torch.randn(batch, heads, tokens, dim, generator=generator) for _ in range(4))
-    q[:, :, list(tied_rows)] = 0.0
-    return blockwise.BlockFactors(3.0 * q, k, v, d, dim ** -0.5)
+    channels = heads * dim
+    hidden = torch.randn(batch, tokens, 12, generator=generator)
+    hidden[:, list(tied_rows)] = 0.0
+    weights = [3.0 * torch.randn(channels, 12, generator=generator) for _ in range(3)]
+    biases = [None, torch.randn(channels, generator=generator), torch.randn(channels, generator=generator)]
+    output_grad = torch.randn(batch, heads, tokens, dim, generator=generator)
+    return blockwise.BlockFactors(hidden, tuple(zip(weights, biases)), output_grad, True, heads, dim ** -0.5)
 
 
 def formed(layer: blockwise.LayerRows, tokens: int, block_rows: int, relevance: bool = False) -> torch.Tensor:
@@ -135,8 +140,11 @@ def test_kernels_equal_methods_on_the_formed_matrices(has_cls, ratio):
             torch.testing.assert_close(got, torch.bmm(vector.unsqueeze(1), fused[1]).squeeze(1), atol=1e-6, rtol=1e-6)
     # the relevance is Chefer's mean_h((dA * A)^+) with dA = dO V^T, written out per head
     b = blocks[0]
-    attention = torch.softmax(b.query @ b.key.transpose(-1, -2) * b.scale, dim=-1)
-    expected = ((b.output_grad @ b.value.transpose(-1, -2)) * attention).clamp(min=0).mean(dim=1)
+    (wq, _), (wk, bk), (wv, bv) = b.projections
+    q, k, v = ((b.hidden @ w.T + (0 if bias is None else bias)).view(2, 61, 3, 8).transpose(1, 2)
+               for w, bias in ((wq, None), (wk, bk), (wv, bv)))
+    attention = torch.softmax(q @ k.transpose(-1, -2) * b.scale, dim=-1)
+    expected = ((b.output_grad @ v.transpose(-1, -2)) * attention).clamp(min=0).mean(dim=1)
     torch.testing.assert_close(relevances[0], expected, atol=1e-6, rtol=1e-6)
 
 
@@ -176,12 +184,13 @@ def test_blockwise_capture_runs_flash_attention_without_dropout(x):
     torch.testing.assert_close(first.logits, second.logits, atol=0, rtol=0)
 
 
-def test_blockwise_keeps_only_q_k_without_gradients_and_the_model_dtype(x):
+def test_blockwise_keeps_each_block_input_in_the_model_dtype(x):
     model = odd_vit(True).double()
     captured = capture_attention(model, x.double(), attention_path="blockwise")
     factors = captured.factors[0]
-    assert factors.query.shape == (2, 4, 106, 8) and factors.query.dtype == torch.float64
-    assert factors.value is None and factors.output_grad is None and not captured.has_gradients
+    assert factors.hidden.shape == (2, 106, 32) and factors.hidden.dtype == torch.float64
+    assert factors.output_grad is None and not captured.has_gradients
+    assert factors.projections[1][0].data_ptr() == model.blocks[0].attn.qkv.weight[32:].data_ptr()  # a view, not a copy
     with pytest.raises(AttentionMapError, match="grad_rollout needs attention captured with gradients"):
         readout(captured, "grad_rollout")
     reference = explain(model, x.double(), method="rollout", discard_ratio=0.3, normalize="none", attention_path="full")

@@ -1,12 +1,14 @@
 """Attention maps without the N x N attention matrix: per block Q, K (and V, dO), flash attention on.
 
 The readout of every method is a vector times each block's (head-fused) attention, so a block needs
-only its queries and keys (``2 * N * d`` numbers) instead of ``N x N``: ``r A`` is the sum over row
-blocks of ``r[rows] softmax(Q[rows] K^T s)``, with only a ``(B, heads, b, N)`` slab alive at a time.
+only its queries and keys instead of ``N x N``: ``r A`` is the sum over row blocks of
+``r[rows] softmax(Q[rows] K^T s)``, with only a ``(B, heads, b, N)`` slab alive at a time.
 
 - capture (:func:`hooked_factors`): the model runs with ``use_flash_attention=True``
-  (``F.scaled_dot_product_attention``); a forward hook on each ``SABlock.input_rearrange`` keeps
-  Q, K, V ``(B, heads, N, d_head)``, and for gradients a tensor hook on the input of
+  (``F.scaled_dot_product_attention``). A forward pre-hook on each ``SABlock`` keeps the block's
+  input ``(B, N, C)`` (``N * C`` numbers, half of Q and K together), from which the readout
+  recomputes Q, K (V) with the block's own projection weights (kept by reference) and MONAI's head
+  split (``"b h (qkv l d) -> qkv b l h d"``); for gradients a tensor hook on the input of
   ``out_rearrange`` (the attention output O, ``(B, heads, N, d_head)``) keeps ``dO``. With
   ``O_h = A_h V_h``, the gradient reaching the attention probabilities is ``dA_h = dO_h V_h^T``:
   what the full-matrix path's hook on ``drop_weights`` sees (dropout is the identity in eval mode).
@@ -18,23 +20,27 @@ blocks of ``r[rows] softmax(Q[rows] K^T s)``, with only a ``(B, heads, b, N)`` s
   ``torch.kthvalue`` over the N x N matrix would give it, by a two-pass radix selection over the
   float32 bit patterns (16 high bits, then 16 low bits), streaming the row blocks twice.
 
-Memory: ``(2 or 4) * B * N * d`` numbers per block kept, plus one slab of ``block_rows`` rows, sized
-from free memory (:func:`choose_block_rows`). Kernels compute in float32 whatever the capture dtype.
+Memory: ``B * N * C`` numbers per block kept (x2 with gradients: dO), plus, while one block is read
+out, its Q, K (V) and one slab of ``block_rows`` rows, sized from free memory
+(:func:`choose_block_rows`). Kernels compute in the capture dtype promoted to at least float32.
+The cache refers to the model's projection weights (no copy): re-fusing after changing them in
+place reads out the changed model.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
 
 from . import methods
 from .capture import attention_blocks
 from .errors import AttentionMapError
 
-CPU_SLAB_BUDGET_BYTES = 256 * 1024 ** 2
+CPU_SLAB_BUDGET_BYTES = 64 * 1024 ** 2
 """Bytes of float32 row-block temporaries on CPU (a fixed budget: free RAM is shared and unreliable)."""
 CUDA_FREE_FRACTION = 0.25
 """Share of the free CUDA memory (``torch.cuda.mem_get_info``) that row-block temporaries may use."""
@@ -47,17 +53,42 @@ class NotPlainAttention(AttentionMapError):
     """A block's attention is not plain ``softmax(Q K^T s)`` (mask given at call time)."""
 
 
+Projection = Tuple[torch.Tensor, Optional[torch.Tensor]]
+"""(weight ``(heads * d_head, C)``, bias or None) of a linear projection."""
+
+
 @dataclass
 class BlockFactors:
-    """One ``SABlock``'s pass: ``query``, ``key``, ``value``, ``output_grad`` ``(B, heads, N, d_head)``
-    (rows = tokens) in the dtype the model ran in; ``value``/``output_grad`` only with gradients;
-    ``scale`` the block's softmax scale ``s``."""
+    """One ``SABlock``'s pass: ``hidden`` its input ``(B, N, C)`` in the dtype the model ran in;
+    ``projections`` the q, k, v projections (detached references to the block's weights);
+    ``output_grad`` ``dO`` ``(B, heads, N, d_head)`` (None without gradients, or when no gradient
+    reached the block); ``with_gradients``: captured with a backward pass; ``heads``; ``scale`` the
+    block's softmax scale ``s``."""
 
-    query: torch.Tensor
-    key: torch.Tensor
-    value: Optional[torch.Tensor]
+    hidden: torch.Tensor
+    projections: Tuple[Projection, Projection, Projection]
     output_grad: Optional[torch.Tensor]
+    with_gradients: bool
+    heads: int
     scale: float
+
+    def project(self, which: int) -> torch.Tensor:
+        """Q (0), K (1) or V (2) ``(B, heads, N, d_head)``, as SABlock's ``input_rearrange`` splits heads."""
+        weight, bias = self.projections[which]
+        out = F.linear(self.hidden, weight, bias)
+        return out.view(out.shape[0], out.shape[1], self.heads, -1).transpose(1, 2)
+
+
+def block_projections(block: SABlock) -> Tuple[Projection, Projection, Projection]:
+    """The q, k, v (weight, bias) of ``block``: slices of the combined ``qkv`` Linear (features ordered
+    ``(qkv, heads, d_head)``) or ``to_q``/``to_k``/``to_v``; detached, not copied."""
+    if block.use_combined_linear:
+        weight = block.qkv.weight.detach()
+        bias = None if block.qkv.bias is None else block.qkv.bias.detach()
+        inner = weight.shape[0] // 3
+        return tuple((weight[i * inner:(i + 1) * inner], None if bias is None else bias[i * inner:(i + 1) * inner])
+                     for i in range(3))
+    return tuple((m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in (block.to_q, block.to_k, block.to_v))
 
 
 def unsupported_reason(block: SABlock) -> Optional[str]:
@@ -94,11 +125,9 @@ def hooked_factors(model: torch.nn.Module, with_gradients: bool) -> Iterator[Lis
     try:
         for index, block in enumerate(blocks):
             block.use_flash_attention, block.save_attn, block.dropout_rate = True, False, 0.0
-            projections: List[torch.Tensor] = []
             handles += [
-                block.register_forward_pre_hook(_start_hook(index, projections), with_kwargs=True),
-                block.input_rearrange.register_forward_hook(_projection_hook(projections)),
-                block.out_rearrange.register_forward_pre_hook(_output_hook(index, block, projections, store, with_gradients)),
+                block.register_forward_pre_hook(_input_hook(index, block, store, with_gradients), with_kwargs=True),
+                block.out_rearrange.register_forward_pre_hook(_output_hook(index, store)),
             ]
         model.eval()
         yield store
@@ -111,35 +140,25 @@ def hooked_factors(model: torch.nn.Module, with_gradients: bool) -> Iterator[Lis
             module.training = mode
 
 
-def _start_hook(index: int, projections: List[torch.Tensor]):
+def _input_hook(index: int, block: SABlock, store: List[Optional[BlockFactors]], with_gradients: bool):
     def hook(_module, args, kwargs):
         mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
         if mask is not None:
             raise NotPlainAttention(f"model: block {index} is called with an attention mask; "
                                     "block-wise attention needs plain softmax(Q K^T s); use attention_path='full'")
-        projections.clear()
+        hidden = kwargs["x"] if "x" in kwargs else args[0]
+        store[index] = BlockFactors(hidden.detach(), block_projections(block), None, with_gradients,
+                                    int(block.num_heads), float(block.scale))
 
     return hook
 
 
-def _projection_hook(projections: List[torch.Tensor]):
-    """``input_rearrange`` runs once (combined qkv: ``(3, B, heads, N, d)``) or three times (q, k, v)."""
+def _output_hook(index: int, store: List[Optional[BlockFactors]]):
+    """For gradients: ``dO``, the gradient of the attention output O (the input of ``out_rearrange``)."""
 
-    def hook(_module, _inputs, output: torch.Tensor) -> None:
-        projections.extend(output.unbind(0) if len(projections) == 0 and output.ndim == 5 else [output])
-
-    return hook
-
-
-def _output_hook(index: int, block: SABlock, projections: List[torch.Tensor], store: List[Optional[BlockFactors]],
-                 with_gradients: bool):
     def hook(_module, inputs) -> None:
-        query, key, value = (t.detach().contiguous() for t in projections[:3])
-        projections.clear()
-        factors = BlockFactors(query, key, value if with_gradients else None, None, float(block.scale))
-        store[index] = factors
-        output = inputs[0]
-        if with_gradients and output.requires_grad:
+        factors, output = store[index], inputs[0]
+        if factors.with_gradients and output.requires_grad:
             output.register_hook(lambda gradient: setattr(factors, "output_grad", gradient.detach()))
 
     return hook
@@ -168,13 +187,14 @@ class LayerRows:
     def __init__(self, factors: BlockFactors, head_fusion: str, head: Optional[int]):
         self.factors = factors
         self.head_fusion, self.head = head_fusion, head
-        self.dtype = torch.promote_types(factors.key.dtype, torch.float32)
-        self.key_t = factors.key.to(self.dtype).transpose(-1, -2)
-        self.value_t = None if factors.value is None else factors.value.to(self.dtype).transpose(-1, -2)
+        self.dtype = torch.promote_types(factors.hidden.dtype, torch.float32)
+        self.query = factors.project(0).to(self.dtype)
+        self.key_t = factors.project(1).to(self.dtype).transpose(-1, -2)
+        self.value_t = None if factors.output_grad is None else factors.project(2).to(self.dtype).transpose(-1, -2)
 
     def probabilities(self, rows: slice) -> torch.Tensor:
         """``softmax(Q[rows] K^T s)`` ``(B, heads, b, N)``, as SABlock computes it (scores, then scale)."""
-        scores = torch.matmul(self.factors.query[:, :, rows].to(self.dtype), self.key_t)
+        scores = torch.matmul(self.query[:, :, rows], self.key_t)
         return scores.mul_(self.factors.scale).softmax(dim=-1)
 
     def fused(self, rows: slice) -> torch.Tensor:
@@ -265,8 +285,9 @@ def readout_vector(factors: Sequence[BlockFactors], row: torch.Tensor, method: s
                    has_cls: bool, head_fusion: str, head: Optional[int], block_rows: Optional[int] = None) -> torch.Tensor:
     """``(B, N)`` readout of ``method`` from blocks ``0..last`` (``raw``: block ``last`` only), the
     same vector as :func:`engine.readout`'s full-matrix path; ``row`` is the readout row ``(B, N)``."""
-    first = factors[0].query
-    rows = choose_block_rows(first.shape[0], first.shape[1], first.shape[2], first.device, block_rows)
+    first = factors[0]
+    batch, tokens = first.hidden.shape[:2]
+    rows = choose_block_rows(batch, first.heads, tokens, first.hidden.device, block_rows)
     if method == "raw":
         return vector_times_layer(row, LayerRows(factors[last], head_fusion, head), "raw", rows)
     vector = row

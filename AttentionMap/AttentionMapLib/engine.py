@@ -9,9 +9,9 @@ Two steps, usable separately so that a GUI can re-fuse without re-running the ne
     matrix per layer for gradient rollout). Heads are fused inside the hook, as each layer's attention
     appears: the full ``(B, heads, N, N)`` of a layer is never kept past its own block. Extra memory:
     ``L * B * N^2`` floats (x2 with gradients), and the forward itself forms ``(B, heads, N, N)``.
-  - ``blockwise``: flash attention on, each block's Q, K (and V, dO for gradients), ``(B, heads, N,
-    d_head)``; the readout recomputes row slabs of the attention (see :mod:`.blockwise`). Extra
-    memory: ``2 * L * B * N * d`` floats (x2 with gradients) plus one slab.
+  - ``blockwise``: flash attention on, each block's input ``(B, N, C)`` (and dO ``(B, heads, N,
+    d_head)`` for gradients); the readout recomputes Q, K (V) and row slabs of the attention (see
+    :mod:`.blockwise`). Extra memory: ``L * B * N * C`` floats (x2 with gradients) plus one slab.
   - ``auto`` (default): ``blockwise`` when the model's blocks run flash attention or when the full
     path's matrices would exceed :data:`FULL_PATH_BUDGET_BYTES`, and every block's attention is plain
     ``softmax(Q K^T s)`` (no relative positional embedding, causal or attention mask,
@@ -69,9 +69,9 @@ class CapturedAttention:
 
     Full path: ``layers[l]`` is ``(B, N, N)`` (rows = queries) for block ``l`` in forward order;
     ``relevances[l]`` is Chefer's ``mean_heads((dy/dA * A)^+)`` ``(B, N, N)`` when captured with
-    gradients, else None; ``factors`` is None. Block-wise path: ``layers`` is None and ``factors[l]``
-    holds block ``l``'s Q, K (V, dO) (``relevances`` is None either way then; gradients are present
-    when ``factors[0].output_grad`` is); ``block_rows``: query rows per slab (None: from free memory).
+    gradients, else None; ``factors`` is None. Block-wise path: ``layers`` and ``relevances`` are None
+    and ``factors[l]`` holds what block ``l``'s Q, K (V, dO) are recomputed from;
+    ``block_rows``: query rows per slab (None: from free memory).
     ``target`` is the output index per sample used for the gradients.
     """
 
@@ -91,10 +91,10 @@ class CapturedAttention:
 
     @property
     def has_gradients(self) -> bool:
-        return self.relevances is not None if self.factors is None else self.factors[0].value is not None
+        return self.relevances is not None if self.factors is None else self.factors[0].with_gradients
 
     def _first(self) -> torch.Tensor:
-        return self.layers[0] if self.factors is None else self.factors[0].query
+        return self.layers[0] if self.factors is None else self.factors[0].hidden
 
     @property
     def batch_size(self) -> int:
@@ -107,7 +107,7 @@ class CapturedAttention:
     @property
     def num_tokens(self) -> int:
         """N, the CLS token included."""
-        return int(self._first().shape[2 if self.factors is not None else -1])
+        return int(self._first().shape[1 if self.factors is not None else -1])
 
 
 @dataclass
