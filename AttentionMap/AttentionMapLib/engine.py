@@ -28,7 +28,7 @@ model has one, is token 0 and is dropped from the grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -189,6 +189,24 @@ def _img_size(model, img_size, input_size, patch_size, num_patches) -> Tuple[int
     return tuple(side * p for p in patch_size)
 
 
+def as_model_input(model: Any, x: Any) -> torch.Tensor:
+    """`x` in the dtype of the model's parameters (float32 for MONAI networks), or AttentionMapError.
+
+    Integer and float64 tensors (what ``torch.from_numpy`` gives for default numpy arrays) are cast
+    explicitly (a copy; the caller's tensor is not changed); bool and complex tensors, numpy arrays and
+    other objects are refused, naming the argument.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise AttentionMapError(f"model: expected a torch.nn.Module (a MONAI ViT-based network), got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        hint = " (convert it with torch.from_numpy)" if isinstance(x, np.ndarray) else ""
+        raise AttentionMapError(f"x: expected a torch tensor (B, C, *img_size), got {type(x).__name__}{hint}")
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise AttentionMapError(f"x: expected real intensities (a float or integer tensor), got dtype {x.dtype}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def check_input(x: torch.Tensor, spec: ModelSpec) -> None:
     """One clear error for an input the model cannot take: dimensions, channels, size, NaN/inf."""
     dims = len(spec.patch_size)
@@ -225,8 +243,9 @@ def capture_attention(
     (None: from free memory). Cost: one forward (+ one backward) pass, plus (full path) O(heads * N^2)
     per layer to fuse heads.
     """
-    if not isinstance(x, torch.Tensor) or x.ndim < 3:
-        raise AttentionMapError(f"x: expected a torch tensor (B, C) + spatial axes, got {getattr(x, 'shape', type(x).__name__)}")
+    x = as_model_input(model, x)
+    if x.ndim < 3:
+        raise AttentionMapError(f"x: expected a torch tensor (B, C) + spatial axes, got shape {tuple(x.shape)}")
     spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
     _check_fusion(head_fusion, head, spec.num_heads)
     check_input(x, spec)
@@ -443,7 +462,8 @@ def explain(
     normalize: str = "minmax",
     attention_path: str = "auto",
 ) -> AttentionResult:
-    """Attention map of ``model`` for input ``x`` ``(B, C, *img_size)``.
+    """Attention map of ``model`` for input ``x`` ``(B, C, *img_size)``, any real dtype (cast to the
+    model's parameter dtype, see :func:`as_model_input`).
 
     Methods: ``raw`` (one block, heads fused by mean/max/min or one ``head``), ``rollout`` (Abnar &
     Zuidema 2020, optional ``discard_ratio``), ``grad_rollout`` (Chefer, Gur & Wolf 2021, for

@@ -8,7 +8,9 @@ Model card (JSON; paths relative to the card)::
      "classes": ["no lesion", "lesion"], "target": 1,
      "description": "...", "training_data": "...", "metrics": {...}}
 
-`network.name` is one of the MONAI classes in SUPPORTED_NETWORKS. Weights never run code on load:
+`network.name` is one of the MONAI classes in SUPPORTED_NETWORKS. Every field is checked, and the memory the
+card asks for estimated, before the network is built (`model_cards.check_card`); weights must lie inside the
+card's folder (`model_cards.weights_path`). Weights never run code on load:
 pickles that need arbitrary objects are refused. A MONAI bundle folder (configs/inference.json|yaml
 with `network_def`, models/model.pt) is loaded only with trust_bundle=True, because bundle configs
 evaluate Python expressions; its preprocessing/classes/target/img_size come from an optional
@@ -17,12 +19,15 @@ configs/attentionmap.json (card keys), else from configs/metadata.json, else BUN
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import AttentionMapError
+from .io import check_input_path
+from .model_cards import MAX_CARD_BYTES, check_card, check_spacing, weights_path
 
 SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc")
 DEMO_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_lung_nodule_vit.json"
@@ -52,37 +57,38 @@ class LoadedModel:
 
 
 def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> LoadedModel:
-    """Load "demo", a model card JSON file, or a MONAI bundle folder (needs trust_bundle=True)."""
+    """Load "demo", a model card JSON file, or a MONAI bundle folder (needs trust_bundle=True).
+
+    Raises AttentionMapError naming the file (and the card field) for every unusable model.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise AttentionMapError(f"model: expected 'demo', a model card path or a bundle folder, got {source!r}")
     path = DEMO_CARD if source == "demo" else Path(source)
     if source == "demo" and not path.is_file():
         raise AttentionMapError(f"demo: the bundled model card {path} is missing from this installation")
-    if path.is_dir():
-        loaded = _load_bundle(path, trust_bundle)
-    elif path.is_file():
-        loaded = _load_card(path)
-    else:
+    if not os.path.lexists(path):
         raise AttentionMapError(
             f"{source}: no such model; expected 'demo', a model card .json file or a MONAI bundle folder"
         )
+    check_input_path(path)  # a pipe or device is refused before it is opened
+    loaded = _load_bundle(path, trust_bundle) if path.is_dir() else _load_card(path)
     loaded.network.to(device).eval()
     return loaded
 
 
 def _load_card(card_path: Path) -> LoadedModel:
     card = _read_json(card_path)
-    net_section = card.get("network")
-    if not isinstance(net_section, dict) or "name" not in net_section:
-        raise AttentionMapError(f"{card_path}: 'network' must be an object with 'name' and 'args'")
-    args = net_section.get("args", {})
-    network = _build_network(card_path, net_section["name"], args)
-    if not card.get("weights"):
-        raise AttentionMapError(f"{card_path}: 'weights' (a path relative to the card) is missing")
-    notes = load_weights(network, card_path.parent / card["weights"])
-    preprocessing = _checked_preprocessing(card_path, card.get("preprocessing"))
+    try:
+        name, args = check_card(card, SUPPORTED_NETWORKS)
+        weights = weights_path(card_path, card.get("weights"))
+    except AttentionMapError as exc:
+        raise AttentionMapError(f"{card_path}: {exc}") from None
+    network = _build_network(card_path, name, args)
+    notes = load_weights(network, weights)
     classes = _class_names(card_path, card.get("classes"), network)
     return LoadedModel(
         network=network,
-        preprocessing=preprocessing,
+        preprocessing=card["preprocessing"],
         classes=classes,
         target=class_index(card.get("target"), classes, str(card_path)),
         img_size=_img_size(card_path, args.get("img_size"), args.get("spatial_dims", 3)),
@@ -200,12 +206,17 @@ def load_weights(network: Any, weights_path: Path) -> List[str]:
 def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
     import torch
 
-    if not weights_path.is_file():
+    if not os.path.lexists(weights_path):
         raise AttentionMapError(f"{weights_path}: weights file not found")
+    check_input_path(weights_path, folders=False)
     if weights_path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(weights_path))
+        try:
+            return load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AttentionMapError(f"{weights_path}: not a readable safetensors file ({exc})") from None
     try:
         loaded = torch.load(str(weights_path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -234,7 +245,7 @@ def _checked_preprocessing(source: Path, preprocessing: Any) -> Dict[str, Any]:
     if not isinstance(preprocessing, dict):
         raise AttentionMapError(f"{source}: 'preprocessing' must be an object (orientation, spacing, intensity, spatial)")
     try:
-        parse_preprocessing(preprocessing)
+        check_spacing(parse_preprocessing(preprocessing).spacing)
     except AttentionMapError as exc:
         raise AttentionMapError(f"{source}: {exc}") from None
     return preprocessing
@@ -290,6 +301,10 @@ def _img_size(source: Path, img_size: Any, spatial_dims: int) -> Tuple[int, ...]
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
+    check_input_path(path, folders=False)
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise AttentionMapError(f"{path}: {path.stat().st_size} bytes; expected a JSON file of at most "
+                                f"{MAX_CARD_BYTES} bytes (model_cards.MAX_CARD_BYTES)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

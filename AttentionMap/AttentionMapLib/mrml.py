@@ -78,6 +78,15 @@ def volume_geometry(volume_node: Any) -> Tuple[Tuple[int, int, int], np.ndarray]
     return (int(dims[0]), int(dims[1]), int(dims[2])), ijk_to_ras
 
 
+def _check_scalars(volume_node: Any) -> None:
+    """Refuse a volume node whose image data holds no voxel values (no scalars, or no voxels)."""
+    image = volume_node.GetImageData()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or scalars.GetNumberOfTuples() == 0 or 0 in image.GetDimensions():
+        raise AttentionMapError(f"volume '{volume_node.GetName()}': the node's image data holds no voxel values "
+                                "(no scalars); load or compute the volume first")
+
+
 def volume_to_array(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     """A float32 copy of the voxels and their geometry: (array_ijk, ijk_to_ras).
 
@@ -86,6 +95,7 @@ def volume_to_array(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     refused with a message saying how to fix it. The node is not modified.
     """
     _, ijk_to_ras = volume_geometry(volume_node)
+    _check_scalars(volume_node)
     kji = slicer.util.arrayFromVolume(volume_node)  # a view (K, J, I) or (K, J, I, C)
     axes = (2, 1, 0) if kji.ndim == 3 else (3, 2, 1, 0)
     array_ijk = np.array(kji.transpose(axes), dtype=np.float32, order="C", copy=True)
@@ -237,8 +247,14 @@ def show_volume_rendering(volume_node: Any, visible: bool = True, color_node: An
 
     ``logic``: the application's volume rendering logic (``slicer.modules.volumerendering.logic()``);
     without it a vtkSlicerVolumeRenderingLogic is made for the node's scene. Raises AttentionMapError
-    when this Slicer build has no volume rendering. Returns the volume rendering display node.
+    when this Slicer build has no volume rendering, and for a node that is not a scalar volume or holds
+    no voxel values. Returns the volume rendering display node.
     """
+    volume_geometry(volume_node)
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise AttentionMapError(f"show in 3D: '{volume_node.GetName()}' is a {volume_node.GetClassName()}; "
+                                "expected a scalar volume")
+    _check_scalars(volume_node)
     if logic is None:
         logic_class = getattr(slicer, "vtkSlicerVolumeRenderingLogic", None)
         if logic_class is None:

@@ -1,0 +1,235 @@
+"""Model-card checks: every field's type and range, and the memory the card asks for, before anything is built.
+
+A card is data from a file: a field of the wrong type, a zero head count or a network of terabytes
+must be refused with the field's name, not crash inside MONAI or exhaust the machine. ``check_card``
+runs before the network is constructed or any weights are read; ``estimate_memory`` is a closed-form
+estimate (no network is built) compared with ``MEMORY_LIMIT_BYTES``.
+
+Weights: the card names its weights by a path relative to the card, and that path must resolve
+(symbolic links included) inside the card's folder: a card downloaded from elsewhere can make the tool
+read only files shipped with it. To use weights from another place, write a card next to them.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from .errors import AttentionMapError
+
+# A card may ask for at most this much memory (network parameters twice: the checkpoint and the
+# network; attention and activations of one forward+backward pass of a batch; the preprocessed volume).
+MEMORY_LIMIT_BYTES = 8 * 2 ** 30
+# The volume a card's resampling is sized against: a chest-abdomen CT field of view, and, for cards that
+# keep the input spacing, a 512 x 512 x 400 scan.
+TYPICAL_FIELD_OF_VIEW_MM = (400.0, 400.0, 400.0)
+TYPICAL_INPUT_VOXELS = 512 * 512 * 400
+SPACING_RANGE_MM = (0.1, 50.0)  # preprocessing.spacing per axis, inclusive
+MAX_CARD_BYTES = 2 ** 20  # a card is a small JSON file
+_FLOAT32 = 4
+_PREPROCESSING_COPIES = 3  # input as float32, the resampled MetaTensor, the scaled copy
+UNETR_PATCH = 16  # UNETR's fixed patch size (monai.networks.nets.UNETR: self.patch_size = ensure_tuple_rep(16, ...))
+
+# Integer network arguments: (low, high) inclusive; high bounds are generous sanity limits, memory is checked apart.
+_INT_RANGES: Dict[str, Tuple[int, int]] = {
+    "in_channels": (1, 64), "out_channels": (1, 1024), "num_classes": (1, 100_000),
+    "hidden_size": (1, 65_536), "mlp_dim": (1, 262_144), "num_layers": (1, 1024), "num_heads": (1, 1024),
+    "feature_size": (1, 4096), "deconv_chns": (1, 4096), "spatial_dims": (3, 3),
+}
+_BOOL_ARGS = ("classification", "qkv_bias", "save_attn", "conv_block", "res_block")
+_CHOICES: Dict[str, Tuple[Any, ...]] = {
+    "proj_type": ("conv", "perceptron"), "pos_embed_type": ("none", "learnable", "sincos"),
+    "post_activation": (None, "Tanh"),
+}
+_REQUIRED = {"ViT": ("in_channels", "img_size", "patch_size"), "UNETR": ("in_channels", "out_channels", "img_size"),
+             "ViTAutoEnc": ("in_channels", "img_size", "patch_size")}
+_TEXT_FIELDS = ("name", "description", "training_data")
+
+
+def _field_error(field: str, expected: str, got: Any) -> AttentionMapError:
+    shown = repr(got)
+    return AttentionMapError(f"{field}: expected {expected}, got {shown[:80] + '...' if len(shown) > 80 else shown}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sizes(args: Mapping[str, Any], key: str, default: Any = None) -> Tuple[int, int, int]:
+    """img_size / patch_size: one positive int or three."""
+    value = args.get(key, default)
+    values = [value] * 3 if _is_int(value) else value
+    if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(_is_int(v) and v >= 1 for v in values)):
+        raise _field_error(f"network.args.{key}", "a positive integer or a list of three", value)
+    return tuple(values)  # type: ignore[return-value]
+
+
+def check_network_args(name: str, args: Mapping[str, Any]) -> Dict[str, Any]:
+    """Types and ranges of MONAI `name`'s constructor arguments (MONAI 1.6.1 signatures); the argument
+    values the memory estimate needs, defaults filled in. Raises AttentionMapError naming the field."""
+    import monai.networks.nets as nets
+
+    accepted = [p for p in inspect.signature(getattr(nets, name)).parameters if p != "self"]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise AttentionMapError(f"network.args: unknown argument(s) {unknown} for MONAI {name}; accepted: {accepted}")
+    missing = [k for k in _REQUIRED[name] if k not in args]
+    if missing:
+        raise AttentionMapError(f"network.args: missing {missing} (required by MONAI {name})")
+    defaults = {p.name: p.default for p in inspect.signature(getattr(nets, name)).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    values = {**defaults, **args}
+    for key, (low, high) in _INT_RANGES.items():
+        if key in values and not (_is_int(values[key]) and low <= values[key] <= high):
+            raise _field_error(f"network.args.{key}", f"an integer in {low}..{high}", values[key])
+    for key in _BOOL_ARGS:
+        if key in values and not isinstance(values[key], bool):
+            raise _field_error(f"network.args.{key}", "true or false", values[key])
+    for key, choices in _CHOICES.items():
+        if key in values and values[key] not in choices:
+            raise _field_error(f"network.args.{key}", f"one of {list(choices)}", values[key])
+    rate = values.get("dropout_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise _field_error("network.args.dropout_rate", "a number in [0, 1]", rate)
+    if values["hidden_size"] % values["num_heads"]:
+        raise AttentionMapError(f"network.args.num_heads: {values['num_heads']} does not divide hidden_size "
+                                f"{values['hidden_size']}; expected a divisor (each head gets hidden_size / num_heads)")
+    values["img_size"] = _sizes(values, "img_size")
+    values["patch_size"] = _sizes(values, "patch_size", UNETR_PATCH) if name != "UNETR" else (UNETR_PATCH,) * 3
+    for size, patch in zip(values["img_size"], values["patch_size"]):
+        if size % patch:
+            field = "img_size" if name == "UNETR" else "patch_size"
+            raise AttentionMapError(f"network.args.{field}: the patch size {values['patch_size']} must divide img_size "
+                                    f"{values['img_size']} along every axis (whole patches only)")
+    return values
+
+
+def estimate_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequence[float]],
+                    batch: int = 1) -> Dict[str, int]:
+    """Bytes a card needs, by part: parameters, attention, activations, preprocessing (see MEMORY_LIMIT_BYTES).
+
+    `values`: :func:`check_network_args`' result. Parameters are counted in closed form (the ViT part
+    exactly up to a few vectors; UNETR / ViTAutoEnc decoders by a fit to MONAI 1.6.1, within 1 %).
+    Attention: per block heads x N^2 kept for the backward pass of gradient rollout, plus the fused
+    map and its relevance. `batch`: windows per forward pass (sw_batch_size).
+    """
+    h, m, heads = values["hidden_size"], values["mlp_dim"], values["num_heads"]
+    layers = values.get("num_layers", 12)
+    tokens = math.prod(s // p for s, p in zip(values["img_size"], values["patch_size"]))
+    patch_voxels = math.prod(values["patch_size"])
+    parameters = values["in_channels"] * patch_voxels * h + h + tokens * h + h
+    parameters += layers * (4 * h * h + 2 * h * m + 9 * h) + 2 * h
+    if values.get("classification"):
+        parameters += (h + 1) * values["num_classes"]
+    voxels = math.prod(values["img_size"])
+    decoder_activations = 0
+    if name == "UNETR":
+        parameters += 8910 * values["feature_size"] ** 2 + 176 * h * values["feature_size"]
+        decoder_activations = 6 * voxels * values["feature_size"]
+    elif name == "ViTAutoEnc":
+        parameters += 64 * values["deconv_chns"] * (h + values["out_channels"])
+        decoder_activations = 2 * voxels * values["deconv_chns"]
+    if spacing is None:
+        volume_voxels = TYPICAL_INPUT_VOXELS
+    else:
+        volume_voxels = math.prod(math.ceil(fov / s) for fov, s in zip(TYPICAL_FIELD_OF_VIEW_MM, spacing))
+    return {
+        "parameters": 2 * _FLOAT32 * parameters,
+        "attention": _FLOAT32 * batch * layers * (heads + 2) * tokens * tokens,
+        "activations": _FLOAT32 * batch * (layers * tokens * (6 * h + 2 * m) + decoder_activations),
+        "preprocessing": _FLOAT32 * _PREPROCESSING_COPIES * volume_voxels,
+    }
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2 ** 30:.3g} GiB"
+
+
+def check_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequence[float]], batch: int) -> None:
+    """Refuse a card whose estimated memory exceeds MEMORY_LIMIT_BYTES, naming the fields that drive it."""
+    parts = estimate_memory(name, values, spacing, batch)
+    total = sum(parts.values())
+    if total <= MEMORY_LIMIT_BYTES:
+        return
+    drivers = {
+        "parameters": f"network.args (hidden_size={values['hidden_size']}, mlp_dim={values['mlp_dim']}, "
+                      f"num_layers={values.get('num_layers', 12)})",
+        "attention": f"network.args (img_size={list(values['img_size'])}, patch_size={list(values['patch_size'])}, "
+                     f"num_heads={values['num_heads']})",
+        "activations": f"network.args (img_size={list(values['img_size'])}, hidden_size={values['hidden_size']})",
+        "preprocessing": f"preprocessing.spacing {list(spacing) if spacing is not None else None} "
+                         f"(a {TYPICAL_FIELD_OF_VIEW_MM[0]:g} mm field of view)",
+    }
+    largest = max(parts, key=parts.__getitem__)
+    breakdown = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items())
+    raise AttentionMapError(f"{drivers[largest]}: the card would need about {_gib(total)} ({breakdown}); the limit "
+                            f"is {_gib(MEMORY_LIMIT_BYTES)} (model_cards.MEMORY_LIMIT_BYTES)")
+
+
+def check_spacing(spacing: Any) -> None:
+    """preprocessing.spacing within SPACING_RANGE_MM (after preprocess.parse_preprocessing checked its form)."""
+    low, high = SPACING_RANGE_MM
+    if spacing is not None and not all(low <= float(s) <= high for s in spacing):
+        raise _field_error("preprocessing.spacing", f"three spacings in {low:g}..{high:g} mm, or null", spacing)
+
+
+def weights_path(card_path: Path, weights: Any) -> Path:
+    """The card's `weights` resolved inside the card's folder, or AttentionMapError (see the module docstring)."""
+    if not isinstance(weights, str) or not weights.strip():
+        raise _field_error("weights", "a file name relative to the card (a non-empty string)", weights)
+    if os.path.isabs(weights):
+        raise AttentionMapError(f"weights: {weights!r} is an absolute path; a card may only name weights inside its "
+                                "own folder (write a card next to the weights to use them)")
+    folder = card_path.parent.resolve()
+    resolved = (folder / weights).resolve()
+    if folder not in resolved.parents:
+        raise AttentionMapError(f"weights: {weights!r} resolves to {resolved}, outside the card's folder {folder}; "
+                                "a card may only name weights inside its own folder (write a card next to the weights)")
+    return resolved
+
+
+def check_card(card: Mapping[str, Any], supported: Sequence[str]) -> Tuple[str, Dict[str, Any]]:
+    """Every field of a model card (not the weights file itself): returns (network name, checked args).
+
+    Raises AttentionMapError naming the field. Unknown top-level keys are kept for the record (cards
+    carry training notes and metrics) and never used.
+    """
+    from .preprocess import parse_preprocessing
+
+    network = card.get("network")
+    if not isinstance(network, Mapping) or not isinstance(network.get("name"), str):
+        raise _field_error("network", "an object with 'name' (string) and 'args' (object)", network)
+    name = network["name"]
+    if name not in supported:
+        raise AttentionMapError(f"network.name: {name!r} is not supported; expected one of {', '.join(supported)}")
+    args = network.get("args", {})
+    if not isinstance(args, Mapping):
+        raise _field_error("network.args", "an object of constructor arguments", args)
+    values = check_network_args(name, args)
+    preprocessing = card.get("preprocessing")
+    if not isinstance(preprocessing, Mapping):
+        raise _field_error("preprocessing", "an object (orientation, spacing, intensity, spatial)", preprocessing)
+    prep = parse_preprocessing(preprocessing)
+    check_spacing(prep.spacing)
+    classes = card.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c.strip() for c in classes)):
+            raise _field_error("classes", "a list of class names (non-empty strings)", classes)
+        if len(set(c.lower() for c in classes)) != len(classes):
+            raise _field_error("classes", "distinct names", classes)
+        outputs = values["num_classes"] if values.get("classification") else values.get("out_channels")
+        if name != "ViT" or values.get("classification"):
+            if outputs != len(classes):
+                raise AttentionMapError(f"classes: {len(classes)} name(s) for {outputs} network output(s); "
+                                        "expected one name per output")
+    target = card.get("target")
+    if target is not None and not (_is_int(target) or isinstance(target, str)):
+        raise _field_error("target", "a class name, a class index, or null", target)
+    for key in _TEXT_FIELDS:
+        if card.get(key) is not None and not isinstance(card[key], str):
+            raise _field_error(key, "a string", card[key])
+    batch = prep.sw_batch_size if prep.mode == "sliding_window" else 1
+    check_memory(name, values, prep.spacing, batch)
+    return name, dict(args)
