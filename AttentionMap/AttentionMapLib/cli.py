@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import AttentionMapError
 from .io import read_volume
-from .outputs import check_output_file, check_output_folder, staged_folder, write_file
+from .outputs import check_output_file, check_output_folder, staged_folder, write_file, writing
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 
@@ -319,7 +319,8 @@ def run_command(args: argparse.Namespace) -> int:
         for case in cases:
             t0 = time.perf_counter()
             name = f"{case.name}_overlay.png"
-            write_overlay(staging / name, case.overlay(loaded.classes, args.method), scale)
+            with writing(staging / name):
+                write_overlay(staging / name, case.overlay(loaded.classes, args.method), scale)
             case.record["outputs"]["overlay"] = str(output_dir / name)
             case.record["timings_s"]["render"] = time.perf_counter() - t0
         summary = {
@@ -330,9 +331,11 @@ def run_command(args: argparse.Namespace) -> int:
             "cases": [c.record for c in cases],
         }
         if len(cases) > 1:
-            write_montage(staging / "montage.png", [c.overlay(loaded.classes, args.method) for c in cases], scale)
+            with writing(staging / "montage.png"):
+                write_montage(staging / "montage.png", [c.overlay(loaded.classes, args.method) for c in cases], scale)
             summary["montage"] = str(output_dir / "montage.png")
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+        with writing(staging / "summary.json"):
+            (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"attention-map: wrote {len(names)} files to {output_dir}")
     return 0
 

@@ -81,6 +81,17 @@ def _mentioning(exc: BaseException, staging: Path, target: Path) -> AttentionMap
     return AttentionMapError(text.replace(str(staging), str(target)))
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name `path` in an OSError raised without a file name (e.g. by an image writer's stream)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
 def check_output_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path],
                         option: str = "--output-dir") -> Path:
     """The absolute output folder, or AttentionMapError: not a folder, inside an input folder, or an entry
