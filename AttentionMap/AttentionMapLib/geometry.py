@@ -33,7 +33,10 @@ def lps_to_ras(matrix: np.ndarray) -> np.ndarray:
 
     Self-inverse, so it also turns an ijk_to_ras matrix into ijk_to_lps.
     """
-    return _LPS_TO_RAS @ np.asarray(matrix, dtype=np.float64)
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise AttentionMapError(f"matrix: expected a 4x4 matrix, got shape {m.shape}")
+    return _LPS_TO_RAS @ m
 
 
 def check_ijk_to_ras(matrix: object, name: str = "ijk_to_ras") -> np.ndarray:

@@ -38,6 +38,8 @@ def check_input_path(path: PathLike, what: str = "", folders: bool = True) -> Pa
     or a socket is refused without being opened, so it can never block the reader. Symbolic links to a
     file or folder are followed (inputs are only read). `what` prefixes the message (e.g. "--label").
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise AttentionMapError(f"{what or 'path'}: expected a file or folder path, got {path!r}")
     p = Path(path)
     name = f"{what} {p}" if what else str(p)
     expected = "a regular file" + (" or a DICOM folder" if folders else "")

@@ -247,13 +247,10 @@ def show_volume_rendering(volume_node: Any, visible: bool = True, color_node: An
 
     ``logic``: the application's volume rendering logic (``slicer.modules.volumerendering.logic()``);
     without it a vtkSlicerVolumeRenderingLogic is made for the node's scene. Raises AttentionMapError
-    when this Slicer build has no volume rendering, and for a node that is not a scalar volume or holds
-    no voxel values. Returns the volume rendering display node.
+    when this Slicer build has no volume rendering, and for a node that is not a volume or holds no voxel
+    values. Returns the volume rendering display node.
     """
     volume_geometry(volume_node)
-    if not volume_node.IsA("vtkMRMLScalarVolumeNode"):
-        raise AttentionMapError(f"show in 3D: '{volume_node.GetName()}' is a {volume_node.GetClassName()}; "
-                                "expected a scalar volume")
     _check_scalars(volume_node)
     if logic is None:
         logic_class = getattr(slicer, "vtkSlicerVolumeRenderingLogic", None)

@@ -1,0 +1,118 @@
+"""Reliability sweep, library: input dtypes, and a bad argument to every public entry point.
+
+Integer and float64 tensors (what torch.from_numpy gives for default numpy arrays) are cast to the
+model's float32 and give the float32 map; everything else wrong raises AttentionMapError naming the
+argument, and the caller's objects are unchanged.
+"""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import ViT
+
+import AttentionMapLib as lib
+from AttentionMapLib.errors import AttentionMapError
+from reliability import ARGS, PREPROCESSING, oblique_affine, scan_array
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ViT(**ARGS).eval()
+
+
+def _input(dtype) -> torch.Tensor:
+    values = np.random.default_rng(1).integers(0, 200, (1, 1, 16, 16, 16))
+    return torch.from_numpy(values.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int16, np.uint8, np.int64, np.float16],
+                         ids=["float64", "int16", "uint8", "int64", "float16"])
+@pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
+def test_explain_casts_other_dtypes_to_the_models(model, dtype, method):
+    x = _input(dtype)
+    kept = x.clone()
+    result = lib.explain(model, x, method=method, target=1)
+    reference = lib.explain(model, x.to(torch.float32), method=method, target=1)
+    np.testing.assert_allclose(result.grid, reference.grid, rtol=1e-5, atol=1e-6)
+    assert x.dtype == kept.dtype and torch.equal(x, kept)  # the caller's tensor is not converted in place
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "stream.nrrd"
+    os.mkfifo(path)
+    return path
+
+
+# name -> (call(model, tmp_path), words)
+CASES = {
+    "explain bool tensor": (lambda m, t: lib.explain(m, _input(np.uint8) > 100), "x: expected real intensities"),
+    "explain complex tensor": (lambda m, t: lib.explain(m, _input(np.float32).to(torch.complex64)),
+                               "x: expected real intensities (a float or integer tensor), got dtype torch.complex64"),
+    "explain numpy array": (lambda m, t: lib.explain(m, np.zeros((1, 1, 16, 16, 16))),
+                            "x: expected a torch tensor (B, C, *img_size), got ndarray (convert it with torch.from_numpy)"),
+    "explain wrong rank": (lambda m, t: lib.explain(m, torch.zeros(1, 16, 16, 16)), "x: expected a torch tensor (B, C) + 3"),
+    "explain wrong size": (lambda m, t: lib.explain(m, torch.zeros(1, 1, 16, 16, 8)), "x: spatial size (16, 16, 8)"),
+    "explain NaN": (lambda m, t: lib.explain(m, torch.full((1, 1, 16, 16, 16), float("nan"))), "x: contains NaN"),
+    "explain not a model": (lambda m, t: lib.explain("vit", torch.zeros(1, 1, 16, 16, 16)),
+                            "model: expected a torch.nn.Module"),
+    "explain not a ViT": (lambda m, t: lib.explain(torch.nn.Conv3d(1, 1, 3), torch.zeros(1, 1, 16, 16, 16)),
+                          "model: Conv3d contains no MONAI self-attention block"),
+    "explain method": (lambda m, t: lib.explain(m, torch.zeros(1, 1, 16, 16, 16), method="cam"), "method: expected one of"),
+    "explain layer": (lambda m, t: lib.explain(m, torch.zeros(1, 1, 16, 16, 16), layer=3), "layer: expected -1..0"),
+    "capture_attention head": (lambda m, t: lib.capture_attention(m, torch.zeros(1, 1, 16, 16, 16), head=2),
+                               "head: expected 0..1"),
+    "explain_volume list": (lambda m, t: lib.explain_volume(m, [[1, 2], [3, 4]], oblique_affine(), PREPROCESSING,
+                                                            img_size=(16, 16, 16)), "array_ijk: got shape (2, 2)"),
+    "explain_volume affine": (lambda m, t: lib.explain_volume(m, scan_array(), np.eye(3), PREPROCESSING,
+                                                              img_size=(16, 16, 16)), "ijk_to_ras"),
+    "explain_volume preprocessing": (lambda m, t: lib.explain_volume(m, scan_array(), oblique_affine(), [1],
+                                                                     img_size=(16, 16, 16)), "preprocessing"),
+    "read_volume named pipe": (lambda m, t: lib.read_volume(_fifo(t)), "stream.nrrd: is a named pipe"),
+    "read_volume empty folder": (lambda m, t: lib.read_volume(t), "no DICOM series found in this folder"),
+    "read_volume not a path": (lambda m, t: lib.read_volume(3.5), "path: expected a file or folder path, got 3.5"),
+    "write_volume suffix": (lambda m, t: lib.write_volume(t / "map.png", np.zeros((2, 2, 2)), np.eye(4)),
+                            "map.png: expected a file name ending in one of"),
+    "write_volume missing folder": (lambda m, t: lib.write_volume(t / "no" / "map.nrrd", np.zeros((2, 2, 2)), np.eye(4)),
+                                    "map.nrrd: SimpleITK could not write it"),
+    "write_volume 4D": (lambda m, t: lib.write_volume(t / "map.nrrd", np.zeros((2, 2, 2, 2)), np.eye(4)),
+                        "array_ijk: expected a 3D array"),
+    "parse_preprocessing list": (lambda m, t: lib.parse_preprocessing([1]), "preprocessing"),
+    "lps_to_ras shape": (lambda m, t: lib.lps_to_ras(np.eye(3)), "matrix: expected a 4x4 matrix, got shape (3, 3)"),
+    "mask_statistics shapes": (lambda m, t: lib.mask_statistics(np.zeros((2, 2, 2)), np.zeros((3, 3, 3))), "shape"),
+    "pointing_game shapes": (lambda m, t: lib.pointing_game(np.zeros((2, 2, 2)), np.ones((3, 3, 3))), "shape"),
+    "load_model number": (lambda m, t: lib.load_model(7), "model: expected 'demo'"),
+    "load_model named pipe": (lambda m, t: lib.load_model(str(_fifo(t))), "stream.nrrd: is a named pipe"),
+}
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("blocked: the call opened a named pipe")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_public_entry_point_refuses_with_attention_map_error(name, model, tmp_path):
+    call, words = CASES[name]
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(20)  # a regression that opens a pipe would block forever
+    try:
+        with pytest.raises(AttentionMapError) as refused:
+            call(model, tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert words in str(refused.value), str(refused.value)
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+def test_write_volume_replaces_a_link_without_writing_through_it(tmp_path):
+    """write_volume renames a finished temporary file over the name: a link there is replaced, its target kept."""
+    target = tmp_path / "ct.nrrd"
+    target.write_bytes(b"the user's CT")
+    (tmp_path / "map.nrrd").symlink_to(target)
+    lib.write_volume(tmp_path / "map.nrrd", np.ones((2, 3, 4), np.float32), oblique_affine())
+    assert target.read_bytes() == b"the user's CT"
+    assert not (tmp_path / "map.nrrd").is_symlink()
+    assert lib.read_volume(tmp_path / "map.nrrd")[0].shape == (2, 3, 4)
