@@ -262,6 +262,36 @@ def test_cancel_between_windows_keeps_the_worker(oracle_card, shared):
     assert explain_job(str(path), *volume(), {}, device="cpu", worker=shared).wait(120).kind == DONE
 
 
+def test_a_result_that_arrived_before_the_cancel_is_never_handed_out(oracle_card, shared):
+    """Scene closed after the worker finished but before the GUI polled: the result is dropped."""
+    path = str(oracle_card[0])
+    assert explain_job(path, *volume(), {}, device="cpu", worker=shared).wait(120).kind == DONE  # model loaded
+    job = explain_job(path, *volume(), {}, device="cpu", worker=shared)
+    while not job._sent:
+        job.poll()
+    time.sleep(2.0)  # the worker runs both windows and sends its result; nobody reads it yet
+    job.cancel()
+    events = events_until_final(job, 60)
+    assert [e.kind for e in events] == [PROGRESS, PROGRESS, CANCELLED]  # finished in the worker, dropped here
+    assert shared.alive  # nothing to kill: the worker had finished
+
+
+def test_the_input_is_copied_once_not_twice(oracle_card, shared):
+    """explain_job writes the caller's array straight to the worker's input file: no copy in memory."""
+    import tracemalloc
+
+    array = np.random.default_rng(1).random((64, 64, 64), dtype=np.float32)  # 1 MiB
+    tracemalloc.start()
+    try:
+        job = explain_job(str(oracle_card[0]), array, np.eye(4), {}, device="cpu", worker=shared)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < array.nbytes / 4, f"explain_job allocated {peak} bytes for a {array.nbytes}-byte input"
+    job.cancel()
+    job.wait(60)
+
+
 def test_a_cancel_before_the_worker_got_the_job_sends_nothing(oracle_card):
     process = WorkerProcess(threads=1)
     try:

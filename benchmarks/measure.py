@@ -107,3 +107,28 @@ def machine_description() -> Dict[str, str]:
     return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
             "torch": torch.__version__, "monai": monai.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+# ---------------------------------------------------------------- sections of docs/BENCHMARKS.md written by their own script
+
+def _section_markers(name: str) -> Tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` between the markers of section ``name`` in ``path`` (appended if absent); the rest stays."""
+    start, end = _section_markers(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def sections(text: str) -> List[str]:
+    """Every ``<!-- section:NAME -->`` ... ``<!-- /section:NAME -->`` block of a document, in order."""
+    import re
+
+    return [m.group(0) for m in re.finditer(r"<!-- section:([\w-]+) -->.*?<!-- /section:\1 -->", text, re.S)]

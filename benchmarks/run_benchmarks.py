@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine  # noqa: E402
 import bench_volume  # noqa: E402
+import bench_worker  # noqa: E402
 import measure  # noqa: E402
 
 LABELS = {"forward": "plain forward", "forward_flash": "plain forward, flash attention", "seed": "seed's way (save_attn, numpy, N×N products)",
@@ -277,6 +278,8 @@ def write_report(results: Dict[str, Any], out: Path, command: str) -> None:
                   "after `reset_peak_memory_stats`).", ""]
     lines += ["## End to end: file -> overlay NRRD", ""] + end_to_end_lines(results.get("end_to_end"))
     lines += ["", "## Sliding-window scaling", ""] + sliding_lines(results.get("sliding_window")) + [""]
+    previous = (out / "BENCHMARKS.md").read_text() if (out / "BENCHMARKS.md").exists() else ""
+    lines += [""] + [block + "\n" for block in measure.sections(previous)]  # written by their own scripts
     (out / "BENCHMARKS.md").write_text("\n".join(lines))
 
 
@@ -299,6 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "benchmarks.png")
     write_report(results, args.out, command)
+    if not args.from_json:
+        bench_worker.main(["--out", str(args.out)] + (["--quick"] if args.quick else []))
     print(f"wrote {args.out / 'BENCHMARKS.md'}")
     return 0
 

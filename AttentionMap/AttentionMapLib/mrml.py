@@ -25,6 +25,7 @@ HEAT_TRANSPARENT_BELOW = 0.1  # colours for values < 10 % of the window are full
 HEAT_OPAQUE_FROM = 0.3  # alpha ramps linearly from 0 to 1 between the two fractions
 STATISTICS_COLUMNS = ("mass_fraction", "mean", "max", "volume_fraction", "mass_ratio", "pointing_hit")
 ATTRIBUTE_PREFIX = "AttentionMap."
+CASE_ATTRIBUTE = ATTRIBUTE_PREFIX + "caseOf"  # on a multi-case output: the ID of the volume it explains
 
 
 # ---------------------------------------------------------------- matrices and geometry
@@ -267,14 +268,18 @@ def show_volume_rendering(volume_node: Any, visible: bool = True, color_node: An
             configure_display(volume_node, color_node, window)
         display = logic.CreateDefaultVolumeRenderingNodes(volume_node)
     if visible:
-        _set_transfer_functions(display.GetVolumePropertyNode().GetVolumeProperty(),
+        _set_transfer_functions(display.GetVolumePropertyNode(),
                                 color_node or heat_color_node(volume_node.GetScene()), window, max_opacity)
     display.SetVisibility(1 if visible else 0)
     return display
 
 
-def _set_transfer_functions(volume_property: Any, color_node: Any, window: Tuple[float, float],
+def _set_transfer_functions(property_node: Any, color_node: Any, window: Tuple[float, float],
                             max_opacity: float) -> None:
+    """Colour and opacity functions from the colour table, set through the vtkMRMLVolumePropertyNode:
+    its SetColor / SetScalarOpacity move the node's observers onto the new functions (Slicer v5.8.0
+    vtkMRMLVolumePropertyNode.cxx, SetColor), so later edits (Volume Rendering module) reach the node;
+    setting them on the vtkVolumeProperty directly would leave the node observing the old ones."""
     low, high = float(window[0]), float(window[1])
     colors, opacity = vtk.vtkColorTransferFunction(), vtk.vtkPiecewiseFunction()
     count = color_node.GetNumberOfColors()
@@ -284,8 +289,23 @@ def _set_transfer_functions(volume_property: Any, color_node: Any, window: Tuple
         value = low + (high - low) * index / max(count - 1, 1)
         colors.AddRGBPoint(value, rgba[0], rgba[1], rgba[2])
         opacity.AddPoint(value, rgba[3] * max_opacity)
-    volume_property.SetColor(colors)
-    volume_property.SetScalarOpacity(opacity)
+    with _batch_modify(property_node):
+        property_node.SetColor(colors)
+        property_node.SetScalarOpacity(opacity)
+
+
+# ---------------------------------------------------------------- query point
+
+def keep_newest_control_point(markups_node: Any) -> bool:
+    """Leave only the most recently added control point of a point list (placing again moves the
+    query instead of adding a second point that would be ignored). Returns True if points were removed."""
+    count = markups_node.GetNumberOfControlPoints()
+    if count <= 1:
+        return False
+    with _batch_modify(markups_node):
+        for index in range(count - 2, -1, -1):
+            markups_node.RemoveNthControlPoint(index)
+    return True
 
 
 # ---------------------------------------------------------------- segment statistics
@@ -400,27 +420,42 @@ def shared_window(grids: Sequence[np.ndarray]) -> Tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+def case_output_nodes(volume_nodes: Sequence[Any]) -> List[Optional[Any]]:
+    """The attention node made earlier for each input volume by show_cases (None where there is none),
+    so that explaining the same cases again reuses their nodes."""
+    found = []
+    for volume in volume_nodes:
+        scene = volume.GetScene()
+        nodes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+        found.append(next((n for n in nodes if n.GetAttribute(CASE_ATTRIBUTE) == volume.GetID()), None))
+    return found
+
+
 def show_cases(attentions: Sequence[Any], scene: Any, output_nodes: Optional[Sequence[Any]] = None,
                names: Optional[Sequence[str]] = None, color_node: Any = None,
-               threshold_fraction: Optional[float] = None) -> List[Any]:
+               threshold_fraction: Optional[float] = None, source_nodes: Optional[Sequence[Any]] = None) -> List[Any]:
     """Several VolumeAttention results as volume nodes with one shared display window and colours.
 
     ``output_nodes`` (same length, entries may be None) are reused; ``threshold_fraction`` is a
-    fraction of the shared window. Returns the volume nodes in input order.
+    fraction of the shared window; ``source_nodes`` (the explained volumes) are recorded on the
+    nodes for case_output_nodes. Returns the volume nodes in input order.
     """
     count = len(attentions)
     output_nodes = list(output_nodes) if output_nodes is not None else [None] * count
     names = list(names) if names is not None else [f"Attention case {i + 1}" for i in range(count)]
-    if len(output_nodes) != count or len(names) != count:
-        raise AttentionMapError(f"multi-case: {count} results but {len(output_nodes)} output nodes and "
-                                f"{len(names)} names")
+    if len(output_nodes) != count or len(names) != count or len(source_nodes or attentions) != count:
+        raise AttentionMapError(f"multi-case: {count} results but {len(output_nodes)} output nodes, "
+                                f"{len(names)} names and {len(source_nodes or attentions)} source volumes")
     for attention in attentions:  # every case is checked before the first node is made
         _check_grid(attention.grid, attention.ijk_to_ras)
     window = shared_window([a.grid for a in attentions])
     threshold = None if threshold_fraction is None else window[0] + threshold_fraction * (window[1] - window[0])
     nodes = [attention_to_volume(a, scene, node, name) for a, node, name in zip(attentions, output_nodes, names)]
-    for node in nodes:
+    for index, node in enumerate(nodes):
         configure_display(node, color_node, window, threshold)
+        if source_nodes is not None:
+            node.SetAttribute(CASE_ATTRIBUTE, source_nodes[index].GetID())
     return nodes
 
 
