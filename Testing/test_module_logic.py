@@ -9,6 +9,7 @@ import pytest
 from AttentionMapLib import AttentionMapError, worker
 from AttentionMapLib.dependencies import (EINOPS_VERSION, MONAI_VERSION, installed_versions, parse_version,
                                           plan_dependencies)
+from AttentionMapLib.metrics import mask_statistics
 from AttentionMapLib.models import DEMO_CARD
 from AttentionMapLib.module_logic import card_summary, fusion_differs, patch_size_mm, self_test_phantom
 
@@ -102,3 +103,8 @@ def test_the_self_tests_phantom_puts_the_demo_models_peak_within_one_patch_of_th
     result = final.value.attention
     assert np.linalg.norm(result.peak_ras() - nodule) <= patch_size_mm(result.ijk_to_ras)
     assert final.value.model.classes[int(np.argmax(result.probabilities))] == "lesion"
+    # the self-test's segment statistics: a sphere of the nodule's radius gets more than its share
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in array.shape], indexing="ij"), axis=-1)
+    ras = ijk @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+    sphere = np.linalg.norm(ras - nodule, axis=-1) < 8.0
+    assert mask_statistics(result.resample_to(array.shape, ijk_to_ras), sphere)["mass_ratio"] > 1.0

@@ -34,14 +34,20 @@ def test_volume_rendering_goes_through_the_property_node(slicer_scene):
 
 def test_placing_the_query_point_again_moves_it(slicer_scene):
     points = slicer_scene.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
+    assert mrml.query_point_ras(points) is None and mrml.query_point_ras(None) is None
     points.AddControlPoint([1.0, 2.0, 3.0])
     assert not mrml.keep_newest_control_point(points)
-    points.AddControlPoint([4.0, 5.0, 6.0])  # placed again
+    points.AddControlPoint([0.0, 0.0, 0.0])
+    points.SetNthControlPointPosition(1, 7.0, 8.0, 9.0, points.PositionPreview)  # the cursor while placing
+    assert not mrml.keep_newest_control_point(points)  # a preview does not replace the placed point
+    assert list(mrml.query_point_ras(points)) == [1.0, 2.0, 3.0]
+    points.SetNthControlPointPosition(1, 4.0, 5.0, 6.0)  # placed: defined
     assert mrml.keep_newest_control_point(points)
-    assert points.GetNumberOfControlPoints() == 1
-    position = [0.0, 0.0, 0.0]
-    points.GetNthControlPointPositionWorld(0, position)
-    assert position == [4.0, 5.0, 6.0]
+    assert points.GetNumberOfControlPoints() == 1 and list(mrml.query_point_ras(points)) == [4.0, 5.0, 6.0]
+    transform = slicer_scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4, k=3)))
+    points.SetAndObserveTransformNodeID(transform.GetID())
+    assert list(mrml.query_point_ras(points)) == [5.0, 5.0, 6.0]  # world RAS
 
 
 def test_explaining_the_same_cases_again_reuses_their_nodes(slicer_scene):

@@ -296,16 +296,33 @@ def _set_transfer_functions(property_node: Any, color_node: Any, window: Tuple[f
 
 # ---------------------------------------------------------------- query point
 
+def _defined_points(markups_node: Any) -> List[int]:
+    """Indices of the control points with a defined position (not the preview a placement shows)."""
+    return [i for i in range(markups_node.GetNumberOfControlPoints())
+            if markups_node.GetNthControlPointPositionStatus(i) == markups_node.PositionDefined]
+
+
 def keep_newest_control_point(markups_node: Any) -> bool:
-    """Leave only the most recently added control point of a point list (placing again moves the
-    query instead of adding a second point that would be ignored). Returns True if points were removed."""
-    count = markups_node.GetNumberOfControlPoints()
-    if count <= 1:
+    """Leave only the most recently placed (defined) control point of a point list: placing again
+    moves the query instead of adding a second point that would be ignored. A preview point shown
+    while placing is left alone. Returns True if points were removed."""
+    defined = _defined_points(markups_node)
+    if len(defined) <= 1:
         return False
     with _batch_modify(markups_node):
-        for index in range(count - 2, -1, -1):
+        for index in reversed(defined[:-1]):
             markups_node.RemoveNthControlPoint(index)
     return True
+
+
+def query_point_ras(markups_node: Any) -> Optional[np.ndarray]:
+    """World RAS (3,) of the newest defined control point, or None (no node, or nothing placed yet)."""
+    defined = _defined_points(markups_node) if markups_node is not None else []
+    if not defined:
+        return None
+    position = [0.0, 0.0, 0.0]
+    markups_node.GetNthControlPointPositionWorld(defined[-1], position)
+    return np.array(position)
 
 
 # ---------------------------------------------------------------- segment statistics
