@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import UNETR, ViT, ViTAutoEnc
 
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.model_cards import MEMORY_LIMIT_BYTES, check_card, check_network_args, estimate_memory
+from AttentionMapLib.model_cards import BLOCKWISE_SLAB_BYTES, MEMORY_LIMIT_BYTES, check_card, check_network_args, estimate_memory
 from AttentionMapLib.models import DEMO_CARD, SUPPORTED_NETWORKS, load_model
 from reliability import ARGS, PREPROCESSING, card_dict, snapshot, tiny_weights  # noqa: F401 (fixture)
 
@@ -55,8 +55,10 @@ CASES = {
     "img_size two axes": (_args(img_size=[16, 16]), "network.args.img_size: expected a positive integer or a list of three"),
     "img_size zero": (_args(img_size=0), "network.args.img_size: expected a positive integer"),
     "patch_size not dividing": (_args(patch_size=[8, 8, 5]), "network.args.patch_size: the patch size (8, 8, 5) must divide"),
-    "img_size huge (tokens)": (_args(img_size=[1024, 1024, 1024], patch_size=[8, 8, 8]),
-                               "network.args (img_size=[1024, 1024, 1024], patch_size=[8, 8, 8], num_heads=2)"),
+    "img_size huge": (_args(img_size=[1024, 1024, 1024], patch_size=[8, 8, 8]),
+                      "network.args (img_size=[1024, 1024, 1024], hidden_size=8)"),
+    "tokens x layers huge": (_args(img_size=[256, 256, 256], patch_size=[4, 4, 4], num_layers=1024),
+                             "network.args (img_size=[256, 256, 256], hidden_size=8)"),
     "UNETR img_size not /16": ({"network": {"name": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": 24,
                                                                       "hidden_size": 8, "mlp_dim": 8, "num_heads": 2}},
                                 "classes": None}, "network.args.img_size: the patch size (16, 16, 16) must divide"),
@@ -145,11 +147,18 @@ def test_parameter_estimate_matches_monai(name, args):
     assert estimate == pytest.approx(_parameter_bytes(network), rel=0.02)
 
 
-def test_attention_estimate_is_heads_plus_two_n_squared_per_block():
+def test_attention_estimate_is_the_smaller_of_the_full_and_blockwise_paths():
     values = check_network_args("ViT", {**ARGS, "img_size": [32, 32, 32], "num_layers": 3})
-    tokens = math.prod(s // 8 for s in (32, 32, 32))
-    assert estimate_memory("ViT", values, None, batch=4)["attention"] == 4 * 4 * 3 * (2 + 2) * tokens ** 2
+    sequence = math.prod(s // 8 for s in (32, 32, 32)) + 1  # + CLS
+    full = 4 * 4 * 3 * (2 + 2) * sequence ** 2  # (heads + 2) N x N per block, batch 4
+    assert estimate_memory("ViT", values, None, batch=4)["attention"] == full
     assert estimate_memory("ViT", values, [2.0, 2.0, 2.0])["preprocessing"] == 4 * 3 * 200 ** 3
+    # 32768 tokens: 17 GiB of N x N matrices, but the block-wise path keeps 2 N x hidden per block
+    values = check_network_args("ViT", {**ARGS, "img_size": [256, 256, 256]})
+    sequence = 32 ** 3 + 1
+    assert estimate_memory("ViT", values, None)["attention"] == 4 * 2 * sequence * 8 + BLOCKWISE_SLAB_BYTES
+    check_card({"network": {"name": "ViT", "args": {**ARGS, "img_size": [256, 256, 256]}},
+                "preprocessing": PREPROCESSING}, SUPPORTED_NETWORKS)  # accepted
 
 
 def test_demo_card_passes_with_its_estimate_under_the_limit():

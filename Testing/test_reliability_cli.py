@@ -154,6 +154,8 @@ CASES = {
     "input vector": (lambda w: ["run", _vector(w), "--model", w.card, "--output-dir", w.out], 2,
                      ["rgb.nrrd: got shape (3, 20, 16, 12); the model expects 1 channel(s)"]),
     "label count": (lambda w: _run(w, "--label", w.label, w.label), 2, ["--label: got 2 mask(s) for 1 input(s)"]),
+    "input smaller than a patch": (lambda w: _card(w, preprocessing={**card_dict()["preprocessing"], "spacing": [4, 4, 4]}),
+                                   2, ["case1.nrrd: after resampling the volume is (7, 4, 9) voxels"]),
     "second input bad": (lambda w: ["run", w.image, _nan(w, np.inf)[1], "--model", w.card, "--output-dir", w.out], 2,
                          ["bad.nrrd: 1 NaN or infinite voxel(s)"]),
     "duplicate case names": (lambda w: ["run", w.image, shutil.copy(w.image, w.root / "case1.nrrd"), "--model",

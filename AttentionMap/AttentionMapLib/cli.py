@@ -3,8 +3,8 @@
     attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
                   [--method raw|rollout|grad_rollout] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
-                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
-    attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
+                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none] [--series-uid UID]
+    attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json] [--series-uid UID]
     attention-map sample-data [--cache-dir DIR]
 
 Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers

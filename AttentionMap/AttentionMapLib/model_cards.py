@@ -29,6 +29,7 @@ TYPICAL_INPUT_VOXELS = 512 * 512 * 400
 SPACING_RANGE_MM = (0.1, 50.0)  # preprocessing.spacing per axis, inclusive
 MAX_CARD_BYTES = 2 ** 20  # a card is a small JSON file
 _FLOAT32 = 4
+BLOCKWISE_SLAB_BYTES = 64 * 2 ** 20  # blockwise: the row slab of one block's attention read out at a time
 _PREPROCESSING_COPIES = 3  # input as float32, the resampled MetaTensor, the scaled copy
 UNETR_PATCH = 16  # UNETR's fixed patch size (monai.networks.nets.UNETR: self.patch_size = ensure_tuple_rep(16, ...))
 
@@ -112,32 +113,37 @@ def estimate_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequ
 
     `values`: :func:`check_network_args`' result. Parameters are counted in closed form (the ViT part
     exactly up to a few vectors; UNETR / ViTAutoEnc decoders by a fit to MONAI 1.6.1, within 1 %).
-    Attention: per block heads x N^2 kept for the backward pass of gradient rollout, plus the fused
-    map and its relevance. `batch`: windows per forward pass (sw_batch_size).
+    Attention, for gradient rollout (the largest): the full path keeps heads + 2 matrices N x N per
+    block (``engine.full_path_bytes``), the block-wise path each block's input and dO, 2 N x hidden,
+    plus one slab of ``BLOCKWISE_SLAB_BYTES``; ``engine`` takes the block-wise path when the full one
+    exceeds its budget, so the smaller of the two counts. Activations include the model input (and
+    its gradient). `batch`: windows per forward pass (sw_batch_size).
     """
     h, m, heads = values["hidden_size"], values["mlp_dim"], values["num_heads"]
     layers = values.get("num_layers", 12)
     tokens = math.prod(s // p for s, p in zip(values["img_size"], values["patch_size"]))
+    sequence = tokens + int(bool(values.get("classification")))  # + CLS
     patch_voxels = math.prod(values["patch_size"])
     parameters = values["in_channels"] * patch_voxels * h + h + tokens * h + h
     parameters += layers * (4 * h * h + 2 * h * m + 9 * h) + 2 * h
     if values.get("classification"):
         parameters += (h + 1) * values["num_classes"]
     voxels = math.prod(values["img_size"])
-    decoder_activations = 0
+    decoder_activations = 2 * values["in_channels"] * voxels  # the input and its gradient
     if name == "UNETR":
         parameters += 8910 * values["feature_size"] ** 2 + 176 * h * values["feature_size"]
-        decoder_activations = 6 * voxels * values["feature_size"]
+        decoder_activations += 6 * voxels * values["feature_size"]
     elif name == "ViTAutoEnc":
         parameters += 64 * values["deconv_chns"] * (h + values["out_channels"])
-        decoder_activations = 2 * voxels * values["deconv_chns"]
+        decoder_activations += 2 * voxels * values["deconv_chns"]
     if spacing is None:
         volume_voxels = TYPICAL_INPUT_VOXELS
     else:
         volume_voxels = math.prod(math.ceil(fov / s) for fov, s in zip(TYPICAL_FIELD_OF_VIEW_MM, spacing))
     return {
         "parameters": 2 * _FLOAT32 * parameters,
-        "attention": _FLOAT32 * batch * layers * (heads + 2) * tokens * tokens,
+        "attention": min(_FLOAT32 * batch * layers * (heads + 2) * sequence * sequence,
+                         _FLOAT32 * batch * layers * 2 * sequence * h + BLOCKWISE_SLAB_BYTES),
         "activations": _FLOAT32 * batch * (layers * tokens * (6 * h + 2 * m) + decoder_activations),
         "preprocessing": _FLOAT32 * _PREPROCESSING_COPIES * volume_voxels,
     }
