@@ -193,8 +193,17 @@ def test_outputs_timings_and_grad_rollout_target(vit):
     w = result.num_windows
     assert result.window_logits.shape == (w, 3) and w > 1
     softmax = torch.softmax(torch.from_numpy(result.window_logits), dim=1).numpy()
-    assert np.allclose(result.probabilities, softmax.max(axis=0))
-    assert result.target == int(np.argmax(result.probabilities))
+    # one prediction: the softmax of the window holding the highest probability of any class
+    best_window, best_class = np.unravel_index(np.argmax(softmax), softmax.shape)
+    assert result.decisive_window == best_window
+    assert np.allclose(result.probabilities, softmax[best_window], atol=1e-6)
+    assert np.isclose(result.probabilities.sum(), 1.0)
+    assert result.target == best_class == int(np.argmax(result.probabilities))
+    starts = np.array(list(itertools.product(*[window_starts(s, w, 8, 0.25) for s, w in zip(
+        preprocess_volume(volume, affine, SLIDING, IMG, PATCH).shape[1:], IMG)])))
+    image = preprocess_volume(volume, affine, SLIDING, IMG, PATCH)
+    centres = apply_affine(image.affine.numpy(), starts + (np.array(IMG) - 1) / 2.0)
+    assert np.allclose(result.decisive_window_ras(), centres[best_window])
     assert set(result.timings) == {"preprocess", "forward", "fuse", "geometry"}
     assert all(t >= 0 for t in result.timings.values())
     chosen = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="grad_rollout", target=2)

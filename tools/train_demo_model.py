@@ -147,6 +147,34 @@ def validate(model, token_head, batch: demo_data.CropSet) -> Dict[str, float]:
     }
 
 
+@torch.no_grad()
+def lesion_probabilities(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """P(lesion) (N,) of the model (eval mode) for images float32 (N, 1, *img_size)."""
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        logits, _ = model(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])))
+        out.append(torch.softmax(logits.float(), 1)[:, 1])
+    return torch.cat(out).numpy()
+
+
+def mine_hard_negatives(model: torch.nn.Module, scans: demo_data.WholeScanSampler, stride: int,
+                        threshold: float) -> np.ndarray:
+    """False alarms of `model`: allowed whole-scan windows on a `stride`-voxel start grid with P(lesion) > threshold.
+
+    Returns int (H, 4) rows (scan index, start I, J, K), for `WholeScanSampler.sample(hard=...)`.
+    """
+    rows = []
+    for ci, allowed in enumerate(scans.allowed):
+        starts = np.argwhere(allowed[::stride, ::stride, ::stride]) * stride
+        for s in range(0, len(starts), 64):
+            chunk = starts[s : s + 64]
+            images = np.stack([scans.window(ci, start) for start in chunk])[:, None]
+            p = lesion_probabilities(model, images)
+            rows += [(ci, *start) for start in chunk[p > threshold]]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
 def save_checkpoint(path: Path, state: Dict[str, object]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -171,6 +199,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--validation-pairs", type=int, default=32)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--init-weights", type=Path, default=None, help="start from these ViT weights (fine-tuning)")
+    p.add_argument("--scan-negatives", type=int, default=0, help="whole-scan negative windows per step")
+    p.add_argument("--hard-fraction", type=float, default=0.5, help="share of whole-scan negatives from mined false alarms")
+    p.add_argument("--wall-fraction", type=float, default=0.0, help="share of nodules on the lung rim (pleura, mediastinum)")
+    p.add_argument("--mine-stride", type=int, default=8, help="start grid (voxels) on which false alarms are mined")
+    p.add_argument("--mine-threshold", type=float, default=0.5)
+    p.add_argument("--remine-minutes", type=float, default=0.0, help="mine again with the current model this often (0: once)")
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -183,7 +218,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     sampler = demo_data.CropSampler(cts, "train")
     validation = sampler.batches(np.random.default_rng(VALIDATION_SEED), a.validation_pairs, flip=False)
 
+    scans = demo_data.WholeScanSampler(cts, "train") if a.scan_negatives else None
+    scan_validation = scans.sample(np.random.default_rng(VALIDATION_SEED), 4 * a.validation_pairs, flip=False) if scans else None
+
     model = build_network()
+    if a.init_weights is not None:
+        model.load_state_dict(torch.load(a.init_weights, weights_only=True))
     token_head = torch.nn.Linear(NETWORK_ARGS["hidden_size"], 1)
     params = list(model.parameters()) + list(token_head.parameters())
     optimiser = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -199,6 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_rng_state(state["torch_rng"])
         samples, step, elapsed_before = state["samples"], state["step"], state["wall_time_s"]
         phases = state.get("phases", [])
+    hard = np.asarray(state["hard_negatives"]) if a.resume and ckpt_path.exists() and "hard_negatives" in state else None
     phases.append({"from_samples": samples, "argv": sys.argv[1:], "settings": {k: str(v) for k, v in vars(a).items()}})
     weights = {"token": a.token_weight, "token_pos_weight": a.token_pos_weight, "cls_attention": a.cls_attention_weight}
 
@@ -215,19 +256,37 @@ def main(argv: Optional[List[str]] = None) -> int:
             "network_args": NETWORK_ARGS,
             "phases": phases,
             "seed": a.seed,
+            "hard_negatives": torch.from_numpy(hard if hard is not None else np.zeros((0, 4), dtype=np.int64)),
         }
 
     start = time.time()
     last_ckpt = start
+    last_mine = start
     running: Dict[str, float] = {}
-    batch_size = 2 * a.pairs_per_batch
+    batch_size = 2 * a.pairs_per_batch + a.scan_negatives
+    samples_at_start = samples
     with open(log_path, "a") as log:
+
+        def mine() -> np.ndarray:
+            t = time.time()
+            rows = mine_hard_negatives(model, scans, a.mine_stride, a.mine_threshold)
+            counts = {ct.name: int((rows[:, 0] == i).sum()) for i, ct in enumerate(scans.cts)}
+            log.write(json.dumps({"step": step, "samples": samples, "mined_false_alarms": counts,
+                                  "mine_s": round(time.time() - t, 1)}) + "\n")
+            log.flush()
+            return rows
+
+        if scans is not None and hard is None:
+            hard = mine()
         while samples < a.max_samples and time.time() - start < a.minutes * 60:
             radius = (8.0, demo_data.RADIUS_MM[1]) if samples < a.curriculum_samples else demo_data.RADIUS_MM
-            lr = a.lr * min(1.0, (samples + batch_size) / a.warmup_samples)
+            lr = a.lr * min(1.0, (samples - samples_at_start + batch_size) / a.warmup_samples)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            images, labels, token_targets, nodule_tokens = to_tensors(sampler.batches(rng, a.pairs_per_batch, radius))
+            batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction)
+            if scans is not None:
+                batch = demo_data.concatenate([batch, scans.sample(rng, a.scan_negatives, hard, a.hard_fraction)])
+            images, labels, token_targets, nodule_tokens = to_tensors(batch)
             model.train()
             losses, _ = forward_losses(model, token_head, images, labels, token_targets, nodule_tokens, weights)
             optimiser.zero_grad()
@@ -246,8 +305,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 line["samples_per_s"] = round(rate, 2)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
+            if scans is not None and a.remine_minutes > 0 and now - last_mine > a.remine_minutes * 60:
+                hard = mine()
+                last_mine = time.time()
             if now - last_ckpt > a.checkpoint_minutes * 60:
                 metrics = validate(model, token_head, validation)
+                if scan_validation is not None:
+                    p_scan = lesion_probabilities(model, scan_validation.images)
+                    metrics["val_scan_false_alarm_rate"] = float((p_scan > 0.5).mean())
                 log.write(json.dumps({"step": step, "samples": samples, **metrics}) + "\n")
                 log.flush()
                 save_checkpoint(ckpt_path, state_dict())

@@ -116,28 +116,11 @@ def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def lung_mask(hu: np.ndarray) -> np.ndarray:
-    """Lung voxels of a chest CT (I, J, K): per axial (K) slice, air (< -400 HU) components that do not
-    touch the slice border and cover at least 100 voxels; then the 3D components of at least 10 % of the
-    largest one (drops trachea and small gas pockets). A per-slice rule because a field of view that cuts
-    the body makes a 3D "not touching the border" test remove the lungs."""
-    import SimpleITK as sitk
+    """Lung voxels of a chest CT in HU (I, J, K), K axial: air below -400 HU enclosed by the body
+    (`region.enclosed_air`: per axial slice, components not touching the slice border, >= 100 voxels)."""
+    from .region import enclosed_air
 
-    air = hu < LUNG_HU
-    mask = np.zeros_like(air)
-    for k in range(air.shape[2]):
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(air[:, :, k].astype(np.uint8))))
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        counts = np.bincount(labels.ravel())
-        keep = counts >= 100
-        keep[border] = False
-        keep[0] = False
-        mask[:, :, k] = keep[labels]
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
-    counts = np.bincount(labels.ravel())
-    counts[0] = 0
-    if counts.max() == 0:
-        return mask
-    return (counts >= 0.1 * counts.max())[labels]
+    return enclosed_air(hu < LUNG_HU)
 
 
 def lung_field_box(hu: np.ndarray, margin: int = 8) -> Tuple[np.ndarray, np.ndarray]:
@@ -219,6 +202,13 @@ def insert_nodule(hu: np.ndarray, weight: np.ndarray, rng: np.random.Generator) 
     return out
 
 
+def _eroded_lung(ct: LungCT) -> np.ndarray:
+    """The lung mask eroded by 2 voxels (bool (I, J, K)): nodule centres well inside the parenchyma."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(ct.lung.astype(np.uint8)), [2, 2, 2])) > 0
+
+
 class CropSampler:
     """Draws 48^3 (CROP) crops with and without a synthetic nodule from the lung CTs.
 
@@ -233,13 +223,13 @@ class CropSampler:
         self.cts = list(cts)
         self.region = region
         self.boxes = [ct.tumour_box() for ct in self.cts]
-        self.centres = [self._centres(ct, box) for ct, box in zip(self.cts, self.boxes)]
+        eroded = [_eroded_lung(ct) for ct in self.cts]
+        self.centres = [self._centres(ct, box, e) for ct, box, e in zip(self.cts, self.boxes, eroded)]
+        # juxtapleural / juxtamediastinal centres: the lung's outer 2-voxel rim (next to chest wall or mediastinum)
+        self.wall_centres = [self._centres(ct, box, ct.lung & ~e) for ct, box, e in zip(self.cts, self.boxes, eroded)]
 
-    def _centres(self, ct: LungCT, box: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        import SimpleITK as sitk
-
-        eroded = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(ct.lung.astype(np.uint8)), [2, 2, 2])) > 0
-        idx = np.argwhere(eroded)
+    def _centres(self, ct: LungCT, box: Tuple[np.ndarray, np.ndarray], allowed: np.ndarray) -> np.ndarray:
+        idx = np.argwhere(allowed)
         z0, z1 = HELDOUT_SLABS[ct.name]
         k = idx[:, 2]
         if self.region == "heldout":
@@ -263,15 +253,19 @@ class CropSampler:
             return None
         return origin
 
-    def sample_pair(self, rng: np.random.Generator, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = False):
+    def sample_pair(self, rng: np.random.Generator, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = False,
+                    wall_fraction: float = 0.0):
         """One crop with and one without a nodule, same place.
 
         Returns (positive_hu, negative_hu, mask, origin, ct_name, radius): HU float32 (48, 48, 48),
         mask bool (48, 48, 48) nodule voxels of the positive. `flip`: random flips of each axis (same for both).
+        `wall_fraction`: share of nodules centred on the lung's rim (touching the pleura or the mediastinum)
+        instead of inside the eroded lung (0 draws no extra random number, so the held-out set is unchanged).
         """
         while True:
             ci = int(rng.integers(len(self.cts)))
-            ct, centres = self.cts[ci], self.centres[ci]
+            wall = wall_fraction > 0 and rng.random() < wall_fraction
+            ct, centres = self.cts[ci], (self.wall_centres if wall else self.centres)[ci]
             centre = centres[rng.integers(len(centres))]
             origin = self._origin(ci, centre, rng)
             if origin is not None:
@@ -289,12 +283,13 @@ class CropSampler:
                     positive, negative, mask = (np.flip(a, axis) for a in (positive, negative, mask))
         return (np.ascontiguousarray(positive), np.ascontiguousarray(negative), np.ascontiguousarray(mask), origin, ct.name, radius)
 
-    def batches(self, rng: np.random.Generator, pairs: int, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = True) -> CropSet:
+    def batches(self, rng: np.random.Generator, pairs: int, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = True,
+                wall_fraction: float = 0.0) -> CropSet:
         """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative)."""
         images, labels, masks, origins, sources, radii = [], [], [], [], [], []
         empty = np.zeros((CROP,) * 3, dtype=bool)
         for _ in range(pairs):
-            pos, neg, mask, origin, name, radius = self.sample_pair(rng, radius_mm, flip)
+            pos, neg, mask, origin, name, radius = self.sample_pair(rng, radius_mm, flip, wall_fraction)
             images += [pos, neg]
             labels += [1, 0]
             masks += [mask, empty]
@@ -344,3 +339,140 @@ def crop_around(ct: LungCT, centre: Sequence[int]) -> Tuple[np.ndarray, np.ndarr
     origin = np.clip(np.asarray(centre, dtype=int) - half, 0, np.array(ct.hu.shape) - CROP)
     sl = tuple(slice(o, o + CROP) for o in origin)
     return scale_intensity(ct.hu[sl])[None], origin
+
+
+CARD_PREPROCESSING: Dict[str, object] = {
+    "orientation": "RAS",
+    "spacing": [SPACING_MM] * 3,
+    "intensity": {"a_min": HU_RANGE[0], "a_max": HU_RANGE[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
+    "spatial": {"mode": "sliding_window", "overlap": 0.5, "sw_batch_size": 4},
+}
+PATCH = 8
+WINDOW_KINDS = ("inference_grid", "patch_grid", "any")
+
+
+def model_input_volume(ct: LungCT) -> Tuple[np.ndarray, np.ndarray]:
+    """The whole scan as the model sees it at inference: intensity-scaled, then padded by the card's
+    `preprocess.fitting_transforms` (SpatialPad to the window, DivisiblePad to the patch, symmetric, value 0).
+
+    Returns (volume float32 (I', J', K') in 0..1, offset (3,) int: index of the scan's voxel (0, 0, 0) in it).
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    from .preprocess import fitting_transforms, parse_preprocessing
+
+    image = MetaTensor(torch.from_numpy(scale_intensity(ct.hu)[None]), affine=torch.from_numpy(ct.ijk_to_ras))
+    padded = fitting_transforms(parse_preprocessing(CARD_PREPROCESSING), (CROP,) * 3, (PATCH,) * 3)(image)
+    origin = np.linalg.solve(np.asarray(padded.affine, dtype=np.float64), ct.ijk_to_ras[:, 3])[:3]
+    return np.asarray(padded[0], dtype=np.float32), np.round(origin).astype(int)
+
+
+class WholeScanSampler:
+    """Lesion-free CROP^3 windows from anywhere in the whole scans, exactly as sliding-window inference cuts them.
+
+    Each scan is taken as `model_input_volume` (padded like inference, so windows at the scan's faces hold the
+    same padding). A window is allowed when it does not meet the real tumour's widened box; region "train"
+    keeps the windows that do not meet the held-out slab (K range of `HELDOUT_SLABS`), region "heldout"
+    keeps the windows that meet it. Window starts are drawn, in equal shares, from the inference grid
+    (`volume.window_starts` with the card's overlap), from the patch grid (multiples of 8) and anywhere.
+    """
+
+    def __init__(self, cts: Sequence[LungCT], region: str = "train"):
+        if region not in ("train", "heldout"):
+            raise AttentionMapError(f"region: expected 'train' or 'heldout', got {region!r}")
+        self.cts = list(cts)
+        self.region = region
+        self.volumes: List[np.ndarray] = []
+        self.allowed: List[np.ndarray] = []
+        for ct in self.cts:
+            volume, offset = model_input_volume(ct)
+            self.volumes.append(volume)
+            self.allowed.append(self._allowed_starts(ct, volume.shape, offset))
+
+    def _allowed_starts(self, ct: LungCT, shape: Sequence[int], offset: np.ndarray) -> np.ndarray:
+        """bool (I'-CROP+1, J'-CROP+1, K'-CROP+1): may a window start there (see the class docstring)."""
+        axes = [np.arange(n - CROP + 1) for n in shape]
+        lo, hi = ct.tumour_box()
+        meets = [(a + CROP > l + o) & (a < h + o) for a, l, h, o in zip(axes, lo, hi, offset)]
+        tumour = meets[0][:, None, None] & meets[1][None, :, None] & meets[2][None, None, :]
+        z0, z1 = HELDOUT_SLABS[ct.name]
+        slab = (axes[2] + CROP > z0 + offset[2]) & (axes[2] < z1 + offset[2])
+        keep_k = slab if self.region == "heldout" else ~slab
+        return ~tumour & keep_k[None, None, :]
+
+    def inference_grid(self, ci: int) -> np.ndarray:
+        """Allowed starts (N, 3) of the windows sliding-window inference cuts from scan `ci`."""
+        from .volume import window_starts
+
+        overlap = float(CARD_PREPROCESSING["spatial"]["overlap"])
+        axes = [window_starts(n, CROP, PATCH, overlap) for n in self.volumes[ci].shape]
+        starts = np.array(np.meshgrid(*axes, indexing="ij")).reshape(3, -1).T
+        return starts[self.allowed[ci][tuple(starts.T)]]
+
+    def draw_start(self, rng: np.random.Generator, ci: int, kind: str) -> np.ndarray:
+        """One allowed start (3,) of scan `ci`, of a `WINDOW_KINDS` kind."""
+        if kind == "inference_grid":
+            grid = self.inference_grid(ci)
+            return grid[rng.integers(len(grid))]
+        step = PATCH if kind == "patch_grid" else 1
+        allowed = self.allowed[ci][::step, ::step, ::step]
+        flat = np.flatnonzero(allowed)
+        return np.array(np.unravel_index(flat[rng.integers(len(flat))], allowed.shape)) * step
+
+    def window(self, ci: int, start: Sequence[int]) -> np.ndarray:
+        """The window (CROP, CROP, CROP) float32 in 0..1 of scan `ci` at `start` (a view)."""
+        return self.volumes[ci][tuple(slice(int(s), int(s) + CROP) for s in start)]
+
+    def jittered(self, rng: np.random.Generator, ci: int, start: Sequence[int], jitter: int) -> np.ndarray:
+        """`start` moved by up to `jitter` voxels per axis, if the moved start is allowed (else `start`)."""
+        moved = np.asarray(start) + rng.integers(-jitter, jitter + 1, size=3)
+        limit = np.array(self.allowed[ci].shape) - 1
+        if np.all(moved >= 0) and np.all(moved <= limit) and self.allowed[ci][tuple(moved)]:
+            return moved
+        return np.asarray(start)
+
+    def sample(self, rng: np.random.Generator, n: int, hard: Optional[np.ndarray] = None, hard_fraction: float = 0.0,
+               flip: bool = True, jitter: int = 4) -> CropSet:
+        """`n` negative windows as a CropSet (label 0, empty masks; origins are starts in the padded volume).
+
+        hard: optional (H, 4) int rows (scan index, start I, J, K) of mined false alarms; a share
+        `hard_fraction` of the windows is drawn from them (moved by up to `jitter` voxels), the rest
+        uniformly over scans and `WINDOW_KINDS`. `flip`: random flips of each axis, as for the positives.
+        """
+        images, origins, sources = [], [], []
+        for _ in range(n):
+            if hard is not None and len(hard) and rng.random() < hard_fraction:
+                row = hard[rng.integers(len(hard))]
+                ci, start = int(row[0]), self.jittered(rng, int(row[0]), row[1:], jitter)
+            else:
+                ci = int(rng.integers(len(self.cts)))
+                start = self.draw_start(rng, ci, WINDOW_KINDS[rng.integers(len(WINDOW_KINDS))])
+            image = self.window(ci, start)
+            if flip:
+                for axis in range(3):
+                    if rng.random() < 0.5:
+                        image = np.flip(image, axis)
+            images.append(np.ascontiguousarray(image))
+            origins.append(start)
+            sources.append(self.cts[ci].name)
+        return CropSet(
+            images=np.stack(images)[:, None],
+            labels=np.zeros(n, dtype=np.int64),
+            masks=np.zeros((n, CROP, CROP, CROP), dtype=bool),
+            origins=np.array(origins),
+            sources=sources,
+            radii_mm=np.zeros(n),
+        )
+
+
+def concatenate(sets: Sequence[CropSet]) -> CropSet:
+    """One CropSet holding the crops of `sets` in order."""
+    return CropSet(
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        masks=np.concatenate([s.masks for s in sets]),
+        origins=np.concatenate([s.origins for s in sets]),
+        sources=[name for s in sets for name in s.sources],
+        radii_mm=np.concatenate([s.radii_mm for s in sets]),
+    )

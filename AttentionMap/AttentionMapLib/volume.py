@@ -15,6 +15,16 @@ Each window is read out unnormalised (``normalize="none"``), scaled by the windo
 the target class (``window_weighting="probability"``, class outputs only); overlapping tokens are
 averaged (mean, or Gaussian weights favouring window centres); the normalisation is applied once,
 to the blended map.
+
+Region (optional, `region.MaskRegion` / `BoxRegion` / `LungFieldRegion`): its mask is computed on the
+model-input grid; windows holding no region voxel are not run, tokens whose patch holds no region
+voxel are 0 (the normalisation uses the tokens inside only), and the map resampled onto another grid
+is 0 at voxels outside the region.
+
+Volume-level prediction: window probabilities are ``softmax(logits / temperature)`` (the card's
+calibration); the decisive window is the one with the highest probability of the target class (the
+given target, else the class with the highest probability in any window); ``probabilities`` is that
+window's softmax and ``decisive_window_ras()`` its centre.
 """
 from __future__ import annotations
 
@@ -30,7 +40,9 @@ from . import methods
 from .engine import CapturedAttention, check_options, capture_attention, model_spec, readout, resolve_layer
 from .errors import AttentionMapError, Cancelled
 from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
+from .calibration import softmax
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
+from .region import AppliedRegion, Region, region_mask, token_mask
 
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -64,7 +76,8 @@ class _Tiling:
     ``captures``: one CapturedAttention per batch, windows in order; ``offsets``: (W, 3) token
     offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
     ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's;
-    ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones).
+    ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones);
+    ``inside``: bool token grid of the region (None: no region): tokens outside are 0.
     """
 
     captures: Tuple[CapturedAttention, ...]
@@ -73,6 +86,7 @@ class _Tiling:
     weights: np.ndarray
     ijk_to_ras: np.ndarray
     window_scale: Optional[np.ndarray] = None
+    inside: Optional[np.ndarray] = None
 
     def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
         """Global token index (3,) of the token whose patch contains the RAS point, or None."""
@@ -88,6 +102,8 @@ class _Tiling:
                 f"query_ras: {point.tolist()} lies outside the model input (token grid {self.grid_shape}, "
                 f"RAS corners {np.round(corners, 1).tolist()}); expected a point inside the volume"
             )
+        if self.inside is not None and not self.inside[tuple(token)]:
+            raise AttentionMapError(f"query_ras: {point.tolist()} lies outside the region; expected a point inside it")
         return token
 
     def window_maps(self, captured: CapturedAttention, offsets: np.ndarray, query: Optional[np.ndarray],
@@ -121,7 +137,11 @@ class _Tiling:
                 weight[region] += self.weights
             first += captured.batch_size
         grid = np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), 0.0)
-        return methods.normalize_map(grid[None], normalize)[0]
+        if self.inside is None:
+            return methods.normalize_map(grid[None], normalize)[0]
+        out = np.zeros(self.grid_shape, dtype=np.float32)
+        out[self.inside] = methods.normalize_map(grid[self.inside][None], normalize)[0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -130,14 +150,17 @@ class VolumeAttention:
 
     grid: float32 (I, J, K) over the global token grid. ijk_to_ras: (4, 4) float64 mapping a grid
     index to the RAS mm centre of the patch it summarises. window_logits: (W, K) model outputs per
-    window for class outputs (None for dense outputs such as UNETR's). probabilities: (K,) softmax of
-    each window's logits, then per class the maximum over windows (resize mode: the one window).
+    window for class outputs (None for dense outputs such as UNETR's). window_probabilities: (W, K)
+    softmax(logits / temperature) per window. probabilities: (K,) the decisive window's (the highest
+    probability of the target class; see the module docstring); decisive_window: its index (None for
+    dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
     target: class (output index) the gradients were taken for (grad_rollout), else the caller's
     target or None. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
     query_ras: the RAS point whose token row was read out (None: CLS row, or mean of rows without
     CLS); in sliding-window mode only windows holding that point contribute, other tokens are 0.
     window_weighting: "probability" when each window's map was weighted by the window's probability
     for the target class before blending (sliding window, class outputs), else "none".
+    temperature: the calibration temperature applied. region: the applied region (None: whole input).
     """
 
     grid: np.ndarray
@@ -155,7 +178,18 @@ class VolumeAttention:
     num_windows: int
     timings: Dict[str, float]
     window_weighting: str
-    _tiling: _Tiling = field(repr=False, compare=False)
+    window_probabilities: Optional[np.ndarray] = None
+    decisive_window: Optional[int] = None
+    window_centres_ras: Optional[np.ndarray] = None
+    temperature: float = 1.0
+    region: Optional[AppliedRegion] = None
+    _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
+
+    def decisive_window_ras(self) -> Optional[np.ndarray]:
+        """RAS centre (3,) in mm of the window the volume-level probabilities come from (None: dense outputs)."""
+        if self.decisive_window is None or self.window_centres_ras is None:
+            return None
+        return self.window_centres_ras[self.decisive_window]
 
     def peak_ras(self) -> np.ndarray:
         """RAS position (3,) in mm of the centre of the grid's highest token."""
@@ -187,8 +221,12 @@ class VolumeAttention:
         )
 
     def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
-        """The grid resampled (trilinear, 0 outside the grid's box) onto another voxel grid; float32 (I, J, K)."""
-        return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+        """The grid resampled (trilinear, 0 outside the grid's box and outside the region) onto another voxel
+        grid; float32 (I, J, K)."""
+        resampled = resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+        if self.region is not None:
+            resampled = np.where(self.region.on_grid(shape_ijk, ijk_to_ras), resampled, np.float32(0))
+        return resampled
 
 
 def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
@@ -204,13 +242,33 @@ def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
     return results
 
 
-def _class_outputs(captures: Sequence[CapturedAttention]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(window_logits (W, K), window_probabilities (W, K): the softmax of each window's logits);
+def _class_outputs(captures: Sequence[CapturedAttention],
+                   temperature: float = 1.0) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(window_logits (W, K), window_probabilities (W, K): softmax(logits / temperature) of each window);
     (None, None) for dense outputs."""
     if captures[0].logits.ndim != 2:
         return None, None
-    logits = torch.cat([c.logits for c in captures]).float().cpu()
-    return logits.numpy(), torch.softmax(logits, dim=1).numpy()
+    logits = torch.cat([c.logits for c in captures]).float().cpu().numpy()
+    return logits, softmax(logits, temperature)
+
+
+def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> int:
+    """Index of the window with the highest probability of `target` (None: of the class with the highest
+    probability in any window); window_probabilities (W, K)."""
+    klass = int(window_probabilities.max(axis=0).argmax()) if target is None else int(target)
+    return int(window_probabilities[:, klass].argmax())
+
+
+def _apply_region(region: Region, image, prep, spec, starts: np.ndarray) -> Tuple[AppliedRegion, np.ndarray]:
+    """The region on the model-input grid and the mask (W,) of the windows that meet it."""
+    voxels = region_mask(region, image.as_tensor()[0].cpu().numpy(), image.affine.numpy(), prep.intensity)
+    keep = np.array([voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))].any() for s in starts], dtype=bool)
+    if not keep.any():
+        raise AttentionMapError(f"region: {region.describe()} does not overlap the volume; expected a region inside it")
+    applied = AppliedRegion(description=region.describe(), voxels=voxels, ijk_to_ras=image.affine.numpy(),
+                            tokens=token_mask(voxels, spec.patch_size), windows_run=int(keep.sum()),
+                            windows_skipped=int((~keep).sum()))
+    return applied, keep
 
 
 def explain_volume(
@@ -231,6 +289,8 @@ def explain_volume(
     target: Optional[int] = None,
     normalize: str = "minmax",
     window_weighting: str = "probability",
+    region: Optional[Region] = None,
+    temperature: float = 1.0,
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -246,9 +306,14 @@ def explain_volume(
     probability) before blending, so windows that do not see the class do not contribute their
     attention (a classifier's attention in a window without the class points somewhere arbitrary);
     "none" blends the maps as they are. Only used with several windows and class outputs.
+    region: restrict windows and map to a region (see the module docstring). temperature: calibration
+    temperature of the window probabilities (the card's ``calibration.temperature``; 1 = plain softmax).
     """
     if window_weighting not in WINDOW_WEIGHTINGS:
         raise AttentionMapError(f"window_weighting: expected one of {', '.join(WINDOW_WEIGHTINGS)}, got {window_weighting!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
+            or temperature <= 0:
+        raise AttentionMapError(f"temperature: expected a positive number, got {temperature!r}")
     timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
     start = time.perf_counter()
     prep = parse_preprocessing(preprocessing)
@@ -259,6 +324,10 @@ def explain_volume(
     volume = image.as_tensor().to(device=device, dtype=torch.float32)
     axes = [window_starts(s, w, p, prep.overlap) for s, w, p in zip(volume.shape[1:], spec.img_size, spec.patch_size)]
     starts = np.array(list(itertools.product(*axes)), dtype=int).reshape(-1, 3)
+    applied = None
+    if region is not None:
+        applied, keep = _apply_region(region, image, prep, spec, starts)
+        starts = starts[keep]
     tiles = [volume[(slice(None), *(slice(a, a + w) for a, w in zip(s, spec.img_size)))] for s in starts]
     batch = len(tiles) if prep.mode == RESIZE else prep.sw_batch_size
     timings["preprocess"] = time.perf_counter() - start
@@ -273,6 +342,7 @@ def explain_volume(
         grid_shape=tuple(int(s) for s in np.asarray(volume.shape[1:]) // patch),
         weights=_blend_weights(spec.grid_shape, prep.blend),
         ijk_to_ras=token_grid_affine(check_ijk_to_ras(image.affine.numpy(), "preprocessed affine"), patch),
+        inside=None if applied is None else applied.tokens,
     )
     query = tiling.query_token(query_ras)
     timings["geometry"] = time.perf_counter() - start
@@ -284,7 +354,7 @@ def explain_volume(
     if two_sweeps:
         first = _sweep(tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
                        progress, cancel, 0, total)
-        window_probabilities = _class_outputs(first)[1]
+        window_probabilities = _class_outputs(first, temperature)[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
     captures = _sweep(
         tiles, batch,
@@ -295,8 +365,9 @@ def explain_volume(
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    window_logits, window_probabilities = _class_outputs(captures)
-    probabilities = None if window_probabilities is None else window_probabilities.max(axis=0)
+    window_logits, window_probabilities = _class_outputs(captures, temperature)
+    decisive = None if window_probabilities is None else decisive_window(window_probabilities, target)
+    probabilities = None if decisive is None else window_probabilities[decisive]
     resolved = captures[0].target
     if target is None and resolved is not None and gradients:
         target = resolved[0]
@@ -312,5 +383,8 @@ def explain_volume(
         target=None if target is None else int(target), method=method, layer=last, head_fusion=head_fusion, head=head,
         discard_ratio=float(discard_ratio), normalize=normalize,
         query_ras=None if query_ras is None else np.asarray(query_ras, dtype=np.float64),
-        num_windows=len(tiles), timings=timings, window_weighting=weighting, _tiling=tiling,
+        num_windows=len(tiles), timings=timings, window_weighting=weighting,
+        window_probabilities=window_probabilities, decisive_window=decisive,
+        window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
+        temperature=float(temperature), region=applied, _tiling=tiling,
     )
