@@ -304,6 +304,25 @@ def test_a_cancel_before_the_worker_got_the_job_sends_nothing(oracle_card):
     assert wait_gone(process.pid)
 
 
+def test_torch_threads_in_the_worker_are_set(oracle_card, monkeypatch, tmp_path):
+    from AttentionMapLib.worker_process import THREADS_VARIABLE, default_threads
+
+    monkeypatch.delenv(THREADS_VARIABLE, raising=False)
+    assert default_threads() == max(1, (os.cpu_count() or 2) - 1)  # one core stays free for the GUI
+    monkeypatch.setenv(THREADS_VARIABLE, "0")
+    with pytest.raises(AttentionMapError, match=THREADS_VARIABLE):
+        default_threads()
+    monkeypatch.setenv(THREADS_VARIABLE, "1")  # the worker inherits the environment
+    process = WorkerProcess()
+    try:
+        events = events_until_final(explain_job(str(oracle_card[0]), *volume(), {}, device="cpu", worker=process))
+    finally:
+        process.close()
+    assert any(e.kind == LOG and "PyTorch" in e.value and " 1 thread(s)" in e.value for e in events), events
+    with pytest.raises(AttentionMapError, match="cannot start"):
+        WorkerProcess(python=str(tmp_path / "no-python"))
+
+
 # ---------------------------------------------------------------- crashes, kills, timeouts, orphans
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])
@@ -371,18 +390,20 @@ def test_the_worker_exits_when_its_parent_dies():
         process = WorkerProcess(threads=1)
         while process.connection() is None:
             time.sleep(0.01)
-        print(process.pid, flush=True)
+        print(process.pid, process.folder, flush=True)
         time.sleep(300)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([worker.PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        worker_pid = int(parent.stdout.readline())
-        assert not process_gone(worker_pid)
+        pid, folder = parent.stdout.readline().split()
+        worker_pid = int(pid)
+        assert not process_gone(worker_pid) and os.path.isdir(folder)
     finally:
         parent.kill()
         parent.wait()
     assert wait_gone(worker_pid, 15), "the worker outlived its parent"
+    assert not os.path.exists(folder)  # the worker removed the scratch folder its parent could not
 
 
 def test_stopping_the_shared_worker_leaves_no_process(oracle_card):

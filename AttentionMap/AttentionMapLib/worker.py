@@ -32,6 +32,7 @@ import numpy as np
 from . import worker_protocol as protocol
 from .errors import AttentionMapError
 from .geometry import apply_affine, peak_index, resample_grid
+from .worker_process import SCRATCH_PREFIX
 
 PROGRESS, LOG, DONE, ERROR, CANCELLED = "progress", "log", "done", "error", "cancelled"
 FINAL_KINDS = (DONE, ERROR, CANCELLED)
@@ -145,7 +146,7 @@ class WorkerProcess:
 
     def __init__(self, python: Optional[str] = None, threads: Optional[int] = None,
                  startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
-        self.folder = tempfile.mkdtemp(prefix="AttentionMap-worker-")
+        self.folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
         self.log_path = os.path.join(self.folder, "worker.log")
         self._key = os.urandom(protocol.AUTHKEY_BYTES)
         self._server = protocol.listen()
@@ -159,9 +160,14 @@ class WorkerProcess:
             command += ["--threads", str(int(threads))]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, cwd=self.folder, **_own_process_group())
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                                env=env, cwd=self.folder, **_own_process_group())
+        except OSError as error:
+            self._server.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise AttentionMapError(f"worker: cannot start {command[0]} ({error})") from None
         self.process.stdin.write((self._key.hex() + "\n").encode("ascii"))
         self.process.stdin.close()
 

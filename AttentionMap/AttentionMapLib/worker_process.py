@@ -15,6 +15,7 @@ import argparse
 import faulthandler
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -28,10 +29,20 @@ from . import worker_protocol as protocol
 from .errors import AttentionMapError, Cancelled
 
 WATCHDOG_INTERVAL_S = 1.0
+SCRATCH_PREFIX = "AttentionMap-worker-"
+
+
+THREADS_VARIABLE = "ATTENTIONMAP_WORKER_THREADS"
 
 
 def default_threads() -> int:
-    """Torch threads in the worker: all cores but one, which stays free for the GUI."""
+    """Torch threads in the worker: $ATTENTIONMAP_WORKER_THREADS if set, else all cores but one, which
+    stays free for the GUI (with torch's default of every core, a busy GUI and worker fight over them)."""
+    configured = os.environ.get(THREADS_VARIABLE, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise AttentionMapError(f"{THREADS_VARIABLE}: expected a positive whole number, got {configured!r}")
+        return int(configured)
     return max(1, (os.cpu_count() or 2) - 1)
 
 
@@ -49,6 +60,15 @@ def parent_alive(pid: int) -> bool:
         return kernel32.WaitForSingleObject(handle, 0) != 0
     finally:
         kernel32.CloseHandle(handle)
+
+
+def orphaned_exit() -> None:
+    """End this process at once because the GUI is gone, removing the scratch folder it would have
+    removed (the worker runs inside it: worker.WorkerProcess starts it with that folder as cwd)."""
+    folder = os.getcwd()
+    if os.path.basename(folder).startswith(SCRATCH_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
 
 
 def resolve_device(device: str) -> str:
@@ -119,7 +139,7 @@ class WorkerServer:
             try:
                 header, arrays = protocol.receive(self._conn)
             except (EOFError, OSError):
-                os._exit(0)  # the GUI process closed the connection or died
+                orphaned_exit()  # the GUI process closed the connection or died
             if header.get("op") == "cancel":
                 self._cancelled.add(header.get("id"))
             elif header.get("op") == "shutdown":
@@ -176,7 +196,7 @@ class WorkerServer:
         torch.set_num_threads(self._threads)
         self._torch_ready = True
         self._log(f"PyTorch {torch.__version__} imported in {time.perf_counter() - start:.1f} s; "
-                  f"{self._threads} thread(s); CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+                  f"{torch.get_num_threads()} thread(s); CUDA {'available' if torch.cuda.is_available() else 'not available'}")
 
     def _model(self, source: str, trust_bundle: bool, device: str) -> Any:
         from .models import load_model
@@ -238,7 +258,8 @@ def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${THREADS_VARIABLE}, "
+                        "else all cores but one)")
     args = parser.parse_args(argv)
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     faulthandler.enable()  # a crash writes its Python traceback to stderr (the worker's log file)
@@ -246,11 +267,11 @@ def main(argv: Optional[list] = None) -> None:
     def watchdog() -> None:
         while parent_alive(args.parent_pid):
             time.sleep(WATCHDOG_INTERVAL_S)
-        os._exit(0)
+        orphaned_exit()
 
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
     conn = protocol.connect(("127.0.0.1", args.port), authkey)
-    WorkerServer(conn, max(1, args.threads)).serve()
+    WorkerServer(conn, max(1, args.threads) if args.threads is not None else default_threads()).serve()
 
 
 if __name__ == "__main__":
