@@ -20,6 +20,7 @@ import torch
 
 from AttentionMapLib.cli import main
 from AttentionMapLib.io import write_volume
+from AttentionMapLib.outputs import STAGING_PREFIX, stop_signals_held
 from reliability import (card_dict, cli_subprocess, leftovers, oblique_affine, one_line, run_cli_subprocess,
                          scan_array, snapshot, tiny_weights, work)  # noqa: F401 (fixtures)
 from test_io import _write_dicom_series
@@ -355,10 +356,11 @@ def test_full_disk_leaves_nothing_partial(work, earlier_results):
     assert snapshot(work.root) == before and leftovers(work.root) == []
 
 
-def _wait_for_staging(process, root: Path, timeout: float = 60.0) -> None:
+def _wait_for_first_output(process, root: Path, timeout: float = 60.0) -> None:
+    """Until the staging folder holds the first case's map (eleven cases and all overlays still to come)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and process.poll() is None:
-        if any(p.name.startswith(".attention-map-") for p in root.iterdir()):
+        if list(root.glob(f"{STAGING_PREFIX}*/*_attention.nrrd")):
             return
         time.sleep(0.005)
     raise AssertionError("the run never started writing")
@@ -369,12 +371,29 @@ def _wait_for_staging(process, root: Path, timeout: float = 60.0) -> None:
     (signal.SIGINT, 130, "interrupted (Ctrl-C); no outputs of this run were kept"),
 ], ids=["SIGTERM", "Ctrl-C"])
 def test_killed_mid_run_leaves_nothing(work, sig, status, words):
-    """Killed while the run writes (six cases, so the staging folder lives for seconds)."""
-    inputs = [shutil.copy(work.image, work.inp / f"copy{i}.nrrd") for i in range(6)]
+    """Killed while the run writes (twelve cases, so the staging folder lives for seconds)."""
+    inputs = [shutil.copy(work.image, work.inp / f"copy{i}.nrrd") for i in range(12)]
     process = cli_subprocess(["run", *inputs, "--model", work.card, "--output-dir", work.root])
-    _wait_for_staging(process, work.root)
+    _wait_for_first_output(process, work.root)
     process.send_signal(sig)
     _, err = process.communicate(timeout=60)
     assert process.returncode == status
     assert one_line(err) == f"attention-map: {words}"
     assert leftovers(work.root) == [] and not list(work.root.glob("*_attention.nrrd"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_during_the_final_moves_is_held_and_dropped(sig):
+    """The final renames cannot be cut in half: a stop arriving then is neither delivered nor left pending."""
+    def refuse(signum, frame):
+        raise AssertionError(f"signal {signum} was delivered during the final moves")
+
+    previous = signal.signal(sig, refuse)
+    try:
+        with stop_signals_held():
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+        time.sleep(0.05)  # nothing pending: the handler is not called after the hold either
+        assert signal.getsignal(sig) is refuse
+    finally:
+        signal.signal(sig, previous)

@@ -5,7 +5,8 @@ Guarantees (see docs/RELIABILITY.md):
 - every file of a run is written into a fresh hidden folder ``.attention-map-*`` created next to the
   target (the output folder itself when it exists, else its nearest existing parent: same file system,
   so the final moves are renames); on any error, Ctrl-C or SIGTERM that folder is removed, so the
-  output folder never holds a partial file or only some of a run's files;
+  output folder never holds a partial file or only some of a run's files (the final moves and that
+  removal run with Ctrl-C and SIGTERM held, so a stop cannot cut them in half);
 - at the end a new output folder is the renamed staging folder; into an existing output folder each
   file is moved with ``os.replace`` (atomic per file: a reader sees the old or the new file), and files
   not written by this run are left untouched;
@@ -19,14 +20,37 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import AttentionMapError
 
 STAGING_PREFIX = ".attention-map-"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM during the final renames or the removal of the staging folder (a few
+    system calls), so a stop never leaves some files moved and others not, or half a staging folder.
+    A stop that arrives meanwhile is dropped: the run has finished (or is failing) by then anyway.
+    Handlers are swapped rather than the signal mask, because with several threads (torch's pools)
+    the kernel may deliver a process signal to any thread that does not block it. Main thread only
+    (Python handles signals there); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python, cannot be restored from here
+                signal.signal(sig, handler)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -126,11 +150,13 @@ def staged_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path]
     try:
         try:
             yield staging
-            _move_into_place(staging, target, names, inputs, option)
+            with stop_signals_held():
+                _move_into_place(staging, target, names, inputs, option)
         except (OSError, AttentionMapError) as exc:
             raise _mentioning(exc, staging, target) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with stop_signals_held():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, target: Path, names: Sequence[str], inputs: Sequence[Path],
