@@ -196,11 +196,14 @@ class WorkerProcess:
         return self._next_id - 1
 
     def log_tail(self, lines: int = 40) -> str:
-        """The end of the worker's stdout / stderr (a crash's traceback lands there)."""
+        """The end of the worker's stdout / stderr: from the last crash report (faulthandler's "Fatal
+        Python error", with every thread's stack) if there is one, else the last ``lines`` lines."""
         try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").strip().splitlines()[-lines:])
+            text = Path(self.log_path).read_text(errors="replace").strip()
         except OSError:
             return ""
+        crash = text.rfind("Fatal Python error")
+        return text[crash:] if crash >= 0 else "\n".join(text.splitlines()[-lines:])
 
     def kill(self) -> None:
         """Stop the worker and every process it started, at once; remove its scratch folder."""
