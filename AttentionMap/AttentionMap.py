@@ -261,7 +261,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.layerSlider.maximum = summary.num_layers
         if summary.num_heads:
             self.ui.headSpinBox.maximum = summary.num_heads
-        if self.logic.result is None:
+        if not self.logic.resultIsOfModel(p):
             self._showClasses(summary.classes, None, None)
             self.ui.probabilitiesLabel.text = _("(press Apply)")
 
@@ -459,13 +459,15 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self.result = None  # the last worker.ExplainResult, with the VolumeAttention shown now
         self.inputVolume = None  # the volume that result explains
         self._runningInput = None  # the volume of the job started last (becomes inputVolume when applied)
+        self.resultSource = None  # the model source ("demo", a card or bundle path) that made the result
+        self._runningSource = None
         self.numLayers = 0  # of the model that produced the result
 
     def getParameterNode(self) -> AttentionMapParameterNode:
         return AttentionMapParameterNode(super().getParameterNode())
 
     def forgetResult(self) -> None:
-        self.result, self.inputVolume, self.numLayers = None, None, 0
+        self.result, self.inputVolume, self.resultSource, self.numLayers = None, None, None, 0
 
     @staticmethod
     def installDependencies(askConsent: bool = True) -> bool:
@@ -506,10 +508,17 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
             raise AttentionMapError(f"model: choose a {p.modelKind}")
         return path
 
+    def resultIsOfModel(self, p: AttentionMapParameterNode) -> bool:
+        """True when the result shown was made by the model chosen now."""
+        try:
+            return self.result is not None and self.resultSource == self.modelSource(p)
+        except AttentionMapError:
+            return False
+
     def modelSummary(self, p: AttentionMapParameterNode) -> module_logic.CardSummary:
         """Classes, layer and head counts: of the model that made the result, else from the model card
         (demo or .json) before any run; unknown ([] / None) for bundles and unreadable cards."""
-        if self.result is not None:
+        if self.resultIsOfModel(p):
             model = self.result.model
             return module_logic.CardSummary(model.classes, model.num_layers, model.num_heads)
         from AttentionMapLib.models import DEMO_CARD  # models imports torch only when loading a network
@@ -540,13 +549,13 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         if p.inputVolume is None:
             raise AttentionMapError("input volume: choose a volume")
         array, ijkToRas = mrml.volume_to_array(p.inputVolume)
-        self._runningInput = p.inputVolume
-        return worker.explain_job(self.modelSource(p), array, ijkToRas, self.explainOptions(p),
+        self._runningInput, self._runningSource = p.inputVolume, self.modelSource(p)
+        return worker.explain_job(self._runningSource, array, ijkToRas, self.explainOptions(p),
                                   trust_bundle=p.trustBundle, device=p.device)
 
     def applyResult(self, result: worker.ExplainResult, p: AttentionMapParameterNode):
         """Main thread: write the result into the output node (reused or new) and show it."""
-        self.result, self.inputVolume = result, self._runningInput
+        self.result, self.inputVolume, self.resultSource = result, self._runningInput, self._runningSource
         self.numLayers = result.model.num_layers
         return self._show(result.attention, p)
 
