@@ -487,3 +487,22 @@ def test_the_self_test_drives_the_asynchronous_path():
         assert step in calls, step
     assert "poll" in calls_in(module_function("_poll")) and "processEvents" in calls_in(module_function("_poll"))
     assert "assertLessEqual" in calls and "patch_size_mm" in calls  # the peak within one patch of the nodule
+
+
+def test_worker_messages_are_data_never_pickles():
+    """Both sides use send_bytes / recv_bytes (JSON and raw numbers) and np.load(allow_pickle=False):
+    never Connection.send / recv (which pickle), pickle, or multiprocessing's process start-up."""
+    for name in ("worker.py", "worker_protocol.py", "worker_process.py"):
+        tree = ast.parse((LIB_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) != "protocol":  # protocol.send: JSON
+                assert node.attr not in ("send", "recv"), f"{name}: {ast.unparse(node)} pickles"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m in ("pickle", "multiprocessing", "multiprocessing.shared_memory") for m in modules), \
+                    f"{name}: {ast.unparse(node)}"
+            if isinstance(node, ast.keyword) and node.arg == "allow_pickle" and name != "worker_protocol.py":
+                raise AssertionError(f"{name}: allow_pickle outside the protocol module")
+    flags = [ast.unparse(node.value) for node in ast.walk(ast.parse((LIB_DIR / "worker_protocol.py").read_text()))
+             if isinstance(node, ast.keyword) and node.arg == "allow_pickle"]
+    assert flags == ["False", "False"], flags  # np.save and np.load of the input file
