@@ -268,10 +268,11 @@ def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     out = tmp_path / "demo-output"
-    assert demo.main(["--model", str(oracle_card), "--output-dir", str(out), "--whole-scan"]) == 0
+    assert demo.main(["--model", str(oracle_card), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert str(out / "lung2_image_overlay.png") in printed and str(out / "lung2_image_attention.nrrd") in printed
     assert "INSIDE the tumour label" in printed
+    assert "Volume-level P(lesion) = " in printed and "Region: the whole scan" in printed
     assert sorted(p.name for p in out.iterdir()) == [
         "lung2_image_attention.nrrd", "lung2_image_overlay.png", "summary.json"]
 
@@ -315,3 +316,79 @@ def test_run_with_a_dense_output_model(scan, tmp_path):
     case = json.loads((out / "summary.json").read_text())["cases"][0]
     assert case["probabilities"] is None and case["target"] == 1 and case["grid_shape"] == [2, 2, 2]
     assert (out / "case1_overlay.png").stat().st_size > 0
+
+
+def _sliding_card(tmp_path, **extra) -> Path:
+    torch.manual_seed(1)
+    card = write_card(tmp_path / "sliding", ViT(**vit_args(32)), vit_args(32))
+    data = json.loads(card.read_text())
+    data["preprocessing"] = {**PREPROCESSING, "spatial": {"mode": "sliding_window", "overlap": 0.25}}
+    data.update(extra)
+    card.write_text(json.dumps(data))
+    return card
+
+
+def test_roi_mask_calibration_and_the_volume_level_prediction(scan, tmp_path):
+    """--roi skips the windows outside the box and zeroes the map outside it; --mask likewise with a label
+    volume; the volume-level P(lesion) is the highest calibrated window probability, with its window."""
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.volume import explain_volume
+
+    card = _sliding_card(tmp_path, calibration={"temperature": 2.0})
+    image, label_path = scan / "case1.nrrd", scan / "case1_label.nrrd"
+    volume, affine = read_volume(image)
+    loaded = load_model(str(card))
+    plain = explain_volume(loaded.network, volume, affine, loaded.preprocessing, img_size=loaded.img_size, target=1)
+    assert plain.num_windows == 4
+    calibrated = np.exp(plain.window_logits / 2.0) / np.exp(plain.window_logits / 2.0).sum(1, keepdims=True)
+
+    corner = apply_affine(affine, [3.0, 3.0, 10.0])  # near voxel (3, 3, 10): only the first window holds it
+    out = tmp_path / "roi"
+    assert run_cli("run", image, "--model", card, "--roi", *corner, 6, 6, 6, "--resample", "--output-dir", out) == 0
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert case["region"]["windows_run"] == 1 and case["region"]["windows_skipped"] == 3
+    assert case["region"]["map_outside_region"] == 0.0 and case["region"]["name"] == "ROI"
+    resampled, _ = read_volume(out / "case1_attention_resampled.nrrd")
+    ras = apply_affine(affine, np.indices(SHAPE).reshape(3, -1).T.astype(float))
+    far = np.any(np.abs(ras - corner) > 3.0 + 2 * 2.5, axis=1).reshape(SHAPE)  # outside the box by > a voxel
+    assert np.all(resampled[far] == 0) and resampled.max() > 0
+    assert case["prediction"]["temperature"] == 2.0 and case["prediction"]["windows"] == 1
+
+    out = tmp_path / "mask"
+    assert run_cli("run", image, "--model", card, "--mask", label_path, "--resample", "--output-dir", out) == 0
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    label, _ = read_volume(label_path)
+    resampled, _ = read_volume(out / "case1_attention_resampled.nrrd")
+    assert np.all(resampled[label == 0] == 0) and resampled[label > 0].max() > 0  # same grid: exactly the mask
+    prediction = case["prediction"]
+    kept = np.isin(np.round(plain.window_centres_ras, 6).tolist(), np.round([prediction["window_centre_ras_mm"]], 6))
+    assert kept.all(axis=1).sum() == 1
+    windows_run = case["region"]["windows_run"]
+    assert prediction["windows"] == windows_run and prediction["class"] == "lesion"
+    best = int(np.flatnonzero(kept.all(axis=1))[0])
+    assert prediction["probability"] == pytest.approx(calibrated[best, 1], abs=1e-6)
+    if windows_run == 4:
+        assert prediction["probability"] == pytest.approx(calibrated[:, 1].max(), abs=1e-6)
+
+    out = tmp_path / "whole"
+    assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert case["region"] is None and case["prediction"]["probability"] == pytest.approx(calibrated[:, 1].max(), abs=1e-6)
+    assert np.allclose(case["prediction"]["window_centre_ras_mm"], plain.window_centres_ras[calibrated[:, 1].argmax()])
+
+
+def test_default_region_is_used_shown_and_switchable_off(scan, tmp_path, capsys):
+    card = _sliding_card(tmp_path, default_region={"kind": "lung_field"})
+    image = scan / "case1.nrrd"
+    # a cube in air has no lung field: the card's default region fails with a message naming the way out
+    assert run_cli("run", image, "--model", card, "--output-dir", tmp_path / "a") == 2
+    assert "no lung field found" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert run_cli("run", image, "--model", card, "--roi", "none", "--output-dir", tmp_path / "b") == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["cases"][0]["region"] is None and summary["options"]["region"] == [None]
+    assert run_cli("run", image, "--model", card, "--roi", "1", "2", "3", "--output-dir", tmp_path / "c") == 2
+    assert "expected six numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # one or the other (argparse usage error)
+        run_cli("run", image, "--model", card, "--roi", "0", "0", "0", "5", "5", "5", "--mask", image,
+                "--output-dir", tmp_path / "d")
+    assert exited.value.code == 2 and "not allowed with argument --roi" in capsys.readouterr().err

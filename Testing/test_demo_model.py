@@ -176,16 +176,72 @@ def test_training_losses_with_and_without_the_attention_loss():
         assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_lung_field_box_holds_the_lungs_and_both_tumours(cts):
+def test_whole_scan_windows_are_what_inference_cuts(cts):
+    """Windows of the whole-scan sampler equal windows of preprocess_volume's output (the card's chain on the
+    file as read), at the same starts, padding included."""
+    from AttentionMapLib.io import read_volume
+    from AttentionMapLib.preprocess import preprocess_volume
+    from AttentionMapLib.sample_data import fetch_sample_data
+    from AttentionMapLib.volume import window_starts
+
+    scans = demo_data.WholeScanSampler(cts, "train")
+    array, affine = read_volume(fetch_sample_data()["lung1_image"])
+    model_input = preprocess_volume(array, affine, demo_data.CARD_PREPROCESSING, (48,) * 3, (8,) * 3)[0].numpy()
+    assert model_input.shape == scans.volumes[0].shape and np.array_equal(model_input, scans.volumes[0])
+    axes = [window_starts(n, 48, 8, 0.5) for n in model_input.shape]
+    grid = {tuple(s) for s in scans.inference_grid(0)}
+    assert grid and grid <= {(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]}
+    face = [s for s in grid if s[0] == 0 or s[0] == model_input.shape[0] - 48]
+    assert face and (scans.volumes[0][0] == 0).all()  # the padded face: intensity 0 (= -1000 HU and below)
+
+
+def test_whole_scan_negatives_keep_tumours_and_heldout_slabs_out(cts):
+    rng = np.random.default_rng(3)
+    for heldout in (None, ["lung1"]):
+        train = demo_data.WholeScanSampler(cts, "train", heldout)
+        names = [ct.name for ct in cts] if heldout is None else heldout
+        for ci, ct in enumerate(cts):
+            _, offset = demo_data.model_input_volume(ct)
+            lo, hi = ct.tumour_box()
+            z0, z1 = demo_data.HELDOUT_SLABS[ct.name]
+            starts = [train.draw_start(rng, ci, kind) for kind in demo_data.WINDOW_KINDS for _ in range(20)]
+            for start in starts:
+                box = np.asarray(start) - offset, np.asarray(start) - offset + 48
+                assert not np.all((box[0] < hi) & (box[1] > lo)), "a training window meets a tumour box"
+                if ct.name in names:
+                    assert box[1][2] <= z0 or box[0][2] >= z1, "a training window meets the held-out slab"
+            assert any(s[2] + 48 > z0 + offset[2] and s[2] < z1 + offset[2] for s in starts) == (ct.name not in names)
+    held = demo_data.WholeScanSampler(cts, "heldout", ["lung1"])
+    assert [ct.name for ct in held.cts] == ["lung1"]
+    z0, z1 = demo_data.HELDOUT_SLABS["lung1"]
+    offset = demo_data.model_input_volume(cts[0])[1]
+    assert all(s[2] + 48 > z0 + offset[2] and s[2] < z1 + offset[2] for s in held.inference_grid(0))
+    batch = train.sample(rng, 6, hard=np.array([[1, 0, 0, 0]]), hard_fraction=1.0, jitter=0)
+    assert batch.images.shape == (6, 1, 48, 48, 48) and not batch.labels.any() and not batch.masks.any()
+    assert (batch.origins == 0).all() and batch.sources == ["lung2"] * 6
+
+
+def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
+    sampler = demo_data.CropSampler(cts, "train")
+    rng = np.random.default_rng(11)
+    by_name = {ct.name: ct for ct in cts}
+    for _ in range(6):
+        pos, neg, mask, origin, name, _ = sampler.sample_pair(rng, wall_fraction=1.0)
+        ct = by_name[name]
+        centre = np.round(np.argwhere(mask).mean(0)).astype(int) + origin
+        near = ct.lung[tuple(slice(max(c - 3, 0), c + 4) for c in centre)]
+        assert ct.lung[tuple(centre)] or near.any()
+        assert not near.all(), "a rim nodule should touch tissue outside the lung"
+
+
+def test_automatic_lung_field_holds_the_lungs_and_both_tumours(cts):
+    from AttentionMapLib.region import LungFieldRegion, region_mask
+
     for ct in cts:
-        start, stop = demo_data.lung_field_box(ct.hu, margin=2)
-        lung = np.argwhere(ct.lung)
-        assert np.all(start <= np.maximum(lung.min(axis=0) - 2, 0)) and np.all(stop >= lung.max(axis=0) + 1)
-        tumour = np.argwhere(ct.tumour)
-        assert np.all(tumour.min(axis=0) >= start) and np.all(tumour.max(axis=0) < stop), ct.name
-        assert np.prod(stop - start) < 0.9 * ct.hu.size  # it does cut something away
-
-
-def test_lung_field_box_refuses_a_volume_without_lungs():
-    with pytest.raises(AttentionMapError, match="volume: no lung field found"):
-        demo_data.lung_field_box(np.full((40, 40, 10), 40.0))
+        volume, offset = demo_data.model_input_volume(ct)
+        affine = ct.ijk_to_ras.copy()
+        affine[:3, 3] -= affine[:3, :3] @ offset
+        field = region_mask(LungFieldRegion(margin_mm=4.0), volume, affine, demo_data.CARD_PREPROCESSING["intensity"])
+        inside = field[tuple(slice(o, o + n) for o, n in zip(offset, ct.hu.shape))]
+        assert inside[ct.lung].all() and inside[ct.tumour].all(), ct.name
+        assert inside.mean() < 0.9  # it does cut something away

@@ -12,7 +12,10 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
   by a quarter crop along each axis (``demo_data.crop_around``);
 - whole volumes (``lung1``, ``lung2``): ``volume.explain_volume`` with the card's sliding windows, the token
   grid resampled onto the label's voxel grid (attention maps only: the baselines and deletion/insertion
-  need a single model input).
+  need a single model input);
+- whole scans as a user loads them (``benchmarks/whole_scan.py``): lung1 and lung2 as shipped and
+  re-gridded (flipped, oblique, anisotropic), with and without the card's default region, with the card's
+  calibration; two lesion-free scans; the lesion-free held-out windows of ``tools/evaluate_demo_model.py``.
 
 Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), and the
 baselines of ``AttentionMapLib.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
@@ -41,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
+import whole_scan  # noqa: E402
 
 measure.add_library_to_path()
 
@@ -204,6 +208,69 @@ def baseline_probabilities(settings: Settings, cases: Sequence[Case]) -> Dict[st
             probabilities.setdefault(mode, []).append(scores["deletion_curve"][-1])
         probabilities["original"].append(scores["deletion_curve"][0])
     return {mode: float(np.mean(values)) for mode, values in probabilities.items()}
+
+
+def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Callable[[str], None]) -> Dict[str, Any]:
+    """benchmarks/whole_scan.py with the card's calibration and default region (else the lung field), and the
+    false-alarm rate on the lesion-free held-out windows."""
+    import torch
+
+    from AttentionMapLib.calibration import card_temperature, softmax
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.region import LungFieldRegion, card_default_region
+
+    sys.path.insert(0, str(measure.REPO / "tools"))
+    from evaluate_demo_model import heldout_scan_windows, scan_window_logits
+
+    torch.set_num_threads(max(1, settings.workers))
+    loaded = load_model(settings.model)
+    temperature = card_temperature(loaded.card, loaded.source)
+    default = card_default_region(loaded.card, loaded.source) or LungFieldRegion()
+    regions = {"whole scan": None, "lung field": default}
+    images, kinds = heldout_scan_windows(cts)
+    p = softmax(scan_window_logits(loaded.network, images), temperature)[:, 1]
+    return {
+        "temperature": temperature, "region": default.describe(), "card_region": loaded.card.get("default_region"),
+        "rows": whole_scan.whole_scan_rows(loaded, temperature, paths, regions, log),
+        "lesion_free": whole_scan.lesion_free_rows(loaded, temperature, paths, regions, log),
+        "heldout_windows": {"windows": len(p), "false_alarms": int((p > 0.5).sum()), "p_max": float(p.max())},
+    }
+
+
+def whole_scan_report(data: Dict[str, Any]) -> List[str]:
+    """The whole-scan section of EVALUATION.md."""
+    rows, free, held = data["rows"], data["lesion_free"], data["heldout_windows"]
+    lines = ["## Whole scans, as a user loads them", "",
+             "`benchmarks/whole_scan.py`. " + "\n\n".join(whole_scan.__doc__.split("\n\n")[1:3]), "",
+             f"Rollout, target lesion, calibration temperature {data['temperature']:.3g} (the card's); region: none "
+             f"(*whole scan*) or *lung field* = {data['region']}"
+             + (" (the card's default region)." if data["card_region"] else " (the card names no default region)."),
+             "*P(lesion)*: the volume-level probability (the highest calibrated window probability over the windows that "
+             "were run); *peak patch holds tumour*: the peak token's 16 mm patch holds tumour voxels; *moved*: distance "
+             "from the as-shipped peak (same case, same region setting).", "",
+             "| case | re-gridding | region | windows | P(lesion) | peak patch holds tumour | peak to tumour (mm) | mass ratio | moved (mm) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['regridding']} | {r['region_setting']} | {r['windows']} | {r['p_lesion']:.3f} | "
+                     f"{'yes' if r['peak_patch_holds_tumour'] else 'no'} | {r['peak_to_tumour_mm']:.1f} | "
+                     f"{r['mass_ratio']:.1f} | {r['peak_moved_mm']:.1f} |")
+    for setting in dict.fromkeys(r["region_setting"] for r in rows):
+        subset = [r for r in rows if r["region_setting"] == setting]
+        hits = sum(r["peak_patch_holds_tumour"] for r in subset)
+        moved = max(r["peak_moved_mm"] for r in subset)
+        lines += ["", f"- {setting}: peak patch holds tumour voxels in {hits}/{len(subset)} runs; the peak moves at most "
+                      f"{moved:.1f} mm between re-griddings (target: every run, at most 16 mm)."]
+    lines += ["", "Lesion-free scans (volume-level P(lesion); target < 0.5):", "",
+              "| scan | region | windows | P(lesion) |", "|---|---|---|---|"]
+    for r in free:
+        value = f"{r['p_lesion']:.3f}" if "p_lesion" in r else f"error: {r.get('error')}"
+        lines.append(f"| {r['scan']} ({'x'.join(map(str, r['shape']))} voxels) | {r['region_setting']} | "
+                     f"{r.get('windows', '-')} | {value} |")
+    lines += ["", f"Lesion-free held-out windows (`tools/evaluate_demo_model.py`: lung1's whole-scan windows meeting its "
+                  f"held-out slab, inference grid and random starts): {held['false_alarms']}/{held['windows']} with calibrated "
+                  f"P(lesion) > 0.5 ({100 * (1 - held['false_alarms'] / held['windows']):.1f} % below 0.5; target >= 95 %); "
+                  f"highest {held['p_max']:.3f}.", ""]
+    return lines
 
 
 def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:
@@ -460,7 +527,9 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
               "the grad_rollout row); raw and rollout are re-read from the same capture (`VolumeAttention.refuse`, the time of "
               "that re-read). A sweep without gradients is cheaper (docs/BENCHMARKS.md, end to end). The token grid is "
               "resampled (trilinear) onto the label's voxel grid; *within one patch*: the peak within one patch length (per "
-              "axis, in label voxels) of the tumour; P(lesion): the highest window probability.", ""] + volume_table(result["volumes"]) + [""]
+              "axis, in label voxels) of the tumour; P(lesion): the volume-level probability (highest window).", ""] + volume_table(result["volumes"]) + [""]
+    if result.get("whole_scans"):
+        lines += whole_scan_report(result["whole_scans"])
     synthetic = [r for r in records if r["group"] == GROUPS[0]]
     lines += ["## Reading (computed from the tables above)", "", "Held-out synthetic nodules unless stated:", ""]
     lines += reading(synthetic, summarise(synthetic)) if synthetic else ["- no held-out cases in this run."]
@@ -499,6 +568,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         settings.baseline = min((m for m in baselines if m != "original"), key=baselines.get)
         log(f"deletion/insertion baseline: {settings.baseline} (mean P(target) {baselines})")
     volumes = score_volumes(settings, paths, log)
+    whole_scans = score_whole_scans(settings, paths, cts, log)
     log(f"{len(cases)} cases, {settings.workers} worker(s) ...")
     records: List[Dict[str, Any]] = []
     jobs = list(enumerate(cases))
@@ -517,7 +587,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
                   "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
                   "target_name": loaded.classes[loaded.target] if loaded.target is not None else "", "heldout_seed": demo_data.HELDOUT_SEED},
-        "cases": records, "volumes": volumes, "baseline_probabilities": baselines,
+        "cases": records, "volumes": volumes, "whole_scans": whole_scans, "baseline_probabilities": baselines,
     }
 
 

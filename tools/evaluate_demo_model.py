@@ -12,6 +12,14 @@ Pointing game (rollout, `AttentionMapLib.explain`, target = "lesion", head mean)
 neighbouring patches. Chance = the same hit rates for a peak drawn uniformly over the tokens.
 Real tumours: crops centred on each label's centroid and shifted by 24 mm along each axis; and the whole CT
 in overlapping windows (stride 48 mm, inside the volume): the rollout peak of the window with the highest P(lesion).
+Lesion-free held-out windows: every inference-grid window of the padded whole scan of lung1 that meets
+lung1's held-out slab (no whole-scan training window does) plus `SCAN_RANDOM` random ones
+(`demo_data.WholeScanSampler`, region "heldout", seed `SCAN_SEED`), tumour excluded: the false-alarm rate
+P(lesion) > 0.5. lung2's slab windows are reported apart: the second training phase used lung2 whole.
+Calibration: temperature scaling (`calibration.fit_temperature`) fitted on the even-numbered held-out
+pairs and lesion-free held-out windows, its expected calibration error reported on the odd-numbered ones.
+Whole scans (`benchmarks/whole_scan.py`, through `explain_volume` as a user runs it): lung1 and lung2 as
+shipped and re-gridded, with and without the card's default region; and two lesion-free scans.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +41,11 @@ from AttentionMapLib.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from train_demo_model import auc, build_network  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import whole_scan  # noqa: E402
+from AttentionMapLib.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
+from AttentionMapLib.region import LungFieldRegion  # noqa: E402
+
 MODELS_DIR = ROOT / "AttentionMap" / "Resources" / "Models"
 CARD_NAME = "demo_lung_nodule_vit.json"
 WEIGHTS_NAME = "demo_lung_nodule_vit.pt"
@@ -40,6 +53,10 @@ PAIRS = 200
 SUBSET_PAIRS = 6  # the small fixed subset the test suite re-checks
 SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
+SCAN_RANDOM = 400
+SCAN_SEED = 20261130
+SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
+DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
 
 
 def chance_rate(tokens: np.ndarray, tolerance: int) -> float:
@@ -61,32 +78,90 @@ def peak_hits(grids: np.ndarray, tokens: np.ndarray) -> Dict[str, np.ndarray]:
 
 def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
     """P(lesion) (N,) and attention grids (N, 6, 6, 6) (normalize='none', target 1) for images (N, 1, 48, 48, 48)."""
-    probs, grids = [], []
+    logits, grids = run_model_logits(model, images, method, batch)
+    return softmax(logits)[:, 1], grids
+
+
+def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
+    """Logits (N, 2) and attention grids (N, 6, 6, 6) (normalize='none', target 1)."""
+    logits, grids = [], []
     for s in range(0, len(images), batch):
-        result = explain(model, torch.from_numpy(images[s : s + batch]), method=method, target=1, normalize="none")
-        probs.append(torch.softmax(result.logits.detach(), 1)[:, 1].numpy())
+        result = explain(model, torch.from_numpy(np.ascontiguousarray(images[s : s + batch])), method=method,
+                         target=1, normalize="none")
+        logits.append(result.logits.detach().float().numpy())
         grids.append(result.grid)
-    return np.concatenate(probs), np.concatenate(grids)
+    return np.concatenate(logits), np.concatenate(grids)
+
+
+def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,
+                         heldout: Sequence[str] = SCAN_HELDOUT):
+    """Lesion-free windows meeting the slabs of `heldout` scans (see the module docstring):
+    (images (N, 1, 48, 48, 48), kinds (N,) str)."""
+    scans = demo_data.WholeScanSampler(cts, "heldout", heldout)
+    images, kinds = [], []
+    for ci in range(len(cts)):
+        for start in scans.inference_grid(ci):
+            images.append(scans.window(ci, start))
+            kinds.append("inference_grid")
+    if random:
+        drawn = scans.sample(np.random.default_rng(seed), random, flip=False)
+        images += list(drawn.images[:, 0])
+        kinds += ["random"] * random
+    return np.stack(images)[:, None], np.array(kinds)
+
+
+def scan_window_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Logits (N, 2) of the windows, no attention."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            out.append(model(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])))[0].float().numpy())
+    return np.concatenate(out)
+
+
+def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_logits: np.ndarray) -> Dict[str, object]:
+    """Temperature fitted on the even-numbered held-out pairs and windows, ECE on the odd-numbered ones."""
+    pair_index = np.arange(len(pair_labels)) // 2  # a positive and its negative twin share a pair number
+    fit_pairs, check_pairs = pair_index % 2 == 0, pair_index % 2 == 1
+    scan_index = np.arange(len(scan_logits))
+    fit_scan, check_scan = scan_index % 2 == 0, scan_index % 2 == 1
+    logits = {"fit": np.concatenate([pair_logits[fit_pairs], scan_logits[fit_scan]]),
+              "check": np.concatenate([pair_logits[check_pairs], scan_logits[check_scan]])}
+    labels = {"fit": np.concatenate([pair_labels[fit_pairs], np.zeros(fit_scan.sum(), int)]),
+              "check": np.concatenate([pair_labels[check_pairs], np.zeros(check_scan.sum(), int)])}
+    temperature = fit_temperature(logits["fit"], labels["fit"])
+    return {
+        "temperature": round(temperature, 4),
+        "ece": round(expected_calibration_error(softmax(logits["check"], temperature)[:, 1], labels["check"]), 4),
+        "ece_uncalibrated": round(expected_calibration_error(softmax(logits["check"])[:, 1], labels["check"]), 4),
+        "fitted_on": f"{len(labels['fit'])} held-out crops (even-numbered held-out pairs, even-numbered lesion-free "
+                     "held-out windows)",
+        "ece_on": f"{len(labels['check'])} other held-out crops (the odd-numbered ones); 10 equal-width bins of P(lesion)",
+    }
 
 
 def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pairs: int) -> Dict[str, object]:
     """Accuracy, AUC and pointing games (rollout and raw last layer) on the first `pairs` held-out pairs."""
-    probs, rollout, raw, tokens, labels, radii = [], [], [], [], [], []
+    logits, rollout, raw, grad, tokens, labels, radii = [], [], [], [], [], [], []
     for chunk in demo_data.heldout_batches(cts, pairs):
-        p, g = run_model(model, chunk.images)
+        lg, g = run_model_logits(model, chunk.images)
         _, r = run_model(model, chunk.images, method="raw")
-        probs.append(p)
+        _, gr = run_model(model, chunk.images, method="grad_rollout")
+        logits.append(lg)
         rollout.append(g)
         raw.append(r)
+        grad.append(gr)
         tokens.append(demo_data.token_labels(chunk.masks, PATCH))
         labels.append(chunk.labels)
         radii.append(chunk.radii_mm)
-    p, y = np.concatenate(probs), np.concatenate(labels)
+    pair_logits, y = np.concatenate(logits), np.concatenate(labels)
+    p = softmax(pair_logits)[:, 1]
     pos = y == 1
     tok = np.concatenate(tokens)[pos]
     radius = np.concatenate(radii)[pos]
     roll = peak_hits(np.concatenate(rollout)[pos], tok)
     rawh = peak_hits(np.concatenate(raw)[pos], tok)
+    gradh = peak_hits(np.concatenate(grad)[pos], tok)
     mass_ratio = [mask_statistics(g, t)["mass_ratio"] for g, t in zip(np.concatenate(rollout)[pos], tok)]
     out: Dict[str, object] = {
         "heldout_positives": int(pos.sum()),
@@ -100,6 +175,8 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
         "rollout_pointing_game_within_one_patch": float(roll["hit_within_one_patch"].mean()),
         "rollout_pointing_game_within_one_patch_chance": float(roll["chance_within_one_patch"].mean()),
         "rollout_mass_ratio_median": float(np.median(mass_ratio)),
+        "grad_rollout_pointing_game": float(gradh["hit"].mean()),
+        "grad_rollout_pointing_game_within_one_patch": float(gradh["hit_within_one_patch"].mean()),
         "raw_last_layer_pointing_game": float(rawh["hit"].mean()),
         "raw_last_layer_pointing_game_chance": float(rawh["chance"].mean()),
         "rollout_pointing_game_by_radius_mm": {},
@@ -111,6 +188,7 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
             "hit": float(roll["hit"][sel].mean()) if sel.any() else None,
             "p_lesion_mean": float(p[pos][sel].mean()) if sel.any() else None,
         }
+    out["_pair_logits"], out["_pair_labels"] = pair_logits, y  # for the calibration, not written to the card
     return out
 
 
@@ -214,9 +292,33 @@ RECIPE = (
 )
 
 
-def recipe_text(phases: List[Dict[str, object]]) -> str:
+FINE_TUNE = (
+    "Fine-tuned from the previous demo weights (much cheaper than training from scratch), CPU (2 shared cores), "
+    "torch threads 2. Each step: {pairs} crops once with and once without a synthetic nodule at the same place "
+    "(a share {wall} of the nodules centred on the lung's rim, next to the pleura or the mediastinum) plus "
+    "{scan} lesion-free whole-scan windows cut from the padded model input exactly as sliding-window inference "
+    "cuts them (starts on the inference grid, on the patch grid and anywhere; every body region, the air around "
+    "the body, the table, the scan's cut faces and the padding), a share {hard} of them hard negatives: windows "
+    "the current model calls lesion (P > {threshold}, mined on an {stride}-voxel start grid at the start and "
+    "every {remine} min, moved by up to 4 voxels). No whole-scan window meets a held-out slab or a widened real "
+    "tumour box. AdamW (weight decay {wd}), a fresh optimiser, linear warm-up over {warmup} samples to lr {lr}, "
+    "then constant; gradient norm clipped at 1; random flips; loss = cross-entropy + {token_weight} x token "
+    "labelling (a fresh training-only Linear head on the last block's patch tokens, BCE, positive weight "
+    "{token_pos_weight}). No loss on the attention. The previous weights: {previous}"
+)
+
+
+def recipe_text(phases: List[Dict[str, object]], previous: str = "") -> str:
     """Human-readable recipe from the checkpoint's recorded settings: the first phase in full, then what
-    each resumed phase changed."""
+    each resumed phase changed. `previous`: the training text of the weights a fine-tune started from."""
+    first = phases[0]["settings"]
+    if first.get("init_weights") not in (None, "None"):
+        text = FINE_TUNE.format(
+            pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scan=first["scan_negatives"],
+            hard=first["hard_fraction"], threshold=first["mine_threshold"], stride=first["mine_stride"],
+            remine=first["remine_minutes"], wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
+            token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], previous=previous)
+        return text + _resumed(phases, first)
     first = phases[0]["settings"]
     w = float(first["cls_attention_weight"])
     attention = (
@@ -229,6 +331,12 @@ def recipe_text(phases: List[Dict[str, object]]) -> str:
         warmup=first["warmup_samples"], lr=first["lr"], curriculum=first["curriculum_samples"],
         token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention,
     )
+    return text + _resumed(phases, first)
+
+
+def _resumed(phases: List[Dict[str, object]], first: Dict[str, object]) -> str:
+    """What each resumed phase changed."""
+    text = ""
     for phase in phases[1:]:
         changed = {
             k: v for k, v in phase["settings"].items()
@@ -240,8 +348,14 @@ def recipe_text(phases: List[Dict[str, object]]) -> str:
     return text
 
 
-def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_dir: Path) -> Path:
-    """Write the weights (fp32 state_dict) and the model card JSON into out_dir; returns the card path."""
+def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_dir: Path,
+               calibration: Dict[str, object], previous: Optional[Dict[str, object]] = None) -> Path:
+    """Write the weights (fp32 state_dict) and the model card JSON into out_dir; returns the card path.
+
+    previous: the card of the weights a fine-tune started from (its training record is kept in the new card)."""
+    previous_training = (previous or {}).get("training", {})
+    previous_text = (f"{previous_training.get('recipe', '')} ({previous_training.get('samples')} samples, "
+                     f"{previous_training.get('wall_time_s')} s; command: {previous_training.get('command')})")
     card = {
         "name": "demo_lung_nodule_vit",
         "description": (
@@ -259,12 +373,16 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         },
         "classes": ["no lesion", "lesion"],
         "target": 1,
+        "default_region": DEFAULT_REGION,
+        "calibration": calibration,
         "training_data": (
             "lung1_image.nrrd and lung2_image.nrrd (chest CT, 5 mm slices) from the pyradiomics 3.0.1 source "
             "distribution on PyPI (BSD-3-Clause), resampled to RAS 2 mm. Synthetic nodules: random ellipsoids, "
             "radius 3-15 mm (semi-axes x0.8-1.25, random orientation), sigmoid edge 0.5-1.5 mm, blurred along z "
             "with [1/4 1/2 1/4] like 5 mm slices, -300..100 HU with 10-30 HU noise, centred in the lung mask. "
-            f"Crops {demo_data.CROP}^3 voxels. Negatives: the same crops without the nodule. Held out: both real "
+            f"Crops {demo_data.CROP}^3 voxels. Negatives: the same crops without the nodule, and lesion-free windows "
+            "of the whole scans as inference cuts them (every region, the padding at the faces; mined false alarms). "
+            "Held out: both real "
             "tumours (no training or held-out crop meets their bounding box widened by 8 mm) and an axial slab per "
             "CT (" + ", ".join(f"{k} K {a}-{b - 1}" for k, (a, b) in demo_data.HELDOUT_SLABS.items())
             + " on the RAS 2 mm grid) holding every held-out nodule centre; training "
@@ -279,7 +397,9 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "samples": checkpoint["samples"],
             "steps": checkpoint["step"],
             "wall_time_s": round(float(checkpoint["wall_time_s"]), 1),
-            "recipe": recipe_text(checkpoint["phases"]),
+            "previous_samples": previous_training.get("samples"),
+            "previous_wall_time_s": previous_training.get("wall_time_s"),
+            "recipe": recipe_text(checkpoint["phases"], previous_text),
         },
         "metrics": metrics,
     }
@@ -291,13 +411,73 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
     return path
 
 
-def evaluate(model: torch.nn.Module, pairs: int) -> Dict[str, object]:
-    """All card metrics for `model` (eval mode)."""
+def as_loaded(model: torch.nn.Module):
+    """The network with the demo card's preprocessing, classes and target, as `models.load_model` gives it."""
+    from AttentionMapLib.models import LoadedModel
+
+    return LoadedModel(network=model.eval(), preprocessing=dict(demo_data.CARD_PREPROCESSING),
+                       classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3, card={},
+                       source="evaluated weights")
+
+
+def whole_scan_metrics(model: torch.nn.Module, temperature: float) -> Dict[str, object]:
+    """Whole lung1 / lung2 (as shipped and re-gridded, with and without the lung field) and lesion-free scans."""
+    from AttentionMapLib.sample_data import fetch_sample_data
+
+    paths = fetch_sample_data()
+    regions = {"whole scan": None, "lung field": LungFieldRegion(DEFAULT_REGION["hu_threshold"], DEFAULT_REGION["margin_mm"])}
+    loaded = as_loaded(model)
+    keep = ("case", "regridding", "region_setting", "windows", "p_lesion", "peak_patch_holds_tumour",
+            "peak_to_tumour_mm", "mass_ratio", "peak_moved_mm", "peak_ras_mm", "label_centroid_shift_mm")
+    rows = [{k: r[k] for k in keep} for r in whole_scan.whole_scan_rows(loaded, temperature, paths, regions, log=_log)]
+    free = whole_scan.lesion_free_rows(loaded, temperature, paths, regions, log=_log)
+    return {
+        "whole_scans": rows,
+        "lesion_free_scans": [{k: r.get(k) for k in ("scan", "shape", "region_setting", "windows", "p_lesion", "error")}
+                              for r in free],
+        "whole_scan_definition": whole_scan.__doc__.split("\n\n")[1].replace("\n", " "),
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(model: torch.nn.Module, pairs: int, whole_scans: bool = True) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """All card metrics for `model` (eval mode), and its calibration section."""
     cts = demo_data.load_demo_cts()
+    _log("held-out pairs ...")
     metrics = heldout_metrics(model, cts, pairs)
+    pair_logits, pair_labels = metrics.pop("_pair_logits"), metrics.pop("_pair_labels")
+    _log("lesion-free held-out windows ...")
+    images, kinds = heldout_scan_windows(cts)
+    scan_logits = scan_window_logits(model, images)
+    calibration = calibration_metrics(pair_logits, pair_labels, scan_logits)
+    p_scan = softmax(scan_logits)[:, 1]
+    p_scan_calibrated = softmax(scan_logits, calibration["temperature"])[:, 1]
+    metrics["heldout_scan_windows"] = {
+        "windows": len(kinds), "inference_grid": int((kinds == "inference_grid").sum()),
+        "random": int((kinds == "random").sum()),
+        "false_alarm_rate": round(float((p_scan > 0.5).mean()), 4),
+        "false_alarm_rate_calibrated": round(float((p_scan_calibrated > 0.5).mean()), 4),
+        "p_lesion_max": round(float(p_scan.max()), 4),
+        "definition": f"every inference-grid window of the padded whole scan of {', '.join(SCAN_HELDOUT)} meeting its "
+                      f"held-out slab, plus {SCAN_RANDOM} random ones (seed {SCAN_SEED}); tumour excluded; false alarm = "
+                      "P(lesion) > 0.5",
+    }
+    seen = [ct.name for ct in cts if ct.name not in SCAN_HELDOUT]
+    seen_images, _ = heldout_scan_windows(cts, 0, heldout=seen)
+    p_seen = softmax(scan_window_logits(model, seen_images), calibration["temperature"])[:, 1]
+    metrics["slab_windows_seen_in_training"] = {
+        "scans": seen, "windows": len(p_seen), "false_alarm_rate_calibrated": round(float((p_seen > 0.5).mean()), 4),
+        "note": "inference-grid windows meeting these scans' slabs; the whole-scan training used these scans whole",
+    }
     metrics["heldout_subset"] = subset_values(model, cts)
+    _log("real tumour crops ...")
     metrics["real_tumours"] = {ct.name: real_tumour_results(model, ct) for ct in cts}
     metrics["real_tumours_whole_ct"] = {ct.name: top_window_result(model, ct) for ct in cts}
+    if whole_scans:
+        metrics.update(whole_scan_metrics(model, calibration["temperature"]))
     metrics["pointing_game_definition"] = (
         "rollout (head mean, discard 0, target 'lesion') on the 6x6x6 token grid; hit = peak patch contains nodule "
         "voxels; within one patch = peak in a nodule patch or one of its 26 neighbours; chance = hit rate of a "
@@ -307,7 +487,7 @@ def evaluate(model: torch.nn.Module, pairs: int) -> Dict[str, object]:
         f"AttentionMapLib.demo_data.heldout_set(load_demo_cts(), pairs={pairs}, seed={demo_data.HELDOUT_SEED}); "
         "reproduce with: .venv/bin/python tools/evaluate_demo_model.py"
     )
-    return metrics
+    return metrics, calibration
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -317,6 +497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--pairs", type=int, default=PAIRS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-whole-scans", action="store_true", help="skip the whole-scan runs (minutes)")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics and calibration here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.checkpoint is not None:
@@ -328,10 +510,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--ship needs --checkpoint")
     else:
         model = load_shipped(a.out_dir / CARD_NAME)
-    metrics = evaluate(model, a.pairs)
-    print(json.dumps(metrics, indent=2))
+    metrics, calibration = evaluate(model, a.pairs, not a.no_whole_scans)
+    print(json.dumps({"metrics": metrics, "calibration": calibration}, indent=2))
+    if a.json is not None:
+        a.json.write_text(json.dumps({"metrics": metrics, "calibration": calibration}, indent=1))
     if a.ship:
-        print(f"wrote {write_card(checkpoint, metrics, a.out_dir)}")
+        previous_path = a.out_dir / CARD_NAME
+        previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+        print(f"wrote {write_card(checkpoint, metrics, a.out_dir, calibration, previous)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Make the extension's screenshot and icon from what Slicer's slice views would really draw.
 
-A real chest CT (pyradiomics lung2) and its tumour label go into a slicer-core MRML scene; the model
-explains the CT; AttentionMapLib.mrml writes the overlay node exactly as the module does; three
+A real chest CT (pyradiomics lung2, the whole scan) and its tumour label go into a slicer-core MRML scene;
+the model explains the CT (with the card's default region, as `make demo` does); AttentionMapLib.mrml writes the overlay node exactly as the module does; three
 window-less vtkMRMLSliceLogic views (axial, coronal, sagittal through the tumour) composite
 CT + overlay + label outline, and their RGBA images are saved side by side. Nothing is painted by hand.
 
@@ -24,8 +24,6 @@ VIEW_SIZE = 360
 
 def _scene():
     from AttentionMapLib import mrml
-    from AttentionMapLib.demo_data import lung_field_box
-    from AttentionMapLib.geometry import crop
 
     scene, app = mrml.headless_scene()
     views = [mrml.add_slice_view(scene, app, name, orientation)
@@ -45,8 +43,6 @@ def _add_volume(scene, array_ijk, ijk_to_ras, name, class_name="vtkMRMLScalarVol
 
 def _render(logic, ras):
     from AttentionMapLib import mrml
-    from AttentionMapLib.demo_data import lung_field_box
-    from AttentionMapLib.geometry import crop
 
     node = logic.GetSliceNode()
     node.SetDimensions(VIEW_SIZE, VIEW_SIZE, 1)
@@ -66,10 +62,10 @@ def main() -> None:
     from PIL import Image
 
     from AttentionMapLib import mrml
-    from AttentionMapLib.demo_data import lung_field_box
-    from AttentionMapLib.geometry import crop
+    from AttentionMapLib.calibration import card_temperature
     from AttentionMapLib.io import read_volume
     from AttentionMapLib.models import load_model
+    from AttentionMapLib.region import card_default_region
     from AttentionMapLib.volume import explain_volume
 
     torch.set_num_threads(1)
@@ -93,11 +89,10 @@ def main() -> None:
     tumour.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeLabels")  # 0 transparent, 1 green
 
     model = load_model(args.model, device="cpu")
-    array, ijk_to_ras = mrml.volume_to_array(ct)
-    start, stop = lung_field_box(array)  # the demo model's domain, as in `make demo`
-    array, ijk_to_ras = crop(array, ijk_to_ras, start, stop)
+    array, ijk_to_ras = mrml.volume_to_array(ct)  # the whole scan, as in `make demo`, with the card's region
     attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing, img_size=model.img_size,
-                               method="rollout", target=model.target, normalize="percentile")
+                               method="rollout", target=model.target, normalize="percentile",
+                               region=card_default_region(model.card), temperature=card_temperature(model.card))
     overlay = mrml.attention_to_volume(attention, scene, name="lung2 attention")
     mrml.configure_display(overlay, threshold=0.4)  # the module's defaults: threshold 0.4, opacity 0.5
     mrml.show_overlay(overlay, ct, opacity=0.5)
@@ -128,7 +123,7 @@ def main() -> None:
     module_icon = ROOT / "AttentionMap" / "Resources" / "Icons" / "AttentionMap.png"
     module_icon.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(icon, module_icon)
-    print(f"model {args.model}: P = {np.round(attention.probabilities, 3)}, peak RAS {np.round(peak, 1)}, "
+    print(f"model {args.model}: {attention.prediction(model.classes)}, peak RAS {np.round(peak, 1)}, "
           f"tumour centroid {np.round(tumour_ras, 1)}, distance {np.linalg.norm(peak - tumour_ras):.1f} mm, "
           f"{attention.num_windows} windows")
     print(f"wrote {out} and {icon}")

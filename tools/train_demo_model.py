@@ -160,13 +160,15 @@ def lesion_probabilities(model: torch.nn.Module, images: np.ndarray, batch: int 
 
 def mine_hard_negatives(model: torch.nn.Module, scans: demo_data.WholeScanSampler, stride: int,
                         threshold: float) -> np.ndarray:
-    """False alarms of `model`: allowed whole-scan windows on a `stride`-voxel start grid with P(lesion) > threshold.
+    """False alarms of `model`: allowed whole-scan windows on a `stride`-voxel start grid and on the inference
+    grid (whose last windows sit flush with the scan's faces) with P(lesion) > threshold.
 
     Returns int (H, 4) rows (scan index, start I, J, K), for `WholeScanSampler.sample(hard=...)`.
     """
     rows = []
     for ci, allowed in enumerate(scans.allowed):
-        starts = np.argwhere(allowed[::stride, ::stride, ::stride]) * stride
+        starts = np.unique(np.concatenate([np.argwhere(allowed[::stride, ::stride, ::stride]) * stride,
+                                           scans.inference_grid(ci)]), axis=0)
         for s in range(0, len(starts), 64):
             chunk = starts[s : s + 64]
             images = np.stack([scans.window(ci, start) for start in chunk])[:, None]
@@ -206,6 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mine-stride", type=int, default=8, help="start grid (voxels) on which false alarms are mined")
     p.add_argument("--mine-threshold", type=float, default=0.5)
     p.add_argument("--remine-minutes", type=float, default=0.0, help="mine again with the current model this often (0: once)")
+    p.add_argument("--scan-heldout", nargs="+", default=None, metavar="CT",
+                   help="scans whose held-out slab no whole-scan negative may meet (default: all)")
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -218,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sampler = demo_data.CropSampler(cts, "train")
     validation = sampler.batches(np.random.default_rng(VALIDATION_SEED), a.validation_pairs, flip=False)
 
-    scans = demo_data.WholeScanSampler(cts, "train") if a.scan_negatives else None
+    scans = demo_data.WholeScanSampler(cts, "train", a.scan_heldout) if a.scan_negatives else None
     scan_validation = scans.sample(np.random.default_rng(VALIDATION_SEED), 4 * a.validation_pairs, flip=False) if scans else None
 
     model = build_network()
@@ -239,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_rng_state(state["torch_rng"])
         samples, step, elapsed_before = state["samples"], state["step"], state["wall_time_s"]
         phases = state.get("phases", [])
-    hard = np.asarray(state["hard_negatives"]) if a.resume and ckpt_path.exists() and "hard_negatives" in state else None
+    hard = None  # mined at the start of every phase (a resumed phase may change the allowed windows)
     phases.append({"from_samples": samples, "argv": sys.argv[1:], "settings": {k: str(v) for k, v in vars(a).items()}})
     weights = {"token": a.token_weight, "token_pos_weight": a.token_pos_weight, "cls_attention": a.cls_attention_weight}
 

@@ -4,8 +4,15 @@
                   [--method raw|rollout|grad_rollout] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
                   [--device auto|cpu|cuda] [--normalize minmax|percentile|none] [--series-uid UID]
+                  [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json] [--series-uid UID]
     attention-map sample-data [--cache-dir DIR]
+
+Region: a card may name a default region (the demo: the automatic lung field); ``--roi`` (RAS centre and
+size in mm) or ``--mask`` (a label volume per input, any grid: sampled by nearest neighbour) replace it,
+``--roi none`` switches it off. Windows outside the region are not run and the map is 0 outside it.
+The summary gives one volume-level prediction per case: the highest (calibrated) probability of the
+target class over the windows, and the RAS centre of that window.
 
 Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers
 count from the end (-1 = last, the default). Exit status: 0 on success, 2 on bad input or an output that
@@ -70,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
     run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--roi", nargs="+", default=None, metavar="V",
+                       help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
+                            "to switch off the card's default region")
+    where.add_argument("--mask", nargs="+", default=None, metavar="MASK",
+                       help="look only inside this label volume (voxels > 0; any grid, nearest neighbour), one per input")
     run.add_argument("--output-dir", required=True, type=Path,
                      help="created if missing; files of this run replace same-named earlier results, others stay")
     run.add_argument("--series-uid", default=None, metavar="UID",
@@ -232,11 +245,11 @@ class Case:
     record: Dict[str, Any] = field(default_factory=dict)
 
     def overlay(self, classes: List[str], method: str):
-        from .render import OverlayCase, probability_title
+        from .render import OverlayCase, prediction_title
 
-        title = probability_title(self.name, classes, self.attention.probabilities, method)
-        if self.attention.probabilities is not None and self.attention.num_windows > 1:
-            title += f" (each the highest of {self.attention.num_windows} windows)"
+        title = prediction_title(self.name, method, self.attention.prediction(classes))
+        if self.attention.region is not None:
+            title += f"; map 0 outside the {self.attention.region.name}"
         return OverlayCase(self.name, self.array, self.on_input, self.ijk_to_ras, self.record["peak_ras_mm"],
                            title, self.label)
 
@@ -273,12 +286,42 @@ def input_paths(args: argparse.Namespace) -> List[Path]:
     """Every file or folder the command reads (volumes, masks, model): no output may replace one."""
     paths = [Path(p) for p in getattr(args, "inputs", None) or [args.input]]
     paths += [Path(p) for p in getattr(args, "label", None) or []]
+    paths += [Path(p) for p in getattr(args, "mask", None) or []]
     return paths + ([Path(args.model)] if args.model != "demo" else [])
 
 
 def naming_input(path: Path, exc: AttentionMapError) -> AttentionMapError:
     """The library's message about `array_ijk` told about the input file (with several inputs: which one)."""
     return AttentionMapError(f"{path}: {str(exc).replace('array_ijk: ', '', 1)}")
+
+
+def case_regions(args: argparse.Namespace, cases: Sequence[Case], loaded) -> List[Any]:
+    """The region of each case: --roi box, --mask volume, none (--roi none), else the card's default (or None)."""
+    from .region import MaskRegion, box_region, card_default_region
+
+    roi, masks = getattr(args, "roi", None), getattr(args, "mask", None)
+    if roi is not None and [v.lower() for v in roi] == ["none"]:
+        return [None] * len(cases)
+    if roi is not None:
+        try:
+            values = [float(v) for v in roi]
+        except ValueError:
+            values = []
+        if len(values) != 6:
+            raise AttentionMapError(f"--roi {' '.join(roi)}: expected six numbers (RAS centre CX CY CZ and size "
+                                    "SX SY SZ in mm) or 'none'")
+        return [box_region(values[:3], values[3:], name="ROI")] * len(cases)
+    if masks is not None:
+        if len(masks) != len(cases):
+            raise AttentionMapError(f"--mask: got {len(masks)} mask(s) for {len(cases)} input(s); expected one per input")
+        regions = []
+        for path in masks:
+            mask, ijk_to_ras = read_volume(Path(path))
+            if not np.any(mask > 0):
+                raise AttentionMapError(f"{path}: the mask is empty (no voxel > 0)")
+            regions.append(MaskRegion(mask, ijk_to_ras, name=Path(path).name))
+        return regions
+    return [card_default_region(loaded.card, loaded.source)] * len(cases)
 
 
 def check_case_volumes(cases: Sequence[Case], loaded) -> None:
@@ -298,6 +341,7 @@ def run_command(args: argparse.Namespace) -> int:
     """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end."""
     from tqdm import tqdm
 
+    from .calibration import card_temperature
     from .models import load_model
     from .render import shared_scale, write_montage, write_overlay
 
@@ -307,11 +351,12 @@ def run_command(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output_dir, names, inputs)
     device = resolve_device(args.device)
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
-    options = explain_options(args, loaded)
+    options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source)}
     check_case_volumes(cases, loaded)
+    regions = case_regions(args, cases, loaded)
     with staged_folder(output_dir, names, inputs) as staging:
-        for case in tqdm(cases, desc="cases", unit="case", disable=None):
-            case.attention, device = _explain_case(loaded, case, args, options, device)
+        for case, region in tqdm(list(zip(cases, regions)), desc="cases", unit="case", disable=None):
+            case.attention, device = _explain_case(loaded, case, args, {**options, "region": region}, device)
             _write_maps(staging, output_dir, case, args.resample)
             case.record = _case_record(case, loaded.classes)
         # normalised maps share the scale their normalisation defines (percentile saturates above 1)
@@ -326,7 +371,8 @@ def run_command(args: argparse.Namespace) -> int:
         summary = {
             "model": {"source": loaded.source, "classes": loaded.classes, "img_size": list(loaded.img_size),
                       "description": loaded.card.get("description"), "notes": loaded.notes},
-            "options": {**options, "layer_cli": args.layer, "query_ras": args.query_ras, "device": device},
+            "options": {**options, "layer_cli": args.layer, "query_ras": args.query_ras, "device": device,
+                        "region": [None if r is None else r.describe() for r in regions]},
             "colour_scale": list(scale),
             "cases": [c.record for c in cases],
         }
@@ -389,6 +435,8 @@ def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
         "input": str(case.path),
         "probabilities": None if attention.probabilities is None else {
             c: float(p) for c, p in zip(classes, attention.probabilities)},
+        "prediction": attention.prediction(classes),
+        "region": None if attention.region is None else attention.region.summary(),
         "target": attention.target,
         "peak_ras_mm": peak.tolist(),
         "grid_shape": list(attention.grid.shape),

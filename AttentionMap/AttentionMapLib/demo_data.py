@@ -123,18 +123,6 @@ def lung_mask(hu: np.ndarray) -> np.ndarray:
     return enclosed_air(hu < LUNG_HU)
 
 
-def lung_field_box(hu: np.ndarray, margin: int = 8) -> Tuple[np.ndarray, np.ndarray]:
-    """(start, stop) voxel indices (I, J, K) of the bounding box of `lung_mask`, widened by `margin`
-    voxels and clipped to the volume: the region the demo model was trained on."""
-    voxels = np.argwhere(lung_mask(hu))
-    if len(voxels) == 0:
-        raise AttentionMapError("volume: no lung field found (air below -400 HU enclosed by the body); "
-                                "expected a chest CT in Hounsfield units")
-    start = np.maximum(voxels.min(axis=0) - margin, 0)
-    stop = np.minimum(voxels.max(axis=0) + 1 + margin, hu.shape)
-    return start, stop
-
-
 def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
     """Read a chest CT and its tumour label, resample both to RAS 2 mm, and compute the lung mask."""
     hu, affine = _resample(Path(image_path), label=False)
@@ -376,13 +364,19 @@ class WholeScanSampler:
     keeps the windows that do not meet the held-out slab (K range of `HELDOUT_SLABS`), region "heldout"
     keeps the windows that meet it. Window starts are drawn, in equal shares, from the inference grid
     (`volume.window_starts` with the card's overlap), from the patch grid (multiples of 8) and anywhere.
+    `heldout_cts`: the scans whose slab is held out (default all); a window is 48 voxels tall, so a slab
+    keeps about 110 voxels (220 mm) of its scan out of training (for lung2: everything above K 52,
+    its upper chest and neck), and the other scans are used whole (tumour excepted).
     """
 
-    def __init__(self, cts: Sequence[LungCT], region: str = "train"):
+    def __init__(self, cts: Sequence[LungCT], region: str = "train", heldout_cts: Optional[Sequence[str]] = None):
         if region not in ("train", "heldout"):
             raise AttentionMapError(f"region: expected 'train' or 'heldout', got {region!r}")
         self.cts = list(cts)
         self.region = region
+        self.heldout_cts = [ct.name for ct in self.cts] if heldout_cts is None else list(heldout_cts)
+        if region == "heldout":
+            self.cts = [ct for ct in self.cts if ct.name in self.heldout_cts]
         self.volumes: List[np.ndarray] = []
         self.allowed: List[np.ndarray] = []
         for ct in self.cts:
@@ -398,6 +392,8 @@ class WholeScanSampler:
         tumour = meets[0][:, None, None] & meets[1][None, :, None] & meets[2][None, None, :]
         z0, z1 = HELDOUT_SLABS[ct.name]
         slab = (axes[2] + CROP > z0 + offset[2]) & (axes[2] < z1 + offset[2])
+        if ct.name not in self.heldout_cts:
+            slab = np.zeros_like(slab)
         keep_k = slab if self.region == "heldout" else ~slab
         return ~tumour & keep_k[None, None, :]
 

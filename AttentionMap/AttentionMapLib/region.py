@@ -208,12 +208,13 @@ def token_mask(voxel_mask: np.ndarray, patch: Sequence[int]) -> np.ndarray:
 class AppliedRegion:
     """A region as applied to one model input.
 
-    description: what the region is; voxels: bool (I, J, K) on the model-input grid with `ijk_to_ras`;
+    description: what the region is; name: a short name ("lung field", "ROI", a file name); voxels: bool (I, J, K) on the model-input grid with `ijk_to_ras`;
     windows_run / windows_skipped: windows meeting / not meeting it; tokens: bool token grid inside.
     The map is 0 on tokens outside and, resampled onto another grid, 0 at voxels outside.
     """
 
     description: str
+    name: str
     voxels: np.ndarray
     ijk_to_ras: np.ndarray
     tokens: np.ndarray
@@ -226,7 +227,7 @@ class AppliedRegion:
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready description for summary files."""
-        return {"description": self.description, "windows_run": self.windows_run,
+        return {"name": self.name, "description": self.description, "windows_run": self.windows_run,
                 "windows_skipped": self.windows_skipped, "tokens_inside": int(self.tokens.sum()),
                 "map_outside_region": 0.0}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -125,10 +125,12 @@ def draw_case(axes, case: OverlayCase, norm) -> None:
     axes[1].text(0.5, 1.12, case.title, transform=axes[1].transAxes, ha="center", fontsize=10)
 
 
-def probability_title(name: str, classes: List[str], probabilities: Optional[Sequence[float]], method: str) -> str:
-    """e.g. "lung2 - rollout - P(lesion)=0.83, P(no lesion)=0.17" (classes by decreasing probability;
-    no probabilities for dense outputs)."""
-    if probabilities is None:
+def prediction_title(name: str, method: str, prediction: Optional[Dict[str, Any]]) -> str:
+    """e.g. "lung2 - rollout - P(lesion)=0.83 in the window at RAS (-70, 95, -240) mm (highest of 120)"
+    from `VolumeAttention.prediction` (None for dense outputs: name and method only)."""
+    if prediction is None:
         return f"{name} - {method}"
-    ranked = sorted(zip(classes, probabilities), key=lambda cp: -cp[1])
-    return f"{name} - {method} - " + ", ".join(f"P({c})={p:.2f}" for c, p in ranked)
+    x, y, z = prediction["window_centre_ras_mm"]
+    where = f" in the window at RAS ({x:.0f}, {y:.0f}, {z:.0f}) mm" if prediction["windows"] > 1 else ""
+    of = f" (highest of {prediction['windows']})" if prediction["windows"] > 1 else ""
+    return f"{name} - {method} - P({prediction['class']})={prediction['probability']:.2f}{where}{of}"

@@ -185,6 +185,23 @@ class VolumeAttention:
     region: Optional[AppliedRegion] = None
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
 
+    def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
+        """The volume-level prediction as plain data (None for dense outputs): the decisive window's class,
+        probability and RAS centre, the rule that picked it, the number of windows and the temperature."""
+        if self.decisive_window is None:
+            return None
+        klass = int(self.target) if self.target is not None else int(np.argmax(self.probabilities))
+        name = classes[klass] if klass < len(classes) else str(klass)
+        return {
+            "class": name,
+            "probability": float(self.probabilities[klass]),
+            "window_centre_ras_mm": [float(v) for v in self.decisive_window_ras()],
+            "windows": int(self.num_windows),
+            "rule": f"the highest P({name}) of the {self.num_windows} window(s) that were run"
+                    + (", calibrated" if self.temperature != 1.0 else ""),
+            "temperature": float(self.temperature),
+        }
+
     def decisive_window_ras(self) -> Optional[np.ndarray]:
         """RAS centre (3,) in mm of the window the volume-level probabilities come from (None: dense outputs)."""
         if self.decisive_window is None or self.window_centres_ras is None:
@@ -265,7 +282,7 @@ def _apply_region(region: Region, image, prep, spec, starts: np.ndarray) -> Tupl
     keep = np.array([voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))].any() for s in starts], dtype=bool)
     if not keep.any():
         raise AttentionMapError(f"region: {region.describe()} does not overlap the volume; expected a region inside it")
-    applied = AppliedRegion(description=region.describe(), voxels=voxels, ijk_to_ras=image.affine.numpy(),
+    applied = AppliedRegion(description=region.describe(), name=getattr(region, "name", "lung field"), voxels=voxels, ijk_to_ras=image.affine.numpy(),
                             tokens=token_mask(voxels, spec.patch_size), windows_run=int(keep.sum()),
                             windows_skipped=int((~keep).sum()))
     return applied, keep

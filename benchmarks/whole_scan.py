@@ -1,0 +1,208 @@
+"""Whole scans, as a user loads them: the demo model on lung1 / lung2 as shipped and re-gridded, and on
+lesion-free scans; shared by benchmarks/evaluate.py (docs/EVALUATION.md) and tools/evaluate_demo_model.py (card).
+
+Re-griddings (SimpleITK; image linear, label nearest neighbour; geometry checked: the tumour label's RAS
+centroid must stay within `CENTROID_TOLERANCE_MM` of the original's):
+- ``as shipped``: the file as it is;
+- ``flipped``: the voxels stored in reverse along I and K (exact, no interpolation);
+- ``oblique``: resampled onto a grid rotated 12 degrees about S and 8 degrees about R, 0.8 x 0.8 x 2.5 mm;
+- ``anisotropic``: resampled onto an axis-aligned 1.4 x 0.7 x 3.5 mm grid.
+
+Per run (`explain_volume` with the card's preprocessing and calibration, rollout, target "lesion"):
+peak patch holds tumour voxels (the label sampled by nearest neighbour onto the model-input grid, then per
+token), distance from the peak to the nearest tumour voxel, relevance mass ratio on the label's grid,
+the volume-level P(lesion) and its window, and how far the peak moved from the as-shipped run (RAS mm).
+
+Lesion-free scans (honestly built; only two chest CTs exist here): the axial slabs of each scan beyond
+its tumour's extent widened by `LESION_FREE_MARGIN_MM`: lung1 below its tumour (lower chest and upper
+abdomen), lung2 above its tumour (upper chest, shoulders, neck). Both were seen in training as negatives
+except for their held-out slabs (see `demo_data.WholeScanSampler`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+REGRIDDINGS = ("as shipped", "flipped", "oblique", "anisotropic")
+CENTROID_TOLERANCE_MM = 2.5
+LESION_FREE_MARGIN_MM = 24.0
+PATCH_MM = 16.0
+
+
+def _sitk_to_arrays(image) -> Tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image -> (array (I, J, K), ijk_to_ras (4, 4))."""
+    import SimpleITK as sitk
+
+    from AttentionMapLib.geometry import lps_to_ras
+
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return array, lps_to_ras(ijk_to_lps)
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(3)
+    m[i, i] = m[j, j] = np.cos(t)
+    m[i, j], m[j, i] = -np.sin(t), np.sin(t)
+    return m
+
+
+def _resample(image, label, direction_lps: np.ndarray, spacing: Tuple[float, float, float]):
+    """Both onto a grid with `direction_lps` (3, 3) and `spacing` covering the image's corners."""
+    import SimpleITK as sitk
+
+    size = np.array(image.GetSize())
+    corners = np.array([[a, b, c] for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)], float)
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in corners])
+    local = points @ direction_lps  # coordinates along the new axes
+    lo, hi = local.min(0), local.max(0)
+    out_size = [int(np.ceil((h - l) / s)) + 1 for l, h, s in zip(lo, hi, spacing)]
+    origin = direction_lps @ lo
+    reference = sitk.Image(out_size, image.GetPixelID())
+    reference.SetDirection(tuple(direction_lps.ravel()))
+    reference.SetSpacing(tuple(float(s) for s in spacing))
+    reference.SetOrigin(tuple(float(v) for v in origin))
+    air = float(sitk.GetArrayViewFromImage(image).min())
+    moved = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+    moved_label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    return moved, moved_label
+
+
+def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.ndarray]:
+    """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
+    import SimpleITK as sitk
+
+    image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
+    if kind == "oblique":
+        image, label = _resample(image, label, _rotation(2, 12.0) @ _rotation(0, 8.0), (0.8, 0.8, 2.5))
+    elif kind == "anisotropic":
+        image, label = _resample(image, label, np.eye(3), (1.4, 0.7, 3.5))
+    array, affine = _sitk_to_arrays(image)
+    mask, mask_affine = _sitk_to_arrays(label)
+    if kind == "flipped":
+        flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+        flip[0, 3], flip[2, 3] = array.shape[0] - 1, array.shape[2] - 1
+        array, affine = np.ascontiguousarray(array[::-1, :, ::-1]), affine @ flip
+        mask, mask_affine = np.ascontiguousarray(mask[::-1, :, ::-1]), mask_affine @ flip
+    elif kind not in REGRIDDINGS:
+        raise ValueError(f"unknown re-gridding {kind!r}; expected one of {REGRIDDINGS}")
+    return {"image": array.astype(np.float32), "affine": affine, "label": mask > 0, "label_affine": mask_affine}
+
+
+def label_centroid_ras(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    from AttentionMapLib.geometry import apply_affine
+
+    return apply_affine(affine, np.argwhere(label).mean(0))
+
+
+def lesion_free_scans(paths: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """{"lung1 below its tumour": (array, ijk_to_ras), "lung2 above its tumour": ...}: axial slabs of the
+    scans (input voxel grids) beyond the tumour label's K extent widened by LESION_FREE_MARGIN_MM."""
+    from AttentionMapLib.geometry import crop, voxel_spacing
+    from AttentionMapLib.io import read_volume
+
+    out = {}
+    for name, side in (("lung1", "below"), ("lung2", "above")):
+        array, affine = read_volume(paths[f"{name}_image"])
+        label, _ = read_volume(paths[f"{name}_label"])
+        k = np.argwhere(label > 0)[:, 2]
+        margin = int(np.ceil(LESION_FREE_MARGIN_MM / voxel_spacing(affine)[2]))
+        lo, hi = k.min() - margin, k.max() + 1 + margin
+        superior_is_up = affine[2, 2] > 0  # K runs inferior -> superior
+        take_low = (side == "below") == superior_is_up
+        start, stop = ([0, 0, 0], [*array.shape[:2], lo]) if take_low else ([0, 0, hi], list(array.shape))
+        out[f"{name} {side} its tumour"] = crop(array, affine, start, stop)
+    return out
+
+
+def peak_token_holds_label(result, patch: Tuple[int, int, int], label: np.ndarray, label_affine: np.ndarray) -> bool:
+    """Does the peak token's patch (`patch` voxels of the model-input grid) hold label voxels? The label is
+    sampled by nearest neighbour at the model-input voxel centres."""
+    from AttentionMapLib.geometry import peak_index
+    from AttentionMapLib.region import sample_nearest, token_mask
+
+    p = np.asarray(patch, dtype=np.float64)
+    voxel_affine = result.ijk_to_ras.copy()  # token grid -> model-input voxel grid
+    voxel_affine[:3, :3] = result.ijk_to_ras[:3, :3] / p
+    voxel_affine[:3, 3] = result.ijk_to_ras[:3, 3] - voxel_affine[:3, :3] @ ((p - 1) / 2.0)
+    shape = tuple(int(n) for n in np.array(result.grid.shape) * np.asarray(patch))
+    on_model = sample_nearest(label, label_affine, shape, voxel_affine)
+    return bool(token_mask(on_model, patch)[tuple(peak_index(result.grid))])
+
+
+def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, region, method: str = "rollout",
+             label: Optional[np.ndarray] = None, label_affine: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """One whole-scan explanation and its numbers (see the module docstring); label optional."""
+    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics
+    from AttentionMapLib.volume import explain_volume
+
+    start = time.perf_counter()
+    result = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,
+                            method=method, target=loaded.target, region=region, temperature=temperature)
+    seconds = time.perf_counter() - start
+    prediction = result.prediction(loaded.classes)
+    row: Dict[str, Any] = {
+        "method": method, "windows": result.num_windows, "seconds": seconds,
+        "region": None if result.region is None else result.region.name,
+        "p_lesion": prediction["probability"], "decisive_window_ras_mm": prediction["window_centre_ras_mm"],
+        "peak_ras_mm": [float(v) for v in result.peak_ras()],
+    }
+    if label is not None:
+        distance = distance_to_mask_mm(result.peak_ras(), label, label_affine)
+        row.update({
+            "peak_patch_holds_tumour": peak_token_holds_label(
+                result, model_spec(loaded.network, loaded.img_size).patch_size, label, label_affine),
+            "peak_to_tumour_mm": distance["nearest_mm"], "peak_inside_tumour": distance["inside"],
+            "mass_ratio": mask_statistics(result.resample_to(label.shape, label_affine), label)["mass_ratio"],
+        })
+    return row
+
+
+def whole_scan_rows(loaded, temperature: float, paths: Dict[str, Path], regions: Dict[str, Any],
+                    log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Every case x re-gridding x region (rollout); `regions` maps a name to a region (None: whole scan)."""
+    rows = []
+    for case in ("lung1", "lung2"):
+        reference_centroid = None
+        peaks: Dict[str, np.ndarray] = {}
+        for kind in REGRIDDINGS:
+            scan = regridded(paths[f"{case}_image"], paths[f"{case}_label"], kind)
+            centroid = label_centroid_ras(scan["label"], scan["label_affine"])
+            reference_centroid = centroid if reference_centroid is None else reference_centroid
+            shift = float(np.linalg.norm(centroid - reference_centroid))
+            if shift > CENTROID_TOLERANCE_MM:
+                raise RuntimeError(f"{case} {kind}: the label centroid moved {shift:.1f} mm; the re-gridding is wrong")
+            for region_name, region in regions.items():
+                log(f"whole scan {case} {kind} region={region_name} ...")
+                row = run_scan(loaded, temperature, scan["image"], scan["affine"], region,
+                               label=scan["label"], label_affine=scan["label_affine"])
+                key = region_name
+                peaks.setdefault(key, np.asarray(row["peak_ras_mm"]))
+                row.update({"case": case, "regridding": kind, "region_setting": region_name,
+                            "label_centroid_shift_mm": shift, "shape": list(scan["image"].shape),
+                            "peak_moved_mm": float(np.linalg.norm(np.asarray(row["peak_ras_mm"]) - peaks[key]))})
+                rows.append(row)
+    return rows
+
+
+def lesion_free_rows(loaded, temperature: float, paths: Dict[str, Path], regions: Dict[str, Any],
+                     log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Volume-level P(lesion) of the lesion-free scans, per region setting."""
+    rows = []
+    for name, (array, affine) in lesion_free_scans(paths).items():
+        for region_name, region in regions.items():
+            log(f"lesion-free scan {name} region={region_name} ...")
+            try:
+                row = run_scan(loaded, temperature, array, affine, region)
+            except Exception as exc:  # e.g. no lung field in a scan without lungs: reported, not hidden
+                row = {"error": str(exc)}
+            rows.append({"scan": name, "shape": list(array.shape), "region_setting": region_name, **row})
+    return rows
