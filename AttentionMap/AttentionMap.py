@@ -17,8 +17,8 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLColorTableNode, vtkMRMLMarkupsFiducialNode, vtkMRMLProceduralColorNode,
-                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode)
+from slicer import (vtkMRMLColorTableNode, vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode,
+                    vtkMRMLProceduralColorNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -108,6 +108,9 @@ class AttentionMapParameterNode:
     normalize: Annotated[str, Choice(NORMALIZATIONS)] = "percentile"
     targetClass: str = ""
     queryPoint: vtkMRMLMarkupsFiducialNode
+    # where to look: a markups ROI or a segmentation (a Union with None binds a qMRMLNodeComboBox, as colorNode)
+    region: Union[vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode, None]
+    useDefaultRegion: bool = True
     outputVolume: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
@@ -402,6 +405,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to show the attention map.")):
             self.logic.applyResult(result, p)
             self._showClasses(result.model.classes, result.attention.probabilities, result.attention.target)
+            self._showPrediction(result.attention)
             timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.attention.timings.items())
             self.ui.statusLabel.text = _("Done ({windows} window(s); {timings}).").format(
                 windows=result.attention.num_windows, timings=timings)
@@ -423,6 +427,20 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = [f"{name}: {p:.1%}" + (_(" (explained)") if i == target else "")
                  for i, (name, p) in enumerate(zip(classes, probabilities))]
         self.ui.probabilitiesLabel.text = "\n".join(lines)
+
+    def _showPrediction(self, attention) -> None:
+        """One volume-level number and the window it comes from; the region the map is restricted to."""
+        prediction, region = attention.prediction, attention.region
+        lines = []
+        if prediction:
+            x, y, z = prediction["window_centre_ras_mm"]
+            lines.append(_("Volume: P({name}) = {p:.1%} in the window centred at RAS ({x:.0f}, {y:.0f}, {z:.0f}) mm "
+                           "(the highest of {n} window(s){calibrated})").format(
+                name=prediction["class"], p=prediction["probability"], x=x, y=y, z=z, n=prediction["windows"],
+                calibrated=_(", calibrated") if prediction["temperature"] != 1.0 else ""))
+        lines.append(_("Region: {description}; the map is 0 outside it ({skipped} window(s) skipped)").format(
+            description=region["description"], skipped=region["windows_skipped"]) if region else _("Region: the whole volume"))
+        self.ui.probabilitiesLabel.text = "\n".join(lines + [self.ui.probabilitiesLabel.text])
 
     def onScoreButton(self) -> None:
         if self._jobKind == "score":
@@ -551,7 +569,14 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         array, ijkToRas = mrml.volume_to_array(p.inputVolume)
         self._runningInput, self._runningSource = p.inputVolume, self.modelSource(p)
         return worker.explain_job(self._runningSource, array, ijkToRas, self.explainOptions(p),
-                                  trust_bundle=p.trustBundle, device=p.device)
+                                  trust_bundle=p.trustBundle, device=p.device, region=self.regionSpec(p, array, ijkToRas))
+
+    @staticmethod
+    def regionSpec(p: AttentionMapParameterNode, array: np.ndarray, ijkToRas: np.ndarray):
+        """The chosen region node as plain data, else the card's default region or none (region.region_from_spec)."""
+        if p.region is not None:
+            return mrml.region_from_node(p.region, array.shape[-3:], ijkToRas)
+        return "default" if p.useDefaultRegion else "none"
 
     def applyResult(self, result: worker.ExplainResult, p: AttentionMapParameterNode):
         """Main thread: write the result into the output node (reused or new) and show it."""

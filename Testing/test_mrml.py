@@ -527,3 +527,56 @@ def test_shared_window_of_constant_maps_is_still_a_valid_window():
     assert mrml.shared_window([np.zeros((2, 2, 2)), np.full((2, 2, 2), 2.0)]) == (0.0, 2.0)
     with pytest.raises(AttentionMapError, match="at least one"):
         mrml.shared_window([])
+
+
+# ---------------------------------------------------------------- region nodes
+
+def test_oblique_roi_under_a_transform_becomes_the_same_box_in_world(slicer_scene):
+    """A rotated markups ROI under a linear transform: region_from_node gives its box in world (RAS)
+    coordinates; the region mask equals the box tested voxel by voxel from the ROI's definition."""
+    from AttentionMapLib.geometry import apply_affine
+    from AttentionMapLib.region import region_from_spec, region_mask
+
+    scene = slicer_scene.scene
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lung ROI")
+    roi.SetSize(30.0, 20.0, 14.0)
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = _rotation(2, 25)
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = _rotation(0, 10)
+    to_parent[:3, 3] = (-4.0, 6.0, 2.0)
+    volume_centre = ct_affine() @ np.append((np.array(SHAPE) - 1) * 0.4, 1.0)
+    object_to_node[:3, 3] = (np.linalg.inv(to_parent) @ volume_centre)[:3]  # the ROI's centre in node coordinates
+    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(object_to_node))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+
+    spec = mrml.region_from_node(roi, SHAPE, ct_affine())
+    world = to_parent @ object_to_node  # the box's own frame in RAS
+    assert spec["kind"] == "box" and spec["name"] == "lung ROI"
+    np.testing.assert_allclose(spec["centre_ras"], world[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(spec["size_mm"], (30.0, 20.0, 14.0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(spec["axes"]), world[:3, :3], atol=1e-6)
+    region = region_from_spec(spec, None)
+    mask = region_mask(region, np.zeros(SHAPE), ct_affine())
+    local = (apply_affine(np.linalg.inv(world), apply_affine(ct_affine(), np.indices(SHAPE).reshape(3, -1).T.astype(float))))
+    expected = np.all(np.abs(local) <= np.array([15.0, 10.0, 7.0]), axis=1).reshape(SHAPE)
+    assert 0 < expected.sum() < expected.size and np.array_equal(mask, expected)
+
+
+def test_segmentation_becomes_a_mask_on_the_input_grid(slicer_scene):
+    from AttentionMapLib.region import MaskRegion, region_from_spec
+
+    scene = slicer_scene.scene
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs")
+    for name, box in (("left", CUBE), ("right", OTHER)):
+        segmentation.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(_box_mask(box), ct_affine()), name,
+                                                                [0.0, 1.0, 0.0])
+    spec = mrml.region_from_node(segmentation, SHAPE, ct_affine())
+    assert spec["kind"] == "mask" and spec["name"] == "lungs"
+    assert np.array_equal(spec["mask"], (_box_mask(CUBE) | _box_mask(OTHER)).astype(bool))
+    assert isinstance(region_from_spec(spec, None), MaskRegion)
+    assert mrml.region_from_node(None, SHAPE, ct_affine()) is None
+    with pytest.raises(AttentionMapError, match="markups ROI or a segmentation"):
+        mrml.region_from_node(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), SHAPE, ct_affine())

@@ -468,3 +468,30 @@ def test_explain_refuse_and_score_finish_inside_slicers_event_loop(shared):
         assert final.kind == DONE, (name, final.value)
         assert looped <= 1.5 * plain + 1.0, f"{name}: {looped:.2f} s in the event loop, {plain:.2f} s waited"
         assert longest <= 0.05, f"{name}: a poll() took {longest * 1000:.0f} ms"
+
+
+def test_region_mask_and_box_reach_the_worker_and_the_prediction_comes_back(oracle_card, shared):
+    """A mask region (its array sent as a scratch file) and a box region give the worker's explain_volume
+    the same result as a direct run with that region; the volume-level prediction and region come back."""
+    from AttentionMapLib.region import BoxRegion, MaskRegion
+
+    path, model = oracle_card
+    array, affine = volume()
+    mask = np.zeros(array.shape, np.uint8)
+    mask[20:28, 2:10, 6:14] = 1  # only the second window (I 16..31) holds it
+    for spec, region in (({"kind": "mask", "mask": mask, "ijk_to_ras": affine, "name": "nodule"},
+                          MaskRegion(mask, affine, "nodule")),
+                         ({"kind": "box", "centre_ras": [33.0, 2.0, 18.0], "size_mm": [6.0, 6.0, 6.0], "name": "ROI"},
+                          BoxRegion((33.0, 2.0, 18.0), (6.0, 6.0, 6.0), None, "ROI"))):
+        final = explain_job(str(path), array, affine, {"method": "rollout"}, device="cpu", worker=shared,
+                            region=spec).wait(120)
+        assert final.kind == DONE, final.value
+        direct = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1, region=region)
+        attention = final.value.attention
+        np.testing.assert_allclose(attention.grid, direct.grid, atol=1e-6)
+        assert attention.num_windows == direct.num_windows == 1
+        assert attention.region == direct.region.summary() and attention.region["windows_skipped"] == 1
+        assert attention.prediction == direct.prediction(["background", "bright"])
+        assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # input and mask files read and removed
+    final = explain_job(str(path), array, affine, {}, device="cpu", worker=shared, region="none").wait(120)
+    assert final.value.attention.region is None and final.value.attention.num_windows == 2

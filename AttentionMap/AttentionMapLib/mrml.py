@@ -325,6 +325,40 @@ def query_point_ras(markups_node: Any) -> Optional[np.ndarray]:
     return np.array(position)
 
 
+# ---------------------------------------------------------------- region (where to look)
+
+def region_from_node(node: Any, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> Optional[Dict[str, Any]]:
+    """The region a markups ROI or a segmentation node defines, as plain data for `region.region_from_spec`.
+
+    vtkMRMLMarkupsROINode: a box in world (RAS) coordinates, parent transforms and rotation (oblique ROI)
+    included: centre, edge lengths and the three unit axes (Slicer v5.8.0
+    Modules/Loadable/Markups/MRML/vtkMRMLMarkupsROINode.h: GetCenterWorld, GetSizeWorld, GetAxisWorld).
+    vtkMRMLSegmentationNode: the union of its segments rasterised on the input's grid (`segment_mask`:
+    shape_ijk, ijk_to_ras). None: no node.
+    """
+    if node is None:
+        return None
+    name = node.GetName() or "region"
+    if node.IsA("vtkMRMLMarkupsROINode"):
+        centre, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+        node.GetCenterWorld(centre)
+        node.GetSizeWorld(size)
+        axes = np.zeros((3, 3))
+        for index in range(3):
+            axis = [0.0, 0.0, 0.0]
+            node.GetAxisWorld(index, axis)
+            axes[:, index] = np.asarray(axis) / max(np.linalg.norm(axis), 1e-12)
+        return {"kind": "box", "centre_ras": list(centre), "size_mm": list(size), "axes": axes.tolist(), "name": name}
+    if node.IsA("vtkMRMLSegmentationNode"):
+        mask = np.zeros(tuple(int(s) for s in shape_ijk), dtype=bool)
+        for segment_id in _segment_ids(node, None):
+            mask |= segment_mask(node, segment_id, shape_ijk, ijk_to_ras)
+        if not mask.any():
+            raise AttentionMapError(f"region '{name}': the segmentation has no voxel inside the input volume")
+        return {"kind": "mask", "mask": mask, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64), "name": name}
+    raise AttentionMapError(f"region: expected a markups ROI or a segmentation node, got {node.GetClassName()}")
+
+
 # ---------------------------------------------------------------- segment statistics
 
 def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],

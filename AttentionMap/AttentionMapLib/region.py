@@ -197,6 +197,28 @@ def card_default_region(card: Optional[Mapping[str, Any]], source: str = "model 
     return LungFieldRegion(**values)
 
 
+def region_from_spec(spec: Any, card: Optional[Mapping[str, Any]], source: str = "model card") -> Optional[Region]:
+    """A region from plain data (what the Slicer module sends to its worker process).
+
+    None or "default": the card's default region (None if it names none); "none": no region;
+    {"kind": "box", "centre_ras", "size_mm", "axes" (3x3 columns, optional), "name"};
+    {"kind": "mask", "mask" (array (I, J, K)), "ijk_to_ras" (4, 4), "name"}.
+    """
+    if spec is None or spec == "default":
+        return card_default_region(card, source)
+    if spec == "none":
+        return None
+    kind = spec.get("kind") if isinstance(spec, Mapping) else None
+    if kind == "box":
+        return box_region(spec["centre_ras"], spec["size_mm"], spec.get("axes"), spec.get("name", "ROI"))
+    if kind == "mask":
+        mask = np.asarray(spec["mask"])
+        if mask.ndim != 3 or not np.any(mask > 0):
+            raise AttentionMapError(f"{spec.get('name', 'mask')}: expected a non-empty 3D mask, got shape {mask.shape}")
+        return MaskRegion(mask, check_ijk_to_ras(spec["ijk_to_ras"], "region mask ijk_to_ras"), spec.get("name", "mask"))
+    raise AttentionMapError(f"region: expected 'default', 'none', a box or a mask, got {spec!r}")
+
+
 def token_mask(voxel_mask: np.ndarray, patch: Sequence[int]) -> np.ndarray:
     """bool token grid (I/p1, J/p2, K/p3): does the token's patch hold a voxel of `voxel_mask` (I, J, K)?"""
     n = [s // p for s, p in zip(voxel_mask.shape, patch)]

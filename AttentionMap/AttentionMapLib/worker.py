@@ -91,6 +91,8 @@ class AttentionData:
     timings: Dict[str, float]
     window_weighting: str
     result_id: int
+    prediction: Optional[Dict[str, Any]] = None  # volume.VolumeAttention.prediction: the volume-level output
+    region: Optional[Dict[str, Any]] = None  # region.AppliedRegion.summary(), None: the whole volume
 
     def peak_ras(self) -> np.ndarray:
         """RAS position (3,) in mm of the centre of the grid's highest token."""
@@ -407,7 +409,7 @@ def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int) 
         target=fields["target"], method=fields["method"], layer=int(fields["layer"]), head=fields["head"],
         head_fusion=fields["head_fusion"], discard_ratio=float(fields["discard_ratio"]), normalize=fields["normalize"],
         num_windows=int(fields["num_windows"]), timings=dict(fields["timings"]),
-        window_weighting=fields["window_weighting"])
+        window_weighting=fields["window_weighting"], prediction=fields.get("prediction"), region=fields.get("region"))
 
 
 def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
@@ -458,13 +460,15 @@ def _plain_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray,
                 explain_options: Optional[Dict[str, Any]] = None, trust_bundle: bool = False,
                 device: str = "auto", worker: Optional[WorkerProcess] = None,
-                timeout: Optional[float] = None) -> WorkerJob:
+                timeout: Optional[float] = None, region: Any = "default") -> WorkerJob:
     """Explain a volume in the worker: load the model (cached there), run volume.explain_volume.
 
     ``array_ijk`` (I, J, K) or (C, I, J, K) is written to the worker's scratch folder here (straight
     from its buffer, no copy in memory), so the caller may change it afterwards. ``explain_options``
     go to explain_volume (method, layer, head_fusion, head, discard_ratio, target, query_ras,
     normalize, ...); ``target`` may be a class index or name, None means the card's default.
+    ``region`` (`region.region_from_spec`): "default" (the card's), "none", a box, or a mask (its array is
+    written to the scratch folder like the input). The card's calibration is applied in the worker.
     The result is an ExplainResult (plain data).
     """
     worker = worker or shared_worker()
@@ -474,9 +478,13 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     if worker.job is not None and not worker.job.finished:
         raise AttentionMapError("worker: a job is still running; one job at a time (cancel it or wait)")
     path = protocol.save_input(np.asarray(array_ijk), worker.folder, f"input-{worker._next_id}")
+    if isinstance(region, dict) and "mask" in region:
+        mask_path = protocol.save_input(np.asarray(region["mask"], dtype=np.uint8), worker.folder,
+                                        f"region-{worker._next_id}")
+        region = {**{k: v for k, v in region.items() if k != "mask"}, "mask_path": mask_path}
     header = {"op": "explain", "model_source": str(model_source), "trust_bundle": bool(trust_bundle),
               "device": device, "options": _plain_options(explain_options), "input": path,
-              "ijk_to_ras": affine.tolist()}
+              "ijk_to_ras": affine.tolist(), "region": _plain_options(region) if isinstance(region, dict) else region}
     return WorkerJob(worker, header, _explain_result, timeout, input_path=path)
 
 

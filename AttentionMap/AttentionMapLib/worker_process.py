@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -95,12 +95,14 @@ class _LastExplanation:
     ijk_to_ras: np.ndarray
 
 
-def attention_message(attention: Any) -> Tuple[Dict[str, Any], protocol.Arrays]:
+def attention_message(attention: Any, classes: Optional[List[str]] = None) -> Tuple[Dict[str, Any], protocol.Arrays]:
     """A VolumeAttention as plain data: (JSON fields, arrays grid / ijk_to_ras / probabilities / ...)."""
     fields = {key: getattr(attention, key) for key in ("target", "method", "layer", "head_fusion", "head",
                                                         "discard_ratio", "normalize", "num_windows",
                                                         "window_weighting")}
     fields["timings"] = dict(attention.timings)
+    fields["prediction"] = attention.prediction(classes or [])
+    fields["region"] = None if attention.region is None else attention.region.summary()
     arrays = {"grid": attention.grid, "ijk_to_ras": attention.ijk_to_ras}
     for key in ("probabilities", "window_logits", "query_ras"):
         if getattr(attention, key) is not None:
@@ -209,9 +211,14 @@ class WorkerServer:
         return self._models[key]
 
     def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
+        from .calibration import card_temperature
         from .models import class_index
+        from .region import region_from_spec
         from .volume import explain_volume
 
+        region = header.get("region", "default")
+        if isinstance(region, dict) and "mask_path" in region:
+            region = {**region, "mask": protocol.load_input(region["mask_path"])}
         array = protocol.load_input(header["input"])
         ijk_to_ras = np.asarray(header["ijk_to_ras"], dtype=np.float64)
         device = resolve_device(header.get("device", "auto"))
@@ -220,11 +227,13 @@ class WorkerServer:
         target = options.get("target")  # None: the card's default (itself None: the predicted class)
         options["target"] = model.target if target is None else class_index(target, model.classes, model.source)
         self._last = None  # a failed or cancelled run leaves nothing to re-fuse
+        options["region"] = region_from_spec(region, model.card, model.source)
+        options["temperature"] = card_temperature(model.card, model.source)
         attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
                                    **{"img_size": model.img_size, **options}, progress=self._progress,
                                    cancel=self._is_cancelled, device=device)
         self._last = _LastExplanation(self._current, model, attention, array, ijk_to_ras)
-        fields, out = attention_message(attention)
+        fields, out = attention_message(attention, model.classes)
         return {"model": model_message(model, device), "attention": fields, "result_id": self._current}, out
 
     def _last_of(self, header: Dict[str, Any]) -> _LastExplanation:
@@ -239,7 +248,7 @@ class WorkerServer:
         options = dict(header.get("options") or {})
         attention = last.attention.refuse(**options)
         last.attention = attention
-        fields, out = attention_message(attention)
+        fields, out = attention_message(attention, last.model.classes)
         return {"attention": fields, "result_id": last.job_id}, out
 
     def _score(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
