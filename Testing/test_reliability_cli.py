@@ -397,3 +397,17 @@ def test_a_stop_during_the_final_moves_is_held_and_dropped(sig):
         assert signal.getsignal(sig) is refuse
     finally:
         signal.signal(sig, previous)
+
+
+def test_an_internal_fault_is_one_line_with_exit_1_and_a_traceback_on_request(work, capfd, monkeypatch):
+    """A fault of ours (not bad input), simulated in our own reader: one line, exit 1; the variable shows it."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected state")
+
+    monkeypatch.setattr("AttentionMapLib.cli.read_cases", broken)
+    assert main([str(a) for a in _run(work)]) == 1
+    assert one_line(capfd.readouterr().err) == ("attention-map: internal error: RuntimeError: unexpected state "
+                                                "(set ATTENTIONMAP_TRACEBACK=1 for the traceback)")
+    monkeypatch.setenv("ATTENTIONMAP_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="unexpected state"):
+        main([str(a) for a in _run(work)])
