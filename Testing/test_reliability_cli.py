@@ -233,6 +233,10 @@ CASES = {
                               ["card.json: network.args (hidden_size=60000", "the limit is 8 GiB"]),
     "model folder is not a bundle": (lambda w: ["run", w.image, "--model", w.inp, "--output-dir", w.out], 2,
                                      ["inp: not a MONAI bundle"]),
+    "sample-data cache is a file": (lambda w: ["sample-data", "--cache-dir", w.image], 2,
+                                    ["--cache-dir", "case1.nrrd: cannot be used as the sample-data cache"]),
+    "sample-data cache on a read-only file system": (lambda w: ["sample-data", "--cache-dir", "/sys/attention-map-cache"], 2,
+                                                     ["--cache-dir /sys/attention-map-cache: cannot be used"]),
     "model is a device": (lambda w: ["run", w.image, "--model", "/dev/zero", "--output-dir", w.out], 2,
                           ["/dev/zero: is a device"]),
 }

@@ -494,7 +494,13 @@ def sample_data_command(args: argparse.Namespace) -> int:
     """`attention-map sample-data`: fetch (once) and print name and path of each sample volume."""
     from .sample_data import fetch_sample_data
 
-    for name, path in fetch_sample_data(args.cache_dir).items():
+    try:
+        samples = fetch_sample_data(args.cache_dir)
+    except OSError as exc:
+        where = args.cache_dir if args.cache_dir is not None else exc.filename
+        raise AttentionMapError(f"--cache-dir {where}: cannot be used as the sample-data cache ({exc.strerror or exc}); "
+                                "expected a writable folder") from None
+    for name, path in samples.items():
         print(f"{name}\t{path}")
     return 0
 
