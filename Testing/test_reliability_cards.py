@@ -52,6 +52,8 @@ CASES = {
     "dropout above 1": (_args(dropout_rate=2.0), "network.args.dropout_rate: expected a number in [0, 1]"),
     "classification not bool": (_args(classification="yes"), "network.args.classification: expected true or false"),
     "proj_type unknown": (_args(proj_type="evil"), "network.args.proj_type: expected one of ['conv', 'perceptron']"),
+    "pos_embed_type unknown": (_args(pos_embed_type="rope"),
+                               "network.args.pos_embed_type: expected one of ['fourier', 'learnable', 'none', 'sincos']"),
     "img_size two axes": (_args(img_size=[16, 16]), "network.args.img_size: expected a positive integer or a list of three"),
     "img_size zero": (_args(img_size=0), "network.args.img_size: expected a positive integer"),
     "patch_size not dividing": (_args(patch_size=[8, 8, 5]), "network.args.patch_size: the patch size (8, 8, 5) must divide"),

@@ -40,10 +40,7 @@ _INT_RANGES: Dict[str, Tuple[int, int]] = {
     "feature_size": (1, 4096), "deconv_chns": (1, 4096), "spatial_dims": (3, 3),
 }
 _BOOL_ARGS = ("classification", "qkv_bias", "save_attn", "conv_block", "res_block")
-_CHOICES: Dict[str, Tuple[Any, ...]] = {
-    "proj_type": ("conv", "perceptron"), "pos_embed_type": ("none", "learnable", "sincos"),
-    "post_activation": (None, "Tanh"),
-}
+_POST_ACTIVATIONS = (None, "Tanh")  # MONAI ViT adds Tanh for "Tanh" and silently nothing for any other value
 _REQUIRED = {"ViT": ("in_channels", "img_size", "patch_size"), "UNETR": ("in_channels", "out_channels", "img_size"),
              "ViTAutoEnc": ("in_channels", "img_size", "patch_size")}
 _TEXT_FIELDS = ("name", "description", "training_data")
@@ -71,6 +68,7 @@ def check_network_args(name: str, args: Mapping[str, Any]) -> Dict[str, Any]:
     """Types and ranges of MONAI `name`'s constructor arguments (MONAI 1.6.1 signatures); the argument
     values the memory estimate needs, defaults filled in. Raises AttentionMapError naming the field."""
     import monai.networks.nets as nets
+    from monai.networks.blocks.patchembedding import SUPPORTED_PATCH_EMBEDDING_TYPES, SUPPORTED_POS_EMBEDDING_TYPES
 
     accepted = [p for p in inspect.signature(getattr(nets, name)).parameters if p != "self"]
     unknown = sorted(set(args) - set(accepted))
@@ -88,7 +86,9 @@ def check_network_args(name: str, args: Mapping[str, Any]) -> Dict[str, Any]:
     for key in _BOOL_ARGS:
         if key in values and not isinstance(values[key], bool):
             raise _field_error(f"network.args.{key}", "true or false", values[key])
-    for key, choices in _CHOICES.items():
+    choices_of = {"proj_type": sorted(SUPPORTED_PATCH_EMBEDDING_TYPES), "post_activation": list(_POST_ACTIVATIONS),
+                  "pos_embed_type": sorted(SUPPORTED_POS_EMBEDDING_TYPES)}
+    for key, choices in choices_of.items():
         if key in values and values[key] not in choices:
             raise _field_error(f"network.args.{key}", f"one of {list(choices)}", values[key])
     rate = values.get("dropout_rate", 0.0)
