@@ -194,12 +194,14 @@ def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, devic
             "rollout_max": float(theirs.max()), **describe(model, x)}
 
 
-def memory_worker(config: Dict[str, Any], variant: str, device: str) -> Dict[str, Any]:
-    """Peak memory above the baseline (model and input built) of one cold call of one variant."""
+def memory_worker(config: Dict[str, Any], variant: str, device: str,
+                  make: Callable[[Any, Any, str], Callable[[], Any]] = make_call) -> Dict[str, Any]:
+    """Peak memory above the baseline (model and input built) of one cold call of one variant
+    (``make(model, x, variant)`` gives the call)."""
     import torch
 
     model, x = build(config, device)
-    call = make_call(model, x, variant)
+    call = make(model, x, variant)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_blockwise  # noqa: E402
 import bench_engine  # noqa: E402
 import bench_volume  # noqa: E402
 import bench_worker  # noqa: E402
@@ -304,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     write_report(results, args.out, command)
     if not args.from_json:
         bench_worker.main(["--out", str(args.out)] + (["--quick"] if args.quick else []))
+        bench_blockwise.main(["--out", str(args.out), "--threads", str(args.threads)] + (["--quick"] if args.quick else []))
     print(f"wrote {args.out / 'BENCHMARKS.md'}")
     return 0
 
