@@ -23,8 +23,9 @@ only its queries and keys instead of ``N x N``: ``r A`` is the sum over row bloc
 Memory: ``B * N * C`` numbers per block kept (x2 with gradients: dO), plus, while one block is read
 out, its Q, K (V) and one slab of ``block_rows`` rows, sized from free memory
 (:func:`choose_block_rows`). Kernels compute in the capture dtype promoted to at least float32.
-The cache refers to the model's projection weights (no copy): re-fusing after changing them in
-place reads out the changed model.
+The cache refers to the model's projection weights and to each block's input tensor (no copies):
+re-fusing after changing the weights in place reads out the changed model, and a model that
+modified a block's input in place after the block ran would change the cache (MONAI's blocks do not).
 """
 from __future__ import annotations
 
