@@ -275,6 +275,11 @@ def test_relative_position_and_causal_blocks_use_the_full_path(x):
     with pytest.raises(AttentionMapError, match="block 1 has causal mask; use attention_path='full'"):
         explain(model, x, attention_path="blockwise")
     assert model.blocks[1].attn.causal and not model.blocks[1].attn.use_flash_attention
+    model.blocks[1].attn.causal = False
+    model.blocks[0].attn.rel_positional_embedding = torch.nn.Identity()  # stands for MONAI's decomposed rel. pos.
+    assert engine.choose_attention_path(model, engine.model_spec(model, input_size=IMG), 2, False) == "full"
+    with pytest.raises(AttentionMapError, match="block 0 has relative positional embedding"):
+        explain(model, x, attention_path="blockwise")
 
 
 def test_volume_refusion_from_the_blockwise_cache():
