@@ -25,6 +25,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, worker
+from AttentionMapLib.method_registry import get_method, method_names
 
 try:  # as Slicer's scripted-module template (v5.8.0 Utilities/Templates/Modules/Scripted/TemplateKey.py)
     from slicer.i18n import tr as _
@@ -37,7 +38,7 @@ except ImportError:  # a Slicer (or slicer-core) without translations: the text 
         return text
 
 MODEL_KINDS = ["demo model", "model card (.json)", "MONAI bundle folder"]
-METHODS = ["rollout", "raw", "grad_rollout"]
+METHODS = list(method_names())  # the method registry (torch-free)
 HEAD_FUSIONS = ["mean", "max", "min", "single head"]
 NORMALIZATIONS = ["percentile", "minmax", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
@@ -165,6 +166,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.queryPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.queryPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.progressBar.setVisible(False)
+        self.ui.methodComboBox.toolTip = "; ".join(f"{m}: {get_method(m).display_name}" for m in METHODS)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "AttentionMap"))
 
 from AttentionMapLib.cli import main as attention_map  # noqa: E402
 from AttentionMapLib.errors import AttentionMapError  # noqa: E402
+from AttentionMapLib.method_registry import method_names  # noqa: E402
 from AttentionMapLib.sample_data import fetch_sample_data  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="'demo', a model card .json, or a bundle folder")
     parser.add_argument("--case", default="lung2", choices=("lung1", "lung2"))
-    parser.add_argument("--method", default="rollout", choices=("raw", "rollout", "grad_rollout"))
+    parser.add_argument("--method", default="rollout", choices=method_names())
     parser.add_argument("--output-dir", default="demo-output", type=Path)
     parser.add_argument("--no-default-region", action="store_true",
                         help="explain the whole scan without the card's default region (--roi none)")

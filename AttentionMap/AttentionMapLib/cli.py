@@ -1,7 +1,7 @@
 """``attention-map``: the headless main job.
 
     attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
-                  [--method raw|rollout|grad_rollout] [--layer N] [--head-fusion mean|max|min] [--head H]
+                  [--method METHOD] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
                   [--device auto|cpu|cuda] [--normalize minmax|percentile|none] [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
@@ -38,6 +38,7 @@ import numpy as np
 
 from .errors import AttentionMapError
 from .io import read_volume
+from .method_registry import get_method, method_names
 from .outputs import check_output_file, check_output_folder, staged_folder, write_file, writing
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="demo", help="'demo', a model card .json, or a MONAI bundle folder")
     model.add_argument("--trust-bundle", action="store_true",
                        help="allow loading a MONAI bundle (its configs can run Python code)")
-    model.add_argument("--method", default="rollout", choices=("raw", "rollout", "grad_rollout"))
+    model.add_argument("--method", default="rollout", choices=method_names(),
+                       help="; ".join(f"{m}: {get_method(m).display_name}" for m in method_names()))
     model.add_argument("--layer", type=int, default=-1,
                        help="block 1..L (rollout: up to this block), or negative from the end; default -1 = last")
     model.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))

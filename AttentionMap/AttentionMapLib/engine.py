@@ -37,8 +37,8 @@ from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 from . import blockwise, methods
 from .capture import attention_blocks, hooked_attention
 from .errors import AttentionMapError
+from .method_registry import get_method
 
-METHODS = ("raw", "rollout", "grad_rollout")
 ATTENTION_PATHS = ("auto", "full", "blockwise")
 FULL_PATH_BUDGET_BYTES = 512 * 1024 ** 2
 """``auto`` takes the block-wise path when the full path's per-layer matrices would need more than this."""
@@ -381,8 +381,7 @@ def _check_fusion(head_fusion: str, head: Optional[int], num_heads: int) -> None
 
 def check_options(method: str, discard_ratio: float, normalize: str) -> None:
     """One clear error for an unknown method or normalisation, or a discard ratio outside [0, 1)."""
-    if method not in METHODS:
-        raise AttentionMapError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    get_method(method)
     if not 0.0 <= float(discard_ratio) < 1.0:
         raise AttentionMapError(f"discard_ratio: expected a value in [0, 1), got {discard_ratio}")
     if normalize not in methods.NORMALIZATIONS:
@@ -421,30 +420,24 @@ def readout(
 ) -> np.ndarray:
     """Grid ``(B, n1, n2, n3)`` float32 from cached attention. O(L * B * N^2).
 
-    ``raw``: row(s) of block ``layer``; ``rollout``: blocks ``0..layer``; ``grad_rollout``: blocks
-    ``0..layer`` (needs a capture with gradients). The row is the query token when given, else CLS,
-    else the mean over all query rows.
+    ``method``: a name in :mod:`.method_registry` (built in: ``raw``: row(s) of block ``layer``;
+    ``rollout``: blocks ``0..layer``; ``grad_rollout``: blocks ``0..layer``, needs a capture with
+    gradients). The row is the query token when given, else CLS, else the mean over all query rows.
     """
     check_options(method, discard_ratio, normalize)
     spec = captured.spec
     last = resolve_layer(layer, spec.num_layers)
     query_index = resolve_query(query, spec)
-    if method == "grad_rollout" and not captured.has_gradients:
-        raise AttentionMapError("method: grad_rollout needs attention captured with gradients (capture_attention(..., with_gradients=True))")
+    entry = get_method(method)
+    if entry.needs_gradients and not captured.has_gradients:
+        raise AttentionMapError(f"method: {method} needs attention captured with gradients "
+                                "(capture_attention(..., with_gradients=True))")
     tokens = captured.num_tokens
     offset = 1 if tokens == spec.num_patches + 1 else 0
     row = methods.readout_vector(captured.batch_size, tokens, offset == 1,
                                  None if query_index is None else query_index + offset, captured.device, torch.float32)
     with torch.no_grad():
-        if captured.factors is not None:
-            vector = blockwise.readout_vector(captured.factors, row, method, last, float(discard_ratio), offset == 1,
-                                              captured.head_fusion, captured.head, captured.block_rows)
-        elif method == "raw":
-            vector = torch.bmm(row.unsqueeze(1), captured.layers[last]).squeeze(1)
-        elif method == "rollout":
-            vector = methods.rollout_vector(row, captured.layers[: last + 1], float(discard_ratio), offset == 1)
-        else:
-            vector = methods.gradient_rollout_vector(row, captured.relevances[: last + 1])
+        vector = entry.readout_function()(captured, row, last, float(discard_ratio), offset == 1)
     grid = vector[:, offset:].reshape((vector.shape[0],) + spec.grid_shape).cpu().numpy()
     return methods.normalize_map(grid, normalize)
 
@@ -476,7 +469,8 @@ def explain(
     :func:`capture.hooked_attention` and :func:`blockwise.hooked_factors`).
     """
     check_options(method, discard_ratio, normalize)
-    captured = capture_attention(model, x, head_fusion, head, with_gradients=method == "grad_rollout", target=target,
+    captured = capture_attention(model, x, head_fusion, head, with_gradients=get_method(method).needs_gradients,
+                                 target=target,
                                  attention_path=attention_path)
     last = resolve_layer(layer, captured.spec.num_layers)
     grid = readout(captured, method, last, discard_ratio, query, normalize)

@@ -39,6 +39,7 @@ import torch
 from . import methods
 from .engine import CapturedAttention, check_options, capture_attention, model_spec, readout, resolve_layer
 from .errors import AttentionMapError, Cancelled
+from .method_registry import get_method
 from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
 from .calibration import softmax
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
@@ -365,7 +366,7 @@ def explain_volume(
     timings["geometry"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    gradients = method == "grad_rollout"
+    gradients = get_method(method).needs_gradients
     two_sweeps = gradients and target is None and len(tiles) > 1
     total = len(tiles) * (2 if two_sweeps else 1)
     if two_sweeps:
