@@ -79,7 +79,9 @@ def module_constants() -> dict:
             try:
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
-                pass
+                if ast.unparse(node.value) == "list(method_names())":  # the method registry's names
+                    from AttentionMapLib.method_registry import method_names
+                    constants[node.targets[0].id] = list(method_names())
     return constants
 
 
