@@ -26,6 +26,7 @@ from slicer.util import VTKObservationMixin
 
 from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, worker
 from AttentionMapLib.method_registry import get_method, method_names
+from AttentionMapLib.numbering import layer_index
 
 try:  # as Slicer's scripted-module template (v5.8.0 Utilities/Templates/Modules/Scripted/TemplateKey.py)
     from slicer.i18n import tr as _
@@ -92,7 +93,8 @@ rollout after Chefer et al. (2021). The demo model was trained on public chest C
 class AttentionMapParameterNode:
     """Everything the user chose; the .ui binds each field through its SlicerParameterName.
 
-    layer: 0 = last layer, k = k-th layer (1-based). head: 1-based, used with "single head".
+    layer: k = k-th block (1-based, as on the command line), 0 = the slider's "last" position (-1).
+    head: 0-based (as on the command line), used with "single head". See AttentionMapLib.numbering.
     threshold: fraction of the display window below which nothing is drawn. targetClass: a class
     name from the model, or "" for the model's default (not bound: the choices come from the model).
     """
@@ -104,7 +106,7 @@ class AttentionMapParameterNode:
     method: Annotated[str, Choice(METHODS)] = "rollout"
     layer: Annotated[int, WithinRange(0, 64)] = 0
     headFusion: Annotated[str, Choice(HEAD_FUSIONS)] = "mean"
-    head: Annotated[int, WithinRange(1, 64)] = 1
+    head: Annotated[int, WithinRange(0, 63)] = 0
     discardRatio: Annotated[float, WithinRange(0.0, 0.99)] = 0.0
     normalize: Annotated[str, Choice(NORMALIZATIONS)] = "percentile"
     targetClass: str = ""
@@ -265,7 +267,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if summary.num_layers:
             self.ui.layerSlider.maximum = summary.num_layers
         if summary.num_heads:
-            self.ui.headSpinBox.maximum = summary.num_heads
+            self.ui.headSpinBox.maximum = summary.num_heads - 1
         if not self.logic.resultIsOfModel(p):
             self._showClasses(summary.classes, None, None)
             self.ui.probabilitiesLabel.text = _("(press Apply)")
@@ -556,13 +558,14 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
 
     def fusionOptions(self, p: AttentionMapParameterNode) -> Dict[str, Any]:
         """Options that VolumeAttention.refuse can change without re-running the network."""
-        return {"method": p.method, "layer": p.layer - 1 if p.layer > 0 else -1, "discard_ratio": p.discardRatio,
+        layer = layer_index(p.layer if p.layer > 0 else -1, name="layer")  # the slider's 0 is "last"
+        return {"method": p.method, "layer": layer, "discard_ratio": p.discardRatio,
                 "query_ras": self.queryRas(p), "normalize": p.normalize}
 
     def explainOptions(self, p: AttentionMapParameterNode) -> Dict[str, Any]:
         single = p.headFusion == "single head"
         return {**self.fusionOptions(p), "head_fusion": "mean" if single else p.headFusion,
-                "head": p.head - 1 if single else None, "target": p.targetClass or None}
+                "head": p.head if single else None, "target": p.targetClass or None}
 
     def startExplain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
         """Copy the input (on this, the main thread) and start the model in the worker process."""

@@ -15,7 +15,7 @@ The summary gives one volume-level prediction per case: the highest (calibrated)
 target class over the windows, and the RAS centre of that window.
 
 Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers
-count from the end (-1 = last, the default). Exit status: 0 on success, 2 on bad input or an output that
+count from the end (-1 = last, the default); heads from 0 (see `numbering`). Exit status: 0 on success, 2 on bad input or an output that
 cannot be written (one line on stderr naming the input or output and the problem), 130 after Ctrl-C,
 143 after SIGTERM, 1 for an unexpected internal error (one line; ATTENTIONMAP_TRACEBACK=1 shows the
 traceback). Outputs are staged and moved into place at the end (`outputs.staged_folder`): a failed or
@@ -39,6 +39,7 @@ import numpy as np
 from .errors import AttentionMapError
 from .io import read_volume
 from .method_registry import get_method, method_names
+from .numbering import layer_index
 from .outputs import check_output_file, check_output_folder, staged_folder, write_file, writing
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--layer", type=int, default=-1,
                        help="block 1..L (rollout: up to this block), or negative from the end; default -1 = last")
     model.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
-    model.add_argument("--head", type=int, default=None, help="one head 0..H-1 instead of fusing heads")
+    model.add_argument("--head", type=int, default=None, help="one head 0..H-1 (first head = 0) instead of fusing heads")
     model.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
     model.add_argument("--target", default=None, help="class name or index (default: the card's, else the predicted)")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -166,16 +167,6 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def block_index(layer: int, num_layers: int) -> int:
-    """CLI layer (1..L, or -L..-1 from the end) -> the engine's block index 0..L-1."""
-    if not (1 <= layer <= num_layers or -num_layers <= layer <= -1):
-        raise AttentionMapError(
-            f"--layer {layer}: expected 1..{num_layers} (first to last block) or -{num_layers}..-1 "
-            f"(from the end); the model has {num_layers} blocks"
-        )
-    return layer - 1 if layer > 0 else num_layers + layer
-
-
 def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     """Keyword arguments for explain / explain_volume from the shared command-line options."""
     from .engine import model_spec
@@ -184,7 +175,7 @@ def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     target = class_index(args.target, loaded.classes, "--target") if args.target is not None else loaded.target
     return {
         "method": args.method,
-        "layer": block_index(args.layer, model_spec(loaded.network, loaded.img_size).num_layers),
+        "layer": layer_index(args.layer, model_spec(loaded.network, loaded.img_size).num_layers),
         "head_fusion": args.head_fusion,
         "head": args.head,
         "discard_ratio": args.discard_ratio,
