@@ -24,7 +24,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, worker
+from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, render, worker
 from AttentionMapLib.method_registry import get_method, method_names
 from AttentionMapLib.numbering import layer_index
 
@@ -615,7 +615,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
 
     def displayWindow(self):
         grid = self.result.attention.grid
-        return (0.0, 1.0) if self.result.attention.normalize != "none" else mrml.shared_window([grid])
+        return (0.0, 1.0) if self.result.attention.normalize != "none" else render.shared_scale([grid])
 
     def updateDisplay(self, p: AttentionMapParameterNode) -> None:
         """Colour, window, threshold, opacity and 3D of the output node; the voxels are not touched."""

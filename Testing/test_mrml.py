@@ -16,6 +16,7 @@ from vtk.util import numpy_support
 
 from AttentionMapLib import AttentionMapError, mrml
 from AttentionMapLib.metrics import mask_statistics
+from AttentionMapLib.render import shared_scale
 from AttentionMapLib.volume import explain_volume
 from oracle import make_oracle_vit
 
@@ -521,12 +522,12 @@ def test_whole_pipeline_leaves_the_input_node_unchanged(slicer_scene, oracle):
     assert node_state(ct) == before
 
 
-def test_shared_window_of_constant_maps_is_still_a_valid_window():
+def test_shared_scale_of_constant_maps_is_still_a_valid_window():
     grids = [np.full((2, 2, 2), 0.3, np.float32), np.full((3, 2, 2), 0.3, np.float32)]
-    assert mrml.shared_window(grids) == (pytest.approx(0.3), pytest.approx(1.3))
-    assert mrml.shared_window([np.zeros((2, 2, 2)), np.full((2, 2, 2), 2.0)]) == (0.0, 2.0)
+    assert shared_scale(grids) == (pytest.approx(0.3), pytest.approx(1.3))
+    assert shared_scale([np.zeros((2, 2, 2)), np.full((2, 2, 2), 2.0)]) == (0.0, 2.0)
     with pytest.raises(AttentionMapError, match="at least one"):
-        mrml.shared_window([])
+        shared_scale([])
 
 
 # ---------------------------------------------------------------- region nodes

@@ -52,7 +52,7 @@ CASES = {
     "grid_to_volume 2D": (lambda s, ct, n: mrml.grid_to_volume(np.ones((4, 4)), np.eye(4), s),
                           "attention grid: expected a 3D array (n1, n2, n3), got shape (4, 4)"),
     "grid_to_volume singular": (lambda s, ct, n: mrml.grid_to_volume(GRID, np.diag([1.0, 0.0, 1.0, 1.0]), s),
-                                "attention grid: the IJK-to-RAS matrix is singular"),
+                                "attention grid: degenerate (non-invertible) 3x3 part"),
     "grid_to_volume output is a table": (lambda s, ct, n: mrml.grid_to_volume(GRID, np.eye(4), s, n["table"]),
                                          "expected a scalar volume node, got vtkMRMLTableNode"),
     "grid_to_volume output is the label map": (lambda s, ct, n: mrml.grid_to_volume(GRID, np.eye(4), s, n["labels"]),

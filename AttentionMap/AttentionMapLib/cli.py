@@ -156,17 +156,6 @@ def case_name(path: Path) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
-def resolve_device(choice: str) -> str:
-    """auto -> cuda if torch sees a GPU, else cpu; cuda without a GPU is bad input."""
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise AttentionMapError("--device cuda: no CUDA device is available to torch; use --device cpu or auto")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
 def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     """Keyword arguments for explain / explain_volume from the shared command-line options."""
     from .engine import model_spec
@@ -335,14 +324,14 @@ def run_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .calibration import card_temperature
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .render import shared_scale, write_montage, write_overlay
 
     cases = read_cases(args.inputs, args.label, args.series_uid)
     names = output_names(cases, args.resample)
     inputs = input_paths(args)
     output_dir = check_output_folder(args.output_dir, names, inputs)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source)}
     check_case_volumes(cases, loaded)
@@ -455,13 +444,13 @@ def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
 def score_command(args: argparse.Namespace) -> int:
     """`attention-map score`: deletion / insertion AUC of the map on the model input (`metrics.score_volume`)."""
     from .metrics import score_volume
-    from .models import load_model
+    from .models import load_model, resolve_device
 
     (case,) = read_cases([args.input], None, args.series_uid)
     inputs = input_paths(args)
     if args.output is not None:
         check_output_file(Path(args.output), inputs, "--output")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
     check_case_volumes([case], loaded)

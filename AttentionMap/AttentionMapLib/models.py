@@ -76,6 +76,20 @@ def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> 
     return loaded
 
 
+def resolve_device(device: str, name: str = "device") -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu' / 'cuda' are checked (``name``: the
+    option named in the message). The command line and the worker process both use this."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise AttentionMapError(f"{name}: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AttentionMapError(f"{name} 'cuda': no CUDA GPU is available to PyTorch; choose 'auto' or 'cpu'")
+    return device
+
+
 def _load_card(card_path: Path) -> LoadedModel:
     card = _read_json(card_path)
     try:

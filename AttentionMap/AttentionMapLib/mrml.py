@@ -19,6 +19,8 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import AttentionMapError
+from .geometry import check_ijk_to_ras
+from .render import shared_scale
 
 HEAT_COLOR_NODE_NAME = "AttentionMapHeat"
 HEAT_TRANSPARENT_BELOW = 0.1  # colours for values < 10 % of the window are fully transparent
@@ -29,27 +31,8 @@ CASE_ATTRIBUTE = ATTRIBUTE_PREFIX + "caseOf"  # on a multi-case output: the ID o
 
 
 # ---------------------------------------------------------------- matrices and geometry
-
-def _to_numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
-
-
-def _to_vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
-def _check_affine(ijk_to_ras: Any, what: str) -> np.ndarray:
-    affine = np.asarray(ijk_to_ras, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise AttentionMapError(f"{what}: expected a finite 4x4 IJK-to-RAS matrix, got shape {affine.shape}")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise AttentionMapError(f"{what}: the IJK-to-RAS matrix is singular (zero spacing or degenerate axes)")
-    return affine
-
+# 4x4 matrices go to and from VTK through slicer.util.vtkMatrixFromArray / arrayFromVTKMatrix
+# (Slicer v5.8.0 Base/Python/slicer/util.py lines 1976 and 2000; also in slicer-core).
 
 def _node_to_world(node: Any, what: str) -> np.ndarray:
     """4x4 from the node's local coordinates to world RAS; identity without a parent transform."""
@@ -62,7 +45,7 @@ def _node_to_world(node: Any, what: str) -> np.ndarray:
             "transform (Data module, right-click > Harden transform) or remove it, then run again")
     matrix = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(matrix)
-    return _to_numpy_matrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def volume_geometry(volume_node: Any) -> Tuple[Tuple[int, int, int], np.ndarray]:
@@ -74,7 +57,7 @@ def volume_geometry(volume_node: Any) -> Tuple[Tuple[int, int, int], np.ndarray]
         raise AttentionMapError(f"volume '{volume_node.GetName()}': the node holds no voxels (image data is empty)")
     local = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(local)
-    ijk_to_ras = _node_to_world(volume_node, "volume") @ _to_numpy_matrix(local)
+    ijk_to_ras = _node_to_world(volume_node, "volume") @ slicer.util.arrayFromVTKMatrix(local)
     dims = image.GetDimensions()
     return (int(dims[0]), int(dims[1]), int(dims[2])), ijk_to_ras
 
@@ -119,7 +102,7 @@ def _check_grid(grid: Any, ijk_to_ras: Any) -> Tuple[np.ndarray, np.ndarray]:
         raise AttentionMapError(f"attention grid: expected a 3D array (n1, n2, n3), got shape {values.shape}")
     if not np.all(np.isfinite(values)):
         raise AttentionMapError("attention grid: contains NaN or infinite values")
-    return values, _check_affine(ijk_to_ras, "attention grid")
+    return values, check_ijk_to_ras(ijk_to_ras, "attention grid")
 
 
 def grid_to_volume(grid: np.ndarray, ijk_to_ras: np.ndarray, scene: Any, output_node: Any = None,
@@ -134,7 +117,7 @@ def grid_to_volume(grid: np.ndarray, ijk_to_ras: np.ndarray, scene: Any, output_
         _check_output_node(output_node, scene)
     node = output_node or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32))
-    node.SetIJKToRASMatrix(_to_vtk_matrix(affine))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine))
     node.SetAndObserveTransformNodeID(None)
     for key, value in (attributes or {}).items():
         node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
@@ -379,7 +362,7 @@ def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[in
     segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, int(shape_ijk[0]) - 1, 0, int(shape_ijk[1]) - 1, 0, int(shape_ijk[2]) - 1)
-    reference.SetImageToWorldMatrix(_to_vtk_matrix(ijk_to_ras))
+    reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     to_world = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(segmentation_node.GetParentTransformNode(), None, to_world)
     resampled = slicer.vtkOrientedImageData()
@@ -462,15 +445,6 @@ def read_table(table_node: Any) -> Dict[str, Dict[str, float]]:
 
 # ---------------------------------------------------------------- several cases, one scale
 
-def shared_window(grids: Sequence[np.ndarray]) -> Tuple[float, float]:
-    """One display window (lowest, highest value) over several attention grids."""
-    if not grids:
-        raise AttentionMapError("multi-case: expected at least one attention grid")
-    low = min(float(np.min(g)) for g in grids)
-    high = max(float(np.max(g)) for g in grids)
-    return (low, high) if high > low else (low, low + 1.0)
-
-
 def case_output_nodes(volume_nodes: Sequence[Any]) -> List[Optional[Any]]:
     """The attention node made earlier for each input volume by show_cases (None where there is none),
     so that explaining the same cases again reuses their nodes."""
@@ -500,7 +474,7 @@ def show_cases(attentions: Sequence[Any], scene: Any, output_nodes: Optional[Seq
                                 f"{len(names)} names and {len(source_nodes or attentions)} source volumes")
     for attention in attentions:  # every case is checked before the first node is made
         _check_grid(attention.grid, attention.ijk_to_ras)
-    window = shared_window([a.grid for a in attentions])
+    window = shared_scale([a.grid for a in attentions])
     threshold = None if threshold_fraction is None else window[0] + threshold_fraction * (window[1] - window[0])
     nodes = [attention_to_volume(a, scene, node, name) for a, node, name in zip(attentions, output_nodes, names)]
     for index, node in enumerate(nodes):

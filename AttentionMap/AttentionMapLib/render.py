@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import AttentionMapError
+
 LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600 HU: lung parenchyma and nodules
 COLORMAP = "inferno"
 MAX_ALPHA = 0.65  # opacity of the highest attention; the bottom quarter of the scale is fully transparent
@@ -44,7 +46,10 @@ def intensity_window(volume: np.ndarray) -> Tuple[float, float]:
 
 
 def shared_scale(attention_maps: Sequence[np.ndarray]) -> Tuple[float, float]:
-    """One colour scale for several maps: their joint min and max."""
+    """One colour scale / display window (lowest, highest value) for several maps: their joint min and max
+    (a constant value v gives (v, v + 1)). Used by the overlays and by the Slicer module's multi-case view."""
+    if not attention_maps:
+        raise AttentionMapError("multi-case: expected at least one attention map")
     low = min(float(np.min(a)) for a in attention_maps)
     high = max(float(np.max(a)) for a in attention_maps)
     return low, high if high > low else low + 1.0

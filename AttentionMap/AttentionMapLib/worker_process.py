@@ -27,6 +27,7 @@ import numpy as np
 
 from . import worker_protocol as protocol
 from .errors import AttentionMapError, Cancelled
+from .models import resolve_device
 
 WATCHDOG_INTERVAL_S = 1.0
 SCRATCH_PREFIX = "AttentionMap-worker-"
@@ -69,19 +70,6 @@ def orphaned_exit() -> None:
     if os.path.basename(folder).startswith(SCRATCH_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu' / 'cuda' are checked."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise AttentionMapError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AttentionMapError("device 'cuda': no CUDA GPU is available to PyTorch; choose 'auto' or 'cpu'")
-    return device
 
 
 @dataclass
