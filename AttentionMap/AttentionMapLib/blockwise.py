@@ -13,7 +13,7 @@ only its queries and keys instead of ``N x N``: ``r A`` is the sum over row bloc
   ``O_h = A_h V_h``, the gradient reaching the attention probabilities is ``dA_h = dO_h V_h^T``:
   what the full-matrix path's hook on ``drop_weights`` sees (dropout is the identity in eval mode).
 - kernels (:func:`vector_times_layer`): ``raw`` (fused layer), ``rollout`` (with the identity and
-  row normalisation of :func:`methods.rollout_vector`, after :func:`methods.discard_lowest`'s cut),
+  row normalisation of :func:`methods.rollout_vector`, after :func:`methods.discard_cut`),
   ``grad_rollout`` (``v + v mean_h((dA_h * A_h)^+)``), each as one pass over row blocks; head fusion
   (mean / max / min / one head) is done on each ``(B, heads, b, N)`` slab, so max and min are exact.
 - discard_ratio (:func:`discard_cut`): the k-th smallest fused entry per sample, exactly as
@@ -218,14 +218,14 @@ def _row_slices(tokens: int, block_rows: int) -> Iterator[slice]:
 
 def discard_cut(layer: LayerRows, ratio: float, block_rows: int) -> Optional[torch.Tensor]:
     """Per sample ``(B,)`` the ``k``-th smallest fused entry, ``k = int(N * N * ratio)`` (None when
-    ``k == 0``): the value ``methods.discard_lowest`` cuts at, found without storing N x N.
+    ``k == 0``): the value ``methods.discard_cut`` finds, found without storing N x N.
 
     Fused attention is >= 0, so its float32 bit patterns order as integers: a histogram of the high
     16 bits finds the bucket holding the k-th entry, a second pass over that bucket's low 16 bits
     finds the exact pattern (duplicates counted, as ``kthvalue`` does).
     """
     batch, tokens = layer.key_t.shape[0], layer.key_t.shape[-1]
-    count = int(tokens * tokens * ratio)
+    count = methods.discard_count(tokens * tokens, ratio)
     if count == 0:
         return None
     device = layer.key_t.device
@@ -269,10 +269,7 @@ def vector_times_layer(vector: torch.Tensor, layer: LayerRows, method: str, bloc
         else:
             matrix = layer.fused(rows)
             if cut is not None:
-                drop = matrix <= cut.view(-1, 1, 1)
-                if keep_first and rows.start == 0:
-                    drop[:, 0, 0] = False
-                matrix = matrix.masked_fill_(drop, 0.0)
+                matrix = methods.zero_at_or_below(matrix, cut, keep_first and rows.start == 0)
             if method == "rollout":
                 weights = weights / (0.5 * matrix.sum(dim=-1) + 0.5)
                 identity[:, rows] = weights

@@ -27,8 +27,8 @@ model has one, is token 0 and is dropped from the grid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,7 +72,10 @@ class CapturedAttention:
     gradients, else None; ``factors`` is None. Block-wise path: ``layers`` and ``relevances`` are None
     and ``factors[l]`` holds what block ``l``'s Q, K (V, dO) are recomputed from;
     ``block_rows``: query rows per slab (None: from free memory).
-    ``target`` is the output index per sample used for the gradients.
+    ``target`` is the output index per sample used for the gradients. ``keep_sorted`` (set by a
+    re-fusion, see :func:`readout`): ``sorted_fused[l]``, block ``l``'s fused entries sorted per sample
+    ``(B, N*N)``, is made by :meth:`discard_cuts` on the first discard ratio for that block and kept
+    (one more ``B * N^2`` float32 per block, as much again as ``layers``).
     """
 
     spec: ModelSpec
@@ -84,6 +87,22 @@ class CapturedAttention:
     head: Optional[int]
     factors: Optional[List[blockwise.BlockFactors]] = None
     block_rows: Optional[int] = None
+    keep_sorted: bool = False
+    sorted_fused: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def discard_cuts(self, ratio: float, last: int) -> Optional[List[Optional[torch.Tensor]]]:
+        """Per block ``0..last`` the ``(B,)`` discard cut of ``ratio`` (full path) when ``keep_sorted``,
+        read from ``sorted_fused`` (sorted on first use, O(N^2 log N) per block) in O(1): the value
+        ``methods.discard_cut`` selects, so any later ratio costs no selection. None when not
+        ``keep_sorted`` (the caller selects)."""
+        if not self.keep_sorted:
+            return None
+        if methods.discard_count(self.num_tokens ** 2, ratio) == 0:
+            return [None] * (last + 1)
+        for block in range(last + 1):
+            if block not in self.sorted_fused:
+                self.sorted_fused[block] = methods.sorted_values(self.layers[block])
+        return [methods.sorted_cut(self.sorted_fused[block], ratio) for block in range(last + 1)]
 
     @property
     def attention_path(self) -> str:
@@ -417,18 +436,22 @@ def readout(
     discard_ratio: float = 0.0,
     query: Query = None,
     normalize: str = "minmax",
+    keep_sorted: bool = False,
 ) -> np.ndarray:
     """Grid ``(B, n1, n2, n3)`` float32 from cached attention. O(L * B * N^2).
 
     ``method``: a name in :mod:`.method_registry` (built in: ``raw``: row(s) of block ``layer``;
     ``rollout``: blocks ``0..layer``; ``grad_rollout``: blocks ``0..layer``, needs a capture with
     gradients). The row is the query token when given, else CLS, else the mean over all query rows.
+    ``keep_sorted`` (full path, for repeated re-fusion) sets ``captured.keep_sorted``: from then on
+    rollout's discard cuts come from :meth:`CapturedAttention.discard_cuts`, the same grid as without.
     """
     check_options(method, discard_ratio, normalize)
     spec = captured.spec
     last = resolve_layer(layer, spec.num_layers)
     query_index = resolve_query(query, spec)
     entry = get_method(method)
+    captured.keep_sorted = captured.keep_sorted or keep_sorted
     if entry.needs_gradients and not captured.has_gradients:
         raise AttentionMapError(f"method: {method} needs attention captured with gradients "
                                 "(capture_attention(..., with_gradients=True))")

@@ -30,36 +30,62 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean", head: Optiona
     return attention.amin(dim=1)
 
 
-def discard_lowest(fused: torch.Tensor, ratio: float, keep_first: bool) -> torch.Tensor:
-    """Copy of ``fused`` ``(B, N, N)`` with the lowest ``ratio`` of each sample's N*N entries set to 0.
+def discard_count(entries: int, ratio: float) -> int:
+    """``k = int(entries * ratio)``: how many of a sample's N*N fused entries a discard ratio drops."""
+    return int(entries * ratio)
 
-    The cut is the k-th smallest value (``k = int(N*N * ratio)``, found by selection in O(N^2));
-    entries tied with it are dropped too. ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as
-    vit-explain does.
-    """
+
+def discard_cut(fused: torch.Tensor, ratio: float) -> Optional[torch.Tensor]:
+    """``(B,)`` the k-th smallest of each sample's N*N entries of ``fused`` ``(B, N, N)`` (found by
+    selection in O(N^2), ``k`` from :func:`discard_count`); None when ``k == 0`` (nothing to drop)."""
     flat = fused.reshape(fused.shape[0], -1)
-    count = int(flat.shape[1] * ratio)
-    if count == 0:
-        return fused
-    cut = flat.kthvalue(count, dim=1, keepdim=True).values
-    drop = flat <= cut
+    count = discard_count(flat.shape[1], ratio)
+    return None if count == 0 else flat.kthvalue(count, dim=1).values
+
+
+def sorted_values(fused: torch.Tensor) -> torch.Tensor:
+    """Each sample's N*N entries of ``fused`` ``(B, N, N)`` in ascending order, ``(B, N*N)``, same dtype."""
+    flat = fused.detach().reshape(fused.shape[0], -1)
+    if flat.device.type == "cpu":  # numpy's sort of float32 is several times faster than torch.sort on CPU
+        return torch.from_numpy(np.sort(flat.numpy(), axis=1))
+    return torch.sort(flat, dim=1).values
+
+
+def sorted_cut(ordered: torch.Tensor, ratio: float) -> Optional[torch.Tensor]:
+    """:func:`discard_cut` read in O(1) from :func:`sorted_values` ``(B, N*N)``: the same value."""
+    count = discard_count(ordered.shape[1], ratio)
+    return None if count == 0 else ordered[:, count - 1]
+
+
+def zero_at_or_below(fused: torch.Tensor, cut: torch.Tensor, keep_first: bool) -> torch.Tensor:
+    """Copy of ``fused`` ``(B, N, N)`` with each sample's entries ``<= cut[b]`` set to 0 (ties dropped);
+    ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as vit-explain does. One ``threshold`` pass per sample
+    (``x <= t ? 0 : x``, the rule of ``masked_fill(x <= t, 0)``, in a fraction of ``torch.where``'s time)."""
+    out = torch.empty_like(fused)
+    for sample, value in enumerate(cut.tolist()):  # float32 -> Python float -> float32 is exact
+        torch.threshold(fused[sample], value, 0.0, out=out[sample])
     if keep_first:
-        drop[:, 0] = False
-    return flat.masked_fill(drop, 0.0).reshape(fused.shape)
+        out[:, 0, 0] = fused[:, 0, 0]
+    return out
 
 
-def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discard_ratio: float, has_cls: bool) -> torch.Tensor:
+def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discard_ratio: float, has_cls: bool,
+                   cuts: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """Abnar & Zuidema rollout read out from the left: ``e^T Ahat_L ... Ahat_1``.
 
-    ``Ahat_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after ``discard_lowest``
-    (O(N^2) per layer).
+    ``Ahat_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after the discard cut
+    (:func:`zero_at_or_below`, O(N^2) per layer). ``cuts``: per layer the ``(B,)`` cut (or None) when already known (e.g. from
+    :func:`sorted_cut`), else found by :func:`discard_cut`.
     ``layers`` are in forward order (first block first). Never forms ``Ahat``: with ``s`` the row sums of
     ``0.5 * A + 0.5 * I``, ``v Ahat = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
     """
+    layers = list(layers)
+    if cuts is None:
+        cuts = [discard_cut(fused, discard_ratio) if discard_ratio > 0 else None for fused in layers]
     vector = readout
-    for fused in reversed(list(layers)):
-        if discard_ratio > 0:
-            fused = discard_lowest(fused, discard_ratio, keep_first=has_cls)
+    for fused, cut in zip(reversed(layers), reversed(list(cuts))):
+        if cut is not None:
+            fused = zero_at_or_below(fused, cut, keep_first=has_cls)
         row_sums = 0.5 * fused.sum(dim=-1) + 0.5
         weighted = vector / row_sums
         vector = 0.5 * torch.bmm(weighted.unsqueeze(1), fused).squeeze(1) + 0.5 * weighted

@@ -24,10 +24,12 @@ def raw(captured, row: torch.Tensor, last: int, discard_ratio: float, has_cls: b
 
 
 def rollout(captured, row: torch.Tensor, last: int, discard_ratio: float, has_cls: bool) -> torch.Tensor:
-    """Attention rollout over blocks ``0..last`` (:func:`methods.rollout_vector`)."""
+    """Attention rollout over blocks ``0..last`` (:func:`methods.rollout_vector`; discard cuts looked up
+    when the capture keeps its sorted values, see ``CapturedAttention.discard_cuts``)."""
     if captured.factors is not None:
         return _blockwise(captured, row, "rollout", last, discard_ratio, has_cls)
-    return methods.rollout_vector(row, captured.layers[: last + 1], discard_ratio, has_cls)
+    cuts = captured.discard_cuts(discard_ratio, last) if discard_ratio > 0 else None
+    return methods.rollout_vector(row, captured.layers[: last + 1], discard_ratio, has_cls, cuts)
 
 
 def grad_rollout(captured, row: torch.Tensor, last: int, discard_ratio: float, has_cls: bool) -> torch.Tensor:

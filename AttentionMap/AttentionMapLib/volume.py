@@ -218,7 +218,9 @@ class VolumeAttention:
         """A new VolumeAttention from the cached head-fused attention, without running the network.
 
         Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
-        Head fusion and target are fixed at capture time.
+        Head fusion and target are fixed at capture time. The first rollout with a discard ratio sorts
+        each block's fused attention once and keeps it with the cache (``CapturedAttention.sorted_fused``:
+        the cache's memory doubles); later ratios only look up their cut.
         """
         start = time.perf_counter()
         options = {
@@ -230,7 +232,7 @@ class VolumeAttention:
         query_point = self.query_ras if query_ras is _UNCHANGED else query_ras
         query = self._tiling.query_token(query_point)
         norm = self.normalize if normalize is None else normalize
-        grid = self._tiling.blend(query, norm, **options)
+        grid = self._tiling.blend(query, norm, keep_sorted=True, **options)  # later discard ratios: a lookup
         fused = time.perf_counter()
         return replace(
             self, grid=grid, normalize=norm, discard_ratio=float(options["discard_ratio"]), method=options["method"],
