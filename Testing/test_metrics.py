@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from AttentionMapLib.errors import AttentionMapError
+from AttentionMapLib.errors import AttentionMapError, Cancelled
 from AttentionMapLib.metrics import deletion_insertion, distance_to_mask_mm, mask_statistics, pointing_game
 
 
@@ -96,6 +96,22 @@ def test_deletion_insertion_by_hand():
                                baseline="zero", batch_size=3)
     assert worst["deletion_curve"] == pytest.approx([high] * 8 + [low], abs=1e-6)
     assert worst["deletion_auc"] > scores["deletion_auc"] and worst["insertion_auc"] < scores["insertion_auc"]
+
+
+def test_deletion_insertion_reports_progress_and_stops_when_cancelled():
+    """steps=8, batch 3: 3 batches per curve; progress after each of the 6, cancel checked before each."""
+    x = torch.ones(1, 1, 8, 8, 8)
+    saliency = np.arange(8, dtype=float).reshape(2, 2, 2)
+    fractions, checks = [], []
+    scores = deletion_insertion(BlockDetector(), x, saliency, target=1, steps=8, baseline="zero", batch_size=3,
+                                progress=fractions.append, cancel=lambda: checks.append(1) and False)
+    assert fractions == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]) and len(checks) == 6
+    assert scores == deletion_insertion(BlockDetector(), x, saliency, target=1, steps=8, baseline="zero", batch_size=3)
+    fractions.clear()
+    with pytest.raises(Cancelled, match="insertion curve, after 3 of 9 steps"):
+        deletion_insertion(BlockDetector(), x, saliency, target=1, steps=8, baseline="zero", batch_size=3,
+                           progress=fractions.append, cancel=lambda: len(fractions) >= 4)
+    assert len(fractions) == 4
 
 
 def test_deletion_insertion_voxel_map_and_mean_baseline():

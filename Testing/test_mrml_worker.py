@@ -262,6 +262,27 @@ def test_cancel_between_windows_keeps_the_worker(oracle_card, shared):
     assert explain_job(str(path), *volume(), {}, device="cpu", worker=shared).wait(120).kind == DONE
 
 
+def test_cancel_during_a_score_stops_softly_and_the_same_worker_serves_the_next_job(oracle_card, shared):
+    """A long score (2 x 129 forward batches) cancelled after its first batch: a cancelled event from the
+    worker itself (no kill), then the same process scores the same result to the end."""
+    path, _ = oracle_card
+    result = explain_job(str(path), *volume(), {}, device="cpu", worker=shared).wait(120).value
+    pid = shared.pid
+    job = worker.score_job(result, None, {"method": "rollout", "steps": 1024}, worker=shared)
+    events = []
+    while not any(e.kind == PROGRESS for e in events) and not job.finished:
+        events += job.poll()
+        time.sleep(0.005)
+    job.cancel()
+    started = time.monotonic()
+    events += events_until_final(job)
+    assert events[-1].kind == CANCELLED and time.monotonic() - started < worker.CANCEL_GRACE_S
+    assert 1 <= sum(e.kind == PROGRESS for e in events) < 258
+    assert shared.alive and shared.pid == pid
+    final = worker.score_job(result, None, {"method": "rollout", "steps": 4}, worker=shared).wait(120)
+    assert final.kind == DONE and len(final.value["deletion_curve"]) == 5 and shared.pid == pid
+
+
 def test_a_result_that_arrived_before_the_cancel_is_never_handed_out(oracle_card, shared):
     """Scene closed after the worker finished but before the GUI polled: the result is dropped."""
     path = str(oracle_card[0])

@@ -57,11 +57,13 @@ def sorted_cut(ordered: torch.Tensor, ratio: float) -> Optional[torch.Tensor]:
     return None if count == 0 else ordered[:, count - 1]
 
 
-def zero_at_or_below(fused: torch.Tensor, cut: torch.Tensor, keep_first: bool) -> torch.Tensor:
+def zero_at_or_below(fused: torch.Tensor, cut: torch.Tensor, keep_first: bool,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Copy of ``fused`` ``(B, N, N)`` with each sample's entries ``<= cut[b]`` set to 0 (ties dropped);
     ``keep_first`` keeps entry [0, 0] (CLS -> CLS) as vit-explain does. One ``threshold`` pass per sample
-    (``x <= t ? 0 : x``, the rule of ``masked_fill(x <= t, 0)``, in a fraction of ``torch.where``'s time)."""
-    out = torch.empty_like(fused)
+    (``x <= t ? 0 : x``, the rule of ``masked_fill(x <= t, 0)``, in a fraction of ``torch.where``'s time),
+    written into ``out`` (same shape and dtype) when given, else into a new tensor."""
+    out = torch.empty_like(fused) if out is None else out
     for sample, value in enumerate(cut.tolist()):  # float32 -> Python float -> float32 is exact
         torch.threshold(fused[sample], value, 0.0, out=out[sample])
     if keep_first:
@@ -82,10 +84,10 @@ def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discar
     layers = list(layers)
     if cuts is None:
         cuts = [discard_cut(fused, discard_ratio) if discard_ratio > 0 else None for fused in layers]
-    vector = readout
+    vector, scratch = readout, None
     for fused, cut in zip(reversed(layers), reversed(list(cuts))):
-        if cut is not None:
-            fused = zero_at_or_below(fused, cut, keep_first=has_cls)
+        if cut is not None:  # one buffer for all layers: no N x N allocation per layer
+            fused = scratch = zero_at_or_below(fused, cut, has_cls, out=scratch)
         row_sums = 0.5 * fused.sum(dim=-1) + 0.5
         weighted = vector / row_sums
         vector = 0.5 * torch.bmm(weighted.unsqueeze(1), fused).squeeze(1) + 0.5 * weighted

@@ -8,15 +8,22 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AttentionMapError
+from .errors import AttentionMapError, Cancelled
 from .geometry import peak_index
 
 Tolerance = Union[int, Sequence[int]]
 BASELINES = ("blur", "mean", "zero")
+Progress = Optional[Callable[[float], None]]
+CancelCheck = Optional[Callable[[], bool]]
+
+
+def _check_cancel(cancel: CancelCheck, where: str) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled(f"cancelled {where}")
 
 
 def _check_pair(attention: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -119,6 +126,8 @@ def deletion_insertion(
     steps: int = 32,
     baseline: str = "blur",
     batch_size: int = 8,
+    progress: Progress = None,
+    cancel: CancelCheck = None,
 ) -> Dict[str, Any]:
     """RISE deletion and insertion scores of a map for one classifier input.
 
@@ -131,7 +140,8 @@ def deletion_insertion(
     insertion start), "mean" (x's mean per channel) or "zero". The curves are the softmax probability
     of `target` (default: the class predicted on x); AUCs by the trapezoid rule over the fraction.
     Lower deletion AUC and higher insertion AUC mean the map ranks what the model uses first.
-    Cost: 2 * (steps + 1) forward passes, in batches of `batch_size`.
+    Cost: 2 * (steps + 1) forward passes, in batches of `batch_size`. `cancel` is called before each
+    batch (True: raise `Cancelled`); `progress` gets the fraction of batches done after each.
     """
     import torch
 
@@ -172,14 +182,18 @@ def deletion_insertion(
             raise AttentionMapError(f"target: expected 0..{logits.shape[1] - 1}, got {target}")
         base = _baseline(x, baseline, block)
         curves = {}
-        for name, start, end in (("deletion", x, base), ("insertion", base, x)):
+        firsts = range(0, len(counts), int(batch_size))
+        for curve, (name, start, end) in enumerate((("deletion", x, base), ("insertion", base, x))):
             probabilities = []
-            for first in range(0, len(counts), int(batch_size)):
+            for done, first in enumerate(firsts):
+                _check_cancel(cancel, f"during the {name} curve, after {first} of {len(counts)} steps")
                 chunk = counts[first:first + int(batch_size)]
                 keep_end = torch.stack([voxel_rank < int(c) for c in chunk])[:, None]  # (b, 1, *spatial)
                 batch = torch.where(keep_end, end, start)
                 out = primary_output(model(batch))
                 probabilities.append(torch.softmax(out.float(), dim=1)[:, klass].cpu().numpy())
+                if progress is not None:
+                    progress((curve * len(firsts) + done + 1) / (2 * len(firsts)))
             curves[name] = np.concatenate(probabilities)
     return {
         "target": klass,
@@ -203,6 +217,8 @@ def score_volume(
     steps: int = 32,
     baseline: str = "blur",
     device: Optional[Any] = None,
+    progress: Progress = None,
+    cancel: CancelCheck = None,
     **explain_kwargs: Any,
 ) -> Dict[str, Any]:
     """`deletion_insertion` of the map `engine.explain` gives on a volume's model input.
@@ -212,6 +228,7 @@ def score_volume(
     centred on `centre_ras` (default: the volume's centre), moved inside the volume and onto whole
     patches. explain_kwargs: method, layer (0-based), head_fusion, head, discard_ratio, target,
     normalize. Returns deletion_insertion's dict plus "window_start" (model-input voxel index).
+    `progress` / `cancel`: as for `deletion_insertion` (cancel is also checked before and after the map).
     """
     import torch
 
@@ -231,7 +248,8 @@ def score_volume(
     if device is None:
         device = next(model.parameters()).device
     x = volume.as_tensor()[window][None].to(device=device, dtype=torch.float32)
+    _check_cancel(cancel, "before the map")
     result = explain(model, x, **explain_kwargs)
     scores = deletion_insertion(model, x, result.grid[0], target=explain_kwargs.get("target"), steps=steps,
-                                baseline=baseline)
+                                baseline=baseline, progress=progress, cancel=cancel)
     return {**scores, "window_start": start.tolist()}

@@ -289,7 +289,7 @@ class WorkerJob:
         return self._final is not None
 
     def cancel(self) -> None:
-        """Ask the worker to stop at its next check (between windows); kill it after CANCEL_GRACE_S."""
+        """Ask the worker to stop at its next check (between windows or score batches); kill it after CANCEL_GRACE_S."""
         if self._final is not None or self._cancel_time is not None:
             return
         self._cancel_time = time.monotonic()

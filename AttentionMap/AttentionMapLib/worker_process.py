@@ -7,9 +7,10 @@ answers with progress / done / error / cancelled / log events. It keeps the load
 last explanation (model, input, VolumeAttention), so a re-fusion or a score needs no transfer of
 the volume and no new forward pass.
 
-A reader thread takes the GUI's messages as they come: "cancel" sets a flag checked between windows,
-and a closed connection (the GUI process is gone) ends this process at once. A watchdog thread
-ends it too when the parent process disappears, so no worker outlives Slicer.
+A reader thread takes the GUI's messages as they come: "cancel" sets a flag checked between windows
+(explain) or forward batches (score), and a closed connection (the GUI process is gone) ends this
+process at once. A watchdog thread ends it too when the parent process disappears, so no worker
+outlives Slicer.
 """
 import argparse
 import faulthandler
@@ -247,7 +248,7 @@ class WorkerServer:
         model = last.model
         scores = score_volume(model.network, last.array, last.ijk_to_ras, model.preprocessing,
                               img_size=model.img_size, centre_ras=header.get("centre_ras"),
-                              **dict(header.get("options") or {}))
+                              progress=self._progress, cancel=self._is_cancelled, **dict(header.get("options") or {}))
         return {**scores, "device": str(next(model.network.parameters()).device)}, {}
 
 
