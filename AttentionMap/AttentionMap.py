@@ -45,10 +45,10 @@ NORMALIZATIONS = ["percentile", "minmax", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
 MODEL_DEFAULT_TARGET = "(model default)"
 POLL_INTERVAL_MS = 100
-REFUSION_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
+FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
 
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
-REFUSION_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
+FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
 RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device")
 
@@ -136,11 +136,11 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._jobKind = None  # "explain" | "score" (the network runs) | "refuse" (cached attention); one at a time
-        self._refusePending = False
+        self._jobKind = None  # "explain" | "score" (the network runs) | "fuse_again" (cached attention); one at a time
+        self._fuseAgainPending = False
         self._applyPending = False  # Apply pressed while a re-fusion finished: run once it has
         self._timer = None
-        self._refuseTimer = None
+        self._fuseAgainTimer = None
         self._lastValues: Dict[str, Any] = {}
         self._observedQueryNode = None
 
@@ -154,10 +154,10 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
-        self._refuseTimer = qt.QTimer()
-        self._refuseTimer.setSingleShot(True)
-        self._refuseTimer.setInterval(REFUSION_DELAY_MS)
-        self._refuseTimer.connect("timeout()", self._refuse)
+        self._fuseAgainTimer = qt.QTimer()
+        self._fuseAgainTimer.setSingleShot(True)
+        self._fuseAgainTimer.setInterval(FUSE_AGAIN_DELAY_MS)
+        self._fuseAgainTimer.connect("timeout()", self._fuseAgain)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -177,7 +177,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         worker.stop_shared_worker()
         self._timer.stop()
-        self._refuseTimer.stop()
+        self._fuseAgainTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -195,7 +195,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hands out its result, even one that had already arrived (worker.WorkerJob.cancel)."""
         if self._job is not None:
             self._job.cancel()
-        self._refusePending = self._applyPending = False
+        self._fuseAgainPending = self._applyPending = False
         self.setParameterNode(None)
         self.logic.forgetResult()
 
@@ -226,7 +226,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentValues(self) -> Dict[str, Any]:
         p = self._parameterNode
-        return {name: getattr(p, name) for name in REFUSION_FIELDS + DISPLAY_FIELDS + RERUN_FIELDS}
+        return {name: getattr(p, name) for name in FUSE_AGAIN_FIELDS + DISPLAY_FIELDS + RERUN_FIELDS}
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -252,8 +252,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showModelInfo()
         if running or self.logic.result is None:
             return  # changes made meanwhile are applied once the result is (see _applyResult)
-        if changed & set(REFUSION_FIELDS):
-            self._refuseTimer.start()
+        if changed & set(FUSE_AGAIN_FIELDS):
+            self._fuseAgainTimer.start()
         elif changed & set(DISPLAY_FIELDS):
             with slicer.util.tryWithErrorDisplay(_("Failed to update the display.")):
                 self.logic.updateDisplay(p)
@@ -290,22 +290,22 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if caller is not None and mrml.keep_newest_control_point(caller):
             return  # placed again: the older point was removed, whose event re-fuses
         if self._jobKind != "explain" and self.logic.result is not None:
-            self._refuseTimer.start()
+            self._fuseAgainTimer.start()
 
     def onTargetChanged(self, index: int) -> None:
         if self._parameterNode is not None:
             text = self.ui.targetComboBox.currentText
             self._parameterNode.targetClass = "" if index <= 0 else text
 
-    def _refuse(self) -> None:
+    def _fuseAgain(self) -> None:
         """Re-read the worker's cached attention with the current options (no network run)."""
         if self.logic.result is None or self._parameterNode is None:
             return
         if self._job is not None:  # one job at a time: fuse again once the current job is done
-            self._refusePending = self._jobKind == "refuse"
+            self._fuseAgainPending = self._jobKind == "fuse_again"
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to update the attention map.")):
-            self._startJob("refuse", self.logic.startRefuse(self._parameterNode))
+            self._startJob("fuse_again", self.logic.startFuseAgain(self._parameterNode))
 
     def _startJob(self, kind: str, job) -> None:
         self._job, self._jobKind = job, kind
@@ -323,9 +323,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._jobKind == "score":
             return  # Apply is disabled while scoring: the worker runs one network at a time
-        if self._jobKind == "refuse":  # its result is dropped; the run starts once the worker is free
+        if self._jobKind == "fuse_again":  # its result is dropped; the run starts once the worker is free
             self._job.cancel()
-            self._refusePending, self._applyPending = False, True
+            self._fuseAgainPending, self._applyPending = False, True
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
             if not self.logic.installDependencies(askConsent=not slicer.app.testingEnabled()):
@@ -363,9 +363,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._applyPending:
                 self._applyPending = False
                 self.onApplyButton()
-            elif self._refusePending:
-                self._refusePending = False
-                self._refuse()
+            elif self._fuseAgainPending:
+                self._fuseAgainPending = False
+                self._fuseAgain()
             return
 
     def _showFinal(self, kind: str, event) -> None:
@@ -386,7 +386,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(f"{event.value}\n{event.detail}")
             if kind == "score":
                 self.ui.scoreLabel.text = _("Scoring failed: {error}").format(error=event.value)
-            elif kind == "refuse":  # e.g. grad_rollout needs gradients captured by a run
+            elif kind == "fuse_again":  # e.g. grad_rollout needs gradients captured by a run
                 self.ui.statusLabel.text = _("{error} - press Apply to run the network again.").format(error=event.value)
             else:
                 self.ui.statusLabel.text = _("Failed: {error}").format(error=event.value)
@@ -416,7 +416,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showModelInfo()
             # options changed while the job ran were not applied then: fuse once more if the map differs
             if module_logic.fusion_differs(result.attention, self.logic.fusionOptions(p), self.logic.numLayers):
-                self._refuseTimer.start()
+                self._fuseAgainTimer.start()
 
     def _showClasses(self, classes: List[str], probabilities, target) -> None:
         wasBlocked = self.ui.targetComboBox.blockSignals(True)
@@ -557,7 +557,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         return mrml.query_point_ras(p.queryPoint)
 
     def fusionOptions(self, p: AttentionMapParameterNode) -> Dict[str, Any]:
-        """Options that VolumeAttention.refuse can change without re-running the network."""
+        """Options that VolumeAttention.fuse_again can change without re-running the network."""
         layer = layer_index(p.layer if p.layer > 0 else -1, name="layer")  # the slider's 0 is "last"
         return {"method": p.method, "layer": layer, "discard_ratio": p.discardRatio,
                 "query_ras": self.queryRas(p), "normalize": p.normalize}
@@ -589,9 +589,9 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self.numLayers = result.model.num_layers
         return self._show(result.attention, p)
 
-    def startRefuse(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
+    def startFuseAgain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
         """Re-read the worker's cached attention with the current fusion options (no network run)."""
-        return worker.refuse_job(self.result.attention, self.fusionOptions(p))
+        return worker.fuse_again_job(self.result.attention, self.fusionOptions(p))
 
     def applyRefused(self, attention, p: AttentionMapParameterNode) -> float:
         """Main thread: show a re-fused VolumeAttention in the same output node; returns its fusion seconds."""
@@ -599,9 +599,9 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self._show(attention, p)
         return attention.timings["fuse"]
 
-    def refuse(self, p: AttentionMapParameterNode) -> float:
-        """Blocking re-fusion (scripts, self-test); the widget uses startRefuse + applyRefused."""
-        return self.applyRefused(self._resultOf(self.startRefuse(p), 600.0), p)
+    def fuse_again(self, p: AttentionMapParameterNode) -> float:
+        """Blocking re-fusion (scripts, self-test); the widget uses startFuseAgain + applyRefused."""
+        return self.applyRefused(self._resultOf(self.startFuseAgain(p), 600.0), p)
 
     def _show(self, attention, p: AttentionMapParameterNode):
         if p.colorNode is None:  # our heat table enters the scene with the first result
@@ -752,7 +752,7 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Re-fusion from the worker's cached attention")
         nodeCount = slicer.mrmlScene.GetNumberOfNodes()
         p.layer = 1
-        logic.applyRefused(self._poll(logic.startRefuse(p)), p)
+        logic.applyRefused(self._poll(logic.startFuseAgain(p)), p)
         self.assertEqual(logic.result.attention.timings["forward"], 0.0)
         self.assertEqual(logic.result.attention.layer, 0)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)

@@ -282,7 +282,7 @@ def test_relative_position_and_causal_blocks_use_the_full_path(x):
         explain(model, x, attention_path="blockwise")
 
 
-def test_volume_refusion_from_the_blockwise_cache():
+def test_volume_fusing_again_from_the_blockwise_cache():
     """explain_volume on a flash-attention model (block-wise cache) gives the maps of the same model
     without flash attention (full-matrix cache), and so does every re-fusion."""
     torch.manual_seed(0)
@@ -303,4 +303,4 @@ def test_volume_refusion_from_the_blockwise_cache():
     np.testing.assert_allclose(ours.grid, full.grid, atol=ATOL)
     for change in ({"method": "rollout", "discard_ratio": 0.3}, {"method": "raw", "layer": 0}, {"layer": 1},
                    {"query_ras": full.peak_ras()}):
-        np.testing.assert_allclose(ours.refuse(**change).grid, full.refuse(**change).grid, atol=ATOL, err_msg=str(change))
+        np.testing.assert_allclose(ours.fuse_again(**change).grid, full.fuse_again(**change).grid, atol=ATOL, err_msg=str(change))

@@ -169,7 +169,7 @@ def test_output_node_has_the_grids_exact_geometry_and_is_reused(slicer_scene, ca
     assert node.GetAttribute("AttentionMap.method") == "rollout"
 
     count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    again = mrml.attention_to_volume(attention.refuse(method="raw"), scene, output_node=node)
+    again = mrml.attention_to_volume(attention.fuse_again(method="raw"), scene, output_node=node)
     assert again is node and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count
     assert node.GetAttribute("AttentionMap.method") == "raw"
 
@@ -465,14 +465,14 @@ def test_segment_statistics_bad_input(slicer_scene, case):
 
 # ---------------------------------------------------------------- re-fusion and several cases
 
-def test_refusion_into_the_same_node_equals_a_fresh_run(slicer_scene, case, oracle):
+def test_fusing_again_into_the_same_node_equals_a_fresh_run(slicer_scene, case, oracle):
     ct, attention = case
     scene = slicer_scene.scene
     node = mrml.attention_to_volume(attention, scene)
     array, affine = mrml.volume_to_array(ct)
     query = attention.peak_ras() + np.array([-20.0, 5.0, 0.0])
     for options in ({"method": "raw", "layer": 0}, {"layer": 0, "discard_ratio": 0.5}, {"query_ras": query}):
-        refused = attention.refuse(**options)
+        refused = attention.fuse_again(**options)
         mrml.attention_to_volume(refused, scene, output_node=node)
         fresh = explain(oracle, array, affine, **{"method": "rollout", **options})
         np.testing.assert_allclose(slicer.util.arrayFromVolume(node).transpose(2, 1, 0), fresh.grid, atol=1e-6)

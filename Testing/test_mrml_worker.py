@@ -1,7 +1,7 @@
 """AttentionMapLib.worker: the worker process the Slicer module runs the network in.
 
 Real worker processes (started as the module starts them), a real MONAI ViT loaded from a model
-card on disk, real explain_volume / refuse / score_volume compared with the same calls made here.
+card on disk, real explain_volume / fuse_again / score_volume compared with the same calls made here.
 Crash, kill, timeout and parent-death tests check that no process survives.
 """
 import json
@@ -184,25 +184,25 @@ def test_progress_log_and_the_cards_default_target(oracle_card, shared):
     assert not any(e.kind == LOG and "Loaded model" in e.value for e in second)
 
 
-def test_refuse_job_equals_refuse_in_this_process(oracle_card, shared):
+def test_fuse_again_job_equals_fuse_again_in_this_process(oracle_card, shared):
     path, model = oracle_card
     array, affine = volume()
     result = explain_job(str(path), array, affine, {"normalize": "minmax"}, device="cpu", worker=shared).wait(120).value
     attention = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1, normalize="minmax")
     options = {"method": "raw", "layer": 0, "discard_ratio": 0.3, "query_ras": attention.peak_ras()}
-    final = worker.refuse_job(result.attention, options, worker=shared).wait(60)
+    final = worker.fuse_again_job(result.attention, options, worker=shared).wait(60)
     assert final.kind == DONE, final.value
-    expected = attention.refuse(**options)
+    expected = attention.fuse_again(**options)
     np.testing.assert_allclose(final.value.grid, expected.grid, atol=1e-6)
     np.testing.assert_allclose(final.value.query_ras, attention.peak_ras())
     assert final.value.method == "raw" and final.value.timings["forward"] == 0.0
     assert final.value.result_id == result.attention.result_id
-    bad = worker.refuse_job(result.attention, {"method": "nonsense"}, worker=shared).wait(60)
+    bad = worker.fuse_again_job(result.attention, {"method": "nonsense"}, worker=shared).wait(60)
     assert bad.kind == ERROR and isinstance(bad.value, AttentionMapError) and "method" in str(bad.value)
     assert "Traceback" in bad.detail
     # another explanation replaces the cached one: re-fusing the old result is refused clearly
     explain_job(str(path), array, affine, {}, device="cpu", worker=shared).wait(120)
-    stale = worker.refuse_job(result.attention, {"layer": 0}, worker=shared).wait(60)
+    stale = worker.fuse_again_job(result.attention, {"layer": 0}, worker=shared).wait(60)
     assert stale.kind == ERROR and "press Apply" in str(stale.value)
 
 
@@ -463,7 +463,7 @@ def waited(start_job):
     return time.perf_counter() - start, final
 
 
-def test_explain_refuse_and_score_finish_inside_slicers_event_loop(shared):
+def test_explain_fuse_again_and_score_finish_inside_slicers_event_loop(shared):
     """Explain, re-fusion and score finish within 1.5x (+1 s) of their time when the caller just
     waits, with the main thread blocked the way Slicer blocks it; no poll() takes more than 50 ms.
 
@@ -478,10 +478,10 @@ def test_explain_refuse_and_score_finish_inside_slicers_event_loop(shared):
     result = explain_job("demo", array, affine, {}, device="cpu", worker=shared).wait(300).value  # loads the model
     starts = {
         "explain": lambda: explain_job("demo", array, affine, {"method": "rollout"}, device="cpu", worker=shared),
-        "refuse": lambda: worker.refuse_job(result.attention, {"method": "raw", "layer": 1}, worker=shared),
+        "fuse_again": lambda: worker.fuse_again_job(result.attention, {"method": "raw", "layer": 1}, worker=shared),
         "score": lambda: worker.score_job(result, None, {"method": "rollout", "target": 1}, worker=shared),
     }
-    for name in ("refuse", "score", "explain"):  # explain last: it replaces the worker's cached result
+    for name in ("fuse_again", "score", "explain"):  # explain last: it replaces the worker's cached result
         start_job = starts[name]
         plain, final = waited(start_job)
         assert final.kind == DONE, (name, final.value)

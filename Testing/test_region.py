@@ -159,7 +159,7 @@ def test_bad_regions_are_refused(vit):
     boxed = explain_volume(vit, volume, affine, PREP, img_size=IMG, region=BoxRegion(tuple(centre), (20, 20, 20)))
     far = apply_affine(model_affine, (np.array(shape) - 1) * 0.9)
     with pytest.raises(AttentionMapError, match="outside the region"):
-        boxed.refuse(query_ras=far)
+        boxed.fuse_again(query_ras=far)
     assert card_default_region({"default_region": {"kind": "lung_field", "margin_mm": 12}}) == LungFieldRegion(margin_mm=12.0)
     assert card_default_region({}) is None
     with pytest.raises(AttentionMapError, match="default_region"):

@@ -421,7 +421,7 @@ def test_one_job_at_a_time_and_scoring_is_cancellable():
 
 def test_a_result_is_checked_against_the_options_shown_once_applied():
     assert "fusion_differs" in calls_in(module_function("_applyResult"))
-    assert "_refuseTimer.start" in ast.unparse(module_function("_applyResult"))
+    assert "_fuseAgainTimer.start" in ast.unparse(module_function("_applyResult"))
 
 
 def test_volume_rendering_goes_through_the_property_node():
@@ -485,7 +485,7 @@ def test_translations_and_module_dependencies_follow_the_template():
 
 def test_the_self_test_drives_the_asynchronous_path():
     calls = calls_in(module_function("test_AttentionMap_demo"))
-    for step in ("startExplain", "applyResult", "startRefuse", "applyRefused", "process", "startScore"):
+    for step in ("startExplain", "applyResult", "startFuseAgain", "applyRefused", "process", "startScore"):
         assert step in calls, step
     assert "poll" in calls_in(module_function("_poll")) and "processEvents" in calls_in(module_function("_poll"))
     assert "assertLessEqual" in calls and "patch_size_mm" in calls  # the peak within one patch of the nodule

@@ -154,7 +154,7 @@ def test_sliding_window_query_uses_only_windows_holding_the_point(vit):
     volume = _volume(shape, seed=5)
     plain = explain_volume(vit, volume, affine, SLIDING, img_size=IMG)
     query_token = np.array([4, 7, 3])
-    result = plain.refuse(query_ras=apply_affine(plain.ijk_to_ras, query_token), normalize="none")
+    result = plain.fuse_again(query_ras=apply_affine(plain.ijk_to_ras, query_token), normalize="none")
     starts = [np.array(window_starts(s, w, p, 0.25)) // p for s, w, p in zip((80, 120, 64), IMG, PATCH)]
     n = np.array(IMG) // PATCH
     covered = np.zeros(result.grid.shape, dtype=bool)
@@ -163,17 +163,17 @@ def test_sliding_window_query_uses_only_windows_holding_the_point(vit):
             covered[tuple(slice(o, o + m) for o, m in zip(offset, n))] = True
     assert 0 < covered.sum() < covered.size
     assert np.all(result.grid[covered] > 0) and np.all(result.grid[~covered] == 0)
-    assert result.refuse(query_ras=None, normalize="minmax").grid.tolist() == plain.grid.tolist()
+    assert result.fuse_again(query_ras=None, normalize="minmax").grid.tolist() == plain.grid.tolist()
 
 
-def test_refuse_matches_a_fresh_run_without_running_the_network(vit):
+def test_fuse_again_matches_a_fresh_run_without_running_the_network(vit):
     volume, affine = _volume(SMALL, seed=6), CASES["oblique_30_20"][1]
     first = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout")
     calls = []
     handle = vit.register_forward_hook(lambda *args: calls.append(1))
     try:
-        again = first.refuse(method="raw", layer=0, normalize="percentile")
-        rolled = again.refuse(method="rollout", discard_ratio=0.5, layer=-1)
+        again = first.fuse_again(method="raw", layer=0, normalize="percentile")
+        rolled = again.fuse_again(method="rollout", discard_ratio=0.5, layer=-1)
     finally:
         handle.remove()
     assert calls == []
@@ -182,9 +182,26 @@ def test_refuse_matches_a_fresh_run_without_running_the_network(vit):
     fresh = explain_volume(vit, volume, affine, SLIDING, img_size=IMG, method="rollout", discard_ratio=0.5,
                            normalize="percentile")
     assert np.allclose(rolled.grid, fresh.grid, atol=1e-6) and rolled.layer == 1
-    assert np.array_equal(first.refuse().grid, first.grid)
+    assert np.array_equal(first.fuse_again().grid, first.grid)
     with pytest.raises(AttentionMapError, match="grad_rollout needs"):
-        first.refuse(method="grad_rollout")
+        first.fuse_again(method="grad_rollout")
+
+
+def test_refuse_is_the_deprecated_name_of_fuse_again(vit):
+    """Scripts written against the old name (the README documented ``attention.refuse(...)``) keep working,
+    with a DeprecationWarning, and get exactly what fuse_again gives, without running the network."""
+    first = explain_volume(vit, _volume(SMALL, seed=7), CASES["oblique_30_20"][1], SLIDING, img_size=IMG)
+    calls = []
+    handle = vit.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.warns(DeprecationWarning, match="use fuse_again"):
+            old = first.refuse(layer=0, method="raw")
+        new = first.fuse_again(layer=0, method="raw")
+    finally:
+        handle.remove()
+    assert calls == [] and (old.method, old.layer) == ("raw", 0)
+    np.testing.assert_array_equal(old.grid, new.grid)
+    assert not np.array_equal(old.grid, first.grid)
 
 
 def test_outputs_timings_and_grad_rollout_target(vit):

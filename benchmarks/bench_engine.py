@@ -1,10 +1,10 @@
-"""Engine benchmark: plain forward vs the seed's way vs ``explain`` (raw / rollout / grad_rollout).
+"""Engine benchmark: plain forward vs MONAI save_attn + full-matrix rollout vs ``explain`` (raw / rollout / grad_rollout).
 
 Variants (batch 1, eval mode):
 - ``forward``: the model's forward under ``torch.no_grad`` as built (MONAI default: no flash attention).
 - ``forward_flash``: the same with ``use_flash_attention=True`` (``F.scaled_dot_product_attention``),
   the fastest plain forward; ``explain`` must switch it off because it never forms the attention matrix.
-- ``seed``: the seed tutorial's way: ``save_attn=True`` (MONAI keeps every block's detached
+- ``save_attn``: MONAI save_attn + full-matrix rollout (the usual way, e.g. MONAI's tutorials): ``save_attn=True`` (MONAI keeps every block's detached
   ``(B, heads, N, N)`` in ``att_mat``), numpy mean over heads, then rollout with full ``N x N`` matrix
   products (``R <- rownorm(0.5 A + 0.5 I) @ R`` over the blocks, then the CLS row).
 - ``raw`` / ``rollout`` / ``grad_rollout``: ``AttentionMapLib.explain(model, x, method)``.
@@ -35,7 +35,7 @@ import measure  # noqa: E402
 
 measure.add_library_to_path()
 
-VARIANTS = ("forward", "forward_flash", "seed", "raw", "rollout", "grad_rollout")
+VARIANTS = ("forward", "forward_flash", "save_attn", "raw", "rollout", "grad_rollout")
 # Timed only, to see where grad_rollout's time goes: a forward with autograd plus a backward from the
 # predicted class's logit either to the input (what the engine does) or only down to the attention matrices.
 REFERENCES = ("backward_to_input", "backward_to_attention")
@@ -104,8 +104,8 @@ def block_flags(model, **flags) -> Iterator[None]:
                 setattr(block, name, value)
 
 
-def seed_rollout(model, x) -> np.ndarray:
-    """The seed's way: forward with ``save_attn``, numpy head mean of every block's ``att_mat``, full
+def save_attn_rollout(model, x) -> np.ndarray:
+    """MONAI save_attn + full-matrix rollout: forward with ``save_attn``, numpy head mean of every block's ``att_mat``, full
     matrix rollout, CLS row without CLS. Returns ``(B, N - 1)``."""
     import torch
 
@@ -136,11 +136,11 @@ def make_call(model, x, variant: str) -> Callable[[], Any]:
         return flash
     if variant in REFERENCES:
         return lambda: _backward(model, x, to_attention=variant == "backward_to_attention")
-    if variant == "seed":
-        def seed():
+    if variant == "save_attn":
+        def save_attn():
             with block_flags(model, save_attn=True, use_flash_attention=False):
-                return seed_rollout(model, x)
-        return seed
+                return save_attn_rollout(model, x)
+        return save_attn
     return lambda: explain(model, x, method=variant)
 
 
@@ -173,7 +173,7 @@ def _sync(device: str) -> Callable[[], None]:
 
 def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, device: str) -> Dict[str, Any]:
     """All variants of one configuration in one process, interleaved; plus a correctness check of the
-    seed's rollout against ``explain(..., "rollout")`` on the same input."""
+    the save_attn full-matrix rollout against ``explain(..., "rollout")`` on the same input."""
     from AttentionMapLib import explain
 
     model, x = build(config, device)
@@ -189,7 +189,7 @@ def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, devic
             wall[variant].append(seconds)
     ours = explain(model, x, method="rollout", normalize="none").grid.reshape(1, -1)
     with block_flags(model, save_attn=True, use_flash_attention=False):
-        theirs = seed_rollout(model, x)
+        theirs = save_attn_rollout(model, x)
     return {"times": times, "wall": wall, "clock": CLOCKS[device], "rollout_max_abs_diff": float(np.abs(ours - theirs).max()),
             "rollout_max": float(theirs.max()), **describe(model, x)}
 

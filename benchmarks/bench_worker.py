@@ -8,7 +8,7 @@ patches (+ CLS) is explained once in a worker process; then each variant asks th
 the cached attention ROUNDS times with options that change on every call (so no grid is reused; the
 first discard ratio sorts each block once, a separate one-round row, and later ratios reuse that sort),
 timing the whole round trip as the module sees it: request sent, fusion in the worker, grid back
-and decoded (``refuse_job(...).wait()``). The worker's own fusion time is reported beside it.
+and decoded (``fuse_again_job(...).wait()``). The worker's own fusion time is reported beside it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
 measure.add_library_to_path()
-SECTION = "worker-refusion"
+SECTION = "worker-fuse-again"
 ROUNDS = 24
 TARGET_MEDIAN_MS = 50.0
 
@@ -97,7 +97,7 @@ def run(quick: bool, threads: int) -> Dict[str, Any]:
                 totals, fusions = [], []
                 for options in rounds:
                     start = time.perf_counter()
-                    final = worker.refuse_job(attention, options, worker=process).wait(600)
+                    final = worker.fuse_again_job(attention, options, worker=process).wait(600)
                     totals.append(time.perf_counter() - start)
                     if final.kind != worker.DONE:
                         raise RuntimeError(f"{name}: {final.value}\n{final.detail}")
@@ -123,7 +123,7 @@ def report(results: Dict[str, Any], machine: Dict[str, str], command: str) -> st
         f"{results['tokens']} patches + CLS, explained once in the worker ({results['explain_seconds']:.1f} s including "
         f"the worker's start, torch import and model load). Then each row: {results['rounds']} re-fusions with options "
         "that change every round (the first discard ratio: one re-fusion, which sorts each block's fused attention "
-        "once for all later ratios; the worker keeps that sort, one more L·N² float32); **round trip** = `refuse_job(...).wait()` as the module sees it (request, fusion in "
+        "once for all later ratios; the worker keeps that sort, one more L·N² float32); **round trip** = `fuse_again_job(...).wait()` as the module sees it (request, fusion in "
         "the worker, token grid back and decoded); **in the worker** = the fusion alone. "
         f"Target (issue 9): median round trip <= {TARGET_MEDIAN_MS:.0f} ms.", "",
         "| re-fusion | round trip median (ms) | round trip p90 (ms) | in the worker, median (ms) | target |",

@@ -23,7 +23,7 @@ import bench_volume  # noqa: E402
 import bench_worker  # noqa: E402
 import measure  # noqa: E402
 
-LABELS = {"forward": "plain forward", "forward_flash": "plain forward, flash attention", "seed": "seed's way (save_attn, numpy, N×N products)",
+LABELS = {"forward": "plain forward", "forward_flash": "plain forward, flash attention", "save_attn": "MONAI save_attn + full-matrix rollout (numpy, N×N products)",
           "raw": "explain raw", "rollout": "explain rollout", "grad_rollout": "explain grad_rollout",
           "backward_to_input": "reference: forward + backward to the input", "backward_to_attention": "reference: forward + backward to the attention only"}
 TARGETS = {"rollout_time": 1.05, "rollout_memory": 10.0, "grad_rollout_time": 2.5}
@@ -78,27 +78,27 @@ def engine_table(rows: List[Dict[str, Any]]) -> List[str]:
     for row in rows:
         v = row["variants"]
         forward, flash = v["forward"]["seconds"], v["forward_flash"]["seconds"]
-        seed_peak, seed_over = v["seed"]["extra_mib"], _overhead(row, "seed")
+        save_attn_peak, save_attn_over = v["save_attn"]["extra_mib"], _overhead(row, "save_attn")
         lines += [f"#### {row['config']}: {row['patches']} patches + CLS = {row['tokens']} tokens, "
                   f"{row['layers']} layers x {row['heads']} heads, {row['parameters'] / 1e6:.1f} M parameters", "",
                   f"Time = {row['clock']} (median), wall = median wall-clock seconds of the same calls.", "",
                   "| variant | time (s) | x plain forward | x flash forward | wall (s) | peak memory above baseline (MiB) "
-                  "| beyond plain forward (MiB) | seed's peak / this peak | seed's extra / this extra |",
+                  "| beyond plain forward (MiB) | save_attn peak / this peak | save_attn extra / this extra |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in bench_engine.VARIANTS:
             m = v[name]
             over = _overhead(row, name)
             over_text = "-" if name in ("forward", "forward_flash") else (f"{over:,.0f}" if over > MEMORY_FLOOR_MIB else f"≤ {MEMORY_FLOOR_MIB:.0f}")
-            ratio_extra = "-" if name in ("forward", "forward_flash", "seed") else (
-                f"{seed_over / over:.1f}" if over > MEMORY_FLOOR_MIB else f"> {seed_over / over:.0f}")
+            ratio_extra = "-" if name in ("forward", "forward_flash", "save_attn") else (
+                f"{save_attn_over / over:.1f}" if over > MEMORY_FLOOR_MIB else f"> {save_attn_over / over:.0f}")
             lines.append(f"| {LABELS[name]} | {m['seconds']:.3f} | {m['seconds'] / forward:.2f} | {m['seconds'] / flash:.2f} | "
-                         f"{m['wall_seconds']:.3f} | {m['extra_mib']:,.0f} | {over_text} | {seed_peak / max(m['extra_mib'], MEMORY_FLOOR_MIB):.1f} | {ratio_extra} |")
+                         f"{m['wall_seconds']:.3f} | {m['extra_mib']:,.0f} | {over_text} | {save_attn_peak / max(m['extra_mib'], MEMORY_FLOOR_MIB):.1f} | {ratio_extra} |")
         for name in bench_engine.REFERENCES:
             lines.append(f"| {LABELS[name]} | {v[name]['seconds']:.3f} | {v[name]['seconds'] / forward:.2f} | "
                          f"{v[name]['seconds'] / flash:.2f} | {v[name]['wall_seconds']:.3f} | - | - | - | - |")
         lines += ["", f"All timing repeats ({row['clock']}): " + "; ".join(f"{n} " + ", ".join(f"{t:.3f}" for t in v[n]['all_seconds'])
                                                        for n in bench_engine.VARIANTS + bench_engine.REFERENCES),
-                  f"Check: the seed's full-matrix rollout and `explain(..., 'rollout', normalize='none')` differ by at most "
+                  f"Check: the save_attn full-matrix rollout and `explain(..., 'rollout', normalize='none')` differ by at most "
                   f"{row['rollout_max_abs_diff']:.1e} (largest value {row['rollout_max']:.1e}).", ""]
     return lines
 
@@ -113,8 +113,8 @@ def target_lines(rows: List[Dict[str, Any]]) -> List[str]:
     rollout_time = v["rollout"]["seconds"] / v["forward"]["seconds"]
     rollout_flash = v["rollout"]["seconds"] / v["forward_flash"]["seconds"]
     grad_time = v["grad_rollout"]["seconds"] / v["forward"]["seconds"]
-    memory = _overhead(row, "seed") / _overhead(row, "rollout")
-    peak_memory = v["seed"]["extra_mib"] / v["rollout"]["extra_mib"]
+    memory = _overhead(row, "save_attn") / _overhead(row, "rollout")
+    peak_memory = v["save_attn"]["extra_mib"] / v["rollout"]["extra_mib"]
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
@@ -129,9 +129,9 @@ def target_lines(rows: List[Dict[str, Any]]) -> List[str]:
         f"- rollout time: {rollout_time:.2f}x the plain forward (target ≤ {TARGETS['rollout_time']}x): "
         f"{verdict(rollout_time <= TARGETS['rollout_time'])} (ratio of medians; per round {rounds('rollout')}); "
         f"{rollout_flash:.2f}x the flash-attention forward.",
-        f"- rollout memory: the seed's way needs {_overhead(row, 'seed'):,.0f} MiB beyond the plain forward, rollout "
+        f"- rollout memory: MONAI save_attn + full-matrix rollout needs {_overhead(row, 'save_attn'):,.0f} MiB beyond the plain forward, rollout "
         f"{_overhead(row, 'rollout'):,.0f} MiB: {memory:.1f}x less (target ≥ {TARGETS['rollout_memory']:.0f}x): "
-        f"{verdict(memory >= TARGETS['rollout_memory'])}. Peak above baseline: {v['seed']['extra_mib']:,.0f} vs "
+        f"{verdict(memory >= TARGETS['rollout_memory'])}. Peak above baseline: {v['save_attn']['extra_mib']:,.0f} vs "
         f"{v['rollout']['extra_mib']:,.0f} MiB ({peak_memory:.1f}x).",
         f"- grad_rollout time: {grad_time:.2f}x the plain forward (target ≤ {TARGETS['grad_rollout_time']}x): "
         f"{verdict(grad_time <= TARGETS['grad_rollout_time'])} (per round {rounds('grad_rollout')}); forward + backward "
@@ -243,7 +243,7 @@ def write_report(results: Dict[str, Any], out: Path, command: str) -> None:
         "random weights for ViT-B (time and memory do not depend on the weights).", "",
         f"Demo-model rows and the volume sections use the model card `{results['model']}`"
         + (f": {results['model_description']}" if results.get("model_description") else "") + ".", "",
-        "## Attention engine against the plain forward and the seed's way", "",
+        "## Attention engine against the plain forward and MONAI save_attn + full-matrix rollout", "",
         "![benchmarks](benchmarks.png)", "",
         "How it is measured:", "",
         f"- **time**: median of {results['repeats']} calls, all variants of a configuration interleaved in one process "
@@ -256,8 +256,8 @@ def write_report(results: Dict[str, Any], out: Path, command: str) -> None:
         "(`MALLOC_MMAP_THRESHOLD_=131072`) so that resident memory follows live tensors. "
         f"Method reported by the workers: {sorted({r.get('memory_method', '?') for r in results['engine_cpu']})}.",
         "- **beyond plain forward**: peak above baseline minus the plain forward's (the memory the explanation adds); "
-        "the issue's memory target compares this for the seed's way and for rollout.",
-        "- **seed's way**: the model with `save_attn=True` (MONAI keeps every block's `att_mat`, heads x N x N), "
+        "the issue's memory target compares this for MONAI save_attn + full-matrix rollout and for rollout.",
+        "- **MONAI save_attn + full-matrix rollout**: the model with `save_attn=True` (MONAI keeps every block's `att_mat`, heads x N x N), "
         "`att_mat.numpy().mean(axis=1)` per block, then `R = rownorm(0.5 A + 0.5 I) @ R` with full N x N matrices, CLS row.",
         "- `explain` switches flash attention off for its pass (flash attention never forms the attention matrix); "
         "the flash forward is shown as the fastest plain forward.", "",

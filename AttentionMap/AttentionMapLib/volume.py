@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -213,8 +214,8 @@ class VolumeAttention:
         """RAS position (3,) in mm of the centre of the grid's highest token."""
         return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
 
-    def refuse(self, method: Optional[str] = None, layer: Optional[int] = None, discard_ratio: Optional[float] = None,
-               query_ras: Any = _UNCHANGED, normalize: Optional[str] = None) -> "VolumeAttention":
+    def fuse_again(self, method: Optional[str] = None, layer: Optional[int] = None, discard_ratio: Optional[float] = None,
+                   query_ras: Any = _UNCHANGED, normalize: Optional[str] = None) -> "VolumeAttention":
         """A new VolumeAttention from the cached head-fused attention, without running the network.
 
         Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
@@ -239,6 +240,12 @@ class VolumeAttention:
             layer=options["layer"], query_ras=None if query_point is None else np.asarray(query_point, dtype=np.float64),
             timings={"preprocess": 0.0, "forward": 0.0, "fuse": fused - start, "geometry": 0.0},
         )
+
+    def refuse(self, *args: Any, **kwargs: Any) -> "VolumeAttention":
+        """Deprecated name of :meth:`fuse_again` ("re-fuse"), kept for scripts written against it."""
+        warnings.warn("VolumeAttention.refuse is deprecated; use fuse_again (same arguments)", DeprecationWarning,
+                      stacklevel=2)
+        return self.fuse_again(*args, **kwargs)
 
     def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
         """The grid resampled (trilinear, 0 outside the grid's box and outside the region) onto another voxel

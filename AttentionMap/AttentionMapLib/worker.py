@@ -6,7 +6,7 @@ only advances while the main thread runs Python. All torch work therefore runs i
 worker process (``worker_process``) started with Slicer's own Python; this module is its client
 and imports neither torch nor MONAI.
 
-``explain_job`` / ``refuse_job`` / ``score_job`` return a ``WorkerJob``: ``poll()`` (never blocks:
+``explain_job`` / ``fuse_again_job`` / ``score_job`` return a ``WorkerJob``: ``poll()`` (never blocks:
 it reads only what has already arrived), ``cancel()``, ``wait(timeout)``; events are progress
 (fraction 0..1), log (a line for the details area), done (the result, plain data), error (the
 exception and the worker's traceback) and cancelled. The worker keeps its models and the last
@@ -488,11 +488,11 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     return WorkerJob(worker, header, _explain_result, timeout, input_path=path)
 
 
-def refuse_job(attention: AttentionData, fusion_options: Dict[str, Any], worker: Optional[WorkerProcess] = None,
+def fuse_again_job(attention: AttentionData, fusion_options: Dict[str, Any], worker: Optional[WorkerProcess] = None,
                timeout: Optional[float] = None) -> WorkerJob:
-    """Re-read the worker's cached attention of ``attention`` (VolumeAttention.refuse options: method,
+    """Re-read the worker's cached attention of ``attention`` (VolumeAttention.fuse_again options: method,
     layer, discard_ratio, query_ras, normalize) without running the network; the result is an AttentionData."""
-    header = {"op": "refuse", "result_id": attention.result_id, "options": _plain_options(fusion_options)}
+    header = {"op": "fuse_again", "result_id": attention.result_id, "options": _plain_options(fusion_options)}
     return WorkerJob(worker or shared_worker(), header, _refused, timeout)
 
 

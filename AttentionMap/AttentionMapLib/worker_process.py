@@ -2,7 +2,7 @@
 
 Started by ``worker.WorkerProcess`` as ``python -m AttentionMapLib.worker_process --port P ...``
 with the connection key as one hex line on stdin. It connects back to the GUI process, then serves
-one request at a time (explain, refuse, score; see worker_protocol for the message format) and
+one request at a time (explain, fuse_again, score; see worker_protocol for the message format) and
 answers with progress / done / error / cancelled / log events. It keeps the loaded models and the
 last explanation (model, input, VolumeAttention), so a re-fusion or a score needs no transfer of
 the volume and no new forward pass.
@@ -149,7 +149,7 @@ class WorkerServer:
     def _handle(self, header: Dict[str, Any], arrays: protocol.Arrays) -> None:
         job_id = int(header.get("id", -1))
         self._current = job_id
-        handler = {"explain": self._explain, "refuse": self._refuse, "score": self._score}.get(header.get("op"))
+        handler = {"explain": self._explain, "fuse_again": self._fuse_again, "score": self._score}.get(header.get("op"))
         try:
             if handler is None:
                 raise protocol.ProtocolError(f"worker: unknown request {header.get('op')!r}")
@@ -232,10 +232,10 @@ class WorkerServer:
                                     "volume since): press Apply to run the network again")
         return last
 
-    def _refuse(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
+    def _fuse_again(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
         last = self._last_of(header)
         options = dict(header.get("options") or {})
-        attention = last.attention.refuse(**options)
+        attention = last.attention.fuse_again(**options)
         last.attention = attention
         fields, out = attention_message(attention, last.model.classes)
         return {"attention": fields, "result_id": last.job_id}, out
