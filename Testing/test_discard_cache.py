@@ -142,10 +142,10 @@ def test_refuse_with_new_discard_ratios_equals_fresh_explanations_on_tied_attent
     first = explained(0.3)
     fused = first._tiling.captures[0].layers[0]
     assert torch.unique(fused).numel() < fused.numel() / 50  # ties everywhere
-    refused = first.refuse(discard_ratio=0.9)
-    assert np.array_equal(refused.grid, explained(0.9).grid)
+    fused_again = first.fuse_again(discard_ratio=0.9)
+    assert np.array_equal(fused_again.grid, explained(0.9).grid)
     kept = dict(first._tiling.captures[0].sorted_fused)
-    again = refused.refuse(discard_ratio=0.5)
+    again = fused_again.fuse_again(discard_ratio=0.5)
     assert np.array_equal(again.grid, explained(0.5).grid)
-    assert np.array_equal(again.refuse(discard_ratio=0.3).grid, first.grid)
+    assert np.array_equal(again.fuse_again(discard_ratio=0.3).grid, first.grid)
     assert all(first._tiling.captures[0].sorted_fused[b] is kept[b] for b in kept) and len(kept) == 2
