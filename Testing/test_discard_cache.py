@@ -2,7 +2,7 @@
 
 The cached path must give bit for bit what selection gives (torch.kthvalue, ties dropped with the
 cut, CLS -> CLS kept): checked on hand-made tie-heavy matrices against masked_fill written from the
-rule, on real MONAI ViTs (with and without CLS, batch 2) and through VolumeAttention.refuse.
+rule, on real MONAI ViTs (with and without CLS, batch 2) and through VolumeAttention.fuse_again.
 """
 import numpy as np
 import pytest
@@ -122,7 +122,7 @@ def test_each_block_is_sorted_once_and_only_when_a_ratio_drops_something():
     assert all(captured.sorted_fused[block] is first[block] for block in first)
 
 
-def test_refuse_with_new_discard_ratios_equals_fresh_explanations_on_tied_attention():
+def test_fuse_again_with_new_discard_ratios_equals_fresh_explanations_on_tied_attention():
     """Oracle ViT on a volume of few intensity levels: attention full of ties. A re-fusion to another
     ratio gives exactly the grid of an explanation made with that ratio; the sort is kept across results."""
     model = make_oracle_vit((16, 16, 16), (4, 4, 4), classification=True, num_layers=2, sharpness=2.0).eval()

@@ -3,10 +3,10 @@
 Qt-free. Importing the package needs neither torch nor MONAI: the public names below are loaded
 on first use, so the Slicer module can import it before its dependency check has run.
 
-Flow: preprocess -> capture -> methods -> geometry -> mrml | io (see docs/DESIGN in the repository).
+Flow: preprocess -> capture -> methods -> geometry -> mrml | io (see docs/DESIGN.md in the repository).
 """
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AttentionMapError, Cancelled
 
@@ -34,6 +34,15 @@ _LAZY = {
 }
 
 __all__ = ["AttentionMapError", "Cancelled", *_LAZY]
+
+if TYPE_CHECKING:  # the lazy names as type checkers and IDEs see them (never imported at run time)
+    from .engine import AttentionResult, CapturedAttention, capture_attention, explain, readout
+    from .geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
+    from .io import read_volume, write_volume
+    from .metrics import deletion_insertion, mask_statistics, pointing_game, score_volume
+    from .models import LoadedModel, load_model
+    from .preprocess import parse_preprocessing
+    from .volume import VolumeAttention, explain_volume
 
 
 def __getattr__(name: str) -> Any:

@@ -478,18 +478,33 @@ def explain(
     normalize: str = "minmax",
     attention_path: str = "auto",
 ) -> AttentionResult:
-    """Attention map of ``model`` for input ``x`` ``(B, C, *img_size)``, any real dtype (cast to the
-    model's parameter dtype, see :func:`as_model_input`).
-
-    Methods: ``raw`` (one block, heads fused by mean/max/min or one ``head``), ``rollout`` (Abnar &
-    Zuidema 2020, optional ``discard_ratio``), ``grad_rollout`` (Chefer, Gur & Wolf 2021, for
-    ``target``: a class index, default the predicted class; for dense outputs the mean of a channel,
-    see :func:`target_scores`). ``query``: read the row of one patch token ("what does this patch
-    look at") instead of CLS / the mean of rows. ``normalize``: minmax | percentile | none.
-    ``attention_path``: ``auto`` (default), ``full`` (per-layer N x N matrices, flash attention off
-    for the pass) or ``blockwise`` (per-layer Q, K (V, dO), flash attention on; O(L * N * d) memory),
-    see the module docstring; both give the same map. The model is left exactly as it was (see
+    """Attention map of ``model`` for input ``x``: one forward (and for gradient methods one backward)
+    pass, the attention fused and read out as a token grid. The model is left exactly as it was (see
     :func:`capture.hooked_attention` and :func:`blockwise.hooked_factors`).
+
+    Args:
+        model: a MONAI ViT-based network (ViT, UNETR, ViTAutoEnc, ... with SABlock attention).
+        x: ``(B, C, *img_size)`` torch tensor, any real dtype (cast to the model's parameter dtype, see
+            :func:`as_model_input`).
+        method: a name in :mod:`.method_registry`: ``raw`` (one block), ``rollout`` (Abnar & Zuidema
+            2020), ``grad_rollout`` (Chefer, Gur & Wolf 2021).
+        layer: block index, Python style (0 = first, -1 = last); rollout methods use blocks 0..layer.
+        head_fusion: ``mean`` | ``max`` | ``min`` over heads.
+        head: one head 0..H-1 instead of fusing heads.
+        discard_ratio: rollout: drop this fraction of each layer's weakest links, in [0, 1).
+        target: gradient methods: a class index (default the predicted class), one per sample, or a
+            callable ``logits -> (B,)`` score; dense outputs use the mean of a channel (see
+            :func:`target_scores`).
+        query: read the row of one patch token (flat index or grid index; "what does this patch look
+            at") instead of CLS / the mean of rows.
+        normalize: ``minmax`` | ``percentile`` | ``none`` (see :func:`methods.normalize_map`).
+        attention_path: ``auto`` (default), ``full`` (per-layer N x N matrices, flash attention off for
+            the pass) or ``blockwise`` (per-layer block inputs, flash attention on; O(L * N * d)
+            memory), see the module docstring; both give the same map.
+
+    Returns:
+        AttentionResult: ``grid`` float32 ``(B, n1, n2, n3)`` in x's spatial axis order, logits, the
+        resolved layer and target, and the capture (for :func:`readout` with other options).
     """
     check_options(method, discard_ratio, normalize)
     captured = capture_attention(model, x, head_fusion, head, with_gradients=get_method(method).needs_gradients,

@@ -93,8 +93,13 @@ def _read_dicom_series(folder: Path, series_id: Optional[str]):
 def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Read a 3D volume: a NRRD / NIfTI / MHA file, or a folder holding one DICOM series.
 
-    Returns (array_ijk, ijk_to_ras): array indexed (I, J, K), or (C, I, J, K) for multi-component
-    pixels, in the stored pixel type; ijk_to_ras (4, 4) float64 in RAS millimetres.
+    Args:
+        path: the file, or the DICOM folder.
+        series_id: DICOM folders holding several series: the SeriesInstanceUID to read.
+
+    Returns:
+        (array_ijk, ijk_to_ras): array indexed (I, J, K), or (C, I, J, K) for multi-component pixels, in
+        the stored pixel type; ijk_to_ras (4, 4) float64 in RAS millimetres.
     """
     sitk = _sitk()
     p = check_input_path(path)

@@ -57,9 +57,20 @@ class LoadedModel:
 
 
 def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> LoadedModel:
-    """Load "demo", a model card JSON file, or a MONAI bundle folder (needs trust_bundle=True).
+    """Load "demo", a model card JSON file, or a MONAI bundle folder.
 
-    Raises AttentionMapError naming the file (and the card field) for every unusable model.
+    Args:
+        source: "demo" (the bundled demo model), a model card .json path, or a MONAI bundle folder.
+        trust_bundle: must be True for a bundle (its configs can run Python code); cards are data only
+            (weights read with ``torch.load(..., weights_only=True)``).
+        device: where the network goes ("cpu", "cuda", or a torch device).
+
+    Returns:
+        LoadedModel: the network in eval mode, its preprocessing section, class names, default target
+        and input size.
+
+    Raises:
+        AttentionMapError: naming the file (and the card field) for every unusable model.
     """
     if not isinstance(source, (str, os.PathLike)):
         raise AttentionMapError(f"model: expected 'demo', a model card path or a bundle folder, got {source!r}")

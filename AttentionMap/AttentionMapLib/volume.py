@@ -321,20 +321,33 @@ def explain_volume(
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
-    array_ijk: (I, J, K) or (C, I, J, K), any numeric dtype, never modified. ijk_to_ras: (4, 4) RAS.
-    preprocessing: the model card section (dict, see `preprocess`). img_size: the model's input size
-    (needed for a plain MONAI ViT, which does not store it). query_ras: read the row of the token whose
-    patch holds this RAS point. progress(fraction) and cancel() are called between batches (cancel
-    returning True raises errors.Cancelled). device: where the input goes (default: the model's).
-    The remaining arguments are those of `engine.explain`. In sliding-window mode grad_rollout without
-    a target first runs all windows without gradients to pick the class (highest window probability).
-    window_weighting: "probability" (default) multiplies each window's map by that window's softmax
-    probability of the target class (the given target, else the class with the highest window
-    probability) before blending, so windows that do not see the class do not contribute their
-    attention (a classifier's attention in a window without the class points somewhere arbitrary);
-    "none" blends the maps as they are. Only used with several windows and class outputs.
-    region: restrict windows and map to a region (see the module docstring). temperature: calibration
-    temperature of the window probabilities (the card's ``calibration.temperature``; 1 = plain softmax).
+    Args:
+        model: a MONAI ViT-based network (see `engine.explain`).
+        array_ijk: (I, J, K) or (C, I, J, K), any numeric dtype, never modified.
+        ijk_to_ras: (4, 4) voxel index -> RAS mm.
+        preprocessing: the model card's "preprocessing" section (dict, see `preprocess`).
+        img_size: the model's input size (needed for a plain MONAI ViT, which does not store it).
+        query_ras: read the row of the token whose patch holds this RAS point; in sliding-window mode
+            only windows holding that point contribute, other tokens are 0.
+        progress: progress(fraction), called between batches.
+        cancel: cancel() -> bool, called between batches; True raises errors.Cancelled.
+        device: where the input goes (default: the model's).
+        method, layer, head_fusion, head, discard_ratio, normalize: as in `engine.explain`.
+        target: class (output index) to explain. In sliding-window mode a gradient method without a
+            target first runs all windows without gradients to pick the class (highest window
+            probability).
+        window_weighting: "probability" (default) multiplies each window's map by that window's softmax
+            probability of the target class (the given target, else the class with the highest window
+            probability) before blending, so windows that do not see the class do not contribute (a
+            classifier's attention in a window without the class points somewhere arbitrary); "none"
+            blends the maps as they are. Only used with several windows and class outputs.
+        region: restrict windows and map to a region (see the module docstring).
+        temperature: calibration temperature of the window probabilities (the card's
+            ``calibration.temperature``; 1 = plain softmax).
+
+    Returns:
+        VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
+        prediction and timings; ``fuse_again`` re-reads it with other fusion options.
     """
     if window_weighting not in WINDOW_WEIGHTINGS:
         raise AttentionMapError(f"window_weighting: expected one of {', '.join(WINDOW_WEIGHTINGS)}, got {window_weighting!r}")

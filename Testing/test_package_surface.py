@@ -1,0 +1,42 @@
+"""What users and type checkers see of the package: the lazy exports, the entry points' Args sections,
+and docs/DESIGN.md naming every library module."""
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import AttentionMapLib
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB = ROOT / "AttentionMap" / "AttentionMapLib"
+
+
+def test_type_checking_block_declares_exactly_the_lazy_exports():
+    tree = ast.parse((LIB / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    declared = {alias.name: node.module for node in block.body for alias in node.names}
+    assert declared == AttentionMapLib._LAZY
+    for name, module in declared.items():  # and each name is really defined there
+        assert getattr(AttentionMapLib, name).__module__ == f"AttentionMapLib.{module}", name
+
+
+@pytest.mark.parametrize("name", ["explain", "explain_volume", "load_model", "read_volume"])
+def test_public_entry_points_document_every_argument(name):
+    function = getattr(AttentionMapLib, name)
+    doc = inspect.getdoc(function)
+    assert "Args:" in doc and "Returns:" in doc, name
+    args = doc.split("Args:")[1].split("Returns:")[0]
+    documented = set(re.findall(r"^\s{4}([\w, ]+):", args, flags=re.M))
+    names = {n.strip() for entry in documented for n in entry.split(",")}
+    missing = set(inspect.signature(function).parameters) - names
+    assert not missing, f"{name}: no Args entry for {sorted(missing)}"
+
+
+def test_design_doc_names_every_library_module():
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    modules = {p.stem for p in LIB.glob("*.py")} - {"__init__"}
+    missing = {m for m in modules if f"`{m}`" not in text}
+    assert not missing, f"docs/DESIGN.md does not place {sorted(missing)}"
+    assert "docs/DESIGN.md" in (LIB / "__init__.py").read_text()
