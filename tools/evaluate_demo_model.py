@@ -99,7 +99,7 @@ def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RAN
     (images (N, 1, 48, 48, 48), kinds (N,) str)."""
     scans = demo_data.WholeScanSampler(cts, "heldout", heldout)
     images, kinds = [], []
-    for ci in range(len(cts)):
+    for ci in range(len(scans.cts)):
         for start in scans.inference_grid(ci):
             images.append(scans.window(ci, start))
             kinds.append("inference_grid")
@@ -300,8 +300,8 @@ FINE_TUNE = (
     "cuts them (starts on the inference grid, on the patch grid and anywhere; every body region, the air around "
     "the body, the table, the scan's cut faces and the padding), a share {hard} of them hard negatives: windows "
     "the current model calls lesion (P > {threshold}, mined on an {stride}-voxel start grid at the start and "
-    "every {remine} min, moved by up to 4 voxels). No whole-scan window meets a held-out slab or a widened real "
-    "tumour box. AdamW (weight decay {wd}), a fresh optimiser, linear warm-up over {warmup} samples to lr {lr}, "
+    "every {remine} min, moved by up to 4 voxels). No whole-scan window meets a widened real tumour box, nor the "
+    "held-out slab of {heldout}. AdamW (weight decay {wd}), a fresh optimiser, linear warm-up over {warmup} samples to lr {lr}, "
     "then constant; gradient norm clipped at 1; random flips; loss = cross-entropy + {token_weight} x token "
     "labelling (a fresh training-only Linear head on the last block's patch tokens, BCE, positive weight "
     "{token_pos_weight}). No loss on the attention. The previous weights: {previous}"
@@ -316,7 +316,8 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "") -> str:
         text = FINE_TUNE.format(
             pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scan=first["scan_negatives"],
             hard=first["hard_fraction"], threshold=first["mine_threshold"], stride=first["mine_stride"],
-            remine=first["remine_minutes"], wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
+            remine=first["remine_minutes"], heldout=first.get("scan_heldout", "None").replace("None", "every scan"),
+            wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
             token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], previous=previous)
         return text + _resumed(phases, first)
     first = phases[0]["settings"]
@@ -361,7 +362,9 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         "description": (
             "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
             "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
-            "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches)."
+            "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
+            "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
+            "calibrated window probability, and the default region is the automatic lung field."
         ),
         "network": {"name": "ViT", "args": checkpoint["network_args"]},
         "weights": WEIGHTS_NAME,
