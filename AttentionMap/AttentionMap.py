@@ -734,6 +734,7 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
         p.inputVolume = volume
         p.method = "rollout"
         p.device = "cpu"
+        p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
 
         self.delayDisplay("Explaining in the worker process")
         output = logic.applyResult(self._poll(logic.startExplain(p)), p)
