@@ -689,7 +689,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         for volume in volumes:
             array, ijkToRas = mrml.volume_to_array(volume)
             job = worker.explain_job(self.modelSource(p), array, ijkToRas, options, trust_bundle=p.trustBundle,
-                                     device=p.device)
+                                     device=p.device, region=self.regionSpec(p, array, ijkToRas))
             attentions.append(self._resultOf(job, timeoutSeconds).attention)
         return mrml.show_cases(attentions, slicer.mrmlScene, mrml.case_output_nodes(volumes),
                                names=[f"{v.GetName()} attention" for v in volumes], color_node=p.colorNode,

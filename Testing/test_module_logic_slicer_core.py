@@ -66,7 +66,8 @@ def run_self_test_steps() -> None:
     slicer.util.updateVolumeFromArray(volume, array.transpose(2, 1, 0).copy())
     volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     p = parameters(module, volume)
-    assert p.method == "rollout" and p.normalize == "percentile" and p.colorNode is None
+    assert p.method == "rollout" and p.normalize == "percentile" and p.colorNode is None and p.useDefaultRegion
+    p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
     assert logic.modelSummary(p) == (["no lesion", "lesion"], 4, 4)  # from the card, before any run
     assert scene.GetFirstNodeByName(mrml.HEAT_COLOR_NODE_NAME) is None
 

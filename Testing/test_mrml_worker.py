@@ -475,9 +475,11 @@ def test_explain_fuse_again_and_score_finish_inside_slicers_event_loop(shared):
     """
     array = np.random.default_rng(0).normal(0.0, 300.0, (120, 120, 96)).astype(np.float32)
     affine = np.diag([0.8, 0.9, 2.5, 1.0])
-    result = explain_job("demo", array, affine, {}, device="cpu", worker=shared).wait(300).value  # loads the model
+    result = explain_job("demo", array, affine, {}, device="cpu", worker=shared,  # loads the model
+                         region="none").wait(300).value  # noise, not a chest CT: no lung field
     starts = {
-        "explain": lambda: explain_job("demo", array, affine, {"method": "rollout"}, device="cpu", worker=shared),
+        "explain": lambda: explain_job("demo", array, affine, {"method": "rollout"}, device="cpu", worker=shared,
+                                       region="none"),
         "fuse_again": lambda: worker.fuse_again_job(result.attention, {"method": "raw", "layer": 1}, worker=shared),
         "score": lambda: worker.score_job(result, None, {"method": "rollout", "target": 1}, worker=shared),
     }
