@@ -1,10 +1,10 @@
-"""Shared pytest fixtures (each helper appends its own below, with a comment naming its owner)."""
+"""Shared pytest fixtures."""
 from types import SimpleNamespace
 
 import pytest
 
 
-# ---- slicer-core scene (owner: SLICER helper) --------------------------------------------------
+# ---- slicer-core scene ---------------------------------------------------------------------------
 @pytest.fixture
 def slicer_scene():
     """A real MRML scene set up as the Slicer application does, with a window-less red slice view.

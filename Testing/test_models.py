@@ -9,7 +9,7 @@ from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
 
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.models import DEMO_CARD, load_model
+from AttentionMapLib.models import load_model
 
 ARGS = {"in_channels": 1, "img_size": [16, 16, 16], "patch_size": 8, "hidden_size": 32, "mlp_dim": 64,
         "num_layers": 1, "num_heads": 2, "classification": True, "num_classes": 2, "post_activation": None}
@@ -201,7 +201,6 @@ def test_bundle_without_config_is_not_a_bundle(tmp_path):
         load_model(str(tmp_path), trust_bundle=True)
 
 
-@pytest.mark.skipif(not DEMO_CARD.is_file(), reason="demo model not shipped yet (TRAINER helper)")
 def test_demo_model_loads():
     loaded = load_model("demo")
     assert isinstance(loaded.network, ViT) and not loaded.network.training

@@ -5,7 +5,6 @@ had (no partial output node) and a real input volume is unchanged (voxels, geome
 """
 import numpy as np
 import pytest
-import slicer
 import vtk
 
 from AttentionMapLib import mrml

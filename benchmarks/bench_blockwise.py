@@ -25,11 +25,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engine  # noqa: E402
-import measure  # noqa: E402
+import bench_engine
+import measure
 
-measure.add_library_to_path()
 
 SECTION = "blockwise"
 VARIANTS = ("forward", "forward_flash", "rollout_full", "rollout_blockwise", "grad_blockwise", "grad_full")

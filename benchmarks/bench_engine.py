@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
+import measure
 
-measure.add_library_to_path()
 
 VARIANTS = ("forward", "forward_flash", "save_attn", "raw", "rollout", "grad_rollout")
 # Timed only, to see where grad_rollout's time goes: a forward with autograd plus a backward from the

@@ -22,7 +22,6 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import measure
 
-measure.add_library_to_path()
 
 STAGES = ("read", "preprocess", "geometry", "forward", "fuse", "write")
 OVERLAPS = (0.0, 0.25, 0.5, 0.625, 0.75)
@@ -82,8 +81,9 @@ def sliding_window(model_source: str, case: str = "lung2", overlaps: Sequence[fl
         seconds, cpu = [], []
         for _ in range(repeats):
             holder = {}
-            wall, used = measure.timed(lambda: holder.update(result=explain_volume(
-                loaded.network, array, ijk_to_ras, preprocessing, img_size=loaded.img_size, method=method)))
+            wall, used = measure.timed(lambda holder=holder, preprocessing=preprocessing: holder.update(
+                result=explain_volume(loaded.network, array, ijk_to_ras, preprocessing, img_size=loaded.img_size,
+                                      method=method)))
             seconds.append(wall)
             cpu.append(used)
         windows = holder["result"].num_windows

@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
+import measure
 
-measure.add_library_to_path()
 SECTION = "worker-fuse-again"
 ROUNDS = 24
 TARGET_MEDIAN_MS = 50.0

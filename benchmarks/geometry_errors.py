@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-measure.add_library_to_path()
 sys.path.insert(0, str(measure.REPO / "Testing"))
 
 import torch  # noqa: E402

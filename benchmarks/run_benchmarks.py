@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_blockwise  # noqa: E402
-import bench_engine  # noqa: E402
-import bench_volume  # noqa: E402
-import bench_worker  # noqa: E402
-import measure  # noqa: E402
+import bench_blockwise
+import bench_engine
+import bench_volume
+import bench_worker
+import measure
 
 LABELS = {"forward": "plain forward", "forward_flash": "plain forward, flash attention", "save_attn": "MONAI save_attn + full-matrix rollout (numpy, N×N products)",
           "raw": "explain raw", "rollout": "explain rollout", "grad_rollout": "explain grad_rollout",

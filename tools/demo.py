@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "AttentionMap"))  # works without pip install too
 
-from AttentionMapLib.cli import main as attention_map  # noqa: E402
-from AttentionMapLib.errors import AttentionMapError  # noqa: E402
-from AttentionMapLib.method_registry import method_names  # noqa: E402
-from AttentionMapLib.sample_data import fetch_sample_data  # noqa: E402
+from AttentionMapLib.cli import main as attention_map
+from AttentionMapLib.errors import AttentionMapError
+from AttentionMapLib.method_registry import method_names
+from AttentionMapLib.sample_data import fetch_sample_data
 
 
 def describe(summary: Dict[str, Any]) -> List[str]:

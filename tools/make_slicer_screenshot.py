@@ -12,13 +12,11 @@ also copied to AttentionMap/Resources/Icons/).
 """
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "AttentionMap"))  # works without pip install too
 VIEW_SIZE = 360
 
 
