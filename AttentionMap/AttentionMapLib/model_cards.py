@@ -236,6 +236,36 @@ def check_card(card: Mapping[str, Any], supported: Sequence[str]) -> Tuple[str, 
     for key in _TEXT_FIELDS:
         if card.get(key) is not None and not isinstance(card[key], str):
             raise _field_error(key, "a string", card[key])
+    check_region_and_calibration(card)
     batch = prep.sw_batch_size if prep.mode == "sliding_window" else 1
     check_memory(name, values, prep.spacing, batch)
     return name, dict(args)
+
+
+_CALIBRATION_FRACTIONS = ("ece", "ece_uncalibrated")  # expected calibration errors, in [0, 1]
+_CALIBRATION_TEXT = ("fitted_on", "ece_on")
+
+
+def check_region_and_calibration(card: Mapping[str, Any]) -> None:
+    """``default_region`` (read by region.card_default_region) and ``calibration`` (temperature read by
+    calibration.card_temperature; the recorded ECEs and their data descriptions) when the card has them."""
+    from .calibration import card_temperature
+    from .region import card_default_region
+
+    source = "model card"
+    try:
+        card_default_region(card, source)
+        card_temperature(card, source)
+    except AttentionMapError as exc:  # the loader names the card file itself
+        raise AttentionMapError(str(exc)[len(source) + 2:] if str(exc).startswith(source) else str(exc)) from None
+    section = card.get("calibration")
+    if section is None:
+        return
+    for key in _CALIBRATION_FRACTIONS:
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 <= value <= 1.0):
+            raise _field_error(f"calibration.{key}", "a number in [0, 1]", value)
+    for key in _CALIBRATION_TEXT:
+        if section.get(key) is not None and not isinstance(section[key], str):
+            raise _field_error(f"calibration.{key}", "a string", section[key])
