@@ -16,7 +16,7 @@ from monai.networks.nets import UNETR, ViT, ViTAutoEnc
 from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.model_cards import BLOCKWISE_SLAB_BYTES, MEMORY_LIMIT_BYTES, check_card, check_network_args, estimate_memory
 from AttentionMapLib.models import DEMO_CARD, SUPPORTED_NETWORKS, load_model
-from reliability import ARGS, PREPROCESSING, card_dict, snapshot, tiny_weights  # noqa: F401 (fixture)
+from reliability import ARGS, PREPROCESSING, card_dict, snapshot
 
 
 def _args(**changes):

@@ -22,7 +22,7 @@ from AttentionMapLib.cli import main
 from AttentionMapLib.io import write_volume
 from AttentionMapLib.outputs import STAGING_PREFIX, stop_signals_held
 from reliability import (card_dict, cli_subprocess, leftovers, oblique_affine, one_line, run_cli_subprocess,
-                         scan_array, snapshot, tiny_weights, work)  # noqa: F401 (fixtures)
+                         scan_array, snapshot)
 from test_io import _write_dicom_series
 
 SHAPE = scan_array().shape
