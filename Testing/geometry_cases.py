@@ -8,22 +8,12 @@ from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-from AttentionMapLib.geometry import apply_affine, lps_to_ras, ras_to_ijk, voxel_spacing
+from AttentionMapLib.geometry import apply_affine, lps_to_ras, ras_to_ijk, rotation, voxel_spacing
 
 CUBE_SIDE_MM = 12.0
 MODELS = {"cubic32_p8": ((32, 32, 32), (8, 8, 8)), "noncubic32x48x24_p8": ((32, 48, 24), (8, 8, 8))}
 INTENSITY = {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": True}
 POSITIONS = ((0.72, 0.30, 0.62), (0.22, 0.81, 0.35))  # fractions of the volume, asymmetric on purpose
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """3x3 rotation by `degrees` about axis 0, 1 or 2."""
-    t = np.deg2rad(degrees)
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i] = m[j, j] = np.cos(t)
-    m[i, j], m[j, i] = -np.sin(t), np.sin(t)
-    return m
 
 
 def _ijk_to_ras_from_lps(direction_lps: np.ndarray, spacing: Sequence[float], origin_lps: Sequence[float]) -> np.ndarray:

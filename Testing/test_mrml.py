@@ -15,6 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from AttentionMapLib import AttentionMapError, mrml
+from AttentionMapLib.geometry import rotation
 from AttentionMapLib.metrics import mask_statistics
 from AttentionMapLib.render import shared_scale
 from AttentionMapLib.volume import explain_volume
@@ -30,17 +31,9 @@ PREPROCESSING = {"orientation": "RAS", "spacing": None,
                  "spatial": {"mode": "resize"}}
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def ct_affine(origin=(-30.0, 20.0, -40.0)) -> np.ndarray:
     affine = np.eye(4)
-    affine[:3, :3] = _rotation(2, 30) @ _rotation(0, 20) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, :3] = rotation(2, 30) @ rotation(0, 20) @ np.diag([0.8, 0.9, 2.5])
     affine[:3, 3] = origin
     return affine
 
@@ -109,7 +102,7 @@ def test_volume_to_array_is_an_ijk_copy_with_world_geometry(slicer_scene):
 
     transform = slicer_scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     to_parent = np.eye(4)
-    to_parent[:3, :3] = _rotation(1, 15)
+    to_parent[:3, :3] = rotation(1, 15)
     to_parent[:3, 3] = (5.0, -7.0, 11.0)
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
     node.SetAndObserveTransformNodeID(transform.GetID())
@@ -304,7 +297,7 @@ def test_slice_view_shows_overlay_colour_at_peak_and_background_elsewhere(slicer
         logic.FitSliceToBackground()
         logic.SetSliceOffset(peak[2])
     else:
-        normal = _rotation(0, 25) @ _rotation(1, -35) @ np.array([0.0, 0.0, 1.0])
+        normal = rotation(0, 25) @ rotation(1, -35) @ np.array([0.0, 0.0, 1.0])
         slice_node.SetSliceToRASByNTP(*normal, 1.0, 0.0, 0.0, *peak, 0)
         logic.FitSliceToBackground()
         logic.SetSliceOffset(float(normal @ peak))
@@ -388,7 +381,7 @@ def test_segment_statistics_agree_with_numpy(slicer_scene, case, segmentation_tr
     labelmap_affine = ct_affine()
     if segmentation_transformed:  # the same boxes in world, stored under a linear transform
         to_parent = np.eye(4)
-        to_parent[:3, :3] = _rotation(2, -12)
+        to_parent[:3, :3] = rotation(2, -12)
         to_parent[:3, 3] = (3.0, -4.0, 6.0)
         transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
         transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
@@ -542,9 +535,9 @@ def test_oblique_roi_under_a_transform_becomes_the_same_box_in_world(slicer_scen
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lung ROI")
     roi.SetSize(30.0, 20.0, 14.0)
     object_to_node = np.eye(4)
-    object_to_node[:3, :3] = _rotation(2, 25)
+    object_to_node[:3, :3] = rotation(2, 25)
     to_parent = np.eye(4)
-    to_parent[:3, :3] = _rotation(0, 10)
+    to_parent[:3, :3] = rotation(0, 10)
     to_parent[:3, 3] = (-4.0, 6.0, 2.0)
     volume_centre = ct_affine() @ np.append((np.array(SHAPE) - 1) * 0.4, 1.0)
     object_to_node[:3, 3] = (np.linalg.inv(to_parent) @ volume_centre)[:3]  # the ROI's centre in node coordinates

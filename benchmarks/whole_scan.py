@@ -32,28 +32,6 @@ LESION_FREE_MARGIN_MM = 24.0
 PATCH_MM = 16.0
 
 
-def _sitk_to_arrays(image) -> Tuple[np.ndarray, np.ndarray]:
-    """SimpleITK image -> (array (I, J, K), ijk_to_ras (4, 4))."""
-    import SimpleITK as sitk
-
-    from AttentionMapLib.geometry import lps_to_ras
-
-    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    return array, lps_to_ras(ijk_to_lps)
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    t = np.deg2rad(degrees)
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i] = m[j, j] = np.cos(t)
-    m[i, j], m[j, i] = -np.sin(t), np.sin(t)
-    return m
-
-
 def _resample(image, label, direction_lps: np.ndarray, spacing: Tuple[float, float, float]):
     """Both onto a grid with `direction_lps` (3, 3) and `spacing` covering the image's corners."""
     import SimpleITK as sitk
@@ -79,13 +57,16 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
     import SimpleITK as sitk
 
+    from AttentionMapLib.geometry import rotation
+    from AttentionMapLib.io import image_arrays
+
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     if kind == "oblique":
-        image, label = _resample(image, label, _rotation(2, 12.0) @ _rotation(0, 8.0), (0.8, 0.8, 2.5))
+        image, label = _resample(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
     elif kind == "anisotropic":
         image, label = _resample(image, label, np.eye(3), (1.4, 0.7, 3.5))
-    array, affine = _sitk_to_arrays(image)
-    mask, mask_affine = _sitk_to_arrays(label)
+    array, affine = image_arrays(image)
+    mask, mask_affine = image_arrays(label)
     if kind == "flipped":
         flip = np.diag([-1.0, 1.0, -1.0, 1.0])
         flip[0, 3], flip[2, 3] = array.shape[0] - 1, array.shape[2] - 1

@@ -39,6 +39,16 @@ def lps_to_ras(matrix: np.ndarray) -> np.ndarray:
     return _LPS_TO_RAS @ m
 
 
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """(3, 3) right-handed rotation by `degrees` about array axis 0, 1 or 2 (for oblique test and re-gridded grids)."""
+    t = np.deg2rad(degrees)
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(3)
+    m[i, i] = m[j, j] = np.cos(t)
+    m[i, j], m[j, i] = -np.sin(t), np.sin(t)
+    return m
+
+
 def check_ijk_to_ras(matrix: object, name: str = "ijk_to_ras") -> np.ndarray:
     """Return `matrix` as a (4, 4) float64 array, or raise AttentionMapError if it is not a usable affine.
 

@@ -112,8 +112,13 @@ def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.nda
         raise AttentionMapError(f"{p}: SimpleITK could not read it as a volume ({reason})") from None
     if image.GetDimension() != 3:
         raise AttentionMapError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
+    return image_arrays(image)
+
+
+def image_arrays(image) -> Tuple[np.ndarray, np.ndarray]:
+    """(array_ijk, ijk_to_ras) of a 3D SimpleITK image: (I, J, K) or (C, I, J, K) array, RAS (4, 4)."""
     # GetArrayFromImage is (K, J, I) or (K, J, I, C); reversing gives (I, J, K) or (C, I, J, K)
-    array = np.ascontiguousarray(kji_to_ijk(sitk.GetArrayFromImage(image)))
+    array = np.ascontiguousarray(kji_to_ijk(_sitk().GetArrayFromImage(image)))
     return array, image_ijk_to_ras(image)
 
 
