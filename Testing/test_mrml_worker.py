@@ -390,14 +390,17 @@ def test_a_cancel_the_worker_cannot_honour_kills_it(tmp_path, oracle_card, monke
     monkeypatch.setattr(worker, "CANCEL_GRACE_S", 1.0)
     folder = tmp_path / "bundle"
     (folder / "configs").mkdir(parents=True)
-    config = {"hang": "$__import__('time').sleep(300)",
+    started = tmp_path / "hanging"  # written by the config just before it hangs
+    config = {"hang": f"$open({str(started)!r}, 'w').close() or __import__('time').sleep(300)",
               "network_def": {"_target_": "monai.networks.nets.ViT", **ARGS, "_requires_": "@hang"}}
     (folder / "configs" / "inference.json").write_text(json.dumps(config))
     process = WorkerProcess(threads=1)
     job = explain_job(str(folder), *volume(), {}, trust_bundle=True, device="cpu", worker=process)
-    while not job._sent:
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:  # cancel only once the worker hangs
         job.poll()
         time.sleep(0.01)
+    assert started.exists(), "the bundle load never started"
     job.cancel()
     assert job.wait(60).kind == CANCELLED
     assert wait_gone(process.pid)
