@@ -42,11 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402
-import whole_scan  # noqa: E402
-
-measure.add_library_to_path()
+import measure
+import whole_scan
 
 MAPS = ("raw", "rollout", "grad_rollout", "gradcam", "occlusion", "random")
 ATTENTION = ("raw", "rollout", "grad_rollout")
@@ -158,7 +155,7 @@ def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
                               "chance_pointing_1": float(_dilate(tokens_mask).mean()), "maps": {}}
     for name, function in _map_functions(index).items():
         holder: Dict[str, np.ndarray] = {}
-        wall, seconds = measure.timed(lambda: holder.update(tokens=function(x)))
+        wall, seconds = measure.timed(lambda holder=holder, function=function: holder.update(tokens=function(x)))
         tokens = holder["tokens"]
         voxels = _to_voxels(tokens, spec.patch_size)
         stats = mask_statistics(voxels, case.mask)
@@ -292,13 +289,14 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
         label = label > 0
         log(f"whole volume {name}: one sweep with gradients, three maps ...")
         holder: Dict[str, Any] = {}
-        sweep = measure.timed(lambda: holder.update(grad=explain_volume(
+        sweep = measure.timed(lambda holder=holder, image=image, affine=affine: holder.update(grad=explain_volume(
             loaded.network, image, affine, loaded.preprocessing, img_size=loaded.img_size, method="grad_rollout",
             target=loaded.target)))[1]
         grad = holder["grad"]
         results = {"grad_rollout": (grad, sweep)}
         for method in ("raw", "rollout"):  # re-read from the same capture, without running the network
-            seconds = measure.timed(lambda m=method: holder.update(result=grad.refuse(method=m)))[1]
+            seconds = measure.timed(lambda m=method, holder=holder, grad=grad:
+                                    holder.update(result=grad.fuse_again(method=m)))[1]
             results[method] = (holder["result"], seconds)
         # one patch (the token spacing in mm) in label voxels, per label axis
         tolerance = np.ceil(voxel_spacing(grad.ijk_to_ras).max() / voxel_spacing(label_affine)).astype(int)
@@ -407,7 +405,9 @@ def reading(records: List[Dict[str, Any]], summary: Dict[str, Dict[str, Any]]) -
     metrics = (("pointing", False, "pointing game"), ("mass_ratio", False, "relevance mass ratio"),
                ("deletion_auc", True, "deletion AUC"), ("insertion_auc", False, "insertion AUC"))
     for key, lower, label in metrics:
-        value = (lambda n: summary[n][key] if key == "pointing" else summary[n][key][0])
+        def value(name: str, key: str = key) -> float:
+            return summary[name][key] if key == "pointing" else summary[name][key][0]
+
         ranked = sorted(MAPS, key=value, reverse=not lower)
         lines.append(f"- {label}: best {LABELS[ranked[0]]}, then " + ", ".join(LABELS[n] for n in ranked[1:]) + ".")
     for method in ATTENTION:
@@ -524,7 +524,7 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
             lines += [f"## {group} (n = {len(subset)})", "", chance_line(subset), ""] + summary_table(summarise(subset)) + [""]
     lines += ["## Whole volumes (sliding windows, attention maps only)", "",
               "One sliding-window sweep with gradients per volume (`explain_volume(..., method='grad_rollout')`, its time in "
-              "the grad_rollout row); raw and rollout are re-read from the same capture (`VolumeAttention.refuse`, the time of "
+              "the grad_rollout row); raw and rollout are re-read from the same capture (`VolumeAttention.fuse_again`, the time of "
               "that re-read). A sweep without gradients is cheaper (docs/BENCHMARKS.md, end to end). The token grid is "
               "resampled (trilinear) onto the label's voxel grid; *within one patch*: the peak within one patch length (per "
               "axis, in label voxels) of the tumour; P(lesion): the volume-level probability (highest window).", ""] + volume_table(result["volumes"]) + [""]

@@ -24,13 +24,6 @@ MIB = 1024.0 * 1024.0
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def add_library_to_path() -> None:
-    """Make ``AttentionMapLib`` importable from a plain clone (no ``pip install`` needed)."""
-    library = str(REPO / "AttentionMap")
-    if library not in sys.path:
-        sys.path.insert(0, library)
-
-
 def _status_kib(key: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as status:

@@ -33,8 +33,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "AttentionMap"))
-sys.path.insert(0, str(ROOT / "tools"))
 
 from AttentionMapLib import demo_data, explain  # noqa: E402
 from AttentionMapLib.geometry import apply_affine  # noqa: E402

@@ -33,10 +33,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AttentionMap"))
-
-from AttentionMapLib import demo_data  # noqa: E402
-from AttentionMapLib.capture import hooked_attention  # noqa: E402
+from AttentionMapLib import demo_data
+from AttentionMapLib.capture import hooked_attention
 
 NETWORK_ARGS: Dict[str, object] = {
     "in_channels": 1,
