@@ -375,7 +375,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.scoreLabel.text = self.logic.describeScore(event.value)
         elif event.kind == worker.DONE:
             with slicer.util.tryWithErrorDisplay(_("Failed to show the attention map.")):
-                seconds = self.logic.applyRefused(event.value, self._parameterNode)
+                seconds = self.logic.applyFusedAgain(event.value, self._parameterNode)
                 self.ui.statusLabel.text = _("Updated from the cached attention in {ms} ms (the network was not "
                                              "re-run).").format(ms=f"{seconds * 1000:.0f}")
         elif event.kind == worker.CANCELLED:
@@ -593,15 +593,15 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         """Re-read the worker's cached attention with the current fusion options (no network run)."""
         return worker.fuse_again_job(self.result.attention, self.fusionOptions(p))
 
-    def applyRefused(self, attention, p: AttentionMapParameterNode) -> float:
+    def applyFusedAgain(self, attention, p: AttentionMapParameterNode) -> float:
         """Main thread: show a re-fused VolumeAttention in the same output node; returns its fusion seconds."""
         self.result = self.result._replace(attention=attention)
         self._show(attention, p)
         return attention.timings["fuse"]
 
     def fuse_again(self, p: AttentionMapParameterNode) -> float:
-        """Blocking re-fusion (scripts, self-test); the widget uses startFuseAgain + applyRefused."""
-        return self.applyRefused(self._resultOf(self.startFuseAgain(p), 600.0), p)
+        """Blocking re-fusion (scripts, self-test); the widget uses startFuseAgain + applyFusedAgain."""
+        return self.applyFusedAgain(self._resultOf(self.startFuseAgain(p), 600.0), p)
 
     def _show(self, attention, p: AttentionMapParameterNode):
         if p.colorNode is None:  # our heat table enters the scene with the first result
@@ -753,7 +753,7 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Re-fusion from the worker's cached attention")
         nodeCount = slicer.mrmlScene.GetNumberOfNodes()
         p.layer = 1
-        logic.applyRefused(self._poll(logic.startFuseAgain(p)), p)
+        logic.applyFusedAgain(self._poll(logic.startFuseAgain(p)), p)
         self.assertEqual(logic.result.attention.timings["forward"], 0.0)
         self.assertEqual(logic.result.attention.layer, 0)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)

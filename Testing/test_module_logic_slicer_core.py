@@ -92,7 +92,7 @@ def run_self_test_steps() -> None:
     count = scene.GetNumberOfNodes()
     p.layer = 1
     assert module_logic.fusion_differs(attention, logic.fusionOptions(p), logic.numLayers)
-    logic.applyRefused(poll(logic.startFuseAgain(p)), p)
+    logic.applyFusedAgain(poll(logic.startFuseAgain(p)), p)
     assert logic.result.attention.layer == 0 and logic.result.attention.timings["forward"] == 0.0
     assert scene.GetNumberOfNodes() == count
     refused = slicer.util.arrayFromVolume(output).copy()
@@ -106,7 +106,7 @@ def run_self_test_steps() -> None:
     query.AddControlPoint(list(nodule))
     p.queryPoint = query
     np.testing.assert_allclose(logic.fusionOptions(p)["query_ras"], nodule)
-    logic.applyRefused(poll(logic.startFuseAgain(p)), p)
+    logic.applyFusedAgain(poll(logic.startFuseAgain(p)), p)
     np.testing.assert_allclose(logic.result.attention.query_ras, nodule)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Nodule")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)

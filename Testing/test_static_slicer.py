@@ -485,7 +485,7 @@ def test_translations_and_module_dependencies_follow_the_template():
 
 def test_the_self_test_drives_the_asynchronous_path():
     calls = calls_in(module_function("test_AttentionMap_demo"))
-    for step in ("startExplain", "applyResult", "startFuseAgain", "applyRefused", "process", "startScore"):
+    for step in ("startExplain", "applyResult", "startFuseAgain", "applyFusedAgain", "process", "startScore"):
         assert step in calls, step
     assert "poll" in calls_in(module_function("_poll")) and "processEvents" in calls_in(module_function("_poll"))
     assert "assertLessEqual" in calls and "patch_size_mm" in calls  # the peak within one patch of the nodule
