@@ -9,6 +9,7 @@ from monai.networks.nets import ViT
 
 from AttentionMapLib import AttentionMapError, cli, explain
 from AttentionMapLib.numbering import layer_index
+
 from test_static_slicer import module_ast, ui_widgets
 
 

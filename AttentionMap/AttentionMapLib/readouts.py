@@ -11,7 +11,8 @@ import torch
 from . import blockwise, methods
 
 
-def _blockwise(captured, row: torch.Tensor, method: str, last: int, discard_ratio: float, has_cls: bool) -> torch.Tensor:
+def _blockwise(captured, row: torch.Tensor, method: str, last: int, discard_ratio: float,
+               has_cls: bool) -> torch.Tensor:
     return blockwise.readout_vector(captured.factors, row, method, last, discard_ratio, has_cls,
                                     captured.head_fusion, captured.head, captured.block_rows)
 
