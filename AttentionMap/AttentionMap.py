@@ -17,16 +17,27 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLColorTableNode, vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode,
-                    vtkMRMLProceduralColorNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode)
+from slicer import (
+    vtkMRMLColorTableNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLProceduralColorNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, render, worker
-from AttentionMapLib.method_registry import get_method, method_names
-from AttentionMapLib.numbering import layer_index
+from AttentionMapLib.core.method_registry import get_method, method_names
+from AttentionMapLib.core.numbering import layer_index
 
 try:  # as Slicer's scripted-module template (v5.8.0 Utilities/Templates/Modules/Scripted/TemplateKey.py)
     from slicer.i18n import tr as _
@@ -94,7 +105,7 @@ class AttentionMapParameterNode:
     """Everything the user chose; the .ui binds each field through its SlicerParameterName.
 
     layer: k = k-th block (1-based, as on the command line), 0 = the slider's "last" position (-1).
-    head: 0-based (as on the command line), used with "single head". See AttentionMapLib.numbering.
+    head: 0-based (as on the command line), used with "single head". See AttentionMapLib.core.numbering.
     threshold: fraction of the display window below which nothing is drawn. targetClass: a class
     name from the model, or "" for the model's default (not bound: the choices come from the model).
     """

@@ -8,7 +8,7 @@ from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-from AttentionMapLib.geometry import apply_affine, lps_to_ras, ras_to_ijk, rotation, voxel_spacing
+from AttentionMapLib.core.geometry import apply_affine, lps_to_ras, ras_to_ijk, rotation, voxel_spacing
 
 CUBE_SIDE_MM = 12.0
 MODELS = {"cubic32_p8": ((32, 32, 32), (8, 8, 8)), "noncubic32x48x24_p8": ((32, 48, 24), (8, 8, 8))}

@@ -10,8 +10,8 @@ import torch
 from monai.networks.nets import ViT
 
 from AttentionMapLib.baselines import GradCAM, OcclusionSensitivity, RandomMap
+from AttentionMapLib.core.methods import normalize_map
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.methods import normalize_map
 
 torch.set_num_threads(1)
 IMG = (32, 48, 64)

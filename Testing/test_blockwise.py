@@ -11,10 +11,10 @@ import torch
 from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
+from test_engine_oracle_and_errors import assert_untouched, model_state
 
 from AttentionMapLib import AttentionMapError, capture_attention, explain, explain_volume, readout
-from AttentionMapLib import blockwise, engine, methods
-from test_engine_oracle_and_errors import assert_untouched, model_state
+from AttentionMapLib.core import blockwise, engine, methods
 
 torch.set_num_threads(1)
 IMG = (40, 24, 56)

@@ -4,8 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from AttentionMapLib.calibration import (card_temperature, expected_calibration_error, fit_temperature,
-                                         negative_log_likelihood, softmax)
+from AttentionMapLib.core.calibration import (
+    card_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax,
+)
 from AttentionMapLib.errors import AttentionMapError
 
 

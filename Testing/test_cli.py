@@ -12,8 +12,9 @@ import torch
 from monai.networks.nets import ViT
 
 from AttentionMapLib.cli import main
-from AttentionMapLib.geometry import apply_affine
+from AttentionMapLib.core.geometry import apply_affine
 from AttentionMapLib.io import read_volume, write_volume
+
 from oracle import make_oracle_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, ijk_to_ras: np.ndarray)
     """One CT slice per file, geometry in the DICOM tags (LPS), as a scanner would write them."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.geometry import kji_to_ijk, lps_to_ras
+    from AttentionMapLib.core.geometry import kji_to_ijk, lps_to_ras
 
     folder.mkdir()
     lps = lps_to_ras(ijk_to_ras)
@@ -331,8 +332,8 @@ def _sliding_card(tmp_path, **extra) -> Path:
 def test_roi_mask_calibration_and_the_volume_level_prediction(scan, tmp_path):
     """--roi skips the windows outside the box and zeroes the map outside it; --mask likewise with a label
     volume; the volume-level P(lesion) is the highest calibrated window probability, with its window."""
+    from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.models import load_model
-    from AttentionMapLib.volume import explain_volume
 
     card = _sliding_card(tmp_path, calibration={"temperature": 2.0})
     image, label_path = scan / "case1.nrrd", scan / "case1_label.nrrd"

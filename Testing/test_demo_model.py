@@ -179,10 +179,10 @@ def test_training_losses_with_and_without_the_attention_loss():
 def test_whole_scan_windows_are_what_inference_cuts(cts):
     """Windows of the whole-scan sampler equal windows of preprocess_volume's output (the card's chain on the
     file as read), at the same starts, padding included."""
+    from AttentionMapLib.core.preprocess import preprocess_volume
+    from AttentionMapLib.core.volume import window_starts
     from AttentionMapLib.io import read_volume
-    from AttentionMapLib.preprocess import preprocess_volume
     from AttentionMapLib.sample_data import fetch_sample_data
-    from AttentionMapLib.volume import window_starts
 
     scans = demo_data.WholeScanSampler(cts, "train")
     array, affine = read_volume(fetch_sample_data()["lung1_image"])
@@ -235,7 +235,7 @@ def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
 
 
 def test_automatic_lung_field_holds_the_lungs_and_both_tumours(cts):
-    from AttentionMapLib.region import LungFieldRegion, region_mask
+    from AttentionMapLib.core.region import LungFieldRegion, region_mask
 
     for ct in cts:
         volume, offset = demo_data.model_input_volume(ct)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from AttentionMapLib import methods
-from AttentionMapLib.engine import capture_attention, readout
-from AttentionMapLib.volume import explain_volume
+from AttentionMapLib.core import methods
+from AttentionMapLib.core.engine import capture_attention, readout
+from AttentionMapLib.core.volume import explain_volume
+
 from oracle import make_oracle_vit
 
 RATIOS = (0.3, 0.5, 0.9, 0.97)

@@ -10,7 +10,7 @@ import torch
 from monai.networks.nets import UNETR, ViT, ViTAutoEnc
 
 from AttentionMapLib import capture_attention, explain, readout
-from AttentionMapLib.capture import hooked_attention
+from AttentionMapLib.core.capture import hooked_attention
 
 torch.set_num_threads(1)
 IMG = (32, 48, 64)

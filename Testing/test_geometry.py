@@ -2,9 +2,21 @@
 import numpy as np
 import pytest
 
+from AttentionMapLib.core.geometry import (
+    apply_affine,
+    check_ijk_to_ras,
+    crop,
+    ijk_to_kji,
+    kji_to_ijk,
+    lps_to_ras,
+    peak_index,
+    ras_to_ijk,
+    resample_grid,
+    token_grid_affine,
+    voxel_spacing,
+)
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import (apply_affine, check_ijk_to_ras, crop, ijk_to_kji, kji_to_ijk, lps_to_ras, peak_index,
-                                      ras_to_ijk, resample_grid, token_grid_affine, voxel_spacing)
+
 from geometry_cases import CASES, OBLIQUE
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from AttentionMapLib.volume import explain_volume
+from AttentionMapLib.core.volume import explain_volume
+
 from geometry_cases import CASES, INTENSITY, MODELS, POSITIONS, cube_volume, peak_error
 from oracle import make_oracle_vit
 

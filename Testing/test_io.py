@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from AttentionMapLib.core.geometry import apply_affine, lps_to_ras
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import apply_affine, lps_to_ras
 from AttentionMapLib.io import read_volume, write_volume
+
 from geometry_cases import CASES, OBLIQUE
 
 SHAPE_IJK = (13, 9, 7)

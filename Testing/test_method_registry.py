@@ -12,7 +12,7 @@ from monai.networks.nets import ViT
 
 from AttentionMapLib import AttentionMapError, explain, explain_volume
 from AttentionMapLib.cli import main
-from AttentionMapLib.method_registry import Method, get_method, method_names, register, unregister
+from AttentionMapLib.core.method_registry import Method, get_method, method_names, register, unregister
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "AttentionMap"
 
@@ -88,8 +88,8 @@ def test_the_table_needs_no_torch_and_imports_readouts_lazily():
         sys.path.insert(0, {str(MODULE_DIR)!r})
         for blocked in ("torch", "monai", "einops"):
             sys.modules[blocked] = None
-        from AttentionMapLib.method_registry import get_method, method_names
-        print(method_names(), get_method("grad_rollout").needs_gradients, "AttentionMapLib.readouts" in sys.modules)
+        from AttentionMapLib.core.method_registry import get_method, method_names
+        print(method_names(), get_method("grad_rollout").needs_gradients, "AttentionMapLib.core.readouts" in sys.modules)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "('raw', 'rollout', 'grad_rollout') True False", result.stdout + result.stderr

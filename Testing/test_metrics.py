@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
+from AttentionMapLib.core.metrics import deletion_insertion, distance_to_mask_mm, mask_statistics, pointing_game
 from AttentionMapLib.errors import AttentionMapError, Cancelled
-from AttentionMapLib.metrics import deletion_insertion, distance_to_mask_mm, mask_statistics, pointing_game
 
 
 def test_mask_statistics_by_hand():
@@ -153,7 +153,7 @@ def test_deletion_insertion_bad_inputs():
 
 
 def test_score_volume_scores_the_window_around_the_centre_point():
-    from AttentionMapLib.metrics import score_volume
+    from AttentionMapLib.core.metrics import score_volume
 
     torch.manual_seed(0)
     model = ViT(1, (32, 32, 32), 8, hidden_size=32, mlp_dim=32, num_layers=1, num_heads=2,

@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 
 from AttentionMapLib import AttentionMapError, worker
-from AttentionMapLib.dependencies import (EINOPS_VERSION, MONAI_VERSION, installed_versions, parse_version,
-                                          plan_dependencies)
-from AttentionMapLib.metrics import mask_statistics
+from AttentionMapLib.core.metrics import mask_statistics
+from AttentionMapLib.dependencies import (
+    EINOPS_VERSION,
+    MONAI_VERSION,
+    installed_versions,
+    parse_version,
+    plan_dependencies,
+)
 from AttentionMapLib.models import DEMO_CARD
 from AttentionMapLib.module_logic import card_summary, fusion_differs, patch_size_mm, self_test_phantom
 

@@ -15,10 +15,11 @@ import vtk
 from vtk.util import numpy_support
 
 from AttentionMapLib import AttentionMapError, mrml
-from AttentionMapLib.geometry import rotation
-from AttentionMapLib.metrics import mask_statistics
+from AttentionMapLib.core.geometry import rotation
+from AttentionMapLib.core.metrics import mask_statistics
+from AttentionMapLib.core.volume import explain_volume
 from AttentionMapLib.render import shared_scale
-from AttentionMapLib.volume import explain_volume
+
 from oracle import make_oracle_vit
 
 IMG_SIZE = (32, 32, 32)
@@ -528,8 +529,8 @@ def test_shared_scale_of_constant_maps_is_still_a_valid_window():
 def test_oblique_roi_under_a_transform_becomes_the_same_box_in_world(slicer_scene):
     """A rotated markups ROI under a linear transform: region_from_node gives its box in world (RAS)
     coordinates; the region mask equals the box tested voxel by voxel from the ROI's definition."""
-    from AttentionMapLib.geometry import apply_affine
-    from AttentionMapLib.region import region_from_spec, region_mask
+    from AttentionMapLib.core.geometry import apply_affine
+    from AttentionMapLib.core.region import region_from_spec, region_mask
 
     scene = slicer_scene.scene
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lung ROI")
@@ -560,7 +561,7 @@ def test_oblique_roi_under_a_transform_becomes_the_same_box_in_world(slicer_scen
 
 
 def test_segmentation_becomes_a_mask_on_the_input_grid(slicer_scene):
-    from AttentionMapLib.region import MaskRegion, region_from_spec
+    from AttentionMapLib.core.region import MaskRegion, region_from_spec
 
     scene = slicer_scene.scene
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs")

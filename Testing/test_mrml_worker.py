@@ -22,9 +22,10 @@ import torch
 
 from AttentionMapLib import AttentionMapError, worker
 from AttentionMapLib import worker_protocol as protocol
-from AttentionMapLib.volume import explain_volume
+from AttentionMapLib.core.volume import explain_volume
 from AttentionMapLib.worker import CANCELLED, DONE, ERROR, LOG, PROGRESS, WorkerDied, WorkerProcess, explain_job
 from AttentionMapLib.worker_process import resolve_device
+
 from oracle import make_oracle_vit
 
 IMG_SIZE = (16, 16, 16)
@@ -207,7 +208,7 @@ def test_fuse_again_job_equals_fuse_again_in_this_process(oracle_card, shared):
 
 
 def test_score_job_equals_score_volume_on_the_networks_device(tmp_path, shared):
-    from AttentionMapLib.metrics import score_volume
+    from AttentionMapLib.core.metrics import score_volume
 
     model = make_oracle_vit(IMG_SIZE, PATCH, classification=True, num_layers=2)
     with torch.no_grad():  # values, output projections and head made random, so the curves move
@@ -499,7 +500,7 @@ def test_explain_fuse_again_and_score_finish_inside_slicers_event_loop(shared):
 def test_region_mask_and_box_reach_the_worker_and_the_prediction_comes_back(oracle_card, shared):
     """A mask region (its array sent as a scratch file) and a box region give the worker's explain_volume
     the same result as a direct run with that region; the volume-level prediction and region come back."""
-    from AttentionMapLib.region import BoxRegion, MaskRegion
+    from AttentionMapLib.core.region import BoxRegion, MaskRegion
 
     path, model = oracle_card
     array, affine = volume()

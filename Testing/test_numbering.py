@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import ViT
 
 from AttentionMapLib import AttentionMapError, cli, explain
-from AttentionMapLib.numbering import layer_index
+from AttentionMapLib.core.numbering import layer_index
 
 from test_static_slicer import module_ast, ui_widgets
 

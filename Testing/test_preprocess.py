@@ -5,9 +5,10 @@ import warnings
 import numpy as np
 import pytest
 
+from AttentionMapLib.core.geometry import apply_affine, voxel_spacing
+from AttentionMapLib.core.preprocess import Preprocessing, check_volume, parse_preprocessing, preprocess_volume
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import apply_affine, voxel_spacing
-from AttentionMapLib.preprocess import Preprocessing, check_volume, parse_preprocessing, preprocess_volume
+
 from geometry_cases import CASES
 
 RAMP = np.array([0.3, -0.2, 0.5])  # intensity = RAMP . ras + 100: trilinear resampling reproduces it exactly

@@ -10,12 +10,19 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
+from AttentionMapLib.core.geometry import apply_affine, rotation
+from AttentionMapLib.core.preprocess import preprocess_volume
+from AttentionMapLib.core.region import (
+    BoxRegion,
+    LungFieldRegion,
+    MaskRegion,
+    box_region,
+    card_default_region,
+    sample_nearest,
+)
+from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import apply_affine, rotation
-from AttentionMapLib.preprocess import preprocess_volume
-from AttentionMapLib.region import (BoxRegion, LungFieldRegion, MaskRegion, box_region, card_default_region,
-                                    sample_nearest)
-from AttentionMapLib.volume import explain_volume, window_starts
+
 from geometry_cases import CASES, INTENSITY, OBLIQUE
 
 IMG, PATCH = (32, 48, 24), (8, 8, 8)

@@ -4,8 +4,16 @@ import pytest
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from AttentionMapLib.geometry import apply_affine
-from AttentionMapLib.render import LUNG_WINDOW, MAX_ALPHA, OverlayCase, draw_case, intensity_window, write_montage, write_overlay
+from AttentionMapLib.core.geometry import apply_affine
+from AttentionMapLib.render import (
+    LUNG_WINDOW,
+    MAX_ALPHA,
+    OverlayCase,
+    draw_case,
+    intensity_window,
+    write_montage,
+    write_overlay,
+)
 
 SPACING = np.array([0.8, 1.2, 2.5])
 SHAPE = (30, 24, 12)

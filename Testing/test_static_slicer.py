@@ -80,7 +80,7 @@ def module_constants() -> dict:
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 if ast.unparse(node.value) == "list(method_names())":  # the method registry's names
-                    from AttentionMapLib.method_registry import method_names
+                    from AttentionMapLib.core.method_registry import method_names
                     constants[node.targets[0].id] = list(method_names())
     return constants
 

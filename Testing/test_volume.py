@@ -11,12 +11,13 @@ import pytest
 import torch
 from monai.networks.nets import UNETR, ViT
 
-from AttentionMapLib import engine
+from AttentionMapLib.core import engine
+from AttentionMapLib.core.geometry import apply_affine, ras_to_ijk, token_grid_affine
+from AttentionMapLib.core.methods import normalize_map
+from AttentionMapLib.core.preprocess import preprocess_volume
+from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError, Cancelled
-from AttentionMapLib.geometry import apply_affine, ras_to_ijk, token_grid_affine
-from AttentionMapLib.methods import normalize_map
-from AttentionMapLib.preprocess import preprocess_volume
-from AttentionMapLib.volume import explain_volume, window_starts
+
 from geometry_cases import CASES, INTENSITY, cube_volume, peak_error
 from oracle import make_oracle_vit
 

@@ -31,7 +31,6 @@ import numpy as np
 
 import measure
 
-
 VARIANTS = ("forward", "forward_flash", "save_attn", "raw", "rollout", "grad_rollout")
 # Timed only, to see where grad_rollout's time goes: a forward with autograd plus a backward from the
 # predicted class's logit either to the input (what the engine does) or only down to the attention matrices.
@@ -75,7 +74,7 @@ def build(config: Dict[str, Any], device: str):
 
 
 def describe(model, x) -> Dict[str, Any]:
-    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.core.engine import model_spec
 
     spec = model_spec(model, input_size=tuple(x.shape[2:]))
     return {"tokens": spec.num_patches + int(spec.has_cls), "patches": spec.num_patches, "layers": spec.num_layers,
@@ -86,7 +85,7 @@ def describe(model, x) -> Dict[str, Any]:
 def block_flags(model, **flags) -> Iterator[None]:
     """Set SABlock attributes (``save_attn``, ``use_flash_attention``) for one call, as if the model had
     been built with them (MONAI reads both only in ``forward``); restore and drop ``att_mat`` after."""
-    from AttentionMapLib.capture import attention_blocks
+    from AttentionMapLib.core.capture import attention_blocks
 
     blocks = attention_blocks(model)
     saved = [{name: getattr(b, name) for name in flags} for b in blocks]
@@ -106,7 +105,7 @@ def save_attn_rollout(model, x) -> np.ndarray:
     matrix rollout, CLS row without CLS. Returns ``(B, N - 1)``."""
     import torch
 
-    from AttentionMapLib.capture import attention_blocks
+    from AttentionMapLib.core.capture import attention_blocks
 
     with torch.no_grad():
         model(x)
@@ -144,8 +143,8 @@ def make_call(model, x, variant: str) -> Callable[[], Any]:
 def _backward(model, x, to_attention: bool):
     import torch
 
-    from AttentionMapLib.capture import hooked_attention
-    from AttentionMapLib.engine import primary_output
+    from AttentionMapLib.core.capture import hooked_attention
+    from AttentionMapLib.core.engine import primary_output
 
     attentions: List[Any] = []
     with hooked_attention(model, lambda _i, a: attentions.append(a)), torch.enable_grad():

@@ -22,7 +22,6 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import measure
 
-
 STAGES = ("read", "preprocess", "geometry", "forward", "fuse", "write")
 OVERLAPS = (0.0, 0.25, 0.5, 0.625, 0.75)
 
@@ -37,8 +36,8 @@ def _load(model_source: str):
 def end_to_end(model_source: str, case: str = "lung2", methods: Sequence[str] = ("rollout", "grad_rollout"),
                repeats: int = 3, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Per method: median seconds per stage over ``repeats`` runs, the window count and the grid shape."""
+    from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.io import read_volume, write_volume
-    from AttentionMapLib.volume import explain_volume
 
     loaded, paths = _load(model_source)
     rows: Dict[str, Any] = {}
@@ -66,8 +65,8 @@ def end_to_end(model_source: str, case: str = "lung2", methods: Sequence[str] = 
 def sliding_window(model_source: str, case: str = "lung2", overlaps: Sequence[float] = OVERLAPS, method: str = "rollout",
                    repeats: int = 1, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """One row per overlap: window count and median seconds of ``explain_volume`` (and its forward part)."""
+    from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.io import read_volume
-    from AttentionMapLib.volume import explain_volume
 
     loaded, paths = _load(model_source)
     array, ijk_to_ras = read_volume(paths[f"{case}_image"])

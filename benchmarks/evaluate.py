@@ -22,7 +22,7 @@ baselines of ``AttentionMapLib.baselines``: Grad-CAM (token grid, MONAI ``GradCA
 (MONAI ``OcclusionSensitivity``), random. All on the token grid, min-max normalised, target = the card's
 lesion class.
 
-Metrics (``AttentionMapLib.metrics``): pointing game on the token grid (the peak patch contains lesion
+Metrics (``AttentionMapLib.core.metrics``): pointing game on the token grid (the peak patch contains lesion
 voxels; and within one patch, i.e. the 26 neighbours count too), relevance mass accuracy (the map, each token's
 value spread over its patch's voxels, inside the mask / in total) and its ratio to the mask's volume fraction
 (1 = a uniform map), RISE deletion and insertion AUC of P(lesion) (blur baseline: see ``--baseline``), and the
@@ -138,8 +138,8 @@ def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
     import torch
 
     from AttentionMapLib import demo_data
-    from AttentionMapLib.engine import model_spec
-    from AttentionMapLib.metrics import deletion_insertion, mask_statistics, pointing_game
+    from AttentionMapLib.core.engine import model_spec
+    from AttentionMapLib.core.metrics import deletion_insertion, mask_statistics, pointing_game
 
     index, case = job
     settings, loaded = _STATE["settings"], _STATE["loaded"]
@@ -191,8 +191,8 @@ def baseline_probabilities(settings: Settings, cases: Sequence[Case]) -> Dict[st
     ``metrics.deletion_insertion`` with one step: the end of its deletion curve is the baseline itself."""
     import torch
 
-    from AttentionMapLib.engine import model_spec
-    from AttentionMapLib.metrics import BASELINES, deletion_insertion
+    from AttentionMapLib.core.engine import model_spec
+    from AttentionMapLib.core.metrics import BASELINES, deletion_insertion
     from AttentionMapLib.models import load_model
 
     loaded = load_model(settings.model)
@@ -212,9 +212,9 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     false-alarm rate on the lesion-free held-out windows."""
     import torch
 
-    from AttentionMapLib.calibration import card_temperature, softmax
+    from AttentionMapLib.core.calibration import card_temperature, softmax
     from AttentionMapLib.models import load_model
-    from AttentionMapLib.region import LungFieldRegion, card_default_region
+    from AttentionMapLib.core.region import LungFieldRegion, card_default_region
 
     sys.path.insert(0, str(measure.REPO / "tools"))
     from evaluate_demo_model import heldout_scan_windows, scan_window_logits
@@ -274,11 +274,11 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
     """Whole-volume attention (sliding windows) against the tumour label, on the label's voxel grid."""
     import torch
 
-    from AttentionMapLib.geometry import voxel_spacing
+    from AttentionMapLib.core.geometry import voxel_spacing
     from AttentionMapLib.io import read_volume
-    from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics, pointing_game
+    from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game
     from AttentionMapLib.models import load_model
-    from AttentionMapLib.volume import explain_volume
+    from AttentionMapLib.core.volume import explain_volume
 
     torch.set_num_threads(1)
     loaded = load_model(settings.model)
@@ -551,7 +551,7 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
 # ----------------------------------------------------------------------------------------------- main
 def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any]:
     from AttentionMapLib import demo_data
-    from AttentionMapLib.engine import model_spec
+    from AttentionMapLib.core.engine import model_spec
     from AttentionMapLib.models import load_model
     from AttentionMapLib.sample_data import fetch_sample_data
 

@@ -26,10 +26,11 @@ import measure  # noqa: E402
 sys.path.insert(0, str(measure.REPO / "Testing"))
 
 import torch  # noqa: E402
+
+from AttentionMapLib.core.volume import explain_volume  # noqa: E402
+
 from geometry_cases import CASES, INTENSITY, MODELS, cube_volume, peak_error  # noqa: E402
 from oracle import make_oracle_vit  # noqa: E402
-
-from AttentionMapLib.volume import explain_volume  # noqa: E402
 
 PREPROCESSING = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "intensity": INTENSITY}
 

@@ -57,7 +57,7 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.geometry import rotation
+    from AttentionMapLib.core.geometry import rotation
     from AttentionMapLib.io import image_arrays
 
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
@@ -78,7 +78,7 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
 
 
 def label_centroid_ras(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    from AttentionMapLib.geometry import apply_affine
+    from AttentionMapLib.core.geometry import apply_affine
 
     return apply_affine(affine, np.argwhere(label).mean(0))
 
@@ -86,7 +86,7 @@ def label_centroid_ras(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def lesion_free_scans(paths: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """{"lung1 below its tumour": (array, ijk_to_ras), "lung2 above its tumour": ...}: axial slabs of the
     scans (input voxel grids) beyond the tumour label's K extent widened by LESION_FREE_MARGIN_MM."""
-    from AttentionMapLib.geometry import crop, voxel_spacing
+    from AttentionMapLib.core.geometry import crop, voxel_spacing
     from AttentionMapLib.io import read_volume
 
     out = {}
@@ -106,8 +106,8 @@ def lesion_free_scans(paths: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.
 def peak_token_holds_label(result, patch: Tuple[int, int, int], label: np.ndarray, label_affine: np.ndarray) -> bool:
     """Does the peak token's patch (`patch` voxels of the model-input grid) hold label voxels? The label is
     sampled by nearest neighbour at the model-input voxel centres."""
-    from AttentionMapLib.geometry import peak_index
-    from AttentionMapLib.region import sample_nearest, token_mask
+    from AttentionMapLib.core.geometry import peak_index
+    from AttentionMapLib.core.region import sample_nearest, token_mask
 
     p = np.asarray(patch, dtype=np.float64)
     voxel_affine = result.ijk_to_ras.copy()  # token grid -> model-input voxel grid
@@ -121,9 +121,9 @@ def peak_token_holds_label(result, patch: Tuple[int, int, int], label: np.ndarra
 def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, region, method: str = "rollout",
              label: Optional[np.ndarray] = None, label_affine: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """One whole-scan explanation and its numbers (see the module docstring); label optional."""
-    from AttentionMapLib.engine import model_spec
-    from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics
-    from AttentionMapLib.volume import explain_volume
+    from AttentionMapLib.core.engine import model_spec
+    from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics
+    from AttentionMapLib.core.volume import explain_volume
 
     start = time.perf_counter()
     result = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,

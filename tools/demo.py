@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-
 from AttentionMapLib.cli import main as attention_map
+from AttentionMapLib.core.method_registry import method_names
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.method_registry import method_names
 from AttentionMapLib.sample_data import fetch_sample_data
 
 

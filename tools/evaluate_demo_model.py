@@ -35,14 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from AttentionMapLib import demo_data, explain  # noqa: E402
-from AttentionMapLib.geometry import apply_affine  # noqa: E402
-from AttentionMapLib.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
+from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
+from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from train_demo_model import auc, build_network  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import whole_scan  # noqa: E402
-from AttentionMapLib.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
-from AttentionMapLib.region import LungFieldRegion  # noqa: E402
+from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
+from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
 
 MODELS_DIR = ROOT / "AttentionMap" / "Resources" / "Models"
 CARD_NAME = "demo_lung_nodule_vit.json"

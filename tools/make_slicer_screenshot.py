@@ -60,11 +60,11 @@ def main() -> None:
     from PIL import Image
 
     from AttentionMapLib import mrml
-    from AttentionMapLib.calibration import card_temperature
+    from AttentionMapLib.core.calibration import card_temperature
+    from AttentionMapLib.core.region import card_default_region
+    from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.io import read_volume
     from AttentionMapLib.models import load_model
-    from AttentionMapLib.region import card_default_region
-    from AttentionMapLib.volume import explain_volume
 
     torch.set_num_threads(1)
     if args.data:

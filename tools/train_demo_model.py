@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from AttentionMapLib import demo_data
-from AttentionMapLib.capture import hooked_attention
+from AttentionMapLib.core.capture import hooked_attention
 
 NETWORK_ARGS: Dict[str, object] = {
     "in_channels": 1,

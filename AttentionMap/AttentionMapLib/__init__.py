@@ -12,37 +12,37 @@ from .errors import AttentionMapError, Cancelled
 
 # public name -> module that defines it
 _LAZY = {
-    "explain": "engine",
-    "capture_attention": "engine",
-    "AttentionResult": "engine",
-    "CapturedAttention": "engine",
-    "readout": "engine",
-    "explain_volume": "volume",
-    "VolumeAttention": "volume",
+    "explain": "core.engine",
+    "capture_attention": "core.engine",
+    "AttentionResult": "core.engine",
+    "CapturedAttention": "core.engine",
+    "readout": "core.engine",
+    "explain_volume": "core.volume",
+    "VolumeAttention": "core.volume",
     "read_volume": "io",
     "write_volume": "io",
-    "kji_to_ijk": "geometry",
-    "ijk_to_kji": "geometry",
-    "lps_to_ras": "geometry",
-    "parse_preprocessing": "preprocess",
+    "kji_to_ijk": "core.geometry",
+    "ijk_to_kji": "core.geometry",
+    "lps_to_ras": "core.geometry",
+    "parse_preprocessing": "core.preprocess",
     "load_model": "models",
     "LoadedModel": "models",
-    "mask_statistics": "metrics",
-    "pointing_game": "metrics",
-    "deletion_insertion": "metrics",
-    "score_volume": "metrics",
+    "mask_statistics": "core.metrics",
+    "pointing_game": "core.metrics",
+    "deletion_insertion": "core.metrics",
+    "score_volume": "core.metrics",
 }
 
 __all__ = ["AttentionMapError", "Cancelled", *_LAZY]
 
 if TYPE_CHECKING:  # the lazy names as type checkers and IDEs see them (never imported at run time)
-    from .engine import AttentionResult, CapturedAttention, capture_attention, explain, readout
-    from .geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
+    from .core.engine import AttentionResult, CapturedAttention, capture_attention, explain, readout
+    from .core.geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
+    from .core.metrics import deletion_insertion, mask_statistics, pointing_game, score_volume
+    from .core.preprocess import parse_preprocessing
+    from .core.volume import VolumeAttention, explain_volume
     from .io import read_volume, write_volume
-    from .metrics import deletion_insertion, mask_statistics, pointing_game, score_volume
     from .models import LoadedModel, load_model
-    from .preprocess import parse_preprocessing
-    from .volume import VolumeAttention, explain_volume
 
 
 def __getattr__(name: str) -> Any:

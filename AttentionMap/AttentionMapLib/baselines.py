@@ -33,9 +33,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .engine import model_spec, primary_output, resolve_target
+from .core.engine import model_spec, primary_output, resolve_target
+from .core.methods import normalize_map
 from .errors import AttentionMapError
-from .methods import normalize_map
 
 Target = Union[int, Sequence[int], None]
 GRADCAM_LAYERS = ("tokens", "patch_embedding")

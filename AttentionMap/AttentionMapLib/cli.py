@@ -30,16 +30,16 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .core.method_registry import get_method, method_names
+from .core.numbering import layer_index
 from .errors import AttentionMapError
 from .io import read_volume
-from .method_registry import get_method, method_names
-from .numbering import layer_index
 from .outputs import check_output_file, check_output_folder, staged_folder, write_file, writing
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -158,7 +158,7 @@ def case_name(path: Path) -> str:
 
 def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     """Keyword arguments for explain / explain_volume from the shared command-line options."""
-    from .engine import model_spec
+    from .core.engine import model_spec
     from .models import class_index
 
     target = class_index(args.target, loaded.classes, "--target") if args.target is not None else loaded.target
@@ -279,7 +279,7 @@ def naming_input(path: Path, exc: AttentionMapError) -> AttentionMapError:
 
 def case_regions(args: argparse.Namespace, cases: Sequence[Case], loaded) -> List[Any]:
     """The region of each case: --roi box, --mask volume, none (--roi none), else the card's default (or None)."""
-    from .region import MaskRegion, box_region, card_default_region
+    from .core.region import MaskRegion, box_region, card_default_region
 
     roi, masks = getattr(args, "roi", None), getattr(args, "mask", None)
     if roi is not None and [v.lower() for v in roi] == ["none"]:
@@ -308,8 +308,8 @@ def case_regions(args: argparse.Namespace, cases: Sequence[Case], loaded) -> Lis
 
 def check_case_volumes(cases: Sequence[Case], loaded) -> None:
     """Every input the model can take (3D, channels, finite), checked before any is computed."""
-    from .engine import model_spec
-    from .preprocess import check_volume
+    from .core.engine import model_spec
+    from .core.preprocess import check_volume
 
     in_channels = model_spec(loaded.network, loaded.img_size).in_channels
     for case in cases:
@@ -323,7 +323,7 @@ def run_command(args: argparse.Namespace) -> int:
     """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end."""
     from tqdm import tqdm
 
-    from .calibration import card_temperature
+    from .core.calibration import card_temperature
     from .models import load_model, resolve_device
     from .render import shared_scale, write_montage, write_overlay
 
@@ -369,7 +369,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _explain_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, Any], device: str):
-    from .volume import explain_volume
+    from .core.volume import explain_volume
 
     bar, update = _progress_bar(f"{case.name} windows")
     try:
@@ -407,8 +407,8 @@ def _write_maps(staging: Path, output_dir: Path, case: Case, resample: bool) -> 
 
 def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
     """Probabilities, peak, timings and (with a mask) the scores against the mask."""
-    from .geometry import voxel_spacing
-    from .metrics import distance_to_mask_mm, mask_statistics, pointing_game
+    from .core.geometry import voxel_spacing
+    from .core.metrics import distance_to_mask_mm, mask_statistics, pointing_game
 
     attention = case.attention
     peak = np.asarray(attention.peak_ras(), dtype=np.float64)
@@ -443,7 +443,7 @@ def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- score
 def score_command(args: argparse.Namespace) -> int:
     """`attention-map score`: deletion / insertion AUC of the map on the model input (`metrics.score_volume`)."""
-    from .metrics import score_volume
+    from .core.metrics import score_volume
     from .models import load_model, resolve_device
 
     (case,) = read_cases([args.input], None, args.series_uid)

@@ -118,7 +118,7 @@ def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
 def lung_mask(hu: np.ndarray) -> np.ndarray:
     """Lung voxels of a chest CT in HU (I, J, K), K axial: air below -400 HU enclosed by the body
     (`region.enclosed_air`: per axial slice, components not touching the slice border, >= 100 voxels)."""
-    from .region import enclosed_air
+    from .core.region import enclosed_air
 
     return enclosed_air(hu < LUNG_HU)
 
@@ -348,7 +348,7 @@ def model_input_volume(ct: LungCT) -> Tuple[np.ndarray, np.ndarray]:
     import torch
     from monai.data import MetaTensor
 
-    from .preprocess import fitting_transforms, parse_preprocessing
+    from .core.preprocess import fitting_transforms, parse_preprocessing
 
     image = MetaTensor(torch.from_numpy(scale_intensity(ct.hu)[None]), affine=torch.from_numpy(ct.ijk_to_ras))
     padded = fitting_transforms(parse_preprocessing(CARD_PREPROCESSING), (CROP,) * 3, (PATCH,) * 3)(image)
@@ -399,7 +399,7 @@ class WholeScanSampler:
 
     def inference_grid(self, ci: int) -> np.ndarray:
         """Allowed starts (N, 3) of the windows sliding-window inference cuts from scan `ci`."""
-        from .volume import window_starts
+        from .core.volume import window_starts
 
         overlap = float(CARD_PREPROCESSING["spatial"]["overlap"])
         axes = [window_starts(n, CROP, PATCH, overlap) for n in self.volumes[ci].shape]

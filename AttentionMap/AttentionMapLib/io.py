@@ -14,8 +14,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from .core.geometry import check_ijk_to_ras, kji_to_ijk, lps_to_ras, voxel_spacing
 from .errors import AttentionMapError
-from .geometry import check_ijk_to_ras, kji_to_ijk, lps_to_ras, voxel_spacing
 
 PathLike = Union[str, os.PathLike]
 

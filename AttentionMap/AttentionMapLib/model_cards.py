@@ -202,7 +202,7 @@ def check_card(card: Mapping[str, Any], supported: Sequence[str]) -> Tuple[str, 
     Raises AttentionMapError naming the field. Unknown top-level keys are kept for the record (cards
     carry training notes and metrics) and never used.
     """
-    from .preprocess import parse_preprocessing
+    from .core.preprocess import parse_preprocessing
 
     network = card.get("network")
     if not isinstance(network, Mapping) or not isinstance(network.get("name"), str):
@@ -249,8 +249,8 @@ _CALIBRATION_TEXT = ("fitted_on", "ece_on")
 def check_region_and_calibration(card: Mapping[str, Any]) -> None:
     """``default_region`` (read by region.card_default_region) and ``calibration`` (temperature read by
     calibration.card_temperature; the recorded ECEs and their data descriptions) when the card has them."""
-    from .calibration import card_temperature
-    from .region import card_default_region
+    from .core.calibration import card_temperature
+    from .core.region import card_default_region
 
     source = "model card"
     try:

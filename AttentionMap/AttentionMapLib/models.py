@@ -265,7 +265,7 @@ def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
 
 def _checked_preprocessing(source: Path, preprocessing: Any) -> Dict[str, Any]:
     """The card's preprocessing section, checked now (preprocess.parse_preprocessing) so a bad card fails at load."""
-    from .preprocess import parse_preprocessing
+    from .core.preprocess import parse_preprocessing
 
     if not isinstance(preprocessing, dict):
         raise AttentionMapError(f"{source}: 'preprocessing' must be an object (orientation, spacing, intensity, spatial)")

@@ -18,8 +18,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .core.geometry import check_ijk_to_ras
 from .errors import AttentionMapError
-from .geometry import check_ijk_to_ras
 from .render import shared_scale
 
 HEAT_COLOR_NODE_NAME = "AttentionMapHeat"
@@ -397,7 +397,7 @@ def segment_statistics(attention: Any, segmentation_node: Any, reference_volume_
     mass_ratio and pointing_hit. Writes a vtkMRMLTableNode (reused when given) with a "segment"
     column and one column per statistic. Returns the table node.
     """
-    from .metrics import mask_statistics  # imported here: the Slicer module loads this file at start-up
+    from .core.metrics import mask_statistics  # imported here: the Slicer module loads this file at start-up
 
     ids = _segment_ids(segmentation_node, segment_ids)
     shape, ijk_to_ras = volume_geometry(reference_volume_node)

@@ -96,7 +96,7 @@ def draw_case(axes, case: OverlayCase, norm) -> None:
     """Draw the three views of one case into three matplotlib Axes (colours scaled by `norm`)."""
     from matplotlib import colormaps
 
-    from .geometry import ras_to_ijk, voxel_spacing
+    from .core.geometry import ras_to_ijk, voxel_spacing
 
     volume, attention, label, affine = _reorient(case)
     spacing = voxel_spacing(affine)

@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 
 from . import worker_protocol as protocol
+from .core.geometry import apply_affine, peak_index, resample_grid
 from .errors import AttentionMapError
-from .geometry import apply_affine, peak_index, resample_grid
 from .worker_process import SCRATCH_PREFIX
 
 PROGRESS, LOG, DONE, ERROR, CANCELLED = "progress", "log", "done", "error", "cancelled"

@@ -101,7 +101,7 @@ def attention_message(attention: Any, classes: Optional[List[str]] = None) -> Tu
 
 def model_message(model: Any, device: str) -> Dict[str, Any]:
     """What the GUI shows about a loaded model (plain data)."""
-    from .engine import model_spec
+    from .core.engine import model_spec
 
     spec = model_spec(model.network, model.img_size)
     return {"classes": list(model.classes), "target": model.target, "img_size": list(model.img_size),
@@ -200,10 +200,10 @@ class WorkerServer:
         return self._models[key]
 
     def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
-        from .calibration import card_temperature
+        from .core.calibration import card_temperature
+        from .core.region import region_from_spec
+        from .core.volume import explain_volume
         from .models import class_index
-        from .region import region_from_spec
-        from .volume import explain_volume
 
         region = header.get("region", "default")
         if isinstance(region, dict) and "mask_path" in region:
@@ -242,7 +242,7 @@ class WorkerServer:
 
     def _score(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
         """Deletion / insertion of the last explanation's input on the device its network is on."""
-        from .metrics import score_volume
+        from .core.metrics import score_volume
 
         last = self._last_of(header)
         model = last.model

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
 
+from ..errors import AttentionMapError
 from . import methods
 from .capture import attention_blocks
-from .errors import AttentionMapError
 
 CPU_SLAB_BUDGET_BYTES = 64 * 1024 ** 2
 """Bytes of float32 row-block temporaries on CPU (a fixed budget: free RAM is shared and unreliable)."""

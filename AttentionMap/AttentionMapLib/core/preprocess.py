@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 from .geometry import check_ijk_to_ras, voxel_spacing
 
 RESIZE = "resize"

@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

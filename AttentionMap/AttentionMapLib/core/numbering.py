@@ -12,7 +12,7 @@ The library itself (``explain(layer=...)``) takes Python indices: 0..L-1, negati
 """
 from typing import Optional
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 
 
 def layer_index(layer: int, num_layers: Optional[int] = None, name: str = "--layer") -> int:

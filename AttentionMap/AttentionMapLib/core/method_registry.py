@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple, Union
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 
+from ..errors import AttentionMapError
 from . import blockwise, methods
 from .capture import attention_blocks, hooked_attention
-from .errors import AttentionMapError
 from .method_registry import get_method
 
 ATTENTION_PATHS = ("auto", "full", "blockwise")

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List
 import torch
 from monai.networks.blocks.selfattention import SABlock
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 
 AttentionCallback = Callable[[int, torch.Tensor], None]
 """Called as ``callback(layer_index, attention)`` with attention ``(B, heads, N, N)``, live."""

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AttentionMapError, Cancelled
+from ..errors import AttentionMapError, Cancelled
 from .geometry import peak_index
 
 Tolerance = Union[int, Sequence[int]]

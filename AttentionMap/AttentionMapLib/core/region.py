@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AttentionMapError
+from ..errors import AttentionMapError
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, voxel_spacing
 
 MIN_SLICE_COMPONENT_MM2 = 400.0  # enclosed air pockets smaller than 4 cm^2 in a slice are not lung

@@ -37,12 +37,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import AttentionMapError, Cancelled
 from . import methods
-from .engine import CapturedAttention, check_options, capture_attention, model_spec, readout, resolve_layer
-from .errors import AttentionMapError, Cancelled
-from .method_registry import get_method
-from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
 from .calibration import softmax
+from .engine import CapturedAttention, capture_attention, check_options, model_spec, readout, resolve_layer
+from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
+from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
 from .region import AppliedRegion, Region, region_mask, token_mask
 
