@@ -1,6 +1,7 @@
 """What users and type checkers see of the package: the lazy exports, the entry points' Args sections,
 and docs/DESIGN.md naming every library module."""
 import ast
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -40,3 +41,23 @@ def test_design_doc_names_every_library_module():
     missing = {m for m in modules if f"`{m}`" not in text}
     assert not missing, f"docs/DESIGN.md does not place {sorted(missing)}"
     assert "docs/DESIGN.md" in (LIB / "__init__.py").read_text()
+
+
+@pytest.mark.parametrize("module", ["cli", "worker", "mrml", "preprocess", "io", "models"])
+def test_module_paths_users_import_stay_importable(module):
+    """`AttentionMapLib.<module>` as users' scripts import it (a moved module is re-exported from its old path)."""
+    imported = importlib.import_module(f"AttentionMapLib.{module}")
+    public = getattr(imported, "__all__", None) or [n for n in vars(imported) if not n.startswith("_")]
+    assert public, module
+
+
+def test_preprocess_reexports_the_core_module_names():
+    from AttentionMapLib import preprocess
+    from AttentionMapLib.core import preprocess as core_preprocess
+
+    public = {n for n, v in vars(core_preprocess).items() if not n.startswith("_")
+              and getattr(v, "__module__", core_preprocess.__name__) == core_preprocess.__name__
+              and not isinstance(v, type(core_preprocess))}
+    assert public <= set(preprocess.__all__), sorted(public - set(preprocess.__all__))
+    for name in preprocess.__all__:
+        assert getattr(preprocess, name) is getattr(core_preprocess, name), name
