@@ -12,9 +12,7 @@ import torch
 
 from AttentionMapLib import demo_data, explain
 from AttentionMapLib.errors import AttentionMapError
-
-MODELS = Path(__file__).resolve().parents[1] / "AttentionMap" / "Resources" / "Models"
-CARD = MODELS / "demo_lung_nodule_vit.json"
+from AttentionMapLib.models import DEMO_CARD as CARD
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +122,7 @@ def _shipped_network(card):
 
     assert card["network"]["name"] == "ViT"
     net = ViT(**card["network"]["args"])
-    weights = torch.load(MODELS / card["weights"], weights_only=True)
+    weights = torch.load(CARD.parent / card["weights"], weights_only=True)
     net.load_state_dict({k: v.float() for k, v in weights.items()})
     return net.eval()
 
@@ -135,7 +133,7 @@ def test_card_matches_the_preprocessing_used_in_training(card):
     assert (pre["intensity"]["a_min"], pre["intensity"]["a_max"]) == demo_data.HU_RANGE
     assert card["network"]["args"]["img_size"] == [demo_data.CROP] * 3
     assert card["classes"][card["target"]] == "lesion"
-    assert (MODELS / card["weights"]).stat().st_size <= 20 * 2 ** 20
+    assert (CARD.parent / card["weights"]).stat().st_size <= 20 * 2 ** 20
 
 
 def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):

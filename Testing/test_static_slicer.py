@@ -152,7 +152,7 @@ def test_every_library_file_and_resource_is_listed():
     assert "AttentionMap.py" in listed
     assert not (library - listed), f"library files missing from MODULE_PYTHON_SCRIPTS: {sorted(library - listed)}"
     assert not (resources - listed), f"resources missing from MODULE_PYTHON_RESOURCES: {sorted(resources - listed)}"
-    assert {"Resources/Models/demo_lung_nodule_vit.json", "Resources/Models/demo_lung_nodule_vit.pt",
+    assert {"AttentionMapLib/demo_model/demo_lung_nodule_vit.json", "AttentionMapLib/demo_model/demo_lung_nodule_vit.pt",
             "Resources/UI/AttentionMap.ui", "Resources/Icons/AttentionMap.png"} <= listed
 
 

@@ -44,7 +44,7 @@ import whole_scan  # noqa: E402
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
 
-MODELS_DIR = ROOT / "AttentionMap" / "Resources" / "Models"
+MODELS_DIR = ROOT / "AttentionMap" / "AttentionMapLib" / "demo_model"
 CARD_NAME = "demo_lung_nodule_vit.json"
 WEIGHTS_NAME = "demo_lung_nodule_vit.pt"
 PAIRS = 200

@@ -30,7 +30,8 @@ from .io import check_input_path
 from .model_cards import MAX_CARD_BYTES, check_card, check_spacing, weights_path
 
 SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc")
-DEMO_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_lung_nodule_vit.json"
+# inside the package, so the wheel and the Slicer module (CMakeLists.txt) carry it
+DEMO_CARD = Path(__file__).resolve().parent / "demo_model" / "demo_lung_nodule_vit.json"
 # Used for a bundle without configs/attentionmap.json: the bundle's own transforms are not run (they
 # may be arbitrary code), so the volume is only reoriented, z-scored and resized to the network input.
 BUNDLE_DEFAULT_PREPROCESSING: Dict[str, Any] = {
