@@ -1,23 +1,34 @@
-"""Sample scans: the CT / MR volumes (with tumour labels) shipped in the pyradiomics 3.0.1 source archive.
+"""Sample scans, downloaded once and cached; nothing is built or installed.
 
-Nothing is built or installed: the sdist is downloaded from PyPI (files.pythonhosted.org), its sha256 is
-checked, and only ``data/*.nrrd`` is extracted into a cache folder. The data are BSD-3-licensed (pyradiomics).
+- `fetch_sample_data`: the CT / MR volumes (with tumour labels) shipped in the pyradiomics 3.0.1 source
+  archive. The sdist is downloaded from PyPI (files.pythonhosted.org), its sha256 is checked, and only
+  ``data/*.nrrd`` is extracted. BSD-3 (pyradiomics).
+- `fetch_head_ct`: a whole head CT without a lung lesion (no chest at all), InVesalius' example project
+  ``Cranium.inv3`` from the Debian package ``invesalius-examples`` (GPL-2), converted to NRRD in Hounsfield
+  units with its patient geometry (`read_inv3`).
+
 Cache: ``cache_dir`` argument, else ``$ATTENTIONMAP_CACHE/sample-data``, else
 ``~/.cache/attentionmap/sample-data``. A complete cache is reused without touching the network.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import plistlib
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
 
 from .errors import AttentionMapError
+from .geometry import lps_to_ras
 
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/1b/35/c7f7fb7affd302fd8107dcee6b6e7aaf3708b75ad69d5f9a3dfcadb73eaa/"
@@ -41,17 +52,23 @@ def _cached(folder: Path) -> Optional[Dict[str, Path]]:
     return paths if all(p.is_file() for p in paths.values()) else None
 
 
-def _download(url: str, target: Path, timeout: float) -> None:
+def _download_failure(url: str, target: Path, timeout: float) -> Optional[str]:
+    """Download `url` into `target`; None when it worked, else the reason."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             shutil.copyfileobj(response, out)
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        return f"could not download {url} ({getattr(exc, 'reason', exc)})"
+    return None
+
+
+def _download(url: str, target: Path, timeout: float) -> None:
+    failure = _download_failure(url, target, timeout)
+    if failure is not None:
         raise AttentionMapError(
-            f"sample data: could not download {url} ({reason}); are you offline? "
-            "Connect to the internet once (the files are cached), or put the pyradiomics 3.0.1 data/*.nrrd "
-            f"files into the cache folder yourself"
-        ) from None
+            f"sample data: {failure}; are you offline? Connect to the internet once (the files are cached), or put "
+            "the pyradiomics 3.0.1 data/*.nrrd files into the cache folder yourself"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -111,3 +128,178 @@ def fetch_sample_data(
         for name in SAMPLE_NAMES:
             os.replace(staging / f"{name}.nrrd", folder / f"{name}.nrrd")
     return _cached(folder)
+
+
+# ---------------------------------------------------------------------------------------------- head CT
+HEAD_CT_PACKAGE = "invesalius-examples"
+HEAD_CT_DEB_URL = (
+    "https://deb.debian.org/debian/pool/main/i/invesalius/invesalius-examples_3.1.99998-4_all.deb"
+)  # Debian 12 (bookworm); https://packages.debian.org/bookworm/invesalius-examples
+HEAD_CT_INV3_SHA256 = "3b34f11f7c4f557f4c65cd6543c412a2f6ceb0cfecfd9c41184420e02d9b7e2a"  # its Cranium.inv3
+HEAD_CT_FILE = "head_ct.nrrd"
+_INV3_NAME = "Cranium.inv3"
+_INV3_AXIAL = 1  # InVesalius constants.AXIAL: the project's "orientation" when it was read from axial slices
+_DEB_TAR_MODES = {"data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2", "data.tar": "r:"}
+
+
+def _file_in_deb(deb: Path, name: str) -> bytes:
+    """The bytes of the regular file called `name` (any folder) in the data.tar of Debian package `deb`.
+
+    The package (an ``ar`` archive) is read with the standard library; compressions it lacks (zstd, as
+    Ubuntu builds packages) go through ``dpkg-deb --fsys-tarfile`` when dpkg-deb is installed.
+    """
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise AttentionMapError(f"{deb}: not a Debian package (no ar archive header)")
+    data: Optional[Tuple[bytes, str]] = None
+    pos = 8
+    while data is None and pos + 60 <= len(blob):
+        header = blob[pos:pos + 60]  # name[16] mtime[12] uid[6] gid[6] mode[8] size[10] "`\n"
+        member, size = header[:16].decode("ascii", "replace").strip().rstrip("/"), int(header[48:58])
+        pos += 60
+        if member in _DEB_TAR_MODES:
+            data = blob[pos:pos + size], _DEB_TAR_MODES[member]
+        elif member.startswith("data.tar"):
+            dpkg_deb = shutil.which("dpkg-deb")
+            if dpkg_deb is None:
+                raise AttentionMapError(f"{deb}: its {member} needs dpkg-deb to unpack; install dpkg, or use the "
+                                        f"Debian package {HEAD_CT_DEB_URL}")
+            data = subprocess.run([dpkg_deb, "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout, "r:"
+        pos += size + (size & 1)
+    if data is None:
+        raise AttentionMapError(f"{deb}: a Debian package without data.tar.*")
+    with tarfile.open(fileobj=io.BytesIO(data[0]), mode=data[1]) as tar:
+        for info in tar:
+            if info.isfile() and info.name.rsplit("/", 1)[-1] == name:
+                return tar.extractfile(info).read()
+    raise AttentionMapError(f"{deb}: the package holds no {name}")
+
+
+def read_inv3(project: bytes, source: str = "project") -> Tuple[np.ndarray, np.ndarray]:
+    """(array_ijk, ijk_to_ras) of an axial InVesalius 3 project (the bytes of a .inv3 file).
+
+    A .inv3 is a gzip tar of one folder: ``main.plist`` names the image file (``matrix`` filename, dtype,
+    shape (slices, rows, columns)) and its ``spacing`` (column, row, slice mm); the image file is the raw
+    C-order array. InVesalius wrote it (project.py SavePlistProject; read back by numpy.memmap in
+    load_from_folder) from DICOM slices sorted by gdcm.IPPSorter (ascending position along the slice
+    normal), each slice upside down (rows reversed: VTK's lower-left origin; imagedata_utils.dcm2memmap),
+    columns as in DICOM, values as the reader rescaled them (Hounsfield units for CT). Format 1 stores no
+    origin, direction, byte order or patient orientation: the bytes are read little-endian (the x86 machines
+    InVesalius ran on) and the axial DICOM convention is assumed: columns run to the patient's left, rows
+    to posterior, slices to superior. The volume's centre is placed at RAS (0, 0, 0).
+
+    Returns array_ijk (columns, rows, slices) in DICOM row order, the stored pixel type; ijk_to_ras (4, 4).
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(project), mode="r:gz") as tar:
+            files = {info.name.rsplit("/", 1)[-1]: info for info in tar if info.isfile()}
+            meta = plistlib.loads(tar.extractfile(files["main.plist"]).read())
+            matrix = meta["matrix"]
+            raw = tar.extractfile(files[matrix["filename"]]).read()
+            dtype = np.dtype(matrix["dtype"]).newbyteorder("<")
+            shape = tuple(int(n) for n in matrix["shape"])
+            spacing = np.asarray(meta["spacing"], dtype=np.float64)
+            orientation = meta["orientation"]
+    except (tarfile.TarError, OSError, EOFError, plistlib.InvalidFileException, KeyError, TypeError, ValueError) as exc:
+        raise AttentionMapError(f"{source}: not a readable InVesalius 3 project ({type(exc).__name__}: {exc}); "
+                                "expected a gzip tar with main.plist and its matrix file") from None
+    if orientation != _INV3_AXIAL:
+        raise AttentionMapError(f"{source}: main.plist orientation {orientation!r}; only axial projects "
+                                f"({_INV3_AXIAL}) are read")
+    if len(shape) != 3 or spacing.shape != (3,) or not np.all(spacing > 0) or dtype.kind not in "iuf":
+        raise AttentionMapError(f"{source}: main.plist describes shape {shape}, spacing {spacing.tolist()}, dtype "
+                                f"{dtype}; expected 3 axes, 3 positive spacings and a numeric dtype")
+    if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+        raise AttentionMapError(f"{source}: {matrix['filename']} holds {len(raw)} bytes, main.plist's shape {shape} "
+                                f"of {dtype} needs {int(np.prod(shape)) * dtype.itemsize}")
+    stored = np.frombuffer(raw, dtype=dtype).reshape(shape)  # (slice, row from the bottom, column)
+    array_ijk = np.ascontiguousarray(stored[:, ::-1, :].transpose(2, 1, 0), dtype=dtype.newbyteorder("="))
+    ijk_to_ras = lps_to_ras(np.diag([*spacing, 1.0]))  # identity LPS directions: i to the left, j posterior, k up
+    ijk_to_ras[:3, 3] = -ijk_to_ras[:3, :3] @ ((np.asarray(array_ijk.shape) - 1) / 2.0)
+    return array_ijk, ijk_to_ras
+
+
+def _apt_get_download(apt_get: str, folder: Path, timeout: float, failures: List[str]) -> Optional[Path]:
+    """``apt-get download invesalius-examples`` into `folder` (no root needed); the .deb, or None and a reason."""
+    exe = shutil.which(apt_get)
+    if exe is None:
+        failures.append(f"{apt_get} is not installed (it comes with Debian and Ubuntu)")
+        return None
+    try:
+        run = subprocess.run([exe, "download", HEAD_CT_PACKAGE], cwd=folder, capture_output=True, text=True,
+                             timeout=max(timeout, 120.0))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        failures.append(f"{apt_get} download {HEAD_CT_PACKAGE}: {exc}")
+        return None
+    debs = sorted(folder.glob(f"{HEAD_CT_PACKAGE}_*.deb"))
+    if run.returncode != 0 or not debs:
+        lines = (run.stderr or run.stdout).strip().splitlines() or [f"exit status {run.returncode}"]
+        failures.append(f"{apt_get} download {HEAD_CT_PACKAGE}: {lines[-1]}")
+        return None
+    return debs[0]
+
+
+def _head_ct_project(folder: Path, tmp: Path, url: str, sha256: str, timeout: float,
+                     apt_get: Optional[str]) -> bytes:
+    """Cranium.inv3 with `sha256`, from the first source that has it: a .deb in `folder`, `url`, `apt_get`."""
+    failures: List[str] = []
+
+    def candidates():
+        yield from sorted(folder.glob(f"{HEAD_CT_PACKAGE}_*.deb"))
+        failure = _download_failure(url, tmp / "download.deb", timeout)
+        if failure is None:
+            yield tmp / "download.deb"
+        else:
+            failures.append(failure)
+        if apt_get:
+            (tmp / "apt").mkdir()
+            deb = _apt_get_download(apt_get, tmp / "apt", timeout, failures)
+            if deb is not None:
+                yield deb
+
+    for deb in candidates():
+        try:
+            project = _file_in_deb(deb, _INV3_NAME)
+        except (AttentionMapError, tarfile.TarError, OSError, EOFError, ValueError,
+                subprocess.CalledProcessError) as exc:
+            failures.append(f"{deb.name}: {exc}")
+            continue
+        actual = hashlib.sha256(project).hexdigest()
+        if actual == sha256.lower():
+            return project
+        failures.append(f"{deb.name}: its {_INV3_NAME} has sha256 {actual}, expected {sha256}")
+    raise AttentionMapError(
+        f"head CT: could not get {_INV3_NAME} of the Debian package {HEAD_CT_PACKAGE} ({'; '.join(failures)}). "
+        f"Connect to the internet once (the converted scan is cached), or download {url} yourself (or run "
+        f"`apt-get download {HEAD_CT_PACKAGE}` on a Debian machine) and put the .deb into {folder}"
+    )
+
+
+def fetch_head_ct(
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    url: str = HEAD_CT_DEB_URL,
+    sha256: str = HEAD_CT_INV3_SHA256,
+    timeout: float = 60.0,
+    apt_get: Optional[str] = "apt-get",
+) -> Path:
+    """Path of a whole head CT without a lung lesion (NRRD, int16 Hounsfield units), converting it on first use.
+
+    The scan is InVesalius' example project Cranium.inv3 ("ProMED CT 0051", 256 x 256 x 108 voxels of
+    0.957 x 0.957 x 1.5 mm, vertex to below the mandible) from the Debian package invesalius-examples
+    (GPL-2). The package is taken from the first source whose Cranium.inv3 has `sha256`: an
+    ``invesalius-examples_*.deb`` put into the cache folder by hand, `url` (Debian's archive), then
+    ``apt-get download invesalius-examples`` (`apt_get`: the command; None skips it). Geometry and
+    intensities: `read_inv3`. Only the NRRD is kept (``head_ct.nrrd`` in the cache, written atomically).
+    Raises AttentionMapError naming every source tried and what to do when none works.
+    """
+    from .io import write_volume
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = folder / HEAD_CT_FILE
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        project = _head_ct_project(folder, Path(tmp), url, sha256, timeout, apt_get)
+        array_ijk, ijk_to_ras = read_inv3(project, _INV3_NAME)
+    return write_volume(target, array_ijk, ijk_to_ras)
