@@ -96,9 +96,10 @@ def make_inv3(matrix: np.ndarray, spacing=(0.8, 0.6, 2.5), orientation=1, extra=
     """The bytes of a .inv3 holding `matrix` (slices, rows from the bottom, columns) as InVesalius writes it."""
     meta = {"format_version": 1, "modality": "CT", "orientation": orientation, "spacing": list(spacing),
             "matrix": {"filename": "matrix.dat", "dtype": str(matrix.dtype), "shape": list(matrix.shape)}}
+    raw = matrix.astype(matrix.dtype.newbyteorder("<")).tobytes() + extra
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in (("main.plist", plistlib.dumps(meta)), ("matrix.dat", matrix.astype("<" + matrix.dtype.str[1:]).tobytes() + extra)):
+        for name, data in (("main.plist", plistlib.dumps(meta)), ("matrix.dat", raw)):
             info = tarfile.TarInfo(f"{folder}/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
