@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from AttentionMapLib.core.geometry import apply_affine, ras_to_ijk
+from AttentionMapLib.core.region import enclosed_air
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.geometry import apply_affine, ras_to_ijk
 from AttentionMapLib.io import read_volume
-from AttentionMapLib.region import enclosed_air
 from AttentionMapLib.sample_data import HEAD_CT_FILE, fetch_head_ct, read_inv3
 
 

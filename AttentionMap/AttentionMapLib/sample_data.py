@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .core.geometry import lps_to_ras
 from .errors import AttentionMapError
-from .geometry import lps_to_ras
 
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/1b/35/c7f7fb7affd302fd8107dcee6b6e7aaf3708b75ad69d5f9a3dfcadb73eaa/"
