@@ -219,6 +219,47 @@ def test_whole_scan_negatives_keep_tumours_and_heldout_slabs_out(cts):
     assert (batch.origins == 0).all() and batch.sources == ["lung2"] * 6
 
 
+def _window_s_range(ct, offset, start):
+    """S range (mm) of the voxel centres of the 48^3 window at `start` of `ct`'s padded model input, from all
+    8 corners through the affine (the plain way, to check the sampler's vectorised test)."""
+    corners = np.array([[a, b, c] for a in (0, 47) for b in (0, 47) for c in (0, 47)]) + np.asarray(start) - offset
+    s = corners @ ct.ijk_to_ras[2, :3] + ct.ijk_to_ras[2, 3]
+    return s.min(), s.max()
+
+
+def test_regridded_scans_keep_the_geometry_the_tumour_and_the_heldout_slab_out(cts):
+    from AttentionMapLib.geometry import apply_affine
+
+    variants = demo_data.load_regridded_cts(cts[:1], 1, seed=5)
+    lung1, variant = cts[0], variants[0]
+    assert variant.name == "lung1~1" and variant.scan == "lung1" and variant.heldout_s_mm == lung1.heldout_s_mm
+    assert not np.allclose(variant.ijk_to_ras[:3, :3], lung1.ijk_to_ras[:3, :3])  # an oblique grid
+    shift = apply_affine(variant.ijk_to_ras, np.argwhere(variant.tumour).mean(0)) - apply_affine(
+        lung1.ijk_to_ras, np.argwhere(lung1.tumour).mean(0))
+    assert np.linalg.norm(shift) < 3.0, "the re-gridded tumour label must stay where it was (RAS mm)"
+    assert abs(variant.lung.sum() / lung1.lung.sum() - 1) < 0.1
+    rng = np.random.default_rng(8)
+    train = demo_data.WholeScanSampler([lung1, variant], "train")
+    slab_low, slab_high = lung1.heldout_s_mm
+    for ci, ct in enumerate(train.cts):
+        _, offset = demo_data.model_input_volume(ct)
+        lo, hi = ct.tumour_box()
+        for kind in demo_data.WINDOW_KINDS:
+            for _ in range(20):
+                start = train.draw_start(rng, ci, kind)
+                s_low, s_high = _window_s_range(ct, offset, start)
+                assert s_high < slab_low or s_low > slab_high, "a training window meets the held-out slab"
+                box = np.asarray(start) - offset, np.asarray(start) - offset + 48
+                assert not np.all((box[0] < hi) & (box[1] > lo)), "a training window meets a tumour box"
+    held = demo_data.WholeScanSampler([variant], "heldout")
+    _, offset = demo_data.model_input_volume(variant)
+    grid = held.inference_grid(0)
+    assert len(grid)
+    for start in grid:
+        s_low, s_high = _window_s_range(variant, offset, start)
+        assert s_high >= slab_low - 1e-3 and s_low <= slab_high + 1e-3
+
+
 def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
     sampler = demo_data.CropSampler(cts, "train")
     rng = np.random.default_rng(11)

@@ -32,39 +32,19 @@ LESION_FREE_MARGIN_MM = 24.0
 PATCH_MM = 16.0
 
 
-def _resample(image, label, direction_lps: np.ndarray, spacing: Tuple[float, float, float]):
-    """Both onto a grid with `direction_lps` (3, 3) and `spacing` covering the image's corners."""
-    import SimpleITK as sitk
-
-    size = np.array(image.GetSize())
-    corners = np.array([[a, b, c] for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)], float)
-    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in corners])
-    local = points @ direction_lps  # coordinates along the new axes
-    lo, hi = local.min(0), local.max(0)
-    out_size = [int(np.ceil((h - l) / s)) + 1 for l, h, s in zip(lo, hi, spacing)]
-    origin = direction_lps @ lo
-    reference = sitk.Image(out_size, image.GetPixelID())
-    reference.SetDirection(tuple(direction_lps.ravel()))
-    reference.SetSpacing(tuple(float(s) for s in spacing))
-    reference.SetOrigin(tuple(float(v) for v in origin))
-    air = float(sitk.GetArrayViewFromImage(image).min())
-    moved = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
-    moved_label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
-    return moved, moved_label
-
-
 def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.ndarray]:
     """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
     import SimpleITK as sitk
 
     from AttentionMapLib.core.geometry import rotation
+    from AttentionMapLib.demo_data import regrid
     from AttentionMapLib.io import image_arrays
 
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     if kind == "oblique":
-        image, label = _resample(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
+        image, label = regrid(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
     elif kind == "anisotropic":
-        image, label = _resample(image, label, np.eye(3), (1.4, 0.7, 3.5))
+        image, label = regrid(image, label, np.eye(3), (1.4, 0.7, 3.5))
     array, affine = image_arrays(image)
     mask, mask_affine = image_arrays(label)
     if kind == "flipped":

@@ -206,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mine-stride", type=int, default=8, help="start grid (voxels) on which false alarms are mined")
     p.add_argument("--mine-threshold", type=float, default=0.5)
     p.add_argument("--remine-minutes", type=float, default=0.0, help="mine again with the current model this often (0: once)")
+    p.add_argument("--regridded-scans", type=int, default=0,
+                   help="whole-scan negatives also from this many random re-griddings of each scan")
+    p.add_argument("--regrid-seed", type=int, default=1, help="seed of the re-griddings (same seed, same scans)")
     p.add_argument("--scan-heldout", nargs="+", default=None, metavar="CT",
                    help="scans whose held-out slab no whole-scan negative may meet (default: all)")
     a = p.parse_args(argv)
@@ -220,7 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     sampler = demo_data.CropSampler(cts, "train")
     validation = sampler.batches(np.random.default_rng(VALIDATION_SEED), a.validation_pairs, flip=False)
 
-    scans = demo_data.WholeScanSampler(cts, "train", a.scan_heldout) if a.scan_negatives else None
+    scan_cts = list(cts)
+    if a.scan_negatives and a.regridded_scans:
+        scan_cts += demo_data.load_regridded_cts(cts, a.regridded_scans, a.regrid_seed)
+    scans = demo_data.WholeScanSampler(scan_cts, "train", a.scan_heldout) if a.scan_negatives else None
     scan_validation = scans.sample(np.random.default_rng(VALIDATION_SEED), 4 * a.validation_pairs, flip=False) if scans else None
 
     model = build_network()

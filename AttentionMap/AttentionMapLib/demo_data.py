@@ -48,7 +48,8 @@ class LungCT:
     """One chest CT on the RAS 2 mm grid.
 
     hu: float32 (I, J, K) Hounsfield units; lung: bool (I, J, K); tumour: bool (I, J, K) real tumour label;
-    ijk_to_ras: (4, 4); name: e.g. "lung2".
+    ijk_to_ras: (4, 4), possibly oblique; name: e.g. "lung2", or "lung2~1" for a re-gridded copy of lung2;
+    heldout_s_mm: the S (superior, mm) range of the voxel centres of the scan's held-out slab (`HELDOUT_SLABS`).
     """
 
     name: str
@@ -56,6 +57,12 @@ class LungCT:
     lung: np.ndarray
     tumour: np.ndarray
     ijk_to_ras: np.ndarray
+    heldout_s_mm: Tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def scan(self) -> str:
+        """The source scan's name ("lung2" for "lung2" and its re-gridded copies "lung2~1", ...)."""
+        return self.name.split("~")[0]
 
     def tumour_box(self, margin: int = TUMOUR_MARGIN) -> Tuple[np.ndarray, np.ndarray]:
         """Inclusive lower and exclusive upper (I, J, K) corners of the tumour bounding box, widened."""
@@ -103,16 +110,42 @@ def scale_intensity(hu: np.ndarray) -> np.ndarray:
     return np.asarray(intensity_transform()(np.asarray(hu, dtype=np.float32)), dtype=np.float32)
 
 
-def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
+def _preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, label: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """(I, J, K) array + RAS affine -> the card's RAS 2 mm grid: (array float32, affine (4, 4))."""
     import torch
     from monai.data import MetaTensor
 
-    from .io import read_volume
-
-    array, ijk_to_ras = read_volume(path)
     tensor = MetaTensor(torch.as_tensor(array[None].astype(np.float32)), affine=torch.as_tensor(ijk_to_ras))
     out = preprocessing_transforms(label)(tensor)
     return np.asarray(out[0], dtype=np.float32), np.asarray(out.affine, dtype=np.float64)
+
+
+def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
+    from .io import read_volume
+
+    return _preprocess(*read_volume(path), label=label)
+
+
+def regrid(image, label, direction_lps: np.ndarray, spacing: Sequence[float]):
+    """SimpleITK `image` (linear, outside = its minimum) and `label` (nearest, outside = 0) resampled onto a grid
+    with `direction_lps` (3, 3) and `spacing` (mm) whose box covers the image's corners: a scan as another
+    scanner or reconstruction would have gridded it. Returns (image float32, label)."""
+    import SimpleITK as sitk
+
+    size = np.array(image.GetSize())
+    corners = np.array([[a, b, c] for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)], float)
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in corners])
+    local = points @ direction_lps  # coordinates along the new axes
+    lo, hi = local.min(0), local.max(0)
+    out_size = [int(np.ceil((h - low) / s)) + 1 for low, h, s in zip(lo, hi, spacing)]
+    reference = sitk.Image(out_size, image.GetPixelID())
+    reference.SetDirection(tuple(direction_lps.ravel()))
+    reference.SetSpacing(tuple(float(s) for s in spacing))
+    reference.SetOrigin(tuple(float(v) for v in direction_lps @ lo))
+    air = float(sitk.GetArrayViewFromImage(image).min())
+    moved = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+    moved_label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    return moved, moved_label
 
 
 def lung_mask(hu: np.ndarray) -> np.ndarray:
@@ -127,7 +160,30 @@ def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
     """Read a chest CT and its tumour label, resample both to RAS 2 mm, and compute the lung mask."""
     hu, affine = _resample(Path(image_path), label=False)
     label, _ = _resample(Path(label_path), label=True)
-    return LungCT(name=name, hu=hu, lung=lung_mask(hu), tumour=label > 0.5, ijk_to_ras=affine)
+    z0, z1 = HELDOUT_SLABS[name]
+    s_range = tuple(float(affine[2, :3] @ [0, 0, k] + affine[2, 3]) for k in (z0, z1 - 1))
+    return LungCT(name=name, hu=hu, lung=lung_mask(hu), tumour=label > 0.5, ijk_to_ras=affine,
+                  heldout_s_mm=(min(s_range), max(s_range)))
+
+
+def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.Generator, index: int) -> LungCT:
+    """`ct`'s source files re-gridded at random (`regrid`: rotated up to 20 degrees about S and 12 about R and A,
+    spacing U(0.6, 1.5) mm in-plane and U(1.25, 5) mm across slices), then through the card's preprocessing:
+    the same anatomy with other interpolation, other faces and other padding. Named "<ct.name>~<index>";
+    keeps `ct`'s held-out slab (in S mm)."""
+    import SimpleITK as sitk
+
+    from .core.geometry import rotation
+    from .io import image_arrays
+
+    degrees = rng.uniform(-1, 1, 3) * np.array([12.0, 12.0, 20.0])
+    direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
+    spacing = (*rng.uniform(0.6, 1.5, 2), rng.uniform(1.25, 5.0))
+    image, label = regrid(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), direction, spacing)
+    hu, affine = _preprocess(*image_arrays(image), label=False)
+    tumour, _ = _preprocess(*image_arrays(label), label=True)
+    return LungCT(name=f"{ct.name}~{index}", hu=hu, lung=lung_mask(hu), tumour=tumour > 0.5, ijk_to_ras=affine,
+                  heldout_s_mm=ct.heldout_s_mm)
 
 
 def load_demo_cts(paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
@@ -137,6 +193,18 @@ def load_demo_cts(paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
 
         paths = fetch_sample_data()
     return [load_lung_ct(paths[f"{n}_image"], paths[f"{n}_label"], n) for n in ("lung1", "lung2")]
+
+
+def load_regridded_cts(cts: Sequence[LungCT], per_scan: int, seed: int,
+                       paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
+    """`per_scan` random re-griddings (`regridded_ct`) of each of `cts`, deterministic for a `seed`."""
+    if paths is None:
+        from .sample_data import fetch_sample_data
+
+        paths = fetch_sample_data()
+    rng = np.random.default_rng(seed)
+    return [regridded_ct(ct, paths[f"{ct.name}_image"], paths[f"{ct.name}_label"], rng, i + 1)
+            for ct in cts for i in range(per_scan)]
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -361,7 +429,7 @@ class WholeScanSampler:
 
     Each scan is taken as `model_input_volume` (padded like inference, so windows at the scan's faces hold the
     same padding). A window is allowed when it does not meet the real tumour's widened box; region "train"
-    keeps the windows that do not meet the held-out slab (K range of `HELDOUT_SLABS`), region "heldout"
+    keeps the windows that do not meet the held-out slab (`LungCT.heldout_s_mm`), region "heldout"
     keeps the windows that meet it. Window starts are drawn, in equal shares, from the inference grid
     (`volume.window_starts` with the card's overlap), from the patch grid (multiples of 8) and anywhere.
     `heldout_cts`: the scans whose slab is held out (default all); a window is 48 voxels tall, so a slab
@@ -374,9 +442,9 @@ class WholeScanSampler:
             raise AttentionMapError(f"region: expected 'train' or 'heldout', got {region!r}")
         self.cts = list(cts)
         self.region = region
-        self.heldout_cts = [ct.name for ct in self.cts] if heldout_cts is None else list(heldout_cts)
+        self.heldout_cts = [ct.scan for ct in self.cts] if heldout_cts is None else list(heldout_cts)
         if region == "heldout":
-            self.cts = [ct for ct in self.cts if ct.name in self.heldout_cts]
+            self.cts = [ct for ct in self.cts if ct.scan in self.heldout_cts]
         self.volumes: List[np.ndarray] = []
         self.allowed: List[np.ndarray] = []
         for ct in self.cts:
@@ -385,17 +453,26 @@ class WholeScanSampler:
             self.allowed.append(self._allowed_starts(ct, volume.shape, offset))
 
     def _allowed_starts(self, ct: LungCT, shape: Sequence[int], offset: np.ndarray) -> np.ndarray:
-        """bool (I'-CROP+1, J'-CROP+1, K'-CROP+1): may a window start there (see the class docstring)."""
+        """bool (I'-CROP+1, J'-CROP+1, K'-CROP+1): may a window start there (see the class docstring).
+
+        A window meets the held-out slab when the S ranges (mm) of its voxel centres and of the slab's overlap,
+        which on an axis-aligned grid is the K-index test and also holds on an oblique (re-gridded) grid."""
         axes = [np.arange(n - CROP + 1) for n in shape]
         lo, hi = ct.tumour_box()
-        meets = [(a + CROP > l + o) & (a < h + o) for a, l, h, o in zip(axes, lo, hi, offset)]
+        meets = [(a + CROP > low + o) & (a < h + o) for a, low, h, o in zip(axes, lo, hi, offset)]
         tumour = meets[0][:, None, None] & meets[1][None, :, None] & meets[2][None, None, :]
-        z0, z1 = HELDOUT_SLABS[ct.name]
-        slab = (axes[2] + CROP > z0 + offset[2]) & (axes[2] < z1 + offset[2])
-        if ct.name not in self.heldout_cts:
+        row = ct.ijk_to_ras[2, :3]  # S mm per index step; the window start a is scan index a - offset
+        start_s = sum(row[d] * (axes[d] - offset[d]).reshape([-1 if e == d else 1 for e in range(3)]) for d in range(3))
+        start_s = start_s + ct.ijk_to_ras[2, 3]
+        reach = [sum(row[d] * c[d] for d in range(3)) for c in np.ndindex(2, 2, 2)]
+        s_low = start_s + (CROP - 1) * min(reach)
+        s_high = start_s + (CROP - 1) * max(reach)
+        slab_low, slab_high = ct.heldout_s_mm
+        slab = (s_high >= slab_low - 1e-3) & (s_low <= slab_high + 1e-3)
+        if ct.scan not in self.heldout_cts:
             slab = np.zeros_like(slab)
-        keep_k = slab if self.region == "heldout" else ~slab
-        return ~tumour & keep_k[None, None, :]
+        keep = slab if self.region == "heldout" else ~slab
+        return ~tumour & keep
 
     def inference_grid(self, ci: int) -> np.ndarray:
         """Allowed starts (N, 3) of the windows sliding-window inference cuts from scan `ci`."""
