@@ -228,7 +228,7 @@ def _window_s_range(ct, offset, start):
 
 
 def test_regridded_scans_keep_the_geometry_the_tumour_and_the_heldout_slab_out(cts):
-    from AttentionMapLib.geometry import apply_affine
+    from AttentionMapLib.core.geometry import apply_affine
 
     variants = demo_data.load_regridded_cts(cts[:1], 1, seed=5)
     lung1, variant = cts[0], variants[0]
