@@ -204,3 +204,31 @@ def test_a_file_that_is_not_a_package_is_named(tmp_path):
     (cache / "invesalius-examples_0.1-1_all.deb").write_bytes(b"<html>not found</html>")
     with pytest.raises(AttentionMapError, match="invesalius-examples_0.1-1_all.deb: .*not a Debian package"):
         fetch_head_ct(cache, url=closed_port_url(), timeout=5, apt_get=None)
+
+
+def fake_apt_get(folder: Path, script: str) -> str:
+    """An executable standing in for apt-get (the real one needs a Debian archive): runs `script` in its cwd."""
+    path = folder / "fake-apt-get"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_apt_get_download_is_used_when_the_url_fails(tmp_path):
+    inv3 = make_inv3(np.full((7, 3, 5), 40, dtype=np.int16))
+    deb = make_deb(tmp_path / "built.deb", inv3)
+    apt_get = fake_apt_get(tmp_path, f'[ "$1 $2" = "download invesalius-examples" ] && cp {deb} '
+                                     "invesalius-examples_9.9-1_all.deb")
+    cache = tmp_path / "cache"
+    path = fetch_head_ct(cache, url=closed_port_url(), sha256=hashlib.sha256(inv3).hexdigest(), timeout=5,
+                         apt_get=apt_get)
+    assert (read_volume(path)[0] == 40).all()
+    assert sorted(p.name for p in cache.iterdir()) == [HEAD_CT_FILE]  # the downloaded package is not kept
+
+
+def test_a_failing_apt_get_is_reported_with_its_last_line(tmp_path):
+    apt_get = fake_apt_get(tmp_path, 'echo "Reading package lists..." >&2; '
+                                     'echo "E: Unable to locate package invesalius-examples" >&2; exit 100')
+    with pytest.raises(AttentionMapError, match="download invesalius-examples: E: Unable to locate package"):
+        fetch_head_ct(tmp_path / "cache", url=closed_port_url(), timeout=5, apt_get=apt_get)
+    assert list((tmp_path / "cache").iterdir()) == []

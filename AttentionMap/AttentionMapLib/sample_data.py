@@ -285,7 +285,7 @@ def fetch_head_ct(
     """Path of a whole head CT without a lung lesion (NRRD, int16 Hounsfield units), converting it on first use.
 
     The scan is InVesalius' example project Cranium.inv3 ("ProMED CT 0051", 256 x 256 x 108 voxels of
-    0.957 x 0.957 x 1.5 mm, vertex to below the mandible) from the Debian package invesalius-examples
+    0.957 x 0.957 x 1.5 mm, vertex to jaw) from the Debian package invesalius-examples
     (GPL-2). The package is taken from the first source whose Cranium.inv3 has `sha256`: an
     ``invesalius-examples_*.deb`` put into the cache folder by hand, `url` (Debian's archive), then
     ``apt-get download invesalius-examples`` (`apt_get`: the command; None skips it). Geometry and
