@@ -15,7 +15,8 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
   need a single model input);
 - whole scans as a user loads them (``benchmarks/whole_scan.py``): lung1 and lung2 as shipped and
   re-gridded (flipped, oblique, anisotropic), with and without the card's default region, with the card's
-  calibration; two lesion-free scans; the lesion-free held-out windows of ``tools/evaluate_demo_model.py``.
+  calibration; three lesion-free scans (two lung slabs, a whole head CT); the lesion-free held-out windows
+  of ``tools/evaluate_demo_model.py``.
 
 Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), and the
 baselines of ``AttentionMapLib.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity

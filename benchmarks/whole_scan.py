@@ -15,8 +15,9 @@ the volume-level P(lesion) and its window, and how far the peak moved from the a
 
 Lesion-free scans (honestly built; only two chest CTs exist here): the axial slabs of each scan beyond
 its tumour's extent widened by `LESION_FREE_MARGIN_MM`: lung1 below its tumour (lower chest and upper
-abdomen), lung2 above its tumour (upper chest, shoulders, neck). Both were seen in training as negatives
-except for their held-out slabs (see `demo_data.WholeScanSampler`).
+abdomen), lung2 above its tumour (upper chest, shoulders, neck); and a whole real CT of another patient and
+body region that no training sample came from, InVesalius' head CT (`sample_data.fetch_head_ct`). The lung
+slabs were seen in training as negatives except for their held-out slabs (see `demo_data.WholeScanSampler`).
 """
 from __future__ import annotations
 
@@ -64,10 +65,13 @@ def label_centroid_ras(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def lesion_free_scans(paths: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """{"lung1 below its tumour": (array, ijk_to_ras), "lung2 above its tumour": ...}: axial slabs of the
-    scans (input voxel grids) beyond the tumour label's K extent widened by LESION_FREE_MARGIN_MM."""
+    """{"lung1 below its tumour": (array, ijk_to_ras), "lung2 above its tumour": ..., "head CT (whole)": ...}:
+    axial slabs of the lung scans (input voxel grids) beyond the tumour label's K extent widened by
+    LESION_FREE_MARGIN_MM, and the whole InVesalius head CT (`sample_data.fetch_head_ct`), a scan that no
+    training sample came from."""
     from AttentionMapLib.core.geometry import crop, voxel_spacing
     from AttentionMapLib.io import read_volume
+    from AttentionMapLib.sample_data import fetch_head_ct
 
     out = {}
     for name, side in (("lung1", "below"), ("lung2", "above")):
@@ -80,6 +84,7 @@ def lesion_free_scans(paths: Dict[str, Path]) -> Dict[str, Tuple[np.ndarray, np.
         take_low = (side == "below") == superior_is_up
         start, stop = ([0, 0, 0], [*array.shape[:2], lo]) if take_low else ([0, 0, hi], list(array.shape))
         out[f"{name} {side} its tumour"] = crop(array, affine, start, stop)
+    out["head CT (whole)"] = read_volume(fetch_head_ct())
     return out
 
 

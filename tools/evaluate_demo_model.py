@@ -19,7 +19,8 @@ P(lesion) > 0.5. lung2's slab windows are reported apart: the second training ph
 Calibration: temperature scaling (`calibration.fit_temperature`) fitted on the even-numbered held-out
 pairs and lesion-free held-out windows, its expected calibration error reported on the odd-numbered ones.
 Whole scans (`benchmarks/whole_scan.py`, through `explain_volume` as a user runs it): lung1 and lung2 as
-shipped and re-gridded, with and without the card's default region; and two lesion-free scans.
+shipped and re-gridded, with and without the card's default region; and three lesion-free scans (two lung
+slabs, a whole head CT).
 """
 from __future__ import annotations
 
