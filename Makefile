@@ -14,7 +14,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --output-dir demo-output
+	$(PY) -m tools.demo --output-dir demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -22,10 +22,10 @@ test: $(STAMP)
 # Not part of the two commands: regenerate docs/BENCHMARKS.md (tens of minutes on 2 cores) and
 # docs/EVALUATION.md (minutes) from one run each.
 bench: $(STAMP)
-	nice -n 5 $(PY) benchmarks/run_benchmarks.py
+	nice -n 5 $(PY) -m benchmarks.run_benchmarks
 
 evaluate: $(STAMP)
-	nice -n 5 $(PY) benchmarks/evaluate.py
+	nice -n 5 $(PY) -m benchmarks.evaluate
 
 clean:
 	rm -rf $(VENV)

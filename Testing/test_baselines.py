@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from AttentionMapLib.baselines import GradCAM, OcclusionSensitivity, RandomMap
+from attentionmap_dev.baselines import GradCAM, OcclusionSensitivity, RandomMap
 from AttentionMapLib.core.methods import normalize_map
 from AttentionMapLib.errors import AttentionMapError
 

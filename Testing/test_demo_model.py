@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from AttentionMapLib import demo_data, explain
+from AttentionMapLib import explain
 from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.models import DEMO_CARD as CARD
+from attentionmap_dev import demo_data
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +149,7 @@ def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):
 
 
 def test_training_losses_with_and_without_the_attention_loss():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from train_demo_model import build_network, forward_losses
+    from tools.train_demo_model import build_network, forward_losses
 
     torch.manual_seed(0)
     args = {"in_channels": 1, "img_size": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 32, "mlp_dim": 64,

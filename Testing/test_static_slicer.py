@@ -156,6 +156,23 @@ def test_every_library_file_and_resource_is_listed():
             "Resources/UI/AttentionMap.ui", "Resources/Icons/AttentionMap.png"} <= listed
 
 
+def test_the_module_ships_no_training_or_evaluation_code():
+    """The demo model's data, the baselines and the scripts stay in the repository (attentionmap_dev/, tools/,
+    benchmarks/): nothing the Slicer module ships is, or imports, development code."""
+    listed = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    listed += cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES")
+    development = {p.stem for p in (ROOT / "attentionmap_dev").glob("*.py")} - {"__init__"}
+    assert {"demo_data", "baselines"} <= development
+    assert not [item for item in listed if Path(item).stem in development or re.search(r"train|evaluat", item)]
+    for item in (item for item in listed if item.endswith(".py")):
+        tree = ast.parse((MODULE_DIR / item).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+        assert not imported & {"attentionmap_dev", "tools", "benchmarks", "Testing"}, item
+
+
 def test_module_cmake_builds_with_generic_tests_and_registers_the_self_test():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     assert re.search(r"slicerMacroBuildScriptedModule\(.*NAME \$\{MODULE_NAME\}.*WITH_GENERIC_TESTS.*\)", text, re.S)

@@ -1,8 +1,8 @@
 """Block-wise attention benchmark: the full-matrix path against the block-wise path (flash attention on).
 
-    nice -n 5 .venv/bin/python benchmarks/bench_blockwise.py             # all rows, rewrites its section of docs/BENCHMARKS.md
-    .venv/bin/python benchmarks/bench_blockwise.py --rows memory         # only the 13,824-token memory row (long)
-    .venv/bin/python benchmarks/bench_blockwise.py --quick --out /tmp/b  # tiny configurations, to try the script
+    nice -n 5 .venv/bin/python -m benchmarks.bench_blockwise             # all rows, rewrites its section of docs/BENCHMARKS.md
+    .venv/bin/python -m benchmarks.bench_blockwise --rows memory         # only the 13,824-token memory row (long)
+    .venv/bin/python -m benchmarks.bench_blockwise --quick --out /tmp/b  # tiny configurations, to try the script
 
 Variants (batch 1, eval mode, float32): ``forward`` (MONAI default, no flash attention), ``forward_flash``,
 ``rollout_full`` / ``grad_full`` (``explain(..., attention_path="full")``: flash off, N x N per layer),
@@ -25,8 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-import bench_engine
-import measure
+from benchmarks import bench_engine, measure
 
 
 SECTION = "blockwise"
@@ -196,7 +195,7 @@ def report(results: Dict[str, Any], command: str) -> str:
         "matrix per block (the path of the tables above).",
         "- **block-wise path** (`attention_path='blockwise'`, what `auto` picks for flash-attention models or "
         "beyond a memory budget): flash attention on, each block's input kept (N x 768 floats), Q, K (V) recomputed "
-        "at readout and the attention formed in row slabs of at most 64 MiB (`AttentionMapLib/blockwise.py`).",
+        "at readout and the attention formed in row slabs of at most 64 MiB (`AttentionMapLib/core/blockwise.py`).",
         "- **time**: CPU seconds of the process (one thread), median of the repeats, all variants interleaved in one "
         "process. **memory**: peak resident memory above the model and input of one cold call in a fresh process "
         "(`VmHWM`, see above); *beyond* = minus the plain or the flash forward's peak.", "",
@@ -358,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = json.loads(path.read_text())
     else:
         results = run(args)
-    command = "python benchmarks/bench_blockwise.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.bench_blockwise" + (" --quick" if args.quick else "")
     measure.replace_section(args.out / "BENCHMARKS.md", SECTION, report(results, command))
     print(f"wrote the {SECTION} section of {args.out / 'BENCHMARKS.md'}")
     return 0

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 
-import measure
+from benchmarks import measure
 
 VARIANTS = ("forward", "forward_flash", "save_attn", "raw", "rollout", "grad_rollout")
 # Timed only, to see where grad_rollout's time goes: a forward with autograd plus a backward from the

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
-import measure
+from benchmarks import measure
 
 STAGES = ("read", "preprocess", "geometry", "forward", "fuse", "write")
 OVERLAPS = (0.0, 0.25, 0.5, 0.625, 0.75)

@@ -1,7 +1,7 @@
 """Re-fusion round trip through the worker process: the Slicer module's "change a slider" path.
 
-    .venv/bin/python benchmarks/bench_worker.py            # rewrites its section of docs/BENCHMARKS.md
-    .venv/bin/python benchmarks/bench_worker.py --quick    # small model, to try the script
+    .venv/bin/python -m benchmarks.bench_worker            # rewrites its section of docs/BENCHMARKS.md
+    .venv/bin/python -m benchmarks.bench_worker --quick    # small model, to try the script
 
 A ViT-B (12 layers, 12 heads, hidden 768, random weights) with a 96^3 input and patch 8 = 1728
 patches (+ CLS) is explained once in a worker process; then each variant asks the worker to re-fuse
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import measure
+from benchmarks import measure
 
 SECTION = "worker-fuse-again"
 ROUNDS = 24
@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny ViT instead of ViT-B, to try the script")
     args = parser.parse_args(argv)
     results = run(args.quick, args.threads)
-    command = "python benchmarks/bench_worker.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.bench_worker" + (" --quick" if args.quick else "")
     text = report(results, measure.machine_description(), command)
     measure.replace_section(args.out / "BENCHMARKS.md", SECTION, text)
     print(text)

@@ -1,7 +1,7 @@
 """One command for the explanation-quality evaluation: writes docs/EVALUATION.md, docs/evaluation.json, docs/evaluation.png.
 
-    nice -n 5 .venv/bin/python benchmarks/evaluate.py                 # the demo model, every case (minutes)
-    .venv/bin/python benchmarks/evaluate.py --pairs 4 --out /tmp/e     # a few cases, to try the script
+    nice -n 5 .venv/bin/python -m benchmarks.evaluate                 # the demo model, every case (minutes)
+    .venv/bin/python -m benchmarks.evaluate --pairs 4 --out /tmp/e     # a few cases, to try the script
 
 Same cases, same model, one run; nothing is edited by hand.
 
@@ -19,7 +19,7 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
   of ``tools/evaluate_demo_model.py``.
 
 Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), and the
-baselines of ``AttentionMapLib.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
+baselines of ``attentionmap_dev.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
 (MONAI ``OcclusionSensitivity``), random. All on the token grid, min-max normalised, target = the card's
 lesion class.
 
@@ -43,8 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-import measure
-import whole_scan
+from benchmarks import measure, whole_scan
 
 MAPS = ("raw", "rollout", "grad_rollout", "gradcam", "occlusion", "random")
 ATTENTION = ("raw", "rollout", "grad_rollout")
@@ -80,7 +79,7 @@ class Case:
 
 # ----------------------------------------------------------------------------------------------- cases
 def build_cases(cts, pairs: int) -> List[Case]:
-    from AttentionMapLib import demo_data
+    from attentionmap_dev import demo_data
 
     cases: List[Case] = []
     for chunk in demo_data.heldout_batches(cts, pairs):
@@ -108,7 +107,7 @@ def _init_worker(settings: Settings) -> None:
     """Per process: one thread, the model, and the baselines (built once: Grad-CAM copies the model)."""
     import torch
 
-    from AttentionMapLib.baselines import GradCAM, OcclusionSensitivity
+    from attentionmap_dev.baselines import GradCAM, OcclusionSensitivity
     from AttentionMapLib.models import load_model
 
     torch.set_num_threads(1)
@@ -120,7 +119,7 @@ def _init_worker(settings: Settings) -> None:
 
 def _map_functions(case_index: int) -> Dict[str, Callable[[Any], np.ndarray]]:
     from AttentionMapLib import explain
-    from AttentionMapLib.baselines import RandomMap
+    from attentionmap_dev.baselines import RandomMap
 
     loaded, target = _STATE["loaded"], _STATE["loaded"].target
     model = loaded.network
@@ -138,7 +137,7 @@ def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
     """Every map and metric for one case (runs in a worker)."""
     import torch
 
-    from AttentionMapLib import demo_data
+    from attentionmap_dev import demo_data
     from AttentionMapLib.core.engine import model_spec
     from AttentionMapLib.core.metrics import deletion_insertion, mask_statistics, pointing_game
 
@@ -217,8 +216,7 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     from AttentionMapLib.models import load_model
     from AttentionMapLib.core.region import LungFieldRegion, card_default_region
 
-    sys.path.insert(0, str(measure.REPO / "tools"))
-    from evaluate_demo_model import heldout_scan_windows, scan_window_logits
+    from tools.evaluate_demo_model import heldout_scan_windows, scan_window_logits
 
     torch.set_num_threads(max(1, settings.workers))
     loaded = load_model(settings.model)
@@ -551,7 +549,7 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    from AttentionMapLib import demo_data
+    from attentionmap_dev import demo_data
     from AttentionMapLib.core.engine import model_spec
     from AttentionMapLib.models import load_model
     from AttentionMapLib.sample_data import fetch_sample_data
@@ -620,7 +618,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings(args.model, args.pairs, args.steps, args.baseline, args.occlusion_mask, args.occlusion_overlap, args.workers, args.seed)
-    command = "python benchmarks/evaluate.py" + (f" --model {args.model}" if args.model != "demo" else "") + (
+    command = "python -m benchmarks.evaluate" + (f" --model {args.model}" if args.model != "demo" else "") + (
         f" --pairs {args.pairs}" if args.pairs != 100 else "")
     if args.from_json:
         result = json.loads(args.from_json.read_text())

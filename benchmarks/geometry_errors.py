@@ -12,25 +12,18 @@ cube is put at `--positions` random places and the table reports:
 - bias: the mean signed per-axis offset in patches, largest axis (a half-patch geometry slip shows as ~0.5);
 - hit: share of positions whose peak is the token containing the cube centre.
 
-Usage: ``python benchmarks/geometry_errors.py [--positions 12] [--seed 0]`` (prints a markdown table).
+Usage: ``python -m benchmarks.geometry_errors [--positions 12] [--seed 0]`` (prints a markdown table).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
+import torch
 
-import measure  # noqa: E402
-
-sys.path.insert(0, str(measure.REPO / "Testing"))
-
-import torch  # noqa: E402
-
-from AttentionMapLib.core.volume import explain_volume  # noqa: E402
-
-from geometry_cases import CASES, INTENSITY, MODELS, cube_volume, peak_error  # noqa: E402
-from oracle import make_oracle_vit  # noqa: E402
+from AttentionMapLib.core.volume import explain_volume
+from Testing.geometry_cases import CASES, INTENSITY, MODELS, cube_volume, peak_error
+from Testing.oracle import make_oracle_vit
 
 PREPROCESSING = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "intensity": INTENSITY}
 

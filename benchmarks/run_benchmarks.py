@@ -1,7 +1,7 @@
 """One command for every benchmark: writes docs/BENCHMARKS.md, docs/benchmarks.png and docs/benchmarks.json.
 
-    nice -n 5 .venv/bin/python benchmarks/run_benchmarks.py            # full run (ViT-B: tens of minutes on 2 cores)
-    .venv/bin/python benchmarks/run_benchmarks.py --quick --out /tmp/b  # tiny configurations, to try the script
+    nice -n 5 .venv/bin/python -m benchmarks.run_benchmarks            # full run (ViT-B: tens of minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run_benchmarks --quick --out /tmp/b  # tiny configurations, to try the script
 
 Every number in the document comes from this one run; nothing is edited by hand.
 """
@@ -16,11 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import bench_blockwise
-import bench_engine
-import bench_volume
-import bench_worker
-import measure
+from benchmarks import bench_blockwise, bench_engine, bench_volume, bench_worker, measure
 
 LABELS = {"forward": "plain forward", "forward_flash": "plain forward, flash attention", "save_attn": "MONAI save_attn + full-matrix rollout (numpy, N×N products)",
           "raw": "explain raw", "rollout": "explain rollout", "grad_rollout": "explain grad_rollout",
@@ -293,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--from-json", type=Path, help="only rewrite the report from a saved benchmarks.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run_benchmarks.py" + (" --quick" if args.quick else "") + (
+    command = "python -m benchmarks.run_benchmarks" + (" --quick" if args.quick else "") + (
         f" --model {args.model}" if args.model != "demo" else "")
     if args.from_json:
         results = json.loads(args.from_json.read_text())

@@ -1,6 +1,6 @@
 """What `make demo` runs: fetch the sample CTs, explain the whole lung2 scan with the demo model, say where the peak is.
 
-    python tools/demo.py [--model demo] [--case lung2] [--method rollout] [--output-dir demo-output] [--no-default-region]
+    python -m tools.demo [--model demo] [--case lung2] [--method rollout] [--output-dir demo-output] [--no-default-region]
 
 Runs `attention-map run <case>_image.nrrd --model demo --method rollout --label <case>_label.nrrd` on the
 whole scan as a user loads it (the CLI's own code, AttentionMapLib.cli). The demo card names a default

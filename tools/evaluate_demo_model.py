@@ -1,9 +1,9 @@
 """Evaluate the demo lung-nodule ViT on the fixed held-out set and on the two real tumours; write the card.
 
     # export the final training checkpoint, evaluate it, and write weights + card (all numbers from here):
-    .venv/bin/python tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship
+    .venv/bin/python -m tools.evaluate_demo_model --checkpoint build/demo_training/checkpoint.pt --ship
     # re-evaluate the shipped model (prints JSON, writes nothing):
-    .venv/bin/python tools/evaluate_demo_model.py
+    .venv/bin/python -m tools.evaluate_demo_model
 
 Held-out set: `demo_data.heldout_set(cts, pairs=PAIRS, seed=demo_data.HELDOUT_SEED)`: nodules centred in
 z-slabs of lung1/lung2 that no training nodule touches, each crop also without its nodule.
@@ -35,13 +35,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from AttentionMapLib import demo_data, explain  # noqa: E402
+from AttentionMapLib import explain  # noqa: E402
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
-from train_demo_model import auc, build_network  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import whole_scan  # noqa: E402
+from attentionmap_dev import demo_data  # noqa: E402
+from benchmarks import whole_scan  # noqa: E402
+from tools.train_demo_model import auc, build_network  # noqa: E402
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
 
@@ -393,7 +392,7 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         ),
         "training": {
             "command": " && ".join(
-                " ".join(["nice -n 10 .venv/bin/python tools/train_demo_model.py", *phase["argv"]]) for phase in checkpoint["phases"]
+                " ".join(["nice -n 10 .venv/bin/python -m tools.train_demo_model", *phase["argv"]]) for phase in checkpoint["phases"]
             ),
             "seed": checkpoint["seed"],
             "samples": checkpoint["samples"],
@@ -486,8 +485,8 @@ def evaluate(model: torch.nn.Module, pairs: int, whole_scans: bool = True) -> Tu
         "uniformly random peak, averaged over the positives"
     )
     metrics["heldout_set"] = (
-        f"AttentionMapLib.demo_data.heldout_set(load_demo_cts(), pairs={pairs}, seed={demo_data.HELDOUT_SEED}); "
-        "reproduce with: .venv/bin/python tools/evaluate_demo_model.py"
+        f"attentionmap_dev.demo_data.heldout_set(load_demo_cts(), pairs={pairs}, seed={demo_data.HELDOUT_SEED}); "
+        "reproduce with: .venv/bin/python -m tools.evaluate_demo_model"
     )
     return metrics, calibration
 

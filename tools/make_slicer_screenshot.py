@@ -5,7 +5,7 @@ the model explains the CT (with the card's default region, as `make demo` does);
 window-less vtkMRMLSliceLogic views (axial, coronal, sagittal through the tumour) composite
 CT + overlay + label outline, and their RGBA images are saved side by side. Nothing is painted by hand.
 
-    .venv/bin/python tools/make_slicer_screenshot.py [--model demo|CARD.json] [--data DIR]
+    .venv/bin/python -m tools.make_slicer_screenshot [--model demo|CARD.json] [--data DIR]
 
 Writes Resources/Screenshots/AttentionMap-lung2.png and Resources/Icons/AttentionMap.png (128 x 128,
 also copied to AttentionMap/Resources/Icons/).

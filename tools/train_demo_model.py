@@ -3,8 +3,8 @@
 The shipped model came from these two commands (CPU, 2 shared cores; 80 min at lr 2e-4, then a
 resumed 14 min at lr 6e-5; the card records samples and wall time):
 
-    nohup nice -n 10 .venv/bin/python tools/train_demo_model.py --out-dir build/demo_training > build/demo_training.out 2>&1 &
-    nohup nice -n 10 .venv/bin/python tools/train_demo_model.py --out-dir build/demo_training --resume --lr 6e-5 --minutes 14 > build/demo_training_phase2.out 2>&1 &
+    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training > build/demo_training.out 2>&1 &
+    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training --resume --lr 6e-5 --minutes 14 > build/demo_training_phase2.out 2>&1 &
 
 then the weights and the card are written from the final checkpoint by
 ``tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship``.
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from AttentionMapLib import demo_data
+from attentionmap_dev import demo_data
 from AttentionMapLib.core.capture import hooked_attention
 
 NETWORK_ARGS: Dict[str, object] = {

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import AttentionMapError
+from AttentionMapLib.errors import AttentionMapError
 
 SPACING_MM = 2.0
 CROP = 48
@@ -121,7 +121,7 @@ def _preprocess(array: np.ndarray, ijk_to_ras: np.ndarray, label: bool) -> Tuple
 
 
 def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
-    from .io import read_volume
+    from AttentionMapLib.io import read_volume
 
     return _preprocess(*read_volume(path), label=label)
 
@@ -151,7 +151,7 @@ def regrid(image, label, direction_lps: np.ndarray, spacing: Sequence[float]):
 def lung_mask(hu: np.ndarray) -> np.ndarray:
     """Lung voxels of a chest CT in HU (I, J, K), K axial: air below -400 HU enclosed by the body
     (`region.enclosed_air`: per axial slice, components not touching the slice border, >= 100 voxels)."""
-    from .core.region import enclosed_air
+    from AttentionMapLib.core.region import enclosed_air
 
     return enclosed_air(hu < LUNG_HU)
 
@@ -173,8 +173,8 @@ def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.
     keeps `ct`'s held-out slab (in S mm)."""
     import SimpleITK as sitk
 
-    from .core.geometry import rotation
-    from .io import image_arrays
+    from AttentionMapLib.core.geometry import rotation
+    from AttentionMapLib.io import image_arrays
 
     degrees = rng.uniform(-1, 1, 3) * np.array([12.0, 12.0, 20.0])
     direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
@@ -189,7 +189,7 @@ def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.
 def load_demo_cts(paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
     """lung1 and lung2 from the pyradiomics sample data (fetched and cached by `sample_data`)."""
     if paths is None:
-        from .sample_data import fetch_sample_data
+        from AttentionMapLib.sample_data import fetch_sample_data
 
         paths = fetch_sample_data()
     return [load_lung_ct(paths[f"{n}_image"], paths[f"{n}_label"], n) for n in ("lung1", "lung2")]
@@ -199,7 +199,7 @@ def load_regridded_cts(cts: Sequence[LungCT], per_scan: int, seed: int,
                        paths: Optional[Dict[str, Path]] = None) -> List[LungCT]:
     """`per_scan` random re-griddings (`regridded_ct`) of each of `cts`, deterministic for a `seed`."""
     if paths is None:
-        from .sample_data import fetch_sample_data
+        from AttentionMapLib.sample_data import fetch_sample_data
 
         paths = fetch_sample_data()
     rng = np.random.default_rng(seed)
@@ -416,7 +416,7 @@ def model_input_volume(ct: LungCT) -> Tuple[np.ndarray, np.ndarray]:
     import torch
     from monai.data import MetaTensor
 
-    from .core.preprocess import fitting_transforms, parse_preprocessing
+    from AttentionMapLib.core.preprocess import fitting_transforms, parse_preprocessing
 
     image = MetaTensor(torch.from_numpy(scale_intensity(ct.hu)[None]), affine=torch.from_numpy(ct.ijk_to_ras))
     padded = fitting_transforms(parse_preprocessing(CARD_PREPROCESSING), (CROP,) * 3, (PATCH,) * 3)(image)
@@ -476,7 +476,7 @@ class WholeScanSampler:
 
     def inference_grid(self, ci: int) -> np.ndarray:
         """Allowed starts (N, 3) of the windows sliding-window inference cuts from scan `ci`."""
-        from .core.volume import window_starts
+        from AttentionMapLib.core.volume import window_starts
 
         overlap = float(CARD_PREPROCESSING["spatial"]["overlap"])
         axes = [window_starts(n, CROP, PATCH, overlap) for n in self.volumes[ci].shape]

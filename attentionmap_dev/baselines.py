@@ -33,9 +33,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .core.engine import model_spec, primary_output, resolve_target
-from .core.methods import normalize_map
-from .errors import AttentionMapError
+from AttentionMapLib.core.engine import model_spec, primary_output, resolve_target
+from AttentionMapLib.core.methods import normalize_map
+from AttentionMapLib.errors import AttentionMapError
 
 Target = Union[int, Sequence[int], None]
 GRADCAM_LAYERS = ("tokens", "patch_embedding")
