@@ -37,7 +37,8 @@ def test_public_entry_points_document_every_argument(name):
 
 def test_design_doc_names_every_library_module():
     text = (ROOT / "docs" / "DESIGN.md").read_text()
-    modules = {p.stem for p in LIB.glob("*.py")} - {"__init__"}
+    modules = {p.stem for p in [*LIB.rglob("*.py"), *(ROOT / "attentionmap_dev").glob("*.py")]} - {"__init__"}
+    assert {"engine", "mrml", "demo_data"} <= modules
     missing = {m for m in modules if f"`{m}`" not in text}
     assert not missing, f"docs/DESIGN.md does not place {sorted(missing)}"
     assert "docs/DESIGN.md" in (LIB / "__init__.py").read_text()
@@ -61,3 +62,18 @@ def test_preprocess_reexports_the_core_module_names():
     assert public <= set(preprocess.__all__), sorted(public - set(preprocess.__all__))
     for name in preprocess.__all__:
         assert getattr(preprocess, name) is getattr(core_preprocess, name), name
+
+
+def test_core_imports_nothing_from_the_adapters():
+    """AttentionMapLib/core/ (the engine) imports only itself, AttentionMapLib.errors and third-party packages:
+    no io, models, MRML, worker or CLI, and no Slicer."""
+    for path in sorted((LIB / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module == "errors", f"{path.name}: from ..{node.module}"
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("AttentionMapLib"):
+                assert node.module.startswith(("AttentionMapLib.core", "AttentionMapLib.errors")), path.name
+            elif isinstance(node, ast.Import):
+                names = {alias.name.split(".")[0] for alias in node.names}
+                assert not names & {"AttentionMapLib", "slicer", "vtk", "qt", "ctk"}, f"{path.name}: {names}"
+            assert not (isinstance(node, ast.ImportFrom) and node.level > 2), path.name
