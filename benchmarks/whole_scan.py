@@ -38,7 +38,7 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     import SimpleITK as sitk
 
     from AttentionMapLib.core.geometry import rotation
-    from AttentionMapLib.demo_data import regrid
+    from attentionmap_dev.demo_data import regrid
     from AttentionMapLib.io import image_arrays
 
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
