@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench evaluate clean
+.PHONY: demo test wheel-test bench evaluate clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# CI: the wheel, installed without the checkout, runs `attention-map run --model demo` (seconds).
+wheel-test: $(STAMP)
+	.ci/wheel_test.sh $(PY)
 
 # Not part of the two commands: regenerate docs/BENCHMARKS.md (tens of minutes on 2 cores) and
 # docs/EVALUATION.md (minutes) from one run each.
