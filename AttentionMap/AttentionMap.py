@@ -89,7 +89,8 @@ Head fusion, target class, model and device need another Apply.</li>
 maximum inside each segment, the segment's volume fraction, their ratio (1 = no better than uniform)
 and whether the peak falls inside (pointing game).</li>
 <li>Several cases on one colour scale (Python console):
-<code>logic = slicer.util.getModuleLogic("AttentionMap"); logic.processCases([ct1, ct2], logic.getParameterNode())</code>.</li>
+<code>logic = slicer.util.getModuleLogic("AttentionMap");
+logic.processCases([ct1, ct2], logic.getParameterNode())</code>.</li>
 </ol>
 The overlay is the model's token grid with its exact geometry (one voxel per patch); Slicer interpolates it
 for display. Attention maps show what the network weighted, not a proof of what drove its decision.
@@ -398,7 +399,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if kind == "score":
                 self.ui.scoreLabel.text = _("Scoring failed: {error}").format(error=event.value)
             elif kind == "fuse_again":  # e.g. grad_rollout needs gradients captured by a run
-                self.ui.statusLabel.text = _("{error} - press Apply to run the network again.").format(error=event.value)
+                self.ui.statusLabel.text = _("{error} - press Apply to run the network again.").format(
+                    error=event.value
+                )
             else:
                 self.ui.statusLabel.text = _("Failed: {error}").format(error=event.value)
                 slicer.util.errorDisplay(_("AttentionMap failed: {error}").format(error=event.value),
@@ -453,8 +456,13 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            "(the highest of {n} window(s){calibrated})").format(
                 name=prediction["class"], p=prediction["probability"], x=x, y=y, z=z, n=prediction["windows"],
                 calibrated=_(", calibrated") if prediction["temperature"] != 1.0 else ""))
-        lines.append(_("Region: {description}; the map is 0 outside it ({skipped} window(s) skipped)").format(
-            description=region["description"], skipped=region["windows_skipped"]) if region else _("Region: the whole volume"))
+        lines.append(
+            _("Region: {description}; the map is 0 outside it ({skipped} window(s) skipped)").format(
+                description=region["description"], skipped=region["windows_skipped"]
+            )
+            if region
+            else _("Region: the whole volume")
+        )
         self.ui.probabilitiesLabel.text = "\n".join(lines + [self.ui.probabilitiesLabel.text])
 
     def onScoreButton(self) -> None:
@@ -584,8 +592,15 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
             raise AttentionMapError("input volume: choose a volume")
         array, ijkToRas = mrml.volume_to_array(p.inputVolume)
         self._runningInput, self._runningSource = p.inputVolume, self.modelSource(p)
-        return worker.explain_job(self._runningSource, array, ijkToRas, self.explainOptions(p),
-                                  trust_bundle=p.trustBundle, device=p.device, region=self.regionSpec(p, array, ijkToRas))
+        return worker.explain_job(
+            self._runningSource,
+            array,
+            ijkToRas,
+            self.explainOptions(p),
+            trust_bundle=p.trustBundle,
+            device=p.device,
+            region=self.regionSpec(p, array, ijkToRas),
+        )
 
     @staticmethod
     def regionSpec(p: AttentionMapParameterNode, array: np.ndarray, ijkToRas: np.ndarray):

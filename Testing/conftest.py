@@ -2,6 +2,7 @@
 from types import SimpleNamespace
 
 import pytest
+
 from reliability import tiny_weights, work  # noqa: F401 (fixtures of the reliability sweeps, found here by pytest)
 
 

@@ -16,7 +16,9 @@ INTENSITY = {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": 
 POSITIONS = ((0.72, 0.30, 0.62), (0.22, 0.81, 0.35))  # fractions of the volume, asymmetric on purpose
 
 
-def _ijk_to_ras_from_lps(direction_lps: np.ndarray, spacing: Sequence[float], origin_lps: Sequence[float]) -> np.ndarray:
+def _ijk_to_ras_from_lps(
+    direction_lps: np.ndarray, spacing: Sequence[float], origin_lps: Sequence[float]
+) -> np.ndarray:
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction_lps @ np.diag(spacing)
     ijk_to_lps[:3, 3] = origin_lps
@@ -46,7 +48,9 @@ def cube_volume(case: str, position: Sequence[float], seed: int = 0) -> CubeVolu
     array = (-1000.0 + 40.0 * rng.random(shape)).astype(np.float32)
     half = CUBE_SIDE_MM / 2.0 / voxel_spacing(ijk_to_ras)
     centre = np.asarray(position) * (np.asarray(shape) - 1)
-    axes = [np.arange(max(0, int(np.ceil(c - h))), min(n, int(np.floor(c + h)) + 1)) for c, h, n in zip(centre, half, shape)]
+    axes = [
+        np.arange(max(0, int(np.ceil(c - h))), min(n, int(np.floor(c + h)) + 1)) for c, h, n in zip(centre, half, shape)
+    ]
     array[np.ix_(*axes)] = 200.0
     centroid = np.array([a.mean() for a in axes])
     return CubeVolume(array, ijk_to_ras, apply_affine(ijk_to_ras, centroid))

@@ -118,5 +118,5 @@ def run_cli_subprocess(argv: List[str], timeout: float = 120, preexec=None) -> s
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
-        raise AssertionError(f"attention-map {argv} did not finish within {timeout} s (hang)")
+        raise AssertionError(f"attention-map {argv} did not finish within {timeout} s (hang)") from None
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)

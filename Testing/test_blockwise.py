@@ -11,10 +11,10 @@ import torch
 from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
-from test_engine_oracle_and_errors import assert_untouched, model_state
 
 from AttentionMapLib import AttentionMapError, capture_attention, explain, explain_volume, readout
 from AttentionMapLib.core import blockwise, engine, methods
+from test_engine_oracle_and_errors import assert_untouched, model_state
 
 torch.set_num_threads(1)
 IMG = (40, 24, 56)
@@ -75,8 +75,16 @@ READOUTS = [
 def test_blockwise_equals_full_matrix_path(classification, block_rows, head_fusion, head, x):
     model = odd_vit(classification)
     full = capture_attention(model, x, head_fusion, head, with_gradients=True, target=[2, 0], attention_path="full")
-    ours = capture_attention(model, x, head_fusion, head, with_gradients=True, target=[2, 0], attention_path="blockwise",
-                             block_rows=block_rows)
+    ours = capture_attention(
+        model,
+        x,
+        head_fusion,
+        head,
+        with_gradients=True,
+        target=[2, 0],
+        attention_path="blockwise",
+        block_rows=block_rows,
+    )
     assert full.attention_path == "full" and ours.attention_path == "blockwise"
     assert ours.layers is None and ours.num_tokens == 105 + int(classification) and ours.target == [2, 0]
     torch.testing.assert_close(ours.logits, full.logits, atol=1e-5, rtol=1e-5)
@@ -194,7 +202,9 @@ def test_blockwise_keeps_each_block_input_in_the_model_dtype(x):
     with pytest.raises(AttentionMapError, match="grad_rollout needs attention captured with gradients"):
         readout(captured, "grad_rollout")
     reference = explain(model, x.double(), method="rollout", discard_ratio=0.3, normalize="none", attention_path="full")
-    np.testing.assert_allclose(readout(captured, "rollout", discard_ratio=0.3, normalize="none"), reference.grid, atol=ATOL)
+    np.testing.assert_allclose(
+        readout(captured, "rollout", discard_ratio=0.3, normalize="none"), reference.grid, atol=ATOL
+    )
 
 
 class TokenModel(torch.nn.Module):
@@ -237,15 +247,26 @@ def test_attention_mask_falls_back_to_the_full_path(x):
     before = model_state_of(model)
     result = explain(model, x, method="raw", normalize="none")
     assert result.captured.attention_path == "full"
-    assert np.all(result.grid.reshape(2, -1)[:, -1] == 0) and np.all(result.grid.reshape(2, -1)[:, :-1] > 0)  # the masked key gets nothing
+    assert np.all(result.grid.reshape(2, -1)[:, -1] == 0) and np.all(
+        result.grid.reshape(2, -1)[:, :-1] > 0
+    )  # the masked key gets nothing
     with pytest.raises(AttentionMapError, match="block 0 is called with an attention mask.*attention_path='full'"):
         explain(model, x, attention_path="blockwise")
     assert model_state_of(model) == before
 
 
 def model_state_of(model):
-    return [(b.attn.use_flash_attention, b.attn.dropout_rate, b.attn.training, len(b.attn._forward_pre_hooks),
-             len(b.attn.input_rearrange._forward_hooks), len(b.attn.out_rearrange._forward_pre_hooks)) for b in model.blocks]
+    return [
+        (
+            b.attn.use_flash_attention,
+            b.attn.dropout_rate,
+            b.attn.training,
+            len(b.attn._forward_pre_hooks),
+            len(b.attn.input_rearrange._forward_hooks),
+            len(b.attn.out_rearrange._forward_pre_hooks),
+        )
+        for b in model.blocks
+    ]
 
 
 def test_automatic_path_selection(x, monkeypatch):
@@ -303,4 +324,6 @@ def test_volume_fusing_again_from_the_blockwise_cache():
     np.testing.assert_allclose(ours.grid, full.grid, atol=ATOL)
     for change in ({"method": "rollout", "discard_ratio": 0.3}, {"method": "raw", "layer": 0}, {"layer": 1},
                    {"query_ras": full.peak_ras()}):
-        np.testing.assert_allclose(ours.fuse_again(**change).grid, full.fuse_again(**change).grid, atol=ATOL, err_msg=str(change))
+        np.testing.assert_allclose(
+            ours.fuse_again(**change).grid, full.fuse_again(**change).grid, atol=ATOL, err_msg=str(change)
+        )

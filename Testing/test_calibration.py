@@ -33,7 +33,9 @@ def test_fitted_temperature_minimises_the_plain_negative_log_likelihood():
     best = grid[int(np.argmin(plain))]
     assert abs(math.log(fitted) - math.log(best)) < 0.006
     assert _plain_nll(logits, labels, fitted) <= min(plain) + 1e-9
-    assert negative_log_likelihood(logits, labels, fitted) == pytest.approx(_plain_nll(logits, labels, fitted), abs=1e-12)
+    assert negative_log_likelihood(logits, labels, fitted) == pytest.approx(
+        _plain_nll(logits, labels, fitted), abs=1e-12
+    )
 
 
 def test_a_known_temperature_is_recovered():

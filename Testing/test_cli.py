@@ -14,7 +14,6 @@ from monai.networks.nets import ViT
 from AttentionMapLib.cli import main
 from AttentionMapLib.core.geometry import apply_affine
 from AttentionMapLib.io import read_volume, write_volume
-
 from oracle import make_oracle_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,10 +154,16 @@ def write_dicom_series(folder: Path, volume: np.ndarray, ijk_to_ras: np.ndarray)
     for k in range(volume.shape[2]):
         piece = image[:, :, k]
         position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
-                "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-                "0020|0013": str(k + 1), "0018|0050": f"{spacing[2]:.6f}",
-                "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}"}
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0013": str(k + 1),
+            "0018|0050": f"{spacing[2]:.6f}",
+            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
+        }
         for tag, value in tags.items():
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
@@ -190,7 +195,10 @@ def bad_arguments(scan: Path, card: Path, tmp: Path):
         "missing input": (["run", tmp / "absent.nrrd", "--model", card], "absent.nrrd: no such file"),
         "unreadable input": (["run", tmp / "notes.txt", "--model", card], "notes.txt: SimpleITK could not read"),
         "2D second input": (["run", image, tmp / "flat.nrrd", "--model", card], "2D image"),
-        "label grid": (["run", image, "--label", tmp / "small_label.nrrd", "--model", card], "small_label.nrrd: the mask"),
+        "label grid": (
+            ["run", image, "--label", tmp / "small_label.nrrd", "--model", card],
+            "small_label.nrrd: the mask",
+        ),
         "target": (["run", image, "--target", "tumour", "--model", card], "--target: target 'tumour' is not a class"),
         "layer 0": (["run", image, "--layer", "0", "--model", card], "--layer 0: expected 1..2 (first to last block)"),
         "layer range": (["run", image, "--layer", "-3", "--model", card], "the model has 2 blocks"),
@@ -217,7 +225,9 @@ def test_console_entry_point_reports_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "absent.nrrd"), "--output-dir",
                            str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"attention-map: error: {tmp_path / 'absent.nrrd'}: no such file or folder"]
+    assert done.stderr.strip().splitlines() == [
+        f"attention-map: error: {tmp_path / 'absent.nrrd'}: no such file or folder"
+    ]
     usage = subprocess.run([sys.executable, "-c", code, "run", "x.nrrd"], capture_output=True, text=True, env=env,
                            timeout=120)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
@@ -374,7 +384,9 @@ def test_roi_mask_calibration_and_the_volume_level_prediction(scan, tmp_path):
     out = tmp_path / "whole"
     assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
     case = json.loads((out / "summary.json").read_text())["cases"][0]
-    assert case["region"] is None and case["prediction"]["probability"] == pytest.approx(calibrated[:, 1].max(), abs=1e-6)
+    assert case["region"] is None and case["prediction"]["probability"] == pytest.approx(
+        calibrated[:, 1].max(), abs=1e-6
+    )
     assert np.allclose(case["prediction"]["window_centre_ras_mm"], plain.window_centres_ras[calibrated[:, 1].argmax()])
 
 

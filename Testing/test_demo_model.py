@@ -4,16 +4,15 @@ pyradiomics lung CTs, and the shipped weights reproducing the numbers their card
 Needs the pyradiomics sample data (fetched once and cached by sample_data.fetch_sample_data).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from attentionmap_dev import demo_data
 from AttentionMapLib import explain
 from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.models import DEMO_CARD as CARD
-from attentionmap_dev import demo_data
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,11 @@ def test_training_pairs_keep_tumours_and_heldout_slab_out(cts):
         ct = by_name[name]
         sl = tuple(slice(o, o + demo_data.CROP) for o in origin)
         assert np.array_equal(neg, ct.hu[sl])
-        assert not ct.tumour[tuple(slice(max(o - demo_data.TUMOUR_MARGIN, 0), o + demo_data.CROP + demo_data.TUMOUR_MARGIN) for o in origin)].any()
+        assert not ct.tumour[
+            tuple(
+                slice(max(o - demo_data.TUMOUR_MARGIN, 0), o + demo_data.CROP + demo_data.TUMOUR_MARGIN) for o in origin
+            )
+        ].any()
         changed = pos != neg
         assert mask.any() and np.all(changed[mask])
         centre_in_crop = np.argwhere(mask).mean(0)
@@ -141,7 +144,9 @@ def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):
     torch.set_num_threads(1)
     subset_card = card["metrics"]["heldout_subset"]
     subset = demo_data.heldout_set(cts, pairs=subset_card["pairs"])
-    result = explain(_shipped_network(card), torch.from_numpy(subset.images), method="rollout", target=1, normalize="none")
+    result = explain(
+        _shipped_network(card), torch.from_numpy(subset.images), method="rollout", target=1, normalize="none"
+    )
     p = torch.softmax(result.logits.detach(), 1)[:, 1].numpy()
     assert np.allclose(p, subset_card["p_lesion"], atol=2e-3)
     peaks = result.grid.reshape(len(p), -1).argmax(1).tolist()

@@ -12,7 +12,6 @@ from monai.networks.nets import ViT
 from AttentionMapLib.core import methods
 from AttentionMapLib.core.engine import capture_attention, readout
 from AttentionMapLib.core.volume import explain_volume
-
 from oracle import make_oracle_vit
 
 RATIOS = (0.3, 0.5, 0.9, 0.97)

@@ -102,23 +102,30 @@ def test_model_restored_after_an_exception_inside_forward(method):
     assert_untouched(model.vit, before)
 
 
-@pytest.mark.parametrize("kwargs,x_shape,message", [
-    ({}, (1, 1, 16, 16, 16), r"x: spatial size \(16, 16, 16\) with patch \(8, 8, 8\) gives 8 patches, but the model was built for 16"),
-    ({}, (1, 2, 16, 16, 32), r"x: the model expects 1 channel\(s\), got 2"),
-    ({}, (1, 16, 16, 32), r"x: expected a torch tensor \(B, C\) \+ 3 spatial axes"),
-    ({"layer": 2}, (1, 1, 16, 16, 32), r"layer: expected -2\.\.1 \(the model has 2 blocks\), got 2"),
-    ({"layer": -3}, (1, 1, 16, 16, 32), r"layer: expected -2\.\.1"),
-    ({"head": 2}, (1, 1, 16, 16, 32), r"head: expected 0\.\.1 \(the model has 2 heads\), got 2"),
-    ({"method": "gradcam"}, (1, 1, 16, 16, 32), r"method: expected one of raw, rollout, grad_rollout"),
-    ({"head_fusion": "median"}, (1, 1, 16, 16, 32), r"head_fusion: expected one of mean, max, min"),
-    ({"discard_ratio": 1.0}, (1, 1, 16, 16, 32), r"discard_ratio: expected a value in \[0, 1\)"),
-    ({"discard_ratio": -0.1}, (1, 1, 16, 16, 32), r"discard_ratio"),
-    ({"normalize": "zscore"}, (1, 1, 16, 16, 32), r"normalize: expected one of minmax, percentile, none"),
-    ({"target": 5, "method": "grad_rollout"}, (1, 1, 16, 16, 32), r"target: expected an output index in 0\.\.1"),
-    ({"target": 2}, (1, 1, 16, 16, 32), r"target: expected an output index in 0\.\.1"),
-    ({"query": 16}, (1, 1, 16, 16, 32), r"query: expected a token index in 0\.\.15"),
-    ({"query": (0, 2, 0)}, (1, 1, 16, 16, 32), r"query: expected a grid index within \(2, 2, 4\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,x_shape,message",
+    [
+        (
+            {},
+            (1, 1, 16, 16, 16),
+            r"x: spatial size \(16, 16, 16\) with patch \(8, 8, 8\) gives 8 patches, but the model was built for 16",
+        ),
+        ({}, (1, 2, 16, 16, 32), r"x: the model expects 1 channel\(s\), got 2"),
+        ({}, (1, 16, 16, 32), r"x: expected a torch tensor \(B, C\) \+ 3 spatial axes"),
+        ({"layer": 2}, (1, 1, 16, 16, 32), r"layer: expected -2\.\.1 \(the model has 2 blocks\), got 2"),
+        ({"layer": -3}, (1, 1, 16, 16, 32), r"layer: expected -2\.\.1"),
+        ({"head": 2}, (1, 1, 16, 16, 32), r"head: expected 0\.\.1 \(the model has 2 heads\), got 2"),
+        ({"method": "gradcam"}, (1, 1, 16, 16, 32), r"method: expected one of raw, rollout, grad_rollout"),
+        ({"head_fusion": "median"}, (1, 1, 16, 16, 32), r"head_fusion: expected one of mean, max, min"),
+        ({"discard_ratio": 1.0}, (1, 1, 16, 16, 32), r"discard_ratio: expected a value in \[0, 1\)"),
+        ({"discard_ratio": -0.1}, (1, 1, 16, 16, 32), r"discard_ratio"),
+        ({"normalize": "zscore"}, (1, 1, 16, 16, 32), r"normalize: expected one of minmax, percentile, none"),
+        ({"target": 5, "method": "grad_rollout"}, (1, 1, 16, 16, 32), r"target: expected an output index in 0\.\.1"),
+        ({"target": 2}, (1, 1, 16, 16, 32), r"target: expected an output index in 0\.\.1"),
+        ({"query": 16}, (1, 1, 16, 16, 32), r"query: expected a token index in 0\.\.15"),
+        ({"query": (0, 2, 0)}, (1, 1, 16, 16, 32), r"query: expected a grid index within \(2, 2, 4\)"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(kwargs, x_shape, message):
     model = small_vit().eval()
     with pytest.raises(AttentionMapError, match=message):

@@ -112,7 +112,10 @@ def reference_grad_rollout(model, x, has_cls, target_fn, last=None):
     maps = []
     for b in range(x.shape[0]):
         atts = []
-        handles = [blk.attn.drop_weights.register_forward_hook(lambda m, i, o, store=atts: store.append(o)) for blk in model.blocks]
+        handles = [
+            blk.attn.drop_weights.register_forward_hook(lambda m, i, o, store=atts: store.append(o))
+            for blk in model.blocks
+        ]
         try:
             leaf = x[b:b + 1].clone().requires_grad_(True)
             output = model(leaf)[0]
@@ -251,7 +254,10 @@ def test_unetr_dense_output_uses_mean_of_channel():
     result = explain(model, x, method="grad_rollout", target=2, normalize="none")
     assert result.grid.shape == (1, 2, 2, 2) and result.target == [2]
     atts = []
-    handles = [blk.attn.drop_weights.register_forward_hook(lambda m, i, o, store=atts: store.append(o)) for blk in model.vit.blocks]
+    handles = [
+        blk.attn.drop_weights.register_forward_hook(lambda m, i, o, store=atts: store.append(o))
+        for blk in model.vit.blocks
+    ]
     leaf = x.clone().requires_grad_(True)
     grads = torch.autograd.grad(model(leaf)[0, 2].mean(), atts)
     for h in handles:

@@ -16,7 +16,6 @@ from AttentionMapLib.core.geometry import (
     voxel_spacing,
 )
 from AttentionMapLib.errors import AttentionMapError
-
 from geometry_cases import CASES, OBLIQUE
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from AttentionMapLib.core.volume import explain_volume
-
 from geometry_cases import CASES, INTENSITY, MODELS, POSITIONS, cube_volume, peak_error
 from oracle import make_oracle_vit
 

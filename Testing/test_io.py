@@ -9,7 +9,6 @@ import SimpleITK as sitk
 from AttentionMapLib.core.geometry import apply_affine, lps_to_ras
 from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.io import read_volume, write_volume
-
 from geometry_cases import CASES, OBLIQUE
 
 SHAPE_IJK = (13, 9, 7)
@@ -160,4 +159,6 @@ def test_lps_written_by_write_volume_is_what_itk_sees(tmp_path):
     path = write_volume(tmp_path / "g.nrrd", np.zeros((5, 4, 3), np.float32), ijk_to_ras)
     image = sitk.ReadImage(str(path))
     for voxel in [(0, 0, 0), (4, 3, 2), (1, 2, 0)]:
-        assert np.allclose(image.TransformIndexToPhysicalPoint(voxel), apply_affine(lps_to_ras(ijk_to_ras), voxel), atol=1e-4)
+        assert np.allclose(
+            image.TransformIndexToPhysicalPoint(voxel), apply_affine(lps_to_ras(ijk_to_ras), voxel), atol=1e-4
+        )

@@ -89,7 +89,8 @@ def test_the_table_needs_no_torch_and_imports_readouts_lazily():
         for blocked in ("torch", "monai", "einops"):
             sys.modules[blocked] = None
         from AttentionMapLib.core.method_registry import get_method, method_names
-        print(method_names(), get_method("grad_rollout").needs_gradients, "AttentionMapLib.core.readouts" in sys.modules)
+        readouts_imported = "AttentionMapLib.core.readouts" in sys.modules
+        print(method_names(), get_method("grad_rollout").needs_gradients, readouts_imported)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "('raw', 'rollout', 'grad_rollout') True False", result.stdout + result.stderr

@@ -123,12 +123,23 @@ def test_old_monai_checkpoint_with_cross_attention_keys_is_mapped(tmp_path):
     "card, message",
     [
         ({"network": {"name": "ResNet", "args": {}}}, "not supported; expected one of ViT, UNETR, ViTAutoEnc"),
-        ({"network": {"name": "ViT", "args": {**ARGS, "hidden_size": 33}}}, "network.args.num_heads: 2 does not divide"),
+        (
+            {"network": {"name": "ViT", "args": {**ARGS, "hidden_size": 33}}},
+            "network.args.num_heads: 2 does not divide",
+        ),
         ({"network": {"name": "ViT", "args": ARGS}, "preprocessing": PREPROCESSING}, "weights: expected a file name"),
-        ({"network": {"name": "ViT", "args": ARGS}, "weights": "absent.pt", "preprocessing": PREPROCESSING},
-         "absent.pt: weights file not found"),
-        ({"network": {"name": "ViT", "args": ARGS}, "weights": "model.pt", "preprocessing": {"spatial": {"mode": "crop"}}},
-         r"card.json: preprocessing.spatial.mode: expected 'resize' or 'sliding_window'"),
+        (
+            {"network": {"name": "ViT", "args": ARGS}, "weights": "absent.pt", "preprocessing": PREPROCESSING},
+            "absent.pt: weights file not found",
+        ),
+        (
+            {
+                "network": {"name": "ViT", "args": ARGS},
+                "weights": "model.pt",
+                "preprocessing": {"spatial": {"mode": "crop"}},
+            },
+            r"card.json: preprocessing.spatial.mode: expected 'resize' or 'sliding_window'",
+        ),
     ],
 )
 def test_bad_cards_name_the_problem(tmp_path, card, message):

@@ -19,7 +19,6 @@ from AttentionMapLib.core.geometry import rotation
 from AttentionMapLib.core.metrics import mask_statistics
 from AttentionMapLib.core.volume import explain_volume
 from AttentionMapLib.render import shared_scale
-
 from oracle import make_oracle_vit
 
 IMG_SIZE = (32, 32, 32)
@@ -555,7 +554,9 @@ def test_oblique_roi_under_a_transform_becomes_the_same_box_in_world(slicer_scen
     np.testing.assert_allclose(np.asarray(spec["axes"]), world[:3, :3], atol=1e-6)
     region = region_from_spec(spec, None)
     mask = region_mask(region, np.zeros(SHAPE), ct_affine())
-    local = (apply_affine(np.linalg.inv(world), apply_affine(ct_affine(), np.indices(SHAPE).reshape(3, -1).T.astype(float))))
+    local = apply_affine(
+        np.linalg.inv(world), apply_affine(ct_affine(), np.indices(SHAPE).reshape(3, -1).T.astype(float))
+    )
     expected = np.all(np.abs(local) <= np.array([15.0, 10.0, 7.0]), axis=1).reshape(SHAPE)
     assert 0 < expected.sum() < expected.size and np.array_equal(mask, expected)
 

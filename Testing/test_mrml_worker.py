@@ -25,7 +25,6 @@ from AttentionMapLib import worker_protocol as protocol
 from AttentionMapLib.core.volume import explain_volume
 from AttentionMapLib.worker import CANCELLED, DONE, ERROR, LOG, PROGRESS, WorkerDied, WorkerProcess, explain_job
 from AttentionMapLib.worker_process import resolve_device
-
 from oracle import make_oracle_vit
 
 IMG_SIZE = (16, 16, 16)
@@ -138,7 +137,8 @@ def test_protocol_carries_numbers_and_refuses_objects(tmp_path):
 def test_a_peer_without_the_key_is_refused():
     server = protocol.listen()
     assert protocol.accept(server, b"k" * 32) is None  # nobody there: returns at once
-    intruder = threading.Thread(target=lambda: pytest.raises(Exception, protocol.connect,
+    refused = (AuthenticationError, EOFError, OSError)  # the digest rejected, or the connection closed on it
+    intruder = threading.Thread(target=lambda: pytest.raises(refused, protocol.connect,
                                                              server.getsockname(), b"x" * 32), daemon=True)
     intruder.start()
     deadline = time.monotonic() + 30

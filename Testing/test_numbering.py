@@ -9,7 +9,6 @@ from monai.networks.nets import ViT
 
 from AttentionMapLib import AttentionMapError, cli, explain
 from AttentionMapLib.core.numbering import layer_index
-
 from test_static_slicer import module_ast, ui_widgets
 
 

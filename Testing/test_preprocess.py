@@ -8,7 +8,6 @@ import pytest
 from AttentionMapLib.core.geometry import apply_affine, voxel_spacing
 from AttentionMapLib.core.preprocess import Preprocessing, check_volume, parse_preprocessing, preprocess_volume
 from AttentionMapLib.errors import AttentionMapError
-
 from geometry_cases import CASES
 
 RAMP = np.array([0.3, -0.2, 0.5])  # intensity = RAMP . ras + 100: trilinear resampling reproduces it exactly
@@ -84,26 +83,32 @@ def test_parse_defaults_and_normalisation():
     assert parse_preprocessing(prep) is prep
 
 
-@pytest.mark.parametrize("section, words", [
-    ([], "expected an object"),
-    ({"orientation": "RAS"}, r"missing key\(s\) \['spatial'\]"),
-    ({"spatial": {"mode": "resize"}, "spacings": [1, 1, 1]}, r"unknown key\(s\) \['spacings'\]"),
-    ({"orientation": "RAR", "spatial": {"mode": "resize"}}, "preprocessing.orientation"),
-    ({"orientation": "XYZ", "spatial": {"mode": "resize"}}, "preprocessing.orientation"),
-    ({"spacing": [1, 1], "spatial": {"mode": "resize"}}, "preprocessing.spacing"),
-    ({"spacing": [1, 0, 1], "spatial": {"mode": "resize"}}, "preprocessing.spacing"),
-    ({"intensity": {"a_min": 0, "a_max": 1, "b_min": 0}, "spatial": {"mode": "resize"}}, r"missing key\(s\) \['b_max'\]"),
-    ({"intensity": {"a_min": 5, "a_max": 1, "b_min": 0, "b_max": 1}, "spatial": {"mode": "resize"}}, "a_max"),
-    ({"intensity": {"a_min": 0, "a_max": 1, "b_min": 0, "b_max": "1"}, "spatial": {"mode": "resize"}}, "b_max"),
-    ({"intensity": {"normalize": "minmax"}, "spatial": {"mode": "resize"}}, "zscore"),
-    ({"intensity": {"normalize": "zscore", "nonzero": "yes"}, "spatial": {"mode": "resize"}}, "nonzero"),
-    ({"spatial": {"mode": "tiles"}}, "spatial.mode"),
-    ({"spatial": {"mode": "resize", "overlap": 0.5}}, r"unknown key\(s\) \['overlap'\]"),
-    ({"spatial": {"mode": "resize", "interpolation": "cubic"}}, "interpolation"),
-    ({"spatial": {"mode": "sliding_window", "overlap": 1.0}}, "overlap"),
-    ({"spatial": {"mode": "sliding_window", "sw_batch_size": 0}}, "sw_batch_size"),
-    ({"spatial": {"mode": "sliding_window", "blend": "max"}}, "blend"),
-])
+@pytest.mark.parametrize(
+    "section, words",
+    [
+        ([], "expected an object"),
+        ({"orientation": "RAS"}, r"missing key\(s\) \['spatial'\]"),
+        ({"spatial": {"mode": "resize"}, "spacings": [1, 1, 1]}, r"unknown key\(s\) \['spacings'\]"),
+        ({"orientation": "RAR", "spatial": {"mode": "resize"}}, "preprocessing.orientation"),
+        ({"orientation": "XYZ", "spatial": {"mode": "resize"}}, "preprocessing.orientation"),
+        ({"spacing": [1, 1], "spatial": {"mode": "resize"}}, "preprocessing.spacing"),
+        ({"spacing": [1, 0, 1], "spatial": {"mode": "resize"}}, "preprocessing.spacing"),
+        (
+            {"intensity": {"a_min": 0, "a_max": 1, "b_min": 0}, "spatial": {"mode": "resize"}},
+            r"missing key\(s\) \['b_max'\]",
+        ),
+        ({"intensity": {"a_min": 5, "a_max": 1, "b_min": 0, "b_max": 1}, "spatial": {"mode": "resize"}}, "a_max"),
+        ({"intensity": {"a_min": 0, "a_max": 1, "b_min": 0, "b_max": "1"}, "spatial": {"mode": "resize"}}, "b_max"),
+        ({"intensity": {"normalize": "minmax"}, "spatial": {"mode": "resize"}}, "zscore"),
+        ({"intensity": {"normalize": "zscore", "nonzero": "yes"}, "spatial": {"mode": "resize"}}, "nonzero"),
+        ({"spatial": {"mode": "tiles"}}, "spatial.mode"),
+        ({"spatial": {"mode": "resize", "overlap": 0.5}}, r"unknown key\(s\) \['overlap'\]"),
+        ({"spatial": {"mode": "resize", "interpolation": "cubic"}}, "interpolation"),
+        ({"spatial": {"mode": "sliding_window", "overlap": 1.0}}, "overlap"),
+        ({"spatial": {"mode": "sliding_window", "sw_batch_size": 0}}, "sw_batch_size"),
+        ({"spatial": {"mode": "sliding_window", "blend": "max"}}, "blend"),
+    ],
+)
 def test_parse_refuses_bad_sections(section, words):
     with pytest.raises(AttentionMapError, match=words):
         parse_preprocessing(section)
@@ -126,7 +131,9 @@ def test_check_volume_refuses_bad_shapes(shape, channels, words):
 def test_check_volume_refuses_nan_and_copies():
     volume = np.zeros((8, 8, 8), dtype=np.float64)
     volume[1, 2, 3] = np.nan
-    with pytest.raises(AttentionMapError, match=r"1 NaN or infinite voxel\(s\) \(first at channel, i, j, k = \[0, 1, 2, 3\]\)"):
+    with pytest.raises(
+        AttentionMapError, match=r"1 NaN or infinite voxel\(s\) \(first at channel, i, j, k = \[0, 1, 2, 3\]\)"
+    ):
         check_volume(volume, 1)
     ok = np.ones((2, 8, 8, 8), dtype=np.int16)
     checked = check_volume(ok, 2)
@@ -140,16 +147,30 @@ def test_volume_smaller_than_a_patch_after_resampling_names_the_size_needed():
     volume[0, 0, 0] = 1.0
     section = {"spacing": [1.0, 1.0, 2.0], "spatial": {"mode": "sliding_window"}}
     # 12 slices of 1 mm -> 6 voxels at 2 mm; a patch is 8 voxels = 16 mm
-    with pytest.raises(AttentionMapError, match=r"\(40, 40, 6\) voxels .* needs at least one patch: \(8, 8, 8\) voxels \(\(8.0, 8.0, 16.0\) mm\)"):
+    with pytest.raises(
+        AttentionMapError,
+        match=r"\(40, 40, 6\) voxels .* needs at least one patch: \(8, 8, 8\) voxels \(\(8.0, 8.0, 16.0\) mm\)",
+    ):
         preprocess_volume(volume, np.eye(4), section, (32, 32, 32), (8, 8, 8))
 
 
 def test_constant_volume_warns():
     with pytest.warns(UserWarning, match="constant"):
-        preprocess_volume(np.full((16, 16, 16), 7.0, np.float32), np.eye(4), {"spatial": {"mode": "resize"}}, (16, 16, 16), (8, 8, 8))
-    clipped = {"intensity": {"a_min": 0, "a_max": 100, "b_min": 0, "b_max": 1, "clip": True}, "spatial": {"mode": "resize"}}
+        preprocess_volume(
+            np.full((16, 16, 16), 7.0, np.float32), np.eye(4), {"spatial": {"mode": "resize"}}, (16, 16, 16), (8, 8, 8)
+        )
+    clipped = {
+        "intensity": {"a_min": 0, "a_max": 100, "b_min": 0, "b_max": 1, "clip": True},
+        "spatial": {"mode": "resize"},
+    }
     with pytest.warns(UserWarning, match="constant"):  # varies, but entirely below the window
-        preprocess_volume(np.linspace(-50, -10, 16 ** 3).reshape(16, 16, 16), np.eye(4), clipped, (16, 16, 16), (8, 8, 8))
+        preprocess_volume(np.linspace(-50, -10, 16**3).reshape(16, 16, 16), np.eye(4), clipped, (16, 16, 16), (8, 8, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        preprocess_volume(np.linspace(0, 1, 16 ** 3).reshape(16, 16, 16), np.eye(4), {"spatial": {"mode": "resize"}}, (16, 16, 16), (8, 8, 8))
+        preprocess_volume(
+            np.linspace(0, 1, 16**3).reshape(16, 16, 16),
+            np.eye(4),
+            {"spatial": {"mode": "resize"}},
+            (16, 16, 16),
+            (8, 8, 8),
+        )

@@ -22,7 +22,6 @@ from AttentionMapLib.core.region import (
 )
 from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError
-
 from geometry_cases import CASES, INTENSITY, OBLIQUE
 
 IMG, PATCH = (32, 48, 24), (8, 8, 8)
@@ -167,7 +166,9 @@ def test_bad_regions_are_refused(vit):
     far = apply_affine(model_affine, (np.array(shape) - 1) * 0.9)
     with pytest.raises(AttentionMapError, match="outside the region"):
         boxed.fuse_again(query_ras=far)
-    assert card_default_region({"default_region": {"kind": "lung_field", "margin_mm": 12}}) == LungFieldRegion(margin_mm=12.0)
+    assert card_default_region({"default_region": {"kind": "lung_field", "margin_mm": 12}}) == LungFieldRegion(
+        margin_mm=12.0
+    )
     assert card_default_region({}) is None
     with pytest.raises(AttentionMapError, match="default_region"):
         card_default_region({"default_region": {"kind": "heart"}})

@@ -14,7 +14,13 @@ import torch
 from monai.networks.nets import UNETR, ViT, ViTAutoEnc
 
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.model_cards import BLOCKWISE_SLAB_BYTES, MEMORY_LIMIT_BYTES, check_card, check_network_args, estimate_memory
+from AttentionMapLib.model_cards import (
+    BLOCKWISE_SLAB_BYTES,
+    MEMORY_LIMIT_BYTES,
+    check_card,
+    check_network_args,
+    estimate_memory,
+)
 from AttentionMapLib.models import DEMO_CARD, SUPPORTED_NETWORKS, load_model
 from reliability import ARGS, PREPROCESSING, card_dict, snapshot
 
@@ -30,21 +36,37 @@ def _prep(**changes):
 # name -> (card changes, words the message must hold after "<card path>: ")
 CASES = {
     "network missing": ({"network": None}, "network: expected an object with 'name'"),
-    "network name unsupported": ({"network": {"name": "ResNet", "args": {}}}, "network.name: 'ResNet' is not supported"),
-    "network name not a string": ({"network": {"name": ["ViT"], "args": {}}}, "network: expected an object with 'name'"),
+    "network name unsupported": (
+        {"network": {"name": "ResNet", "args": {}}},
+        "network.name: 'ResNet' is not supported",
+    ),
+    "network name not a string": (
+        {"network": {"name": ["ViT"], "args": {}}},
+        "network: expected an object with 'name'",
+    ),
     "network args not an object": ({"network": {"name": "ViT", "args": [1, 2]}}, "network.args: expected an object"),
     "unknown network argument": (_args(payload="x"), "network.args: unknown argument(s) ['payload'] for MONAI ViT"),
-    "required argument missing": ({"network": {"name": "ViT", "args": {"in_channels": 1, "img_size": 16}}},
-                                  "network.args: missing ['patch_size']"),
+    "required argument missing": (
+        {"network": {"name": "ViT", "args": {"in_channels": 1, "img_size": 16}}},
+        "network.args: missing ['patch_size']",
+    ),
     "num_heads 0": (_args(num_heads=0), "network.args.num_heads: expected an integer in 1..1024, got 0"),
     "num_heads negative": (_args(num_heads=-2), "network.args.num_heads: expected an integer in 1..1024, got -2"),
     "num_heads not dividing": (_args(num_heads=3), "network.args.num_heads: 3 does not divide hidden_size 8"),
-    "hidden_size a string": (_args(hidden_size="8"), "network.args.hidden_size: expected an integer in 1..65536, got '8'"),
+    "hidden_size a string": (
+        _args(hidden_size="8"),
+        "network.args.hidden_size: expected an integer in 1..65536, got '8'",
+    ),
     "hidden_size a bool": (_args(hidden_size=True), "network.args.hidden_size: expected an integer"),
-    "hidden_size huge": (_args(hidden_size=65536, num_heads=1), "network.args (hidden_size=65536, mlp_dim=8, num_layers=1)"),
+    "hidden_size huge": (
+        _args(hidden_size=65536, num_heads=1),
+        "network.args (hidden_size=65536, mlp_dim=8, num_layers=1)",
+    ),
     "num_layers 0": (_args(num_layers=0), "network.args.num_layers: expected an integer in 1..1024, got 0"),
-    "num_layers huge": (_args(hidden_size=1024, mlp_dim=4096, num_layers=1024, num_heads=8),
-                        "network.args (hidden_size=1024, mlp_dim=4096, num_layers=1024)"),
+    "num_layers huge": (
+        _args(hidden_size=1024, mlp_dim=4096, num_layers=1024, num_heads=8),
+        "network.args (hidden_size=1024, mlp_dim=4096, num_layers=1024)",
+    ),
     "mlp_dim 0": (_args(mlp_dim=0), "network.args.mlp_dim: expected an integer"),
     "in_channels 0": (_args(in_channels=0), "network.args.in_channels: expected an integer in 1..64"),
     "num_classes 0": (_args(num_classes=0), "network.args.num_classes: expected an integer"),
@@ -52,26 +74,80 @@ CASES = {
     "dropout above 1": (_args(dropout_rate=2.0), "network.args.dropout_rate: expected a number in [0, 1]"),
     "classification not bool": (_args(classification="yes"), "network.args.classification: expected true or false"),
     "proj_type unknown": (_args(proj_type="evil"), "network.args.proj_type: expected one of ['conv', 'perceptron']"),
-    "pos_embed_type unknown": (_args(pos_embed_type="rope"),
-                               "network.args.pos_embed_type: expected one of ['fourier', 'learnable', 'none', 'sincos']"),
-    "img_size two axes": (_args(img_size=[16, 16]), "network.args.img_size: expected a positive integer or a list of three"),
+    "pos_embed_type unknown": (
+        _args(pos_embed_type="rope"),
+        "network.args.pos_embed_type: expected one of ['fourier', 'learnable', 'none', 'sincos']",
+    ),
+    "img_size two axes": (
+        _args(img_size=[16, 16]),
+        "network.args.img_size: expected a positive integer or a list of three",
+    ),
     "img_size zero": (_args(img_size=0), "network.args.img_size: expected a positive integer"),
-    "patch_size not dividing": (_args(patch_size=[8, 8, 5]), "network.args.patch_size: the patch size (8, 8, 5) must divide"),
-    "img_size huge": (_args(img_size=[1024, 1024, 1024], patch_size=[8, 8, 8]),
-                      "network.args (img_size=[1024, 1024, 1024], hidden_size=8)"),
-    "tokens x layers huge": (_args(img_size=[256, 256, 256], patch_size=[4, 4, 4], num_layers=1024),
-                             "network.args (img_size=[256, 256, 256], hidden_size=8)"),
-    "UNETR img_size not /16": ({"network": {"name": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": 24,
-                                                                      "hidden_size": 8, "mlp_dim": 8, "num_heads": 2}},
-                                "classes": None}, "network.args.img_size: the patch size (16, 16, 16) must divide"),
-    "UNETR feature_size 0": ({"network": {"name": "UNETR", "args": {"in_channels": 1, "out_channels": 2, "img_size": 32,
-                                                                    "feature_size": 0, "hidden_size": 8, "mlp_dim": 8,
-                                                                    "num_heads": 2}}},
-                             "network.args.feature_size: expected an integer in 1..4096, got 0"),
-    "ViTAutoEnc deconv_chns huge": ({"network": {"name": "ViTAutoEnc", "args": {
-        "in_channels": 1, "img_size": 256, "patch_size": 16, "hidden_size": 8, "mlp_dim": 8, "num_layers": 1,
-        "num_heads": 2, "deconv_chns": 4096}}, "classes": None},
-        "network.args (img_size=[256, 256, 256], hidden_size=8)"),
+    "patch_size not dividing": (
+        _args(patch_size=[8, 8, 5]),
+        "network.args.patch_size: the patch size (8, 8, 5) must divide",
+    ),
+    "img_size huge": (
+        _args(img_size=[1024, 1024, 1024], patch_size=[8, 8, 8]),
+        "network.args (img_size=[1024, 1024, 1024], hidden_size=8)",
+    ),
+    "tokens x layers huge": (
+        _args(img_size=[256, 256, 256], patch_size=[4, 4, 4], num_layers=1024),
+        "network.args (img_size=[256, 256, 256], hidden_size=8)",
+    ),
+    "UNETR img_size not /16": (
+        {
+            "network": {
+                "name": "UNETR",
+                "args": {
+                    "in_channels": 1,
+                    "out_channels": 2,
+                    "img_size": 24,
+                    "hidden_size": 8,
+                    "mlp_dim": 8,
+                    "num_heads": 2,
+                },
+            },
+            "classes": None,
+        },
+        "network.args.img_size: the patch size (16, 16, 16) must divide",
+    ),
+    "UNETR feature_size 0": (
+        {
+            "network": {
+                "name": "UNETR",
+                "args": {
+                    "in_channels": 1,
+                    "out_channels": 2,
+                    "img_size": 32,
+                    "feature_size": 0,
+                    "hidden_size": 8,
+                    "mlp_dim": 8,
+                    "num_heads": 2,
+                },
+            }
+        },
+        "network.args.feature_size: expected an integer in 1..4096, got 0",
+    ),
+    "ViTAutoEnc deconv_chns huge": (
+        {
+            "network": {
+                "name": "ViTAutoEnc",
+                "args": {
+                    "in_channels": 1,
+                    "img_size": 256,
+                    "patch_size": 16,
+                    "hidden_size": 8,
+                    "mlp_dim": 8,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "deconv_chns": 4096,
+                },
+            },
+            "classes": None,
+        },
+        "network.args (img_size=[256, 256, 256], hidden_size=8)",
+    ),
     "weights a number": ({"weights": 5}, "weights: expected a file name relative to the card"),
     "weights empty": ({"weights": ""}, "weights: expected a file name relative to the card"),
     "weights missing": ({"weights": None}, "weights: expected a file name relative to the card"),
@@ -87,33 +163,58 @@ CASES = {
     "description not text": ({"description": {"x": 1}}, "description: expected a string"),
     "preprocessing missing": ({"preprocessing": None}, "preprocessing: expected an object"),
     "preprocessing unknown key": (_prep(crop=True), "preprocessing.(top level): unknown key(s) ['crop']"),
-    "spacing 0.001 mm": (_prep(spacing=[0.001, 0.001, 0.001]), "preprocessing.spacing: expected three spacings in 0.1..50 mm"),
+    "spacing 0.001 mm": (
+        _prep(spacing=[0.001, 0.001, 0.001]),
+        "preprocessing.spacing: expected three spacings in 0.1..50 mm",
+    ),
     "spacing zero": (_prep(spacing=[1, 0, 1]), "preprocessing.spacing: expected three positive numbers"),
-    "spacing 0.15 mm (memory)": (_prep(spacing=[0.15, 0.15, 0.15]),
-                                 "preprocessing.spacing [0.15, 0.15, 0.15] (a 400 mm field of view)"),
-    "sw_batch_size huge": (_prep(spatial={"mode": "sliding_window", "sw_batch_size": 10 ** 9}),
-                           "network.args (img_size=[16, 16, 16], hidden_size=8)"),
-    "default_region a string": ({"default_region": "lungs"}, "default_region: expected {\"kind\": \"lung_field\""),
-    "default_region unknown kind": ({"default_region": {"kind": "liver"}}, "default_region: expected {\"kind\""),
-    "default_region unknown key": ({"default_region": {"kind": "lung_field", "radius": 3}},
-                                   "default_region: unknown key(s) ['radius']"),
-    "default_region threshold text": ({"default_region": {"kind": "lung_field", "hu_threshold": "-400"}},
-                                      "default_region.hu_threshold: expected a number, got '-400'"),
-    "default_region margin negative": ({"default_region": {"kind": "lung_field", "margin_mm": -1}},
-                                       "default_region.margin_mm: expected a number >= 0, got -1"),
+    "spacing 0.15 mm (memory)": (
+        _prep(spacing=[0.15, 0.15, 0.15]),
+        "preprocessing.spacing [0.15, 0.15, 0.15] (a 400 mm field of view)",
+    ),
+    "sw_batch_size huge": (
+        _prep(spatial={"mode": "sliding_window", "sw_batch_size": 10**9}),
+        "network.args (img_size=[16, 16, 16], hidden_size=8)",
+    ),
+    "default_region a string": ({"default_region": "lungs"}, 'default_region: expected {"kind": "lung_field"'),
+    "default_region unknown kind": ({"default_region": {"kind": "liver"}}, 'default_region: expected {"kind"'),
+    "default_region unknown key": (
+        {"default_region": {"kind": "lung_field", "radius": 3}},
+        "default_region: unknown key(s) ['radius']",
+    ),
+    "default_region threshold text": (
+        {"default_region": {"kind": "lung_field", "hu_threshold": "-400"}},
+        "default_region.hu_threshold: expected a number, got '-400'",
+    ),
+    "default_region margin negative": (
+        {"default_region": {"kind": "lung_field", "margin_mm": -1}},
+        "default_region.margin_mm: expected a number >= 0, got -1",
+    ),
     "calibration a number": ({"calibration": 0.8}, "calibration.temperature: expected a positive number, got None"),
-    "calibration without temperature": ({"calibration": {"ece": 0.1}},
-                                        "calibration.temperature: expected a positive number, got None"),
-    "calibration temperature 0": ({"calibration": {"temperature": 0}},
-                                  "calibration.temperature: expected a positive number, got 0"),
-    "calibration temperature text": ({"calibration": {"temperature": "0.8"}},
-                                     "calibration.temperature: expected a positive number, got '0.8'"),
-    "calibration temperature NaN": ({"calibration": {"temperature": float("nan")}},
-                                    "calibration.temperature: expected a positive number, got nan"),
-    "calibration ece above 1": ({"calibration": {"temperature": 0.8, "ece": 4.3}},
-                                "calibration.ece: expected a number in [0, 1], got 4.3"),
-    "calibration fitted_on not text": ({"calibration": {"temperature": 0.8, "fitted_on": 451}},
-                                       "calibration.fitted_on: expected a string, got 451"),
+    "calibration without temperature": (
+        {"calibration": {"ece": 0.1}},
+        "calibration.temperature: expected a positive number, got None",
+    ),
+    "calibration temperature 0": (
+        {"calibration": {"temperature": 0}},
+        "calibration.temperature: expected a positive number, got 0",
+    ),
+    "calibration temperature text": (
+        {"calibration": {"temperature": "0.8"}},
+        "calibration.temperature: expected a positive number, got '0.8'",
+    ),
+    "calibration temperature NaN": (
+        {"calibration": {"temperature": float("nan")}},
+        "calibration.temperature: expected a positive number, got nan",
+    ),
+    "calibration ece above 1": (
+        {"calibration": {"temperature": 0.8, "ece": 4.3}},
+        "calibration.ece: expected a number in [0, 1], got 4.3",
+    ),
+    "calibration fitted_on not text": (
+        {"calibration": {"temperature": 0.8, "fitted_on": 451}},
+        "calibration.fitted_on: expected a string, got 451",
+    ),
 }
 
 

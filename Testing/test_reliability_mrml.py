@@ -66,7 +66,9 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_mrml_refuses_and_leaves_the_scene_as_it_was(name, slicer_scene):
     scene = slicer_scene.scene
-    ct = add_volume(scene, np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), np.diag([0.7, 1.1, 2.5, 1]))
+    ct = add_volume(
+        scene, np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), np.diag([0.7, 1.1, 2.5, 1])
+    )
     nodes = {"hollow": _no_scalars(scene), "empty": _empty(scene), "segs": _segmentation(scene),
              "table": scene.AddNewNodeByClass("vtkMRMLTableNode", "table"),
              "labels": scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")}

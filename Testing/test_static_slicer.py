@@ -152,8 +152,12 @@ def test_every_library_file_and_resource_is_listed():
     assert "AttentionMap.py" in listed
     assert not (library - listed), f"library files missing from MODULE_PYTHON_SCRIPTS: {sorted(library - listed)}"
     assert not (resources - listed), f"resources missing from MODULE_PYTHON_RESOURCES: {sorted(resources - listed)}"
-    assert {"AttentionMapLib/demo_model/demo_lung_nodule_vit.json", "AttentionMapLib/demo_model/demo_lung_nodule_vit.pt",
-            "Resources/UI/AttentionMap.ui", "Resources/Icons/AttentionMap.png"} <= listed
+    assert {
+        "AttentionMapLib/demo_model/demo_lung_nodule_vit.json",
+        "AttentionMapLib/demo_model/demo_lung_nodule_vit.pt",
+        "Resources/UI/AttentionMap.ui",
+        "Resources/Icons/AttentionMap.png",
+    } <= listed
 
 
 def test_the_module_ships_no_training_or_evaluation_code():
@@ -256,7 +260,9 @@ def test_every_slicer_parameter_name_is_a_field_and_its_widget_can_bind_it():
         if kind == "node":
             types = [s.text for s in props["nodeTypes"].iter("string")]
             for node_type in types:
-                assert any(getattr(slicer, node_type)().IsA(c) for c in detail), f"{widget}: {node_type} not in {detail}"
+                assert any(getattr(slicer, node_type)().IsA(c) for c in detail), (
+                    f"{widget}: {node_type} not in {detail}"
+                )
         if kind == "choice":
             assert detail, f"{parameter}: Choice must name a literal module-level list"
             default = fields[parameter][1]
@@ -375,12 +381,16 @@ def test_every_node_selector_lists_nodes_of_a_real_scene(slicer_scene):
         scene.AddNewNodeByClass(cls)
     nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
     fields = parameter_node_fields()
-    for parameter, (widget, cls, props) in bound_widgets().items():
+    for parameter, (widget, _cls, props) in bound_widgets().items():
         kind, classes = field_kind(fields[parameter][0])
         if kind != "node":
             continue
-        show_children = props.get("showChildNodeTypes") is None or props["showChildNodeTypes"].find("bool").text == "true"
-        listed = [n for n in nodes if (any(n.IsA(c) for c in classes) if show_children else n.GetClassName() in classes)]
+        show_children = (
+            props.get("showChildNodeTypes") is None or props["showChildNodeTypes"].find("bool").text == "true"
+        )
+        listed = [
+            n for n in nodes if (any(n.IsA(c) for c in classes) if show_children else n.GetClassName() in classes)
+        ]
         assert listed, f"{widget}: no node of {classes} (showChildNodeTypes {show_children}) in a real scene"
         if parameter == "colorNode":
             names = {n.GetName() for n in listed}
@@ -443,7 +453,9 @@ def test_a_result_is_checked_against_the_options_shown_once_applied():
 
 def test_volume_rendering_goes_through_the_property_node():
     source = (LIB_DIR / "mrml.py").read_text()
-    body = source[source.index("def _set_transfer_functions"):source.index("# ------", source.index("def _set_transfer"))]
+    body = source[
+        source.index("def _set_transfer_functions") : source.index("# ------", source.index("def _set_transfer"))
+    ]
     assert "property_node.SetColor(" in body and "property_node.SetScalarOpacity(" in body
     assert "GetVolumeProperty()" not in body
 

@@ -17,7 +17,6 @@ from AttentionMapLib.core.methods import normalize_map
 from AttentionMapLib.core.preprocess import preprocess_volume
 from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError, Cancelled
-
 from geometry_cases import CASES, INTENSITY, cube_volume, peak_error
 from oracle import make_oracle_vit
 
@@ -292,8 +291,14 @@ def test_bad_input_gives_one_error_and_leaves_the_array_alone(vit):
     volume[:] = np.round(volume)
     before = _digest(volume)
     for method in ["rollout", "grad_rollout"]:
-        explain_volume(vit, volume, affine, {"intensity": {"normalize": "zscore"}, "spatial": {"mode": "sliding_window"}},
-                       img_size=IMG, method=method)
+        explain_volume(
+            vit,
+            volume,
+            affine,
+            {"intensity": {"normalize": "zscore"}, "spatial": {"mode": "sliding_window"}},
+            img_size=IMG,
+            method=method,
+        )
     assert _digest(volume) == before
     with pytest.raises(AttentionMapError, match="method"):
         explain_volume(vit, volume, affine, resize, img_size=IMG, method="gradcam")
@@ -301,5 +306,7 @@ def test_bad_input_gives_one_error_and_leaves_the_array_alone(vit):
 
 def test_constant_volume_warns(vit):
     with pytest.warns(UserWarning, match="constant"):
-        result = explain_volume(vit, np.zeros((40, 40, 40), np.int16), np.eye(4), {"spatial": {"mode": "resize"}}, img_size=IMG)
+        result = explain_volume(
+            vit, np.zeros((40, 40, 40), np.int16), np.eye(4), {"spatial": {"mode": "resize"}}, img_size=IMG
+        )
     assert result.grid.shape == (4, 6, 3)

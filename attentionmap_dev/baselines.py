@@ -52,7 +52,9 @@ class _Logits(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = primary_output(self.model(x))
         if logits.ndim != 2:
-            raise AttentionMapError(f"model: output shape {tuple(logits.shape)} is not class logits (B, K); the baselines need a classifier")
+            raise AttentionMapError(
+                f"model: output shape {tuple(logits.shape)} is not class logits (B, K); the baselines need a classifier"
+            )
         return logits
 
 
@@ -98,12 +100,17 @@ class GradCAM:
         if self.layer == "patch_embedding":
             module = network.patch_embedding.patch_embeddings if hasattr(network, "patch_embedding") else None
             if not isinstance(module, torch.nn.Conv3d):
-                raise AttentionMapError("model: layer='patch_embedding' needs a MONAI ViT with a convolutional patch embedding (proj_type='conv')")
+                raise AttentionMapError(
+                    "model: layer='patch_embedding' needs a MONAI ViT with a convolutional patch embedding "
+                    "(proj_type='conv')"
+                )
             module.register_forward_hook(lambda _m, _i, out: self._probe(out))
             return module
         blocks = [m for m in network.modules() if hasattr(m, "norm1") and hasattr(m, "attn")]
         if not blocks:
-            raise AttentionMapError("model: no MONAI TransformerBlock (with norm1 and attn) to take Grad-CAM tokens from")
+            raise AttentionMapError(
+                "model: no MONAI TransformerBlock (with norm1 and attn) to take Grad-CAM tokens from"
+            )
         blocks[-1].norm1.register_forward_hook(self._through_grid)
         return blocks[-1].norm1
 
@@ -162,8 +169,15 @@ class OcclusionSensitivity:
         spec = model_spec(self.model, input_size=tuple(x.shape[2:]))
         mask_size = tuple(spec.patch_size) if self.mask_size is None else tuple(int(m) for m in self.mask_size)
         wrapped = _Logits(self.model)
-        occlusion = MonaiOcclusion(wrapped, mask_size=mask_size, n_batch=self.n_batch, verbose=False,
-                                   mode=self.mode, overlap=self.overlap, activate=lambda out: torch.softmax(out.float(), dim=1))
+        occlusion = MonaiOcclusion(
+            wrapped,
+            mask_size=mask_size,
+            n_batch=self.n_batch,
+            verbose=False,
+            mode=self.mode,
+            overlap=self.overlap,
+            activate=lambda out: torch.softmax(out.float(), dim=1),
+        )
         modes = {m: m.training for m in self.model.modules()}  # MONAI's eval_mode would restore them by .train()
         maps = []
         try:
@@ -175,7 +189,9 @@ class OcclusionSensitivity:
                 for i, sample in enumerate(x):
                     with warnings.catch_warnings():  # MONAI 1.6 indexes with lists; torch warns about it
                         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
-                        occluded, _ = occlusion(sample[None])  # (1, K, *spatial): p(class), box around each voxel occluded
+                        occluded, _ = occlusion(
+                            sample[None]
+                        )  # (1, K, *spatial): p(class), box around each voxel occluded
                     maps.append((probabilities[i, targets[i]] - occluded[0, targets[i]]).cpu().numpy())
         finally:
             for module, mode in modes.items():

@@ -1,6 +1,6 @@
 """Block-wise attention benchmark: the full-matrix path against the block-wise path (flash attention on).
 
-    nice -n 5 .venv/bin/python -m benchmarks.bench_blockwise             # all rows, rewrites its section of docs/BENCHMARKS.md
+    nice -n 5 .venv/bin/python -m benchmarks.bench_blockwise             # all rows; rewrites its BENCHMARKS.md part
     .venv/bin/python -m benchmarks.bench_blockwise --rows memory         # only the 13,824-token memory row (long)
     .venv/bin/python -m benchmarks.bench_blockwise --quick --out /tmp/b  # tiny configurations, to try the script
 
@@ -27,7 +27,6 @@ import numpy as np
 
 from benchmarks import bench_engine, measure
 
-
 SECTION = "blockwise"
 VARIANTS = ("forward", "forward_flash", "rollout_full", "rollout_blockwise", "grad_blockwise", "grad_full")
 LABELS = {"forward": "plain forward", "forward_flash": "flash forward", "rollout_full": "rollout, full-matrix path",
@@ -45,10 +44,31 @@ ROWS: Dict[str, List[Dict[str, Any]]] = {
                 "variants": ["forward_flash", "rollout_blockwise"]}],
 }
 QUICK_ROWS: Dict[str, List[Dict[str, Any]]] = {
-    "time": [{"name": "tiny 40³ / p8", "img_size": 40, "patch_size": 8, "hidden_size": 64, "mlp_dim": 128,
-              "num_layers": 2, "num_heads": 4, "repeats": 2}],
-    "memory": [{"name": "tiny 64³ / p8", "img_size": 64, "patch_size": 8, "hidden_size": 64, "mlp_dim": 128,
-                "num_layers": 2, "num_heads": 4, "memory_only": True, "variants": ["forward_flash", "rollout_blockwise"]}],
+    "time": [
+        {
+            "name": "tiny 40³ / p8",
+            "img_size": 40,
+            "patch_size": 8,
+            "hidden_size": 64,
+            "mlp_dim": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "repeats": 2,
+        }
+    ],
+    "memory": [
+        {
+            "name": "tiny 64³ / p8",
+            "img_size": 64,
+            "patch_size": 8,
+            "hidden_size": 64,
+            "mlp_dim": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "memory_only": True,
+            "variants": ["forward_flash", "rollout_blockwise"],
+        }
+    ],
 }
 MEMORY_TARGET_TOKENS = 4096
 MEMORY_TARGET_FRACTION = 1.0 / 3.0
@@ -111,7 +131,9 @@ def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, devic
     return {"times": times, "checks": checks, **bench_engine.describe(model, x)}
 
 
-def run_rows(rows: List[Dict[str, Any]], threads: int, device: str, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+def run_rows(
+    rows: List[Dict[str, Any]], threads: int, device: str, log: Callable[[str], None] = print
+) -> List[Dict[str, Any]]:
     script = Path(__file__).resolve()
     results = []
     for config in rows:
@@ -129,8 +151,12 @@ def run_rows(rows: List[Dict[str, Any]], threads: int, device: str, log: Callabl
         for variant in variants:
             log(f"  memory of {variant} ...")
             started = time.perf_counter()
-            memory = measure.run_worker(script, {"kind": "memory", "config": config, "variant": variant, "device": device},
-                                        threads, timeout=4 * 3600.0)
+            memory = measure.run_worker(
+                script,
+                {"kind": "memory", "config": config, "variant": variant, "device": device},
+                threads,
+                timeout=4 * 3600.0,
+            )
             row["memory_method"] = memory["method"]
             row["variants"].setdefault(variant, {}).update(
                 {"extra_mib": memory["extra_mib"], "cold_seconds": memory["cold_seconds"],
@@ -168,7 +194,15 @@ def _fmt_time(row: Dict[str, Any], name: str) -> List[str]:
     v = row["variants"]
     m = v.get(name)
     if m is None or "seconds" not in m:
-        return [LABELS[name], "not run", "-", "-", _mem(v, name), _beyond(v, name, "forward"), _beyond(v, name, "forward_flash")]
+        return [
+            LABELS[name],
+            "not run",
+            "-",
+            "-",
+            _mem(v, name),
+            _beyond(v, name, "forward"),
+            _beyond(v, name, "forward_flash"),
+        ]
     return [LABELS[name], f"{m['seconds']:.2f}", f"{m['seconds'] / v['forward']['seconds']:.2f}",
             f"{m['seconds'] / v['forward_flash']['seconds']:.2f}", _mem(v, name), _beyond(v, name, "forward"),
             _beyond(v, name, "forward_flash")]
@@ -236,20 +270,25 @@ def memory_lines(results: Dict[str, Any]) -> List[str]:
         flash, ours = v["forward_flash"], v["rollout_blockwise"]
         total = results.get("mem_total_gib")
         lines += [
-            f"#### Memory row: {row['config']}, {row['tokens']} tokens ({row['layers']} layers x {row['heads']} heads)", "",
+            f"#### Memory row: {row['config']}, {row['tokens']} tokens ({row['layers']} layers x {row['heads']} heads)",
+            "",
             "| variant | peak above baseline (MiB) | beyond flash forward (MiB) | cold call, wall (s) |",
             "|---|---:|---:|---:|",
             f"| {LABELS['forward_flash']} | {flash['extra_mib']:,.0f} | - | {flash['cold_seconds']:.0f} |",
-            f"| {LABELS['rollout_blockwise']} | {ours['extra_mib']:,.0f} | {ours['extra_mib'] - flash['extra_mib']:,.0f} | "
-            f"{ours['cold_seconds']:.0f} |", "",
+            f"| {LABELS['rollout_blockwise']} | {ours['extra_mib']:,.0f} | "
+            f"{ours['extra_mib'] - flash['extra_mib']:,.0f} | "
+            f"{ours['cold_seconds']:.0f} |",
+            "",
             f"The block-wise rollout completed; the full-matrix path was **not run** at this size (it would push this "
-            f"shared {total:.0f} GiB machine into the kernel's out-of-memory killer). Where it runs out, from the shapes "
-            f"(`full_path_need` in this script, checked against the measured full-matrix rows above): every block's "
-            f"non-flash forward holds the scaled scores and their softmax, 2 x {need['per_block_transient_gib'] / 2:.1f} GiB "
-            f"= {need['per_block_transient_gib']:.1f} GiB at once, and the capture keeps {need['fused_per_block_gib']:.2f} "
+            f"shared {total:.0f} GiB machine into the kernel's out-of-memory killer). Where it runs out, from the "
+            f"shapes (`full_path_need` in this script, checked against the measured full-matrix rows above): every "
+            f"block's non-flash forward holds the scaled scores and their softmax, "
+            f"2 x {need['per_block_transient_gib'] / 2:.1f} GiB = {need['per_block_transient_gib']:.1f} GiB at once, "
+            f"and the capture keeps {need['fused_per_block_gib']:.2f} "
             f"GiB per finished block, {need['last_block_gib']:.1f} GiB in the last block. With "
             f"{row['memory_available_gib']:.1f} GiB available when the row ran (of {total:.0f} GiB), "
-            + _runs_out(need, row) + ".",
+            + _runs_out(need, row)
+            + ".",
         ]
     return lines
 
@@ -258,7 +297,8 @@ def _runs_out(need: Dict[str, float], row: Dict[str, Any]) -> str:
     available = row["memory_available_gib"]
     for block in range(row["layers"]):
         if need["per_block_transient_gib"] + block * need["fused_per_block_gib"] > available:
-            return f"it runs out in block {block}'s attention (needs {need['per_block_transient_gib'] + block * need['fused_per_block_gib']:.1f} GiB)"
+            needed = need["per_block_transient_gib"] + block * need["fused_per_block_gib"]
+            return f"it runs out in block {block}'s attention (needs {needed:.1f} GiB)"
     return "it would fit"
 
 
@@ -271,10 +311,12 @@ def target_lines(results: Dict[str, Any]) -> List[str]:
         matrices = big["layers"] * big["tokens"] ** 2 * 4 / MIB
         extra = v["rollout_blockwise"]["extra_mib"] - v["forward_flash"]["extra_mib"]
         verdict = "met" if extra <= MEMORY_TARGET_FRACTION * matrices else "**missed**"
-        lines.append(f"- memory at {big['tokens']} tokens: block-wise rollout needs {extra:,.0f} MiB beyond the flash "
-                     f"forward; L·N²·4 bytes = {matrices:,.0f} MiB, a third is {matrices / 3:,.0f} MiB: {verdict} "
-                     f"(full-matrix rollout: {v['rollout_full']['extra_mib'] - v['forward_flash']['extra_mib']:,.0f} MiB "
-                     "beyond the flash forward).")
+        lines.append(
+            f"- memory at {big['tokens']} tokens: block-wise rollout needs {extra:,.0f} MiB beyond the flash "
+            f"forward; L·N²·4 bytes = {matrices:,.0f} MiB, a third is {matrices / 3:,.0f} MiB: {verdict} "
+            f"(full-matrix rollout: {v['rollout_full']['extra_mib'] - v['forward_flash']['extra_mib']:,.0f} MiB "
+            "beyond the flash forward)."
+        )
     memory = [r for r in results["rows"] if r["memory_only"]]
     if memory:
         row = memory[0]
@@ -287,9 +329,11 @@ def target_lines(results: Dict[str, Any]) -> List[str]:
         flash = v["forward_flash"]["seconds"]
         ours, full = v["rollout_blockwise"]["seconds"], v["rollout_full"]["seconds"]
         verdict = "met" if ours <= full else "**missed**"
-        lines.append(f"- CPU time at {tokens} tokens: block-wise rollout {ours / flash:.2f}x the flash forward, "
-                     f"full-matrix rollout {full / flash:.2f}x (block-wise no slower: {verdict}; "
-                     f"{ours / v['forward']['seconds']:.2f}x vs {full / v['forward']['seconds']:.2f}x the plain forward).")
+        lines.append(
+            f"- CPU time at {tokens} tokens: block-wise rollout {ours / flash:.2f}x the flash forward, "
+            f"full-matrix rollout {full / flash:.2f}x (block-wise no slower: {verdict}; "
+            f"{ours / v['forward']['seconds']:.2f}x vs {full / v['forward']['seconds']:.2f}x the plain forward)."
+        )
     lines.append("- CUDA (block-wise rollout ≤ 1.3x the flash forward at 1729 and 4096 tokens): "
                  + ("see the CUDA rows." if results.get("cuda_rows") else
                     "not measured: no GPU on the machine that produced this section (the script times CUDA with "
@@ -317,14 +361,22 @@ def run(args) -> Dict[str, Any]:
     fresh = []
     for kind in (["time", "memory"] if args.rows == "all" else [args.rows]):
         fresh += run_rows(rows_by_kind[kind], args.threads, device)
-    saved = json.loads(path.read_text()) if path.exists() else {"rows": [], "started": []}  # read late: rows may run in parallel
+    saved = (
+        json.loads(path.read_text()) if path.exists() else {"rows": [], "started": []}
+    )  # read late: rows may run in parallel
     names = {r["config"] for r in fresh}
     rows = [r for r in saved["rows"] if r["config"] not in names] + fresh
     order = [c["name"] for kind in ("time", "memory") for c in rows_by_kind[kind]]
     rows.sort(key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
-    results = {"machine": measure.machine_description(), "commit": _git_commit(), "threads": args.threads,
-               "rows": rows, "started": (saved.get("started", []) + [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())])[-3:],
-               "mem_total_gib": _meminfo_gib("MemTotal"), "cuda_rows": device == "cuda"}
+    results = {
+        "machine": measure.machine_description(),
+        "commit": _git_commit(),
+        "threads": args.threads,
+        "rows": rows,
+        "started": (saved.get("started", []) + [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())])[-3:],
+        "mem_total_gib": _meminfo_gib("MemTotal"),
+        "cuda_rows": device == "cuda",
+    }
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -341,7 +393,9 @@ def _worker_main(request: Dict[str, Any]) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=measure.REPO / "docs", help="folder holding BENCHMARKS.md")
-    parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (1 = steady numbers on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch/BLAS threads (1 = steady numbers on a shared machine)"
+    )
     parser.add_argument("--rows", choices=("all", "time", "memory"), default="all",
                         help="which rows to run (the others are taken from the saved JSON)")
     parser.add_argument("--quick", action="store_true", help="tiny configurations instead of ViT-B, to try the script")

@@ -1,12 +1,12 @@
-"""Engine benchmark: plain forward vs MONAI save_attn + full-matrix rollout vs ``explain`` (raw / rollout / grad_rollout).
+"""Engine benchmark: plain forward vs MONAI save_attn + full-matrix rollout vs ``explain`` (raw, rollout, grad_rollout).
 
 Variants (batch 1, eval mode):
 - ``forward``: the model's forward under ``torch.no_grad`` as built (MONAI default: no flash attention).
 - ``forward_flash``: the same with ``use_flash_attention=True`` (``F.scaled_dot_product_attention``),
   the fastest plain forward; ``explain`` must switch it off because it never forms the attention matrix.
-- ``save_attn``: MONAI save_attn + full-matrix rollout (the usual way, e.g. MONAI's tutorials): ``save_attn=True`` (MONAI keeps every block's detached
-  ``(B, heads, N, N)`` in ``att_mat``), numpy mean over heads, then rollout with full ``N x N`` matrix
-  products (``R <- rownorm(0.5 A + 0.5 I) @ R`` over the blocks, then the CLS row).
+- ``save_attn``: MONAI save_attn + full-matrix rollout (the usual way, e.g. MONAI's tutorials): ``save_attn=True``
+  (MONAI keeps every block's detached ``(B, heads, N, N)`` in ``att_mat``), numpy mean over heads, then rollout
+  with full ``N x N`` matrix products (``R <- rownorm(0.5 A + 0.5 I) @ R`` over the blocks, then the CLS row).
 - ``raw`` / ``rollout`` / ``grad_rollout``: ``AttentionMapLib.explain(model, x, method)``.
 - references (timed only): ``backward_to_input``: forward with autograd + backward of the predicted
   class's logit to the input, nothing else; ``backward_to_attention``: the same, but the backward
@@ -44,7 +44,15 @@ CONFIGS: List[Dict[str, Any]] = [
     {"name": "demo model", "demo": True},
 ]
 QUICK_CONFIGS: List[Dict[str, Any]] = [
-    {"name": "tiny 32³ / p8", "img_size": 32, "patch_size": 8, "hidden_size": 64, "mlp_dim": 128, "num_layers": 2, "num_heads": 4},
+    {
+        "name": "tiny 32³ / p8",
+        "img_size": 32,
+        "patch_size": 8,
+        "hidden_size": 64,
+        "mlp_dim": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+    },
     {"name": "demo model", "demo": True},
 ]
 
@@ -101,8 +109,8 @@ def block_flags(model, **flags) -> Iterator[None]:
 
 
 def save_attn_rollout(model, x) -> np.ndarray:
-    """MONAI save_attn + full-matrix rollout: forward with ``save_attn``, numpy head mean of every block's ``att_mat``, full
-    matrix rollout, CLS row without CLS. Returns ``(B, N - 1)``."""
+    """MONAI save_attn + full-matrix rollout: forward with ``save_attn``, numpy head mean of every block's
+    ``att_mat``, full matrix rollout, CLS row without CLS. Returns ``(B, N - 1)``."""
     import torch
 
     from AttentionMapLib.core.capture import attention_blocks
@@ -186,8 +194,14 @@ def time_worker(config: Dict[str, Any], variants: List[str], repeats: int, devic
     ours = explain(model, x, method="rollout", normalize="none").grid.reshape(1, -1)
     with block_flags(model, save_attn=True, use_flash_attention=False):
         theirs = save_attn_rollout(model, x)
-    return {"times": times, "wall": wall, "clock": CLOCKS[device], "rollout_max_abs_diff": float(np.abs(ours - theirs).max()),
-            "rollout_max": float(theirs.max()), **describe(model, x)}
+    return {
+        "times": times,
+        "wall": wall,
+        "clock": CLOCKS[device],
+        "rollout_max_abs_diff": float(np.abs(ours - theirs).max()),
+        "rollout_max": float(theirs.max()),
+        **describe(model, x),
+    }
 
 
 def memory_worker(config: Dict[str, Any], variant: str, device: str,
@@ -227,17 +241,30 @@ def run_section(configs: List[Dict[str, Any]], repeats: int, threads: int, devic
         log(f"{config['name']} on {device}: timing {len(VARIANTS) + len(REFERENCES)} variants x {repeats} ...")
         timing = measure.run_worker(script, {"kind": "time", "config": config, "variants": list(VARIANTS + REFERENCES),
                                              "repeats": repeats, "device": device}, threads)
-        row = {"config": config["name"], **{k: v for k, v in timing.items() if k not in ("times", "wall")}, "variants": {}}
+        row = {
+            "config": config["name"],
+            **{k: v for k, v in timing.items() if k not in ("times", "wall")},
+            "variants": {},
+        }
         for variant in VARIANTS:
             log(f"  memory of {variant} ...")
-            memory = measure.run_worker(script, {"kind": "memory", "config": config, "variant": variant, "device": device}, threads)
+            memory = measure.run_worker(
+                script, {"kind": "memory", "config": config, "variant": variant, "device": device}, threads
+            )
             row["memory_method"] = memory["method"]
-            row["variants"][variant] = {"seconds": measure.median(timing["times"][variant]), "all_seconds": timing["times"][variant],
-                                        "wall_seconds": measure.median(timing["wall"][variant]),
-                                        "extra_mib": memory["extra_mib"], "cold_seconds": memory["cold_seconds"]}
+            row["variants"][variant] = {
+                "seconds": measure.median(timing["times"][variant]),
+                "all_seconds": timing["times"][variant],
+                "wall_seconds": measure.median(timing["wall"][variant]),
+                "extra_mib": memory["extra_mib"],
+                "cold_seconds": memory["cold_seconds"],
+            }
         for reference in REFERENCES:
-            row["variants"][reference] = {"seconds": measure.median(timing["times"][reference]), "all_seconds": timing["times"][reference],
-                                          "wall_seconds": measure.median(timing["wall"][reference])}
+            row["variants"][reference] = {
+                "seconds": measure.median(timing["times"][reference]),
+                "all_seconds": timing["times"][reference],
+                "wall_seconds": measure.median(timing["wall"][reference]),
+            }
         rows.append(row)
     return rows
 

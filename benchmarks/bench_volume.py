@@ -50,20 +50,45 @@ def end_to_end(model_source: str, case: str = "lung2", methods: Sequence[str] = 
                 start = time.perf_counter()
                 array, ijk_to_ras = read_volume(paths[f"{case}_image"])
                 read = time.perf_counter() - start
-                result = explain_volume(loaded.network, array, ijk_to_ras, loaded.preprocessing, img_size=loaded.img_size,
-                                        method=method, target=loaded.target)
+                result = explain_volume(
+                    loaded.network,
+                    array,
+                    ijk_to_ras,
+                    loaded.preprocessing,
+                    img_size=loaded.img_size,
+                    method=method,
+                    target=loaded.target,
+                )
                 start = time.perf_counter()
                 write_volume(Path(folder) / f"{case}_attention.nrrd", result.grid, result.ijk_to_ras)
-                runs.append({"read": read, **result.timings, "write": time.perf_counter() - start, "cpu": time.process_time() - cpu})
+                runs.append(
+                    {
+                        "read": read,
+                        **result.timings,
+                        "write": time.perf_counter() - start,
+                        "cpu": time.process_time() - cpu,
+                    }
+                )
             stages = {s: measure.median([r[s] for r in runs]) for s in STAGES}
-            rows[method] = {"stages": stages, "total": sum(stages.values()), "cpu_total": measure.median([r["cpu"] for r in runs]),
-                            "windows": result.num_windows,
-                            "grid_shape": list(result.grid.shape), "volume_shape": list(array.shape)}
+            rows[method] = {
+                "stages": stages,
+                "total": sum(stages.values()),
+                "cpu_total": measure.median([r["cpu"] for r in runs]),
+                "windows": result.num_windows,
+                "grid_shape": list(result.grid.shape),
+                "volume_shape": list(array.shape),
+            }
     return {"case": case, "spatial": loaded.preprocessing.get("spatial", {}), "methods": rows}
 
 
-def sliding_window(model_source: str, case: str = "lung2", overlaps: Sequence[float] = OVERLAPS, method: str = "rollout",
-                   repeats: int = 1, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+def sliding_window(
+    model_source: str,
+    case: str = "lung2",
+    overlaps: Sequence[float] = OVERLAPS,
+    method: str = "rollout",
+    repeats: int = 1,
+    log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
     """One row per overlap: window count and median seconds of ``explain_volume`` (and its forward part)."""
     from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.io import read_volume

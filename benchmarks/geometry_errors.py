@@ -56,7 +56,9 @@ def main() -> None:
     positions = np.random.default_rng(args.seed).uniform(0.15, 0.85, size=(args.positions, 3))
     print(f"{args.positions} random cube positions per row; preprocessing {PREPROCESSING['orientation']} "
           f"{PREPROCESSING['spacing']} mm; raw layer-0 attention of the oracle ViT\n")
-    print("| case | model (img / patch) | mode | windows | err mm mean | err mm max | bound mm | max frac | bias | hit |")
+    print(
+        "| case | model (img / patch) | mode | windows | err mm mean | err mm max | bound mm | max frac | bias | hit |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name, (img_size, patch_size) in MODELS.items():
         model = make_oracle_vit(img_size, patch_size, classification=True)

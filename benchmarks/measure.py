@@ -71,14 +71,20 @@ def median(values: List[float]) -> float:
 
 
 def run_worker(script: Path, request: Dict[str, Any], threads: int, timeout: float = 3600.0) -> Dict[str, Any]:
-    """Run ``python -m benchmarks.<script's name> --worker JSON`` from the repository root in a fresh process (``threads`` for torch and BLAS) and
-    return the JSON object it prints on its last stdout line."""
+    """Run ``python -m benchmarks.<script's name> --worker JSON`` from the repository root in a fresh process
+    (``threads`` for torch and BLAS) and return the JSON object it prints on its last stdout line."""
     env = dict(os.environ)
     env.update(WORKER_ENV)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
-    completed = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--worker", json.dumps(request)], env=env,
-                               capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--worker", json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {request}:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -102,7 +108,8 @@ def machine_description() -> Dict[str, str]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
-# ---------------------------------------------------------------- sections of docs/BENCHMARKS.md written by their own script
+# ------------------------------------------------------ sections of docs/BENCHMARKS.md written by their own script
+
 
 def _section_markers(name: str) -> Tuple[str, str]:
     return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"

@@ -1,6 +1,7 @@
 """What `make demo` runs: fetch the sample CTs, explain the whole lung2 scan with the demo model, say where the peak is.
 
-    python -m tools.demo [--model demo] [--case lung2] [--method rollout] [--output-dir demo-output] [--no-default-region]
+    python -m tools.demo [--model demo] [--case lung2] [--method rollout] [--output-dir demo-output]
+                         [--no-default-region]
 
 Runs `attention-map run <case>_image.nrrd --model demo --method rollout --label <case>_label.nrrd` on the
 whole scan as a user loads it (the CLI's own code, AttentionMapLib.cli). The demo card names a default
@@ -39,9 +40,11 @@ def describe(summary: Dict[str, Any]) -> List[str]:
     prediction = case.get("prediction")
     if prediction:
         x0, y0, z0 = prediction["window_centre_ras_mm"]
-        lines.append(f"Volume-level P({prediction['class']}) = {prediction['probability']:.2f}: {prediction['rule']} "
-                     f"(temperature {prediction['temperature']:.2f}); that window is centred at RAS ({x0:.1f}, {y0:.1f}, "
-                     f"{z0:.1f}) mm")
+        lines.append(
+            f"Volume-level P({prediction['class']}) = {prediction['probability']:.2f}: {prediction['rule']} "
+            f"(temperature {prediction['temperature']:.2f}); that window is centred at RAS ({x0:.1f}, {y0:.1f}, "
+            f"{z0:.1f}) mm"
+        )
     where = ("INSIDE the tumour label" if label["peak_inside"] else
              f"outside the tumour label, {label['peak_to_nearest_label_voxel_mm']:.1f} mm from its nearest voxel")
     lines += [

@@ -1,9 +1,10 @@
 """Make the extension's screenshot and icon from what Slicer's slice views would really draw.
 
-A real chest CT (pyradiomics lung2, the whole scan) and its tumour label go into a slicer-core MRML scene;
-the model explains the CT (with the card's default region, as `make demo` does); AttentionMapLib.mrml writes the overlay node exactly as the module does; three
-window-less vtkMRMLSliceLogic views (axial, coronal, sagittal through the tumour) composite
-CT + overlay + label outline, and their RGBA images are saved side by side. Nothing is painted by hand.
+A real chest CT (pyradiomics lung2, the whole scan) and its tumour label go into a slicer-core MRML scene; the
+model explains the CT (with the card's default region, as `make demo` does); AttentionMapLib.mrml writes the
+overlay node exactly as the module does; three window-less vtkMRMLSliceLogic views (axial, coronal, sagittal
+through the tumour) composite CT + overlay + label outline, and their RGBA images are saved side by side. Nothing
+is painted by hand.
 
     .venv/bin/python -m tools.make_slicer_screenshot [--model demo|CARD.json] [--data DIR]
 

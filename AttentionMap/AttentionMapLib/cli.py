@@ -5,7 +5,8 @@
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
                   [--device auto|cpu|cuda] [--normalize minmax|percentile|none] [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
-    attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json] [--series-uid UID]
+    attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
+                  [--series-uid UID]
     attention-map sample-data [--cache-dir DIR]
 
 Region: a card may name a default region (the demo: the automatic lung field); ``--roi`` (RAS centre and
@@ -14,13 +15,12 @@ size in mm) or ``--mask`` (a label volume per input, any grid: sampled by neares
 The summary gives one volume-level prediction per case: the highest (calibrated) probability of the
 target class over the windows, and the RAS centre of that window.
 
-Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers
-count from the end (-1 = last, the default); heads from 0 (see `numbering`). Exit status: 0 on success, 2 on bad input or an output that
-cannot be written (one line on stderr naming the input or output and the problem), 130 after Ctrl-C,
-143 after SIGTERM, 1 for an unexpected internal error (one line; ATTENTIONMAP_TRACEBACK=1 shows the
-traceback). Outputs are staged and moved into place at the end (`outputs.staged_folder`): a failed or
-interrupted run leaves nothing behind. Inputs are only read; an output never replaces an input or
-writes through a symbolic link.
+Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers count from
+the end (-1 = last, the default); heads from 0 (see `numbering`). Exit status: 0 on success, 2 on bad input or an
+output that cannot be written (one line on stderr naming the input or output and the problem), 130 after Ctrl-C,
+143 after SIGTERM, 1 for an unexpected internal error (one line; ATTENTIONMAP_TRACEBACK=1 shows the traceback).
+Outputs are staged and moved into place at the end (`outputs.staged_folder`): a failed or interrupted run leaves
+nothing behind. Inputs are only read; an output never replaces an input or writes through a symbolic link.
 """
 from __future__ import annotations
 
@@ -65,13 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--layer", type=int, default=-1,
                        help="block 1..L (rollout: up to this block), or negative from the end; default -1 = last")
     model.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
-    model.add_argument("--head", type=int, default=None, help="one head 0..H-1 (first head = 0) instead of fusing heads")
+    model.add_argument(
+        "--head", type=int, default=None, help="one head 0..H-1 (first head = 0) instead of fusing heads"
+    )
     model.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
     model.add_argument("--target", default=None, help="class name or index (default: the card's, else the predicted)")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto: CUDA when available, CPU otherwise and after CUDA out-of-memory")
-    model.add_argument("--normalize", default="percentile", choices=("minmax", "percentile", "none"),
-                       help="map scaling (default percentile: 1st..99th percentile to 0..1, lower values 0, higher ones kept above 1)")
+    model.add_argument(
+        "--normalize",
+        default="percentile",
+        choices=("minmax", "percentile", "none"),
+        help="map scaling (default percentile: 1st..99th percentile to 0..1, lower values 0, higher ones kept above 1)",
+    )
 
     run = commands.add_parser("run", parents=[model], help="attention maps, overlays and a summary per input")
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="NRRD / NIfTI / MHA file or DICOM series folder")
@@ -84,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--roi", nargs="+", default=None, metavar="V",
                        help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
                             "to switch off the card's default region")
-    where.add_argument("--mask", nargs="+", default=None, metavar="MASK",
-                       help="look only inside this label volume (voxels > 0; any grid, nearest neighbour), one per input")
+    where.add_argument(
+        "--mask",
+        nargs="+",
+        default=None,
+        metavar="MASK",
+        help="look only inside this label volume (voxels > 0; any grid, nearest neighbour), one per input",
+    )
     run.add_argument("--output-dir", required=True, type=Path,
                      help="created if missing; files of this run replace same-named earlier results, others stay")
     run.add_argument("--series-uid", default=None, metavar="UID",
@@ -241,7 +252,9 @@ def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]], series_ui
     paths = [Path(p) for p in inputs]
     label_paths = [Path(p) for p in labels] if labels else []
     if label_paths and len(label_paths) != len(paths):
-        raise AttentionMapError(f"--label: got {len(label_paths)} mask(s) for {len(paths)} input(s); expected one per input")
+        raise AttentionMapError(
+            f"--label: got {len(label_paths)} mask(s) for {len(paths)} input(s); expected one per input"
+        )
     names = [case_name(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -295,7 +308,9 @@ def case_regions(args: argparse.Namespace, cases: Sequence[Case], loaded) -> Lis
         return [box_region(values[:3], values[3:], name="ROI")] * len(cases)
     if masks is not None:
         if len(masks) != len(cases):
-            raise AttentionMapError(f"--mask: got {len(masks)} mask(s) for {len(cases)} input(s); expected one per input")
+            raise AttentionMapError(
+                f"--mask: got {len(masks)} mask(s) for {len(cases)} input(s); expected one per input"
+            )
         regions = []
         for path in masks:
             mask, ijk_to_ras = read_volume(Path(path))
@@ -480,8 +495,10 @@ def sample_data_command(args: argparse.Namespace) -> int:
         samples = fetch_sample_data(args.cache_dir)
     except OSError as exc:
         where = args.cache_dir if args.cache_dir is not None else exc.filename
-        raise AttentionMapError(f"--cache-dir {where}: cannot be used as the sample-data cache ({exc.strerror or exc}); "
-                                "expected a writable folder") from None
+        raise AttentionMapError(
+            f"--cache-dir {where}: cannot be used as the sample-data cache ({exc.strerror or exc}); "
+            "expected a writable folder"
+        ) from None
     for name, path in samples.items():
         print(f"{name}\t{path}")
     return 0

@@ -73,7 +73,9 @@ def plan_dependencies(versions: Dict[str, Optional[str]]) -> DependencyPlan:
     if torch is None or torch[:2] < TORCH_MINIMUM:
         plan.torch_requirement = f">={minimum}"
         if torch is not None:
-            plan.reasons.append(f"PyTorch {versions['torch']} is older than MONAI {MONAI_VERSION} supports (>={minimum})")
+            plan.reasons.append(
+                f"PyTorch {versions['torch']} is older than MONAI {MONAI_VERSION} supports (>={minimum})"
+            )
     pins = []
     if versions.get("monai") != MONAI_VERSION:
         pins.append(f"monai=={MONAI_VERSION}")
@@ -87,6 +89,8 @@ def plan_dependencies(versions: Dict[str, Optional[str]]) -> DependencyPlan:
     numpy = parse_version(versions.get("numpy"))
     low, high = NUMPY_RANGE
     if numpy is None or not low <= numpy[:2] < high:
-        plan.problems.append(f"numpy {versions.get('numpy')} is outside MONAI {MONAI_VERSION}'s range "
-                             f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}); use a Slicer whose numpy fits")
+        plan.problems.append(
+            f"numpy {versions.get('numpy')} is outside MONAI {MONAI_VERSION}'s range "
+            f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}); use a Slicer whose numpy fits"
+        )
     return plan

@@ -269,7 +269,9 @@ def _checked_preprocessing(source: Path, preprocessing: Any) -> Dict[str, Any]:
     from .core.preprocess import parse_preprocessing
 
     if not isinstance(preprocessing, dict):
-        raise AttentionMapError(f"{source}: 'preprocessing' must be an object (orientation, spacing, intensity, spatial)")
+        raise AttentionMapError(
+            f"{source}: 'preprocessing' must be an object (orientation, spacing, intensity, spatial)"
+        )
     try:
         check_spacing(parse_preprocessing(preprocessing).spacing)
     except AttentionMapError as exc:

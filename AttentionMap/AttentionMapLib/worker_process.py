@@ -186,8 +186,10 @@ class WorkerServer:
 
         torch.set_num_threads(self._threads)
         self._torch_ready = True
-        self._log(f"PyTorch {torch.__version__} imported in {time.perf_counter() - start:.1f} s; "
-                  f"{torch.get_num_threads()} thread(s); CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+        self._log(
+            f"PyTorch {torch.__version__} imported in {time.perf_counter() - start:.1f} s; "
+            f"{torch.get_num_threads()} thread(s); CUDA {'available' if torch.cuda.is_available() else 'not available'}"
+        )
 
     def _model(self, source: str, trust_bundle: bool, device: str) -> Any:
         from .models import load_model

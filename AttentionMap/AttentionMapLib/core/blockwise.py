@@ -89,7 +89,9 @@ def block_projections(block: SABlock) -> Tuple[Projection, Projection, Projectio
         inner = weight.shape[0] // 3
         return tuple((weight[i * inner:(i + 1) * inner], None if bias is None else bias[i * inner:(i + 1) * inner])
                      for i in range(3))
-    return tuple((m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in (block.to_q, block.to_k, block.to_v))
+    return tuple(
+        (m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in (block.to_q, block.to_k, block.to_v)
+    )
 
 
 def unsupported_reason(block: SABlock) -> Optional[str]:
@@ -165,7 +167,9 @@ def _output_hook(index: int, store: List[Optional[BlockFactors]]):
     return hook
 
 
-def choose_block_rows(batch: int, heads: int, tokens: int, device: torch.device, requested: Optional[int] = None) -> int:
+def choose_block_rows(
+    batch: int, heads: int, tokens: int, device: torch.device, requested: Optional[int] = None
+) -> int:
     """Query rows per slab: ``requested`` (clipped to 1..N), else as many as fit the slab budget
     (CPU: :data:`CPU_SLAB_BUDGET_BYTES`; CUDA: :data:`CUDA_FREE_FRACTION` of the free memory)."""
     if requested is not None:
@@ -279,8 +283,17 @@ def vector_times_layer(vector: torch.Tensor, layer: LayerRows, method: str, bloc
     return vector + product if method == "grad_rollout" else product
 
 
-def readout_vector(factors: Sequence[BlockFactors], row: torch.Tensor, method: str, last: int, discard_ratio: float,
-                   has_cls: bool, head_fusion: str, head: Optional[int], block_rows: Optional[int] = None) -> torch.Tensor:
+def readout_vector(
+    factors: Sequence[BlockFactors],
+    row: torch.Tensor,
+    method: str,
+    last: int,
+    discard_ratio: float,
+    has_cls: bool,
+    head_fusion: str,
+    head: Optional[int],
+    block_rows: Optional[int] = None,
+) -> torch.Tensor:
     """``(B, N)`` readout of ``method`` from blocks ``0..last`` (``raw``: block ``last`` only), the
     same vector as :func:`engine.readout`'s full-matrix path; ``row`` is the readout row ``(B, N)``."""
     first = factors[0]

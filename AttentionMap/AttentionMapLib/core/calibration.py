@@ -41,7 +41,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, tolerance: float = 1
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if logits.ndim != 2 or len(logits) == 0 or labels.shape != (len(logits),):
-        raise AttentionMapError(f"fit_temperature: expected logits (N, K) and labels (N,), got {logits.shape} and {labels.shape}")
+        raise AttentionMapError(
+            f"fit_temperature: expected logits (N, K) and labels (N,), got {logits.shape} and {labels.shape}"
+        )
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
     lo, hi = _LOG_T_RANGE
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)

@@ -216,7 +216,9 @@ def as_model_input(model: Any, x: Any) -> torch.Tensor:
     other objects are refused, naming the argument.
     """
     if not isinstance(model, torch.nn.Module):
-        raise AttentionMapError(f"model: expected a torch.nn.Module (a MONAI ViT-based network), got {type(model).__name__}")
+        raise AttentionMapError(
+            f"model: expected a torch.nn.Module (a MONAI ViT-based network), got {type(model).__name__}"
+        )
     if not isinstance(x, torch.Tensor):
         hint = " (convert it with torch.from_numpy)" if isinstance(x, np.ndarray) else ""
         raise AttentionMapError(f"x: expected a torch tensor (B, C, *img_size), got {type(x).__name__}{hint}")
@@ -233,7 +235,9 @@ def check_input(x: torch.Tensor, spec: ModelSpec) -> None:
         shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
         raise AttentionMapError(f"x: expected a torch tensor (B, C) + {dims} spatial axes, got {shape}")
     if x.shape[1] != spec.in_channels:
-        raise AttentionMapError(f"x: the model expects {spec.in_channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        raise AttentionMapError(
+            f"x: the model expects {spec.in_channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})"
+        )
     if tuple(x.shape[2:]) != spec.img_size:
         raise AttentionMapError(
             f"x: spatial size {tuple(x.shape[2:])} differs from the model's img_size {spec.img_size}; "
@@ -376,7 +380,9 @@ def resolve_target(logits: torch.Tensor, target: Target) -> Optional[List[int]]:
         return [1 if channels > 1 else 0] * batch
     targets = [int(target)] * batch if np.ndim(target) == 0 else [int(t) for t in target]
     if len(targets) != batch or any(not 0 <= t < channels for t in targets):
-        raise AttentionMapError(f"target: expected an output index in 0..{channels - 1} (one, or one per sample of {batch}), got {target!r}")
+        raise AttentionMapError(
+            f"target: expected an output index in 0..{channels - 1} (one, or one per sample of {batch}), got {target!r}"
+        )
     return targets
 
 
@@ -410,7 +416,9 @@ def check_options(method: str, discard_ratio: float, normalize: str) -> None:
 def resolve_layer(layer: int, num_layers: int) -> int:
     """Non-negative block index for ``layer`` (negative counts from the end)."""
     if not -num_layers <= int(layer) < num_layers:
-        raise AttentionMapError(f"layer: expected -{num_layers}..{num_layers - 1} (the model has {num_layers} blocks), got {layer}")
+        raise AttentionMapError(
+            f"layer: expected -{num_layers}..{num_layers - 1} (the model has {num_layers} blocks), got {layer}"
+        )
     return int(layer) % num_layers
 
 

@@ -105,7 +105,9 @@ def token_grid_affine(
     return np.asarray(voxel_ijk_to_ras, dtype=np.float64) @ token_to_voxel
 
 
-def crop(array: np.ndarray, ijk_to_ras: np.ndarray, start: Sequence[int], stop: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+def crop(
+    array: np.ndarray, ijk_to_ras: np.ndarray, start: Sequence[int], stop: Sequence[int]
+) -> Tuple[np.ndarray, np.ndarray]:
     """Voxels ``start..stop`` (exclusive) of the last three (I, J, K) axes, with the ijk_to_ras that keeps
     every kept voxel at its RAS position (the origin moves to voxel ``start``). Returns a copy."""
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))

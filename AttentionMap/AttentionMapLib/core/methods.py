@@ -76,8 +76,8 @@ def rollout_vector(readout: torch.Tensor, layers: Sequence[torch.Tensor], discar
     """Abnar & Zuidema rollout read out from the left: ``e^T Ahat_L ... Ahat_1``.
 
     ``Ahat_l = rownorm(0.5 * A_l + 0.5 * I)`` with ``A_l`` the head-fused layer after the discard cut
-    (:func:`zero_at_or_below`, O(N^2) per layer). ``cuts``: per layer the ``(B,)`` cut (or None) when already known (e.g. from
-    :func:`sorted_cut`), else found by :func:`discard_cut`.
+    (:func:`zero_at_or_below`, O(N^2) per layer). ``cuts``: per layer the ``(B,)`` cut (or None) when already
+    known (e.g. from :func:`sorted_cut`), else found by :func:`discard_cut`.
     ``layers`` are in forward order (first block first). Never forms ``Ahat``: with ``s`` the row sums of
     ``0.5 * A + 0.5 * I``, ``v Ahat = 0.5 * (w A) + 0.5 * w`` where ``w = v / s``.
     """

@@ -257,7 +257,8 @@ def preprocess_volume(
         spacing = voxel_spacing(resampled.affine.numpy())
         raise AttentionMapError(
             f"array_ijk: after resampling the volume is {tuple(shape.tolist())} voxels "
-            f"({tuple(np.round(shape * spacing, 1).tolist())} mm at spacing {tuple(np.round(spacing, 3).tolist())} mm); "
+            f"({tuple(np.round(shape * spacing, 1).tolist())} mm "
+            f"at spacing {tuple(np.round(spacing, 3).tolist())} mm); "
             f"the model needs at least one patch: {tuple(patch.tolist())} voxels "
             f"({tuple(np.round(patch * spacing, 1).tolist())} mm) along each axis"
         )

@@ -149,7 +149,9 @@ def region_mask(region: Region, image: np.ndarray, ijk_to_ras: np.ndarray,
     """
     shape = np.shape(image)
     if isinstance(region, MaskRegion):
-        return sample_nearest(region.mask, check_ijk_to_ras(region.ijk_to_ras, "region mask ijk_to_ras"), shape, ijk_to_ras)
+        return sample_nearest(
+            region.mask, check_ijk_to_ras(region.ijk_to_ras, "region mask ijk_to_ras"), shape, ijk_to_ras
+        )
     if isinstance(region, BoxRegion):
         return _box_mask(region, shape, ijk_to_ras)
     if isinstance(region, LungFieldRegion):
@@ -181,7 +183,7 @@ def card_default_region(card: Optional[Mapping[str, Any]], source: str = "model 
     if section is None:
         return None
     if not isinstance(section, Mapping) or section.get("kind") != "lung_field":
-        raise AttentionMapError(f"{source}: default_region: expected {{\"kind\": \"lung_field\", ...}}, got {section!r}")
+        raise AttentionMapError(f'{source}: default_region: expected {{"kind": "lung_field", ...}}, got {section!r}')
     unknown = sorted(set(section) - {"kind", "hu_threshold", "margin_mm"})
     if unknown:
         raise AttentionMapError(f"{source}: default_region: unknown key(s) {unknown}")
@@ -193,7 +195,9 @@ def card_default_region(card: Optional[Mapping[str, Any]], source: str = "model 
                 raise AttentionMapError(f"{source}: default_region.{key}: expected a number, got {value!r}")
             values[key] = float(value)
     if values.get("margin_mm", 0.0) < 0:
-        raise AttentionMapError(f"{source}: default_region.margin_mm: expected a number >= 0, got {values['margin_mm']}")
+        raise AttentionMapError(
+            f"{source}: default_region.margin_mm: expected a number >= 0, got {values['margin_mm']}"
+        )
     return LungFieldRegion(**values)
 
 
@@ -215,7 +219,9 @@ def region_from_spec(spec: Any, card: Optional[Mapping[str, Any]], source: str =
         mask = np.asarray(spec["mask"])
         if mask.ndim != 3 or not np.any(mask > 0):
             raise AttentionMapError(f"{spec.get('name', 'mask')}: expected a non-empty 3D mask, got shape {mask.shape}")
-        return MaskRegion(mask, check_ijk_to_ras(spec["ijk_to_ras"], "region mask ijk_to_ras"), spec.get("name", "mask"))
+        return MaskRegion(
+            mask, check_ijk_to_ras(spec["ijk_to_ras"], "region mask ijk_to_ras"), spec.get("name", "mask")
+        )
     raise AttentionMapError(f"region: expected 'default', 'none', a box or a mask, got {spec!r}")
 
 
@@ -230,7 +236,8 @@ def token_mask(voxel_mask: np.ndarray, patch: Sequence[int]) -> np.ndarray:
 class AppliedRegion:
     """A region as applied to one model input.
 
-    description: what the region is; name: a short name ("lung field", "ROI", a file name); voxels: bool (I, J, K) on the model-input grid with `ijk_to_ras`;
+    description: what the region is; name: a short name ("lung field", "ROI", a file name); voxels: bool (I, J, K)
+    on the model-input grid with `ijk_to_ras`;
     windows_run / windows_skipped: windows meeting / not meeting it; tokens: bool token grid inside.
     The map is 0 on tokens outside and, resampled onto another grid, 0 at voxels outside.
     """

@@ -214,8 +214,14 @@ class VolumeAttention:
         """RAS position (3,) in mm of the centre of the grid's highest token."""
         return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
 
-    def fuse_again(self, method: Optional[str] = None, layer: Optional[int] = None, discard_ratio: Optional[float] = None,
-                   query_ras: Any = _UNCHANGED, normalize: Optional[str] = None) -> "VolumeAttention":
+    def fuse_again(
+        self,
+        method: Optional[str] = None,
+        layer: Optional[int] = None,
+        discard_ratio: Optional[float] = None,
+        query_ras: Any = _UNCHANGED,
+        normalize: Optional[str] = None,
+    ) -> "VolumeAttention":
         """A new VolumeAttention from the cached head-fused attention, without running the network.
 
         Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
@@ -236,8 +242,13 @@ class VolumeAttention:
         grid = self._tiling.blend(query, norm, keep_sorted=True, **options)  # later discard ratios: a lookup
         fused = time.perf_counter()
         return replace(
-            self, grid=grid, normalize=norm, discard_ratio=float(options["discard_ratio"]), method=options["method"],
-            layer=options["layer"], query_ras=None if query_point is None else np.asarray(query_point, dtype=np.float64),
+            self,
+            grid=grid,
+            normalize=norm,
+            discard_ratio=float(options["discard_ratio"]),
+            method=options["method"],
+            layer=options["layer"],
+            query_ras=None if query_point is None else np.asarray(query_point, dtype=np.float64),
             timings={"preprocess": 0.0, "forward": 0.0, "fuse": fused - start, "geometry": 0.0},
         )
 
@@ -289,12 +300,20 @@ def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> 
 def _apply_region(region: Region, image, prep, spec, starts: np.ndarray) -> Tuple[AppliedRegion, np.ndarray]:
     """The region on the model-input grid and the mask (W,) of the windows that meet it."""
     voxels = region_mask(region, image.as_tensor()[0].cpu().numpy(), image.affine.numpy(), prep.intensity)
-    keep = np.array([voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))].any() for s in starts], dtype=bool)
+    keep = np.array(
+        [voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))].any() for s in starts], dtype=bool
+    )
     if not keep.any():
         raise AttentionMapError(f"region: {region.describe()} does not overlap the volume; expected a region inside it")
-    applied = AppliedRegion(description=region.describe(), name=getattr(region, "name", "lung field"), voxels=voxels, ijk_to_ras=image.affine.numpy(),
-                            tokens=token_mask(voxels, spec.patch_size), windows_run=int(keep.sum()),
-                            windows_skipped=int((~keep).sum()))
+    applied = AppliedRegion(
+        description=region.describe(),
+        name=getattr(region, "name", "lung field"),
+        voxels=voxels,
+        ijk_to_ras=image.affine.numpy(),
+        tokens=token_mask(voxels, spec.patch_size),
+        windows_run=int(keep.sum()),
+        windows_skipped=int((~keep).sum()),
+    )
     return applied, keep
 
 
@@ -350,7 +369,9 @@ def explain_volume(
         prediction and timings; ``fuse_again`` re-reads it with other fusion options.
     """
     if window_weighting not in WINDOW_WEIGHTINGS:
-        raise AttentionMapError(f"window_weighting: expected one of {', '.join(WINDOW_WEIGHTINGS)}, got {window_weighting!r}")
+        raise AttentionMapError(
+            f"window_weighting: expected one of {', '.join(WINDOW_WEIGHTINGS)}, got {window_weighting!r}"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
             or temperature <= 0:
         raise AttentionMapError(f"temperature: expected a positive number, got {temperature!r}")
