@@ -13,7 +13,7 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
 - whole volumes (``lung1``, ``lung2``): ``volume.explain_volume`` with the card's sliding windows, the token
   grid resampled onto the label's voxel grid (attention maps only: the baselines and deletion/insertion
   need a single model input);
-- whole scans as a user loads them (``benchmarks/whole_scan.py``): lung1 and lung2 as shipped and
+- whole scans as a user loads them (``attentionmap_dev/whole_scan.py``): lung1 and lung2 as shipped and
   re-gridded (flipped, oblique, anisotropic), with and without the card's default region, with the card's
   calibration; three lesion-free scans (two lung slabs, a whole head CT); the lesion-free held-out windows
   of ``tools/evaluate_demo_model.py``.
@@ -43,7 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarks import measure, whole_scan
+from attentionmap_dev import whole_scan
+from benchmarks import measure
 
 MAPS = ("raw", "rollout", "grad_rollout", "gradcam", "occlusion", "random")
 ATTENTION = ("raw", "rollout", "grad_rollout")
@@ -208,7 +209,7 @@ def baseline_probabilities(settings: Settings, cases: Sequence[Case]) -> Dict[st
 
 
 def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Callable[[str], None]) -> Dict[str, Any]:
-    """benchmarks/whole_scan.py with the card's calibration and default region (else the lung field), and the
+    """attentionmap_dev/whole_scan.py with the card's calibration and default region (else the lung field), and the
     false-alarm rate on the lesion-free held-out windows."""
     import torch
 
@@ -237,7 +238,7 @@ def whole_scan_report(data: Dict[str, Any]) -> List[str]:
     """The whole-scan section of EVALUATION.md."""
     rows, free, held = data["rows"], data["lesion_free"], data["heldout_windows"]
     lines = ["## Whole scans, as a user loads them", "",
-             "`benchmarks/whole_scan.py`. " + "\n\n".join(whole_scan.__doc__.split("\n\n")[1:3]), "",
+             "`attentionmap_dev/whole_scan.py`. " + "\n\n".join(whole_scan.__doc__.split("\n\n")[1:3]), "",
              f"Rollout, target lesion, calibration temperature {data['temperature']:.3g} (the card's); region: none "
              f"(*whole scan*) or *lung field* = {data['region']}"
              + (" (the card's default region)." if data["card_region"] else " (the card names no default region)."),

@@ -18,7 +18,7 @@ lung1's held-out slab (no whole-scan training window does) plus `SCAN_RANDOM` ra
 P(lesion) > 0.5. lung2's slab windows are reported apart: the second training phase used lung2 whole.
 Calibration: temperature scaling (`calibration.fit_temperature`) fitted on the even-numbered held-out
 pairs and lesion-free held-out windows, its expected calibration error reported on the odd-numbered ones.
-Whole scans (`benchmarks/whole_scan.py`, through `explain_volume` as a user runs it): lung1 and lung2 as
+Whole scans (`attentionmap_dev/whole_scan.py`, through `explain_volume` as a user runs it): lung1 and lung2 as
 shipped and re-gridded, with and without the card's default region; and three lesion-free scans (two lung
 slabs, a whole head CT).
 """
@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from AttentionMapLib import explain  # noqa: E402
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
-from attentionmap_dev import demo_data  # noqa: E402
-from benchmarks import whole_scan  # noqa: E402
+from attentionmap_dev import demo_data, whole_scan  # noqa: E402
 from tools.train_demo_model import auc, build_network  # noqa: E402
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
