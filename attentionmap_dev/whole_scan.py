@@ -1,5 +1,6 @@
 """Whole scans, as a user loads them: the demo model on lung1 / lung2 as shipped and re-gridded, and on
-lesion-free scans; shared by benchmarks/evaluate.py (docs/EVALUATION.md) and tools/evaluate_demo_model.py (card).
+lesion-free scans, and the lesion-free held-out windows (`heldout_scan_windows`); shared by benchmarks/evaluate.py
+(docs/EVALUATION.md) and tools/evaluate_demo_model.py (card).
 
 Re-griddings (SimpleITK; image linear, label nearest neighbour; geometry checked: the tumour label's RAS
 centroid must stay within `CENTROID_TOLERANCE_MM` of the original's):
@@ -23,14 +24,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from attentionmap_dev import demo_data
 
 REGRIDDINGS = ("as shipped", "flipped", "oblique", "anisotropic")
 CENTROID_TOLERANCE_MM = 2.5
 LESION_FREE_MARGIN_MM = 24.0
 PATCH_MM = 16.0
+SCAN_RANDOM = 400
+SCAN_SEED = 20261130
+SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
 
 
 def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.ndarray]:
@@ -38,14 +44,13 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     import SimpleITK as sitk
 
     from AttentionMapLib.core.geometry import rotation
-    from attentionmap_dev.demo_data import regrid
     from AttentionMapLib.io import image_arrays
 
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     if kind == "oblique":
-        image, label = regrid(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
+        image, label = demo_data.regrid(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
     elif kind == "anisotropic":
-        image, label = regrid(image, label, np.eye(3), (1.4, 0.7, 3.5))
+        image, label = demo_data.regrid(image, label, np.eye(3), (1.4, 0.7, 3.5))
     array, affine = image_arrays(image)
     mask, mask_affine = image_arrays(label)
     if kind == "flipped":
@@ -172,3 +177,31 @@ def lesion_free_rows(loaded, temperature: float, paths: Dict[str, Path], regions
                 row = {"error": str(exc)}
             rows.append({"scan": name, "shape": list(array.shape), "region_setting": region_name, **row})
     return rows
+
+
+def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,
+                         heldout: Sequence[str] = SCAN_HELDOUT):
+    """Lesion-free windows meeting the slabs of `heldout` scans (see the module docstring):
+    (images (N, 1, 48, 48, 48), kinds (N,) str)."""
+    scans = demo_data.WholeScanSampler(cts, "heldout", heldout)
+    images, kinds = [], []
+    for ci in range(len(scans.cts)):
+        for start in scans.inference_grid(ci):
+            images.append(scans.window(ci, start))
+            kinds.append("inference_grid")
+    if random:
+        drawn = scans.sample(np.random.default_rng(seed), random, flip=False)
+        images += list(drawn.images[:, 0])
+        kinds += ["random"] * random
+    return np.stack(images)[:, None], np.array(kinds)
+
+
+def scan_window_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Logits (N, 2) of the windows (N, 1, 48, 48, 48), no attention."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            out.append(model(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])))[0].float().numpy())
+    return np.concatenate(out)

@@ -217,7 +217,7 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     from AttentionMapLib.models import load_model
     from AttentionMapLib.core.region import LungFieldRegion, card_default_region
 
-    from tools.evaluate_demo_model import heldout_scan_windows, scan_window_logits
+    from attentionmap_dev.whole_scan import heldout_scan_windows, scan_window_logits
 
     torch.set_num_threads(max(1, settings.workers))
     loaded = load_model(settings.model)

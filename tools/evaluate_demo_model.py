@@ -39,6 +39,13 @@ from AttentionMapLib import explain  # noqa: E402
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from attentionmap_dev import demo_data, whole_scan  # noqa: E402
+from attentionmap_dev.whole_scan import (  # noqa: E402
+    SCAN_HELDOUT,
+    SCAN_RANDOM,
+    SCAN_SEED,
+    heldout_scan_windows,
+    scan_window_logits,
+)
 from tools.train_demo_model import auc, build_network  # noqa: E402
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
@@ -50,9 +57,6 @@ PAIRS = 200
 SUBSET_PAIRS = 6  # the small fixed subset the test suite re-checks
 SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
-SCAN_RANDOM = 400
-SCAN_SEED = 20261130
-SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
 DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
 
 
@@ -88,32 +92,6 @@ def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "
         logits.append(result.logits.detach().float().numpy())
         grids.append(result.grid)
     return np.concatenate(logits), np.concatenate(grids)
-
-
-def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,
-                         heldout: Sequence[str] = SCAN_HELDOUT):
-    """Lesion-free windows meeting the slabs of `heldout` scans (see the module docstring):
-    (images (N, 1, 48, 48, 48), kinds (N,) str)."""
-    scans = demo_data.WholeScanSampler(cts, "heldout", heldout)
-    images, kinds = [], []
-    for ci in range(len(scans.cts)):
-        for start in scans.inference_grid(ci):
-            images.append(scans.window(ci, start))
-            kinds.append("inference_grid")
-    if random:
-        drawn = scans.sample(np.random.default_rng(seed), random, flip=False)
-        images += list(drawn.images[:, 0])
-        kinds += ["random"] * random
-    return np.stack(images)[:, None], np.array(kinds)
-
-
-def scan_window_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Logits (N, 2) of the windows, no attention."""
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])))[0].float().numpy())
-    return np.concatenate(out)
 
 
 def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_logits: np.ndarray) -> Dict[str, object]:
