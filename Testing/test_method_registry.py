@@ -1,5 +1,6 @@
 """The method registry: a new method is one readout function plus one register line, and every consumer
 (engine, explain_volume, the command line, its help) sees it; the table itself needs no torch."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -83,14 +84,15 @@ def test_built_in_methods_and_their_gradient_needs():
 
 
 def test_the_table_needs_no_torch_and_imports_readouts_lazily():
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys
-        sys.path.insert(0, {str(MODULE_DIR)!r})
         for blocked in ("torch", "monai", "einops"):
             sys.modules[blocked] = None
         from AttentionMapLib.core.method_registry import get_method, method_names
         readouts_imported = "AttentionMapLib.core.readouts" in sys.modules
         print(method_names(), get_method("grad_rollout").needs_gradients, readouts_imported)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # the module's folder alone on the path, as Slicer puts it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
     assert result.stdout.strip() == "('raw', 'rollout', 'grad_rollout') True False", result.stdout + result.stderr

@@ -38,8 +38,7 @@ def import_module_with_standins():
     slicer.util.VTKObservationMixin = object
     scene, app = mrml.headless_scene()
     slicer.mrmlScene, slicer.modules = scene, SimpleNamespace()  # no module logics: the library makes its own
-    sys.path.insert(0, str(ROOT / "AttentionMap"))
-    import AttentionMap
+    import AttentionMap  # AttentionMap/AttentionMap.py (pytest puts AttentionMap/ on the path, as Slicer does)
 
     return AttentionMap, scene, app
 

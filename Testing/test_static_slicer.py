@@ -4,6 +4,7 @@ parameterNodeWrapper/guiConnectors.py, Utilities/Templates) and Slicer/Extension
 (scripts/check_description_files.py, catalog schema v1.0.1)."""
 import ast
 import json
+import os
 import re
 import struct
 import subprocess
@@ -334,7 +335,6 @@ def test_module_top_level_imports_need_no_torch_or_monai():
     # run exactly the module's library imports with torch and MONAI made unimportable
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(MODULE_DIR)!r})
         for blocked in ("torch", "monai", "einops"):
             sys.modules[blocked] = None
         for statement in {statements!r}:
@@ -345,7 +345,9 @@ def test_module_top_level_imports_need_no_torch_or_monai():
         except ModuleNotFoundError as error:
             print("MISSING", error.name)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # the module's folder alone on the path, as Slicer puts it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     # slicer-core has no Qt: the module stops at `import ctk`/`import qt`, never at torch or monai
@@ -403,7 +405,7 @@ def test_gui_process_never_imports_torch_or_monai():
     library = set()
     for node in ast.walk(module_ast()):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("AttentionMapLib"):
-            library |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+            library |= {node.module.split(".", 1)[1]} if "." in node.module else {a.name for a in node.names}
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             assert not any(m.split(".")[0] in ("torch", "monai", "einops") for m in modules), ast.unparse(node)
@@ -411,7 +413,6 @@ def test_gui_process_never_imports_torch_or_monai():
     assert {"worker", "mrml", "dependencies", "module_logic"} <= library
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(MODULE_DIR)!r})
         for blocked in ("torch", "monai", "einops"):
             sys.modules[blocked] = None
         import importlib
@@ -420,7 +421,9 @@ def test_gui_process_never_imports_torch_or_monai():
         from AttentionMapLib.models import DEMO_CARD
         print("OK")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # the module's folder alone on the path, as Slicer puts it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
     assert result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
