@@ -77,3 +77,13 @@ def test_core_imports_nothing_from_the_adapters():
                 names = {alias.name.split(".")[0] for alias in node.names}
                 assert not names & {"AttentionMapLib", "slicer", "vtk", "qt", "ctk"}, f"{path.name}: {names}"
             assert not (isinstance(node, ast.ImportFrom) and node.level > 2), path.name
+
+
+def test_no_script_edits_the_import_path():
+    """Scripts and tests import the installed package and the repository's packages (run from the root as
+    ``python -m tools.x``; pytest puts the root on its path): none inserts or appends to sys.path."""
+    pattern = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*\+?=|site\.addsitedir")
+    folders = ["AttentionMap", "attentionmap_dev", "tools", "benchmarks", "Testing", ".ci"]
+    offenders = [str(path.relative_to(ROOT)) for folder in folders for path in (ROOT / folder).rglob("*.py")
+                 if path != Path(__file__).resolve() and pattern.search(path.read_text())]
+    assert not offenders, offenders
