@@ -85,5 +85,5 @@ def test_no_script_edits_the_import_path():
     pattern = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*\+?=|site\.addsitedir")
     folders = ["AttentionMap", "attentionmap_dev", "tools", "benchmarks", "Testing", ".ci"]
     offenders = [str(path.relative_to(ROOT)) for folder in folders for path in (ROOT / folder).rglob("*.py")
-                 if path != Path(__file__).resolve() and pattern.search(path.read_text())]
+                 if path != Path(__file__).resolve() and pattern.search(path.read_text(encoding="utf-8"))]
     assert not offenders, offenders
