@@ -255,46 +255,35 @@ def load_shipped(card_path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-RECIPE = (
-    "From scratch, CPU (2 shared cores), torch threads 2. Paired batches: 8 crops per step, each once with and "
-    "once without a synthetic nodule at the same place (batch 16). AdamW (weight decay 0.05), linear warm-up "
-    "over the first {warmup} samples to lr {lr}, then constant (no cosine); gradient norm clipped at 1. "
-    "Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm. Random flips. "
-    "Loss = cross-entropy on the ViT's classification head + {token_weight} x token labelling: a Linear head "
-    "(training only, not shipped) on the last block's patch tokens after the ViT's final LayerNorm predicts "
-    "whether each 8^3 patch contains nodule voxels (BCE, positive weight {token_pos_weight}). {attention}"
-    "The ViT's classification head and attention are unchanged; the shipped network is a plain MONAI ViT."
+STEP = (
+    "CPU (2 cores), torch threads {threads}. Each step: {pairs} crops once with and once without a synthetic "
+    "nodule at the same place (a share {wall} of the nodules centred on the lung's rim, next to the pleura or "
+    "the mediastinum){scans}. AdamW (weight decay {wd}), linear warm-up over {warmup} samples to lr {lr}, then "
+    "constant (no cosine); gradient norm clipped at 1; random flips.{curriculum} Loss = cross-entropy on the "
+    "ViT's classification head + {token_weight} x token labelling: a Linear head (training only, not shipped) "
+    "on the last block's patch tokens after the ViT's final LayerNorm predicts whether each 8^3 patch contains "
+    "nodule voxels (BCE, positive weight {token_pos_weight}). {attention}The ViT's classification head and "
+    "attention are unchanged; the shipped network is a plain MONAI ViT."
+)
+SCANS = (
+    " plus {scan} lesion-free whole-scan windows cut from the padded model input exactly as sliding-window "
+    "inference cuts them (starts on the inference grid, on the patch grid and anywhere; every body region, the "
+    "air around the body, the table, the scan's cut faces and the padding){regridded}, a share {hard} of them "
+    "hard negatives: windows the current model gives P(lesion) > {threshold} (mined on an {stride}-voxel start "
+    "grid and the inference grid at the start of each phase and every {remine} min, moved by up to 4 voxels). "
+    "No whole-scan window meets a widened real tumour box, nor the held-out slab of {heldout}"
+)
+REGRIDDED = (
+    ", from the scans as shipped and from {n} random re-griddings of each (`demo_data.regridded_ct`: rotated up to "
+    "20 degrees about S and 12 about R and A, 0.6-1.5 mm in-plane and 1.25-5 mm slices, then the card's "
+    "preprocessing), so that the windows' interpolation, faces and padding vary as they do between scanners"
 )
 
 
-FINE_TUNE = (
-    "Fine-tuned from the previous demo weights (much cheaper than training from scratch), CPU (2 shared cores), "
-    "torch threads 2. Each step: {pairs} crops once with and once without a synthetic nodule at the same place "
-    "(a share {wall} of the nodules centred on the lung's rim, next to the pleura or the mediastinum) plus "
-    "{scan} lesion-free whole-scan windows cut from the padded model input exactly as sliding-window inference "
-    "cuts them (starts on the inference grid, on the patch grid and anywhere; every body region, the air around "
-    "the body, the table, the scan's cut faces and the padding), a share {hard} of them hard negatives: windows "
-    "the current model calls lesion (P > {threshold}, mined on an {stride}-voxel start grid at the start and "
-    "every {remine} min, moved by up to 4 voxels). No whole-scan window meets a widened real tumour box, nor the "
-    "held-out slab of {heldout}. AdamW (weight decay {wd}), a fresh optimiser, linear warm-up over {warmup} samples to lr {lr}, "
-    "then constant; gradient norm clipped at 1; random flips; loss = cross-entropy + {token_weight} x token "
-    "labelling (a fresh training-only Linear head on the last block's patch tokens, BCE, positive weight "
-    "{token_pos_weight}). No loss on the attention. The previous weights: {previous}"
-)
-
-
-def recipe_text(phases: List[Dict[str, object]], previous: str = "") -> str:
+def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Optional[int] = None) -> str:
     """Human-readable recipe from the checkpoint's recorded settings: the first phase in full, then what
-    each resumed phase changed. `previous`: the training text of the weights a fine-tune started from."""
-    first = phases[0]["settings"]
-    if first.get("init_weights") not in (None, "None"):
-        text = FINE_TUNE.format(
-            pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scan=first["scan_negatives"],
-            hard=first["hard_fraction"], threshold=first["mine_threshold"], stride=first["mine_stride"],
-            remine=first["remine_minutes"], heldout=first.get("scan_heldout", "None").replace("None", "every scan"),
-            wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
-            token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], previous=previous)
-        return text + _resumed(phases, first)
+    each resumed phase changed. `previous`: the training text of the weights a fine-tune started from;
+    `total`: the checkpoint's sample count (gives each phase's samples)."""
     first = phases[0]["settings"]
     w = float(first["cls_attention_weight"])
     attention = (
@@ -303,24 +292,48 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "") -> str:
         if w > 0
         else "No loss on the attention itself. "
     )
-    text = RECIPE.format(
-        warmup=first["warmup_samples"], lr=first["lr"], curriculum=first["curriculum_samples"],
-        token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention,
-    )
-    return text + _resumed(phases, first)
+    scans = ""
+    if int(first["scan_negatives"]) > 0:
+        n = int(first.get("regridded_scans", 0) or 0)
+        scans = SCANS.format(
+            scan=first["scan_negatives"], hard=first["hard_fraction"], threshold=first["mine_threshold"],
+            stride=first["mine_stride"], remine=first["remine_minutes"],
+            heldout=first.get("scan_heldout", "None").replace("None", "every scan"),
+            regridded=REGRIDDED.format(n=n) if n else "")
+    curriculum = int(first["curriculum_samples"])
+    text = STEP.format(
+        threads=first.get("threads", "2"), pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scans=scans,
+        wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
+        curriculum=(f" Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm."
+                    if curriculum else ""),
+        token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention)
+    if first.get("init_weights") not in (None, "None"):
+        text = f"Fine-tuned from earlier demo weights (a fresh optimiser). {text} The earlier weights: {previous}"
+    else:
+        text = f"From scratch. {text}"
+    return text + _resumed(phases, first, total)
 
 
-def _resumed(phases: List[Dict[str, object]], first: Dict[str, object]) -> str:
-    """What each resumed phase changed."""
-    text = ""
-    for phase in phases[1:]:
+def _resumed(phases: List[Dict[str, object]], first: Dict[str, object], total: Optional[int] = None) -> str:
+    """What each resumed phase changed, and how many samples it trained (`total`: the checkpoint's samples)."""
+    text, explained = "", False
+    ends = [phase["from_samples"] for phase in phases[2:]] + [total]
+    for phase, end in zip(phases[1:], ends):
         changed = {
             k: v for k, v in phase["settings"].items()
-            if first.get(k) != v and k not in ("resume", "minutes", "out_dir")
+            if first.get(k) != v and k not in ("resume", "minutes", "out_dir", "max_samples")
         }
         text += f" Resumed at sample {phase['from_samples']} with " + (
             ", ".join(f"{k}={v}" for k, v in changed.items()) or "the same settings"
-        ) + f" for at most {phase['settings']['minutes']} min."
+        ) + f" for at most {phase['settings']['minutes']} min"
+        if end is not None:
+            trained = int(end) - int(phase["from_samples"])
+            text += f" ({trained} samples" + (": the sample limit was already reached" if trained == 0 else "") + ")"
+        text += "."
+        n = int(changed.get("regridded_scans", 0) or 0)
+        if n and not explained:
+            text += f" Whole-scan windows from then on came {REGRIDDED.format(n=n)[2:]}."
+            explained = True
     return text
 
 
@@ -359,17 +372,20 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "radius 3-15 mm (semi-axes x0.8-1.25, random orientation), sigmoid edge 0.5-1.5 mm, blurred along z "
             "with [1/4 1/2 1/4] like 5 mm slices, -300..100 HU with 10-30 HU noise, centred in the lung mask. "
             f"Crops {demo_data.CROP}^3 voxels. Negatives: the same crops without the nodule, and lesion-free windows "
-            "of the whole scans as inference cuts them (every region, the padding at the faces; mined false alarms). "
+            "of the whole scans as inference cuts them (every region, the padding at the faces; mined false alarms), "
+            "also of random re-griddings of the scans (see the recipe). "
             "Held out: both real "
             "tumours (no training or held-out crop meets their bounding box widened by 8 mm) and an axial slab per "
             "CT (" + ", ".join(f"{k} K {a}-{b - 1}" for k, (a, b) in demo_data.HELDOUT_SLABS.items())
             + " on the RAS 2 mm grid) holding every held-out nodule centre; training "
             f"nodule centres stay {2 * demo_data.SLAB_MARGIN} mm or more from those slabs, so no training nodule "
-            "touches them. The held-out crops share the two patients' anatomy with training (only two CTs exist)."
+            "touches them. The held-out crops share the two patients' anatomy with training (only two chest CTs "
+            "exist here); a head CT of another patient (InVesalius, `sample_data.fetch_head_ct`) was never trained "
+            "on and is evaluated as a lesion-free whole scan."
         ),
         "training": {
             "command": " && ".join(
-                " ".join(["nice -n 10 .venv/bin/python -m tools.train_demo_model", *phase["argv"]]) for phase in checkpoint["phases"]
+                " ".join([".venv/bin/python -m tools.train_demo_model", *phase["argv"]]) for phase in checkpoint["phases"]
             ),
             "seed": checkpoint["seed"],
             "samples": checkpoint["samples"],
@@ -377,7 +393,7 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "wall_time_s": round(float(checkpoint["wall_time_s"]), 1),
             "previous_samples": previous_training.get("samples"),
             "previous_wall_time_s": previous_training.get("wall_time_s"),
-            "recipe": recipe_text(checkpoint["phases"], previous_text),
+            "recipe": recipe_text(checkpoint["phases"], previous_text, checkpoint["samples"]),
         },
         "metrics": metrics,
     }
@@ -494,7 +510,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         a.json.write_text(json.dumps({"metrics": metrics, "calibration": calibration}, indent=1))
     if a.ship:
         previous_path = a.out_dir / CARD_NAME
-        previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+        fine_tuned = checkpoint["phases"][0]["settings"].get("init_weights") not in (None, "None")
+        previous = json.loads(previous_path.read_text()) if fine_tuned and previous_path.is_file() else None
         print(f"wrote {write_card(checkpoint, metrics, a.out_dir, calibration, previous)}")
     return 0
 
