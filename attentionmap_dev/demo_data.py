@@ -95,7 +95,12 @@ def preprocessing_transforms(label: bool = False):
     from monai.transforms import Compose, Orientation, Spacing
 
     mode = "nearest" if label else "bilinear"
-    return Compose([Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))), Spacing(pixdim=(SPACING_MM,) * 3, mode=mode)])
+    return Compose(
+        [
+            Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacing(pixdim=(SPACING_MM,) * 3, mode=mode),
+        ]
+    )
 
 
 def intensity_transform():
@@ -219,7 +224,9 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def nodule_weight(shape: Sequence[int], centre: Sequence[float], radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+def nodule_weight(
+    shape: Sequence[int], centre: Sequence[float], radius_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     """Soft occupancy (0..1) of a random ellipsoidal nodule on a 2 mm grid of `shape` (I, J, K).
 
     Semi-axes = radius_mm * U(0.8, 1.25) each, random orientation, sigmoid edge of width U(0.5, 1.5) mm,
@@ -337,10 +344,23 @@ class CropSampler:
             for axis in range(3):
                 if rng.random() < 0.5:
                     positive, negative, mask = (np.flip(a, axis) for a in (positive, negative, mask))
-        return (np.ascontiguousarray(positive), np.ascontiguousarray(negative), np.ascontiguousarray(mask), origin, ct.name, radius)
+        return (
+            np.ascontiguousarray(positive),
+            np.ascontiguousarray(negative),
+            np.ascontiguousarray(mask),
+            origin,
+            ct.name,
+            radius,
+        )
 
-    def batches(self, rng: np.random.Generator, pairs: int, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = True,
-                wall_fraction: float = 0.0) -> CropSet:
+    def batches(
+        self,
+        rng: np.random.Generator,
+        pairs: int,
+        radius_mm: Tuple[float, float] = RADIUS_MM,
+        flip: bool = True,
+        wall_fraction: float = 0.0,
+    ) -> CropSet:
         """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative)."""
         images, labels, masks, origins, sources, radii = [], [], [], [], [], []
         empty = np.zeros((CROP,) * 3, dtype=bool)

@@ -1,4 +1,5 @@
-"""One command for the explanation-quality evaluation: writes docs/EVALUATION.md, docs/evaluation.json, docs/evaluation.png.
+"""One command for the explanation-quality evaluation: writes docs/EVALUATION.md, docs/evaluation.json and
+docs/evaluation.png.
 
     nice -n 5 .venv/bin/python -m benchmarks.evaluate                 # the demo model, every case (minutes)
     .venv/bin/python -m benchmarks.evaluate --pairs 4 --out /tmp/e     # a few cases, to try the script
@@ -86,17 +87,29 @@ def build_cases(cts, pairs: int) -> List[Case]:
     for chunk in demo_data.heldout_batches(cts, pairs):
         for i in range(0, len(chunk.labels), 2):  # positive, then its nodule-free twin
             index = len(cases)
-            cases.append(Case(f"heldout-{index:03d}", GROUPS[0], chunk.images[i], chunk.masks[i], float(chunk.radii_mm[i])))
+            cases.append(
+                Case(f"heldout-{index:03d}", GROUPS[0], chunk.images[i], chunk.masks[i], float(chunk.radii_mm[i]))
+            )
     for ct in cts:
         centre = np.round(np.argwhere(ct.tumour).mean(axis=0)).astype(int)
         shift = demo_data.CROP // 4
-        offsets = [np.zeros(3, int)] + [sign * shift * np.eye(3, dtype=int)[axis] for axis in range(3) for sign in (-1, 1)]
+        offsets = [np.zeros(3, int)] + [
+            sign * shift * np.eye(3, dtype=int)[axis] for axis in range(3) for sign in (-1, 1)
+        ]
         for offset in offsets:
             image, origin = demo_data.crop_around(ct, centre + offset)
             mask = ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origin)]
             if mask.any():
                 label = "centred" if not offset.any() else "shift " + ",".join(f"{o:+d}" for o in offset)
-                cases.append(Case(f"{ct.name} {label}", f"{ct.name} tumour crops", image.astype(np.float32), mask.copy(), float("nan")))
+                cases.append(
+                    Case(
+                        f"{ct.name} {label}",
+                        f"{ct.name} tumour crops",
+                        image.astype(np.float32),
+                        mask.copy(),
+                        float("nan"),
+                    )
+                )
     return cases
 
 
@@ -119,8 +132,8 @@ def _init_worker(settings: Settings) -> None:
 
 
 def _map_functions(case_index: int) -> Dict[str, Callable[[Any], np.ndarray]]:
-    from AttentionMapLib import explain
     from attentionmap_dev.baselines import RandomMap
+    from AttentionMapLib import explain
 
     loaded, target = _STATE["loaded"], _STATE["loaded"].target
     model = loaded.network
@@ -160,12 +173,24 @@ def score_case(job: Tuple[int, Case]) -> Dict[str, Any]:
         tokens = holder["tokens"]
         voxels = _to_voxels(tokens, spec.patch_size)
         stats = mask_statistics(voxels, case.mask)
-        scores = deletion_insertion(model, x, tokens, target=loaded.target, steps=settings.steps, baseline=settings.baseline,
-                                    batch_size=settings.steps + 1)
+        scores = deletion_insertion(
+            model,
+            x,
+            tokens,
+            target=loaded.target,
+            steps=settings.steps,
+            baseline=settings.baseline,
+            batch_size=settings.steps + 1,
+        )
         record["maps"][name] = {
-            "seconds": seconds, "wall_seconds": wall, "pointing": pointing_game(tokens, tokens_mask), "pointing_1": pointing_game(tokens, tokens_mask, 1),
-            "mass_fraction": stats["mass_fraction"], "mass_ratio": stats["mass_ratio"],
-            "deletion_auc": scores["deletion_auc"], "insertion_auc": scores["insertion_auc"],
+            "seconds": seconds,
+            "wall_seconds": wall,
+            "pointing": pointing_game(tokens, tokens_mask),
+            "pointing_1": pointing_game(tokens, tokens_mask, 1),
+            "mass_fraction": stats["mass_fraction"],
+            "mass_ratio": stats["mass_ratio"],
+            "deletion_auc": scores["deletion_auc"],
+            "insertion_auc": scores["insertion_auc"],
         }
     record["volume_fraction"] = float(case.mask.mean())
     return record
@@ -183,7 +208,11 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1)
     out = np.zeros_like(mask)
     for shift in np.ndindex(3, 3, 3):
-        out |= padded[shift[0]:shift[0] + mask.shape[0], shift[1]:shift[1] + mask.shape[1], shift[2]:shift[2] + mask.shape[2]]
+        out |= padded[
+            shift[0] : shift[0] + mask.shape[0],
+            shift[1] : shift[1] + mask.shape[1],
+            shift[2] : shift[2] + mask.shape[2],
+        ]
     return out
 
 
@@ -213,11 +242,10 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     false-alarm rate on the lesion-free held-out windows."""
     import torch
 
-    from AttentionMapLib.core.calibration import card_temperature, softmax
-    from AttentionMapLib.models import load_model
-    from AttentionMapLib.core.region import LungFieldRegion, card_default_region
-
     from attentionmap_dev.whole_scan import heldout_scan_windows, scan_window_logits
+    from AttentionMapLib.core.calibration import card_temperature, softmax
+    from AttentionMapLib.core.region import LungFieldRegion, card_default_region
+    from AttentionMapLib.models import load_model
 
     torch.set_num_threads(max(1, settings.workers))
     loaded = load_model(settings.model)
@@ -237,36 +265,51 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
 def whole_scan_report(data: Dict[str, Any]) -> List[str]:
     """The whole-scan section of EVALUATION.md."""
     rows, free, held = data["rows"], data["lesion_free"], data["heldout_windows"]
-    lines = ["## Whole scans, as a user loads them", "",
-             "`attentionmap_dev/whole_scan.py`. " + "\n\n".join(whole_scan.__doc__.split("\n\n")[1:3]), "",
-             f"Rollout, target lesion, calibration temperature {data['temperature']:.3g} (the card's); region: none "
-             f"(*whole scan*) or *lung field* = {data['region']}"
-             + (" (the card's default region)." if data["card_region"] else " (the card names no default region)."),
-             "*P(lesion)*: the volume-level probability (the highest calibrated window probability over the windows that "
-             "were run); *peak patch holds tumour*: the peak token's 16 mm patch holds tumour voxels; *moved*: distance "
-             "from the as-shipped peak (same case, same region setting).", "",
-             "| case | re-gridding | region | windows | P(lesion) | peak patch holds tumour | peak to tumour (mm) | mass ratio | moved (mm) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Whole scans, as a user loads them",
+        "",
+        "`attentionmap_dev/whole_scan.py`. " + "\n\n".join(whole_scan.__doc__.split("\n\n")[1:3]),
+        "",
+        f"Rollout, target lesion, calibration temperature {data['temperature']:.3g} (the card's); region: none "
+        f"(*whole scan*) or *lung field* = {data['region']}"
+        + (" (the card's default region)." if data["card_region"] else " (the card names no default region)."),
+        "*P(lesion)*: the volume-level probability (the highest calibrated window probability over the windows that "
+        "were run); *peak patch holds tumour*: the peak token's 16 mm patch holds tumour voxels; *moved*: distance "
+        "from the as-shipped peak (same case, same region setting).",
+        "",
+        "| case | re-gridding | region | windows | P(lesion) | peak patch holds tumour | peak to tumour (mm) | mass "
+        "ratio | moved (mm) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['regridding']} | {r['region_setting']} | {r['windows']} | {r['p_lesion']:.3f} | "
-                     f"{'yes' if r['peak_patch_holds_tumour'] else 'no'} | {r['peak_to_tumour_mm']:.1f} | "
-                     f"{r['mass_ratio']:.1f} | {r['peak_moved_mm']:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['regridding']} | {r['region_setting']} | {r['windows']} | {r['p_lesion']:.3f} | "
+            f"{'yes' if r['peak_patch_holds_tumour'] else 'no'} | {r['peak_to_tumour_mm']:.1f} | "
+            f"{r['mass_ratio']:.1f} | {r['peak_moved_mm']:.1f} |"
+        )
     for setting in dict.fromkeys(r["region_setting"] for r in rows):
         subset = [r for r in rows if r["region_setting"] == setting]
         hits = sum(r["peak_patch_holds_tumour"] for r in subset)
         moved = max(r["peak_moved_mm"] for r in subset)
-        lines += ["", f"- {setting}: peak patch holds tumour voxels in {hits}/{len(subset)} runs; the peak moves at most "
-                      f"{moved:.1f} mm between re-griddings (target: every run, at most 16 mm)."]
+        lines += [
+            "",
+            f"- {setting}: peak patch holds tumour voxels in {hits}/{len(subset)} runs; the peak moves at most "
+            f"{moved:.1f} mm between re-griddings (target: every run, at most 16 mm).",
+        ]
     lines += ["", "Lesion-free scans (volume-level P(lesion); target < 0.5):", "",
               "| scan | region | windows | P(lesion) |", "|---|---|---|---|"]
     for r in free:
         value = f"{r['p_lesion']:.3f}" if "p_lesion" in r else f"error: {r.get('error')}"
         lines.append(f"| {r['scan']} ({'x'.join(map(str, r['shape']))} voxels) | {r['region_setting']} | "
                      f"{r.get('windows', '-')} | {value} |")
-    lines += ["", f"Lesion-free held-out windows (`tools/evaluate_demo_model.py`: lung1's whole-scan windows meeting its "
-                  f"held-out slab, inference grid and random starts): {held['false_alarms']}/{held['windows']} with calibrated "
-                  f"P(lesion) > 0.5 ({100 * (1 - held['false_alarms'] / held['windows']):.1f} % below 0.5; target >= 95 %); "
-                  f"highest {held['p_max']:.3f}.", ""]
+    lines += [
+        "",
+        f"Lesion-free held-out windows (`tools/evaluate_demo_model.py`: lung1's whole-scan windows meeting its "
+        f"held-out slab, inference grid and random starts): {held['false_alarms']}/{held['windows']} with calibrated "
+        f"P(lesion) > 0.5 ({100 * (1 - held['false_alarms'] / held['windows']):.1f} % below 0.5; target >= 95 %); "
+        f"highest {held['p_max']:.3f}.",
+        "",
+    ]
     return lines
 
 
@@ -275,10 +318,10 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
     import torch
 
     from AttentionMapLib.core.geometry import voxel_spacing
-    from AttentionMapLib.io import read_volume
     from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game
-    from AttentionMapLib.models import load_model
     from AttentionMapLib.core.volume import explain_volume
+    from AttentionMapLib.io import read_volume
+    from AttentionMapLib.models import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(settings.model)
@@ -305,11 +348,23 @@ def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str
             resampled = result.resample_to(label.shape, label_affine)
             stats = mask_statistics(resampled, label)
             distance = distance_to_mask_mm(result.peak_ras(), label, label_affine)
-            rows.append({"case": name, "map": method, "seconds": seconds, "windows": result.num_windows,
-                         "p_lesion": float(result.probabilities[loaded.target]) if result.probabilities is not None else float("nan"),
-                         "pointing": stats["pointing_hit"], "pointing_1": pointing_game(resampled, label, tolerance),
-                         "peak_to_label_mm": distance["nearest_mm"], "mass_fraction": stats["mass_fraction"],
-                         "mass_ratio": stats["mass_ratio"], "volume_fraction": stats["volume_fraction"]})
+            rows.append(
+                {
+                    "case": name,
+                    "map": method,
+                    "seconds": seconds,
+                    "windows": result.num_windows,
+                    "p_lesion": float(result.probabilities[loaded.target])
+                    if result.probabilities is not None
+                    else float("nan"),
+                    "pointing": stats["pointing_hit"],
+                    "pointing_1": pointing_game(resampled, label, tolerance),
+                    "peak_to_label_mm": distance["nearest_mm"],
+                    "mass_fraction": stats["mass_fraction"],
+                    "mass_ratio": stats["mass_ratio"],
+                    "volume_fraction": stats["volume_fraction"],
+                }
+            )
     return rows
 
 
@@ -341,8 +396,15 @@ def summarise(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         maps = [r["maps"][name] for r in records]
         hits, hits1 = sum(m["pointing"] for m in maps), sum(m["pointing_1"] for m in maps)
         summary[name] = {
-            "n": n, "pointing": hits / n, "pointing_ci": wilson(hits, n), "pointing_1": hits1 / n, "pointing_1_ci": wilson(hits1, n),
-            **{key: mean_ci([m[key] for m in maps]) for key in ("mass_fraction", "mass_ratio", "deletion_auc", "insertion_auc")},
+            "n": n,
+            "pointing": hits / n,
+            "pointing_ci": wilson(hits, n),
+            "pointing_1": hits1 / n,
+            "pointing_1_ci": wilson(hits1, n),
+            **{
+                key: mean_ci([m[key] for m in maps])
+                for key in ("mass_fraction", "mass_ratio", "deletion_auc", "insertion_auc")
+            },
             "seconds": float(np.median([m["seconds"] for m in maps])),
         }
     return summary
@@ -378,24 +440,33 @@ def _pct(value: float) -> str:
 
 
 def summary_table(summary: Dict[str, Dict[str, Any]]) -> List[str]:
-    lines = ["| map | pointing game | within one patch | mass inside mask | mass / volume fraction | deletion AUC ↓ | insertion AUC ↑ | CPU s per case |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| map | pointing game | within one patch | mass inside mask | mass / volume fraction | deletion AUC ↓ | "
+        "insertion AUC ↑ | CPU s per case |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in MAPS:
         s = summary[name]
         ci, ci1 = s["pointing_ci"], s["pointing_1_ci"]
         lines.append(
-            f"| {LABELS[name]} | {_pct(s['pointing'])} [{_pct(ci[0])}–{_pct(ci[1])}] | {_pct(s['pointing_1'])} [{_pct(ci1[0])}–{_pct(ci1[1])}] "
-            f"| {s['mass_fraction'][0]:.3f} ± {s['mass_fraction'][1]:.3f} | {s['mass_ratio'][0]:.2f} ± {s['mass_ratio'][1]:.2f} "
-            f"| {s['deletion_auc'][0]:.3f} ± {s['deletion_auc'][1]:.3f} | {s['insertion_auc'][0]:.3f} ± {s['insertion_auc'][1]:.3f} "
-            f"| {s['seconds']:.3f} |")
+            f"| {LABELS[name]} | {_pct(s['pointing'])} [{_pct(ci[0])}–{_pct(ci[1])}] | {_pct(s['pointing_1'])} "
+            f"[{_pct(ci1[0])}–{_pct(ci1[1])}] | {s['mass_fraction'][0]:.3f} ± {s['mass_fraction'][1]:.3f} | "
+            f"{s['mass_ratio'][0]:.2f} ± {s['mass_ratio'][1]:.2f} | {s['deletion_auc'][0]:.3f} ± "
+            f"{s['deletion_auc'][1]:.3f} | {s['insertion_auc'][0]:.3f} ± {s['insertion_auc'][1]:.3f} | "
+            f"{s['seconds']:.3f} |"
+        )
     return lines
 
 
 def chance_line(records: List[Dict[str, Any]]) -> str:
-    return (f"Chance (a peak drawn uniformly over the tokens): pointing {_pct(np.mean([r['chance_pointing'] for r in records]))}, "
-            f"within one patch {_pct(np.mean([r['chance_pointing_1'] for r in records]))}; mean mask volume fraction "
-            f"{np.mean([r['volume_fraction'] for r in records]):.4f}; mean P(lesion) {np.mean([r['p_lesion'] for r in records]):.2f} "
-            f"({sum(r['p_lesion'] >= 0.5 for r in records)}/{len(records)} cases with P(lesion) ≥ 0.5).")
+    return (
+        "Chance (a peak drawn uniformly over the tokens): pointing "
+        f"{_pct(np.mean([r['chance_pointing'] for r in records]))}, within one patch "
+        f"{_pct(np.mean([r['chance_pointing_1'] for r in records]))}; mean mask volume fraction "
+        f"{np.mean([r['volume_fraction'] for r in records]):.4f}; mean P(lesion) "
+        f"{np.mean([r['p_lesion'] for r in records]):.2f} ({sum(r['p_lesion'] >= 0.5 for r in records)}/{len(records)} "
+        "cases with P(lesion) ≥ 0.5)."
+    )
 
 
 def reading(records: List[Dict[str, Any]], summary: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -415,29 +486,41 @@ def reading(records: List[Dict[str, Any]], summary: Dict[str, Dict[str, Any]]) -
             parts = []
             for key, lower, label in metrics:
                 wins, ties, losses = paired(records, method, baseline, key, lower)
-                parts.append(f"{label} better in {wins}, worse in {losses}, tied in {ties} (sign test p = {sign_test_p(wins, losses):.2g})")
+                parts.append(
+                    f"{label} better in {wins}, worse in {losses}, tied in {ties} (sign test p = "
+                    f"{sign_test_p(wins, losses):.2g})"
+                )
             lines.append(f"- {LABELS[method]} vs {LABELS[baseline]}, per case: " + "; ".join(parts) + ".")
     synthetic = [r for r in records if r["group"] == GROUPS[0]]
     if synthetic:
         radii = np.array([r["radius_mm"] for r in synthetic])
         cut = float(np.median(radii))
-        for label, subset in ((f"nodules of radius < {cut:.1f} mm (median)", [r for r in synthetic if r["radius_mm"] < cut]),
-                              (f"nodules of radius ≥ {cut:.1f} mm", [r for r in synthetic if r["radius_mm"] >= cut]),
-                              ("crops the model calls lesion (P ≥ 0.5)", [r for r in synthetic if r["p_lesion"] >= 0.5]),
-                              ("crops the model misses (P < 0.5)", [r for r in synthetic if r["p_lesion"] < 0.5])):
+        for label, subset in (
+            (f"nodules of radius < {cut:.1f} mm (median)", [r for r in synthetic if r["radius_mm"] < cut]),
+            (f"nodules of radius ≥ {cut:.1f} mm", [r for r in synthetic if r["radius_mm"] >= cut]),
+            ("crops the model calls lesion (P ≥ 0.5)", [r for r in synthetic if r["p_lesion"] >= 0.5]),
+            ("crops the model misses (P < 0.5)", [r for r in synthetic if r["p_lesion"] < 0.5]),
+        ):
             if subset:
-                rates = ", ".join(f"{LABELS[n]} {_pct(np.mean([r['maps'][n]['pointing'] for r in subset]))}" for n in MAPS)
+                rates = ", ".join(
+                    f"{LABELS[n]} {_pct(np.mean([r['maps'][n]['pointing'] for r in subset]))}" for n in MAPS
+                )
                 lines.append(f"- held-out, {label} (n = {len(subset)}): pointing game {rates}.")
     return lines
 
 
 def volume_table(rows: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| volume | map | windows | P(lesion) | peak in tumour | within one patch | peak to tumour (mm) | mass inside | mass / volume fraction | CPU s (sweep or re-read) |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| volume | map | windows | P(lesion) | peak in tumour | within one patch | peak to tumour (mm) | mass inside "
+        "| mass / volume fraction | CPU s (sweep or re-read) |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {LABELS[r['map']]} | {r['windows']} | {r['p_lesion']:.2f} | {'yes' if r['pointing'] else 'no'} | "
-                     f"{'yes' if r['pointing_1'] else 'no'} | {r['peak_to_label_mm']:.1f} | {r['mass_fraction']:.4f} | "
-                     f"{r['mass_ratio']:.2f} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['case']} | {LABELS[r['map']]} | {r['windows']} | {r['p_lesion']:.2f} | "
+            f"{'yes' if r['pointing'] else 'no'} | {'yes' if r['pointing_1'] else 'no'} | {r['peak_to_label_mm']:.1f} "
+            f"| {r['mass_fraction']:.4f} | {r['mass_ratio']:.2f} | {r['seconds']:.1f} |"
+        )
     return lines
 
 
@@ -447,8 +530,13 @@ def plot(records: List[Dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("pointing", "pointing game"), ("pointing_1", "within one patch"), ("mass_ratio", "mass / volume fraction"),
-              ("deletion_auc", "deletion AUC (lower = better)"), ("insertion_auc", "insertion AUC (higher = better)"))
+    panels = (
+        ("pointing", "pointing game"),
+        ("pointing_1", "within one patch"),
+        ("mass_ratio", "mass / volume fraction"),
+        ("deletion_auc", "deletion AUC (lower = better)"),
+        ("insertion_auc", "insertion AUC (higher = better)"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(18, 3.8))
     for ax, (key, title) in zip(axes, panels):
         for offset, group in enumerate(GROUPS):
@@ -475,59 +563,86 @@ def baseline_choice(probabilities: Optional[Dict[str, float]], cases: int) -> st
     if not probabilities:
         return "Chosen on the command line."
     values = ", ".join(f"{mode} {p:.2f}" for mode, p in probabilities.items() if mode != "original")
-    return (f"Chosen automatically as the most lesion-free reference: mean P(lesion) of the fully replaced crop on the first "
-            f"{cases} held-out positives: {values} (the original crops: {probabilities['original']:.2f}); a baseline the "
-            "model itself calls a lesion would make both curves flat whatever the map.")
+    return (
+        "Chosen automatically as the most lesion-free reference: mean P(lesion) of the fully replaced crop on the "
+        f"first {cases} held-out positives: {values} (the original crops: {probabilities['original']:.2f}); a baseline "
+        "the model itself calls a lesion would make both curves flat whatever the map."
+    )
 
 
 def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
     s: Settings = Settings(**result["settings"])
     records = result["cases"]
     model = result["model"]
+    choice = baseline_choice(result.get("baseline_probabilities"),
+                             min(BASELINE_CASES, sum(r["group"] == GROUPS[0] for r in records)))
     lines = [
-        "# Evaluation: do the attention maps point at what the model uses?", "",
+        "# Evaluation: do the attention maps point at what the model uses?",
+        "",
         f"Generated by `{command}` (commit {result['commit']}, {result['started']}, {result['minutes']:.0f} min, "
-        f"{s.workers} worker process(es) with one torch thread each, on a shared 2-core machine). Every number comes from this "
-        "one run: same model, same cases. Do not edit by hand: rerun the command.", "",
-        f"Model: `{s.model}` — {model['description']}", "",
-        "## Set-up", "",
-        f"- **Cases**: {sum(r['group'] == GROUPS[0] for r in records)} held-out synthetic nodules (the positive crops of "
-        f"`demo_data.heldout_set`, seed {model['heldout_seed']}, nodule centres in z-slabs no training nodule touches; radius "
-        f"3–15 mm), and crops around the real tumours: {sum(r['group'] == GROUPS[1] for r in records)} for lung1 (small), "
-        f"{sum(r['group'] == GROUPS[2] for r in records)} for lung2 (large): centred on the label's centroid and shifted by a "
-        "quarter crop along each axis (crops without tumour voxels dropped). Plus both whole volumes with the card's sliding windows.",
+        f"{s.workers} worker process(es) with one torch thread each, on a shared 2-core machine). Every number comes "
+        "from this one run: same model, same cases. Do not edit by hand: rerun the command.",
+        "",
+        f"Model: `{s.model}` — {model['description']}",
+        "",
+        "## Set-up",
+        "",
+        f"- **Cases**: {sum(r['group'] == GROUPS[0] for r in records)} held-out synthetic nodules (the positive crops "
+        f"of `demo_data.heldout_set`, seed {model['heldout_seed']}, nodule centres in z-slabs no training nodule "
+        f"touches; radius 3–15 mm), and crops around the real tumours: {sum(r['group'] == GROUPS[1] for r in records)} "
+        f"for lung1 (small), {sum(r['group'] == GROUPS[2] for r in records)} for lung2 (large): centred on the label's "
+        "centroid and shifted by a quarter crop along each axis (crops without tumour voxels dropped). Plus both "
+        "whole volumes with the card's sliding windows.",
         f"- **Maps** (token grid {model['grid']}, {model['patch']} voxel patches, min-max normalised, target = class "
-        f"{model['target']} \"{model['target_name']}\"): raw = last block's CLS row, heads averaged; rollout (Abnar & Zuidema); "
-        "grad_rollout (Chefer et al.); Grad-CAM = MONAI `GradCAM` on the input of the last block's attention (patch tokens "
-        "reshaped to the grid; after the last block only the CLS token reaches the head, so later layers have no patch "
-        "gradient), raw ReLU map (MONAI's default post-processing inverts, it is not used); occlusion = MONAI "
-        f"`OcclusionSensitivity`, {s.occlusion_mask}³-voxel boxes, overlap {s.occlusion_overlap}, Gaussian occlusion (box "
-        "centre faded to 0 = air), importance = P(lesion) − P(lesion | occluded), averaged per patch; random = uniform noise (seeded).",
-        "- **Pointing game**: the map's peak token is a hit when its patch holds lesion voxels; *within one patch* also "
-        "accepts the 26 neighbouring patches. Rates with 95 % Wilson intervals.",
-        "- **Relevance mass accuracy**: each token's value spread over its patch's voxels; mass inside the mask / total mass. "
-        "*mass / volume fraction* divides by the mask's share of the crop: 1 = no better than a uniform map. Mean ± 95 % interval. "
-        "Depends on the normalisation (min-max, as displayed): the floor of the map is subtracted.",
-        f"- **Deletion / insertion** (RISE, `metrics.deletion_insertion`): patches ordered by the map, {s.steps} steps; deletion "
-        f"replaces the top patches of the crop by the baseline, insertion puts them into the baseline, so insertion starts "
-        f"from the baseline crop: `{s.baseline}` ({BASELINE_TEXT[s.baseline]}). {baseline_choice(result.get('baseline_probabilities'), min(BASELINE_CASES, sum(r['group'] == GROUPS[0] for r in records)))} "
-        "Trapezoid AUC of P(lesion) over the fraction of patches; lower deletion AUC / higher insertion AUC = the map ranks "
-        "first what the model uses.",
-        "- **CPU s per case**: median CPU seconds (one thread; the wall time on this shared machine is longer and is kept in "
-        "evaluation.json) to compute the map for one crop: one forward for raw / rollout, forward + backward for grad_rollout "
-        "and Grad-CAM, one forward per occlusion box.", "",
-        "![evaluation](evaluation.png)", "",
+        f'{model["target"]} "{model["target_name"]}"): raw = last block\'s CLS row, heads averaged; '
+        "rollout (Abnar & Zuidema); "
+        "grad_rollout (Chefer et al.); Grad-CAM = MONAI `GradCAM` on the input of the last block's attention (patch "
+        "tokens reshaped to the grid; after the last block only the CLS token reaches the head, so later layers have "
+        "no patch gradient), raw ReLU map (MONAI's default post-processing inverts, it is not used); occlusion = "
+        f"MONAI `OcclusionSensitivity`, {s.occlusion_mask}³-voxel boxes, overlap {s.occlusion_overlap}, Gaussian "
+        "occlusion (box centre faded to 0 = air), importance = P(lesion) − P(lesion | occluded), averaged per patch; "
+        "random = uniform noise (seeded).",
+        "- **Pointing game**: the map's peak token is a hit when its patch holds lesion voxels; *within one patch* "
+        "also accepts the 26 neighbouring patches. Rates with 95 % Wilson intervals.",
+        "- **Relevance mass accuracy**: each token's value spread over its patch's voxels; mass inside the mask / "
+        "total mass. *mass / volume fraction* divides by the mask's share of the crop: 1 = no better than a uniform "
+        "map. Mean ± 95 % interval. Depends on the normalisation (min-max, as displayed): the floor of the map is "
+        "subtracted.",
+        f"- **Deletion / insertion** (RISE, `metrics.deletion_insertion`): patches ordered by the map, {s.steps} "
+        "steps; deletion replaces the top patches of the crop by the baseline, insertion puts them into the "
+        f"baseline, so insertion starts from the baseline crop: `{s.baseline}` ({BASELINE_TEXT[s.baseline]}). {choice} "
+        "Trapezoid AUC of P(lesion) over the fraction of patches; lower deletion AUC / higher insertion AUC = the map "
+        "ranks first what the model uses.",
+        "- **CPU s per case**: median CPU seconds (one thread; the wall time on this shared machine is longer and is "
+        "kept in evaluation.json) to compute the map for one crop: one forward for raw / rollout, forward + backward "
+        "for grad_rollout and Grad-CAM, one forward per occlusion box.",
+        "",
+        "![evaluation](evaluation.png)",
+        "",
     ]
     for group in GROUPS:
         subset = [r for r in records if r["group"] == group]
         if subset:
-            lines += [f"## {group} (n = {len(subset)})", "", chance_line(subset), ""] + summary_table(summarise(subset)) + [""]
-    lines += ["## Whole volumes (sliding windows, attention maps only)", "",
-              "One sliding-window sweep with gradients per volume (`explain_volume(..., method='grad_rollout')`, its time in "
-              "the grad_rollout row); raw and rollout are re-read from the same capture (`VolumeAttention.fuse_again`, the time of "
-              "that re-read). A sweep without gradients is cheaper (docs/BENCHMARKS.md, end to end). The token grid is "
-              "resampled (trilinear) onto the label's voxel grid; *within one patch*: the peak within one patch length (per "
-              "axis, in label voxels) of the tumour; P(lesion): the volume-level probability (highest window).", ""] + volume_table(result["volumes"]) + [""]
+            lines += (
+                [f"## {group} (n = {len(subset)})", "", chance_line(subset), ""]
+                + summary_table(summarise(subset))
+                + [""]
+            )
+    lines += (
+        [
+            "## Whole volumes (sliding windows, attention maps only)",
+            "",
+            "One sliding-window sweep with gradients per volume (`explain_volume(..., method='grad_rollout')`, its "
+            "time in the grad_rollout row); raw and rollout are re-read from the same capture "
+            "(`VolumeAttention.fuse_again`, the time of that re-read). A sweep without gradients is cheaper "
+            "(docs/BENCHMARKS.md, end to end). The token grid is resampled (trilinear) onto the label's voxel grid; "
+            "*within one patch*: the peak within one patch length (per axis, in label voxels) of the tumour; "
+            "P(lesion): the volume-level probability (highest window).",
+            "",
+        ]
+        + volume_table(result["volumes"])
+        + [""]
+    )
     if result.get("whole_scans"):
         lines += whole_scan_report(result["whole_scans"])
     synthetic = [r for r in records if r["group"] == GROUPS[0]]
@@ -537,14 +652,24 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
     if real:
         lines += ["", "Real-tumour crops (lung1 and lung2 together):", ""]
         lines += reading(real, summarise(real))
-    lines += ["", "## What these numbers can and cannot say", "",
-              "The pointing game and relevance mass ask whether a map lands on the lesion; deletion and insertion ask whether "
-              "the map ranks first the regions the model's output depends on. The two can disagree: a model may rely on context "
-              "around a lesion, and then a faithful map is not a well-localised one. The evaluation explains one small demo "
-              "model trained on synthetic nodules in two patients' CTs; held-out crops share those patients' anatomy. "
-              + ("Occlusion (box centres faded to 0) and deletion/insertion (patches set to 0) perturb the input the same way, "
-                 "which favours occlusion on those two metrics by construction. " if s.baseline == "zero" else "")
-              + "The random map gives the chance level of every metric on the same cases.", ""]
+    lines += [
+        "",
+        "## What these numbers can and cannot say",
+        "",
+        "The pointing game and relevance mass ask whether a map lands on the lesion; deletion and insertion ask "
+        "whether the map ranks first the regions the model's output depends on. The two can disagree: a model may "
+        "rely on context around a lesion, and then a faithful map is not a well-localised one. The evaluation "
+        "explains one small demo model trained on synthetic nodules in two patients' CTs; held-out crops share those "
+        "patients' anatomy. "
+        + (
+            "Occlusion (box centres faded to 0) and deletion/insertion (patches set to 0) perturb the input the same "
+            "way, which favours occlusion on those two metrics by construction. "
+            if s.baseline == "zero"
+            else ""
+        )
+        + "The random map gives the chance level of every metric on the same cases.",
+        "",
+    ]
     (out / "EVALUATION.md").write_text("\n".join(lines))
 
 
@@ -582,12 +707,23 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
         _init_worker(settings)
         records = [score_case(job) for job in jobs]
     return {
-        "settings": settings.__dict__, "commit": commit, "started": stamp,
-        "minutes": (time.perf_counter() - started) / 60.0, "machine": measure.machine_description(),
-        "model": {"description": loaded.card.get("description", ""), "grid": "x".join(map(str, spec.grid_shape)),
-                  "patch": "x".join(map(str, spec.patch_size)), "target": loaded.target,
-                  "target_name": loaded.classes[loaded.target] if loaded.target is not None else "", "heldout_seed": demo_data.HELDOUT_SEED},
-        "cases": records, "volumes": volumes, "whole_scans": whole_scans, "baseline_probabilities": baselines,
+        "settings": settings.__dict__,
+        "commit": commit,
+        "started": stamp,
+        "minutes": (time.perf_counter() - started) / 60.0,
+        "machine": measure.machine_description(),
+        "model": {
+            "description": loaded.card.get("description", ""),
+            "grid": "x".join(map(str, spec.grid_shape)),
+            "patch": "x".join(map(str, spec.patch_size)),
+            "target": loaded.target,
+            "target_name": loaded.classes[loaded.target] if loaded.target is not None else "",
+            "heldout_seed": demo_data.HELDOUT_SEED,
+        },
+        "cases": records,
+        "volumes": volumes,
+        "whole_scans": whole_scans,
+        "baseline_probabilities": baselines,
     }
 
 
@@ -599,26 +735,41 @@ def _commit() -> str:
         return subprocess.run(["git", *args], cwd=measure.REPO, capture_output=True, text=True).stdout.strip()
 
     changed = git("status", "--porcelain", "--", "AttentionMap/AttentionMapLib", "benchmarks").splitlines()
-    return git("rev-parse", "--short", "HEAD") + (f" + uncommitted changes in {len(changed)} file(s)" if changed else "")
+    return git("rev-parse", "--short", "HEAD") + (
+        f" + uncommitted changes in {len(changed)} file(s)" if changed else ""
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="'demo' or a model card .json (a lung-nodule classifier on demo_data crops)")
+    parser.add_argument(
+        "--model", default="demo", help="'demo' or a model card .json (a lung-nodule classifier on demo_data crops)"
+    )
     parser.add_argument("--pairs", type=int, default=100, help="held-out synthetic nodules (positive crops) to score")
     parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps")
     parser.add_argument("--baseline", default="auto", choices=("auto", "blur", "mean", "zero"),
                         help="deletion/insertion baseline; auto: the one with the lowest mean P(target) on the first "
                              f"{BASELINE_CASES} held-out crops (the most lesion-free reference)")
     parser.add_argument("--occlusion-mask", type=int, default=16, help="occlusion box edge (voxels)")
-    parser.add_argument("--occlusion-overlap", type=float, default=0.25, help="occlusion box overlap (0.25: 12-voxel stride)")
+    parser.add_argument(
+        "--occlusion-overlap", type=float, default=0.25, help="occlusion box overlap (0.25: 12-voxel stride)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random maps (plus the case index)")
     parser.add_argument("--out", type=Path, default=measure.REPO / "docs")
     parser.add_argument("--from-json", type=Path, help="only rewrite the report from a saved evaluation.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(args.model, args.pairs, args.steps, args.baseline, args.occlusion_mask, args.occlusion_overlap, args.workers, args.seed)
+    settings = Settings(
+        args.model,
+        args.pairs,
+        args.steps,
+        args.baseline,
+        args.occlusion_mask,
+        args.occlusion_overlap,
+        args.workers,
+        args.seed,
+    )
     command = "python -m benchmarks.evaluate" + (f" --model {args.model}" if args.model != "demo" else "") + (
         f" --pairs {args.pairs}" if args.pairs != 100 else "")
     if args.from_json:

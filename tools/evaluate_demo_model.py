@@ -35,9 +35,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from AttentionMapLib import explain  # noqa: E402
-from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
-from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from attentionmap_dev import demo_data, whole_scan  # noqa: E402
 from attentionmap_dev.whole_scan import (  # noqa: E402
     SCAN_HELDOUT,
@@ -46,9 +43,12 @@ from attentionmap_dev.whole_scan import (  # noqa: E402
     heldout_scan_windows,
     scan_window_logits,
 )
-from tools.train_demo_model import auc, build_network  # noqa: E402
+from AttentionMapLib import explain  # noqa: E402
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
+from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
+from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
+from tools.train_demo_model import auc, build_network  # noqa: E402
 
 MODELS_DIR = ROOT / "AttentionMap" / "AttentionMapLib" / "demo_model"
 CARD_NAME = "demo_lung_nodule_vit.json"
@@ -110,8 +110,9 @@ def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_l
         "ece": round(expected_calibration_error(softmax(logits["check"], temperature)[:, 1], labels["check"]), 4),
         "ece_uncalibrated": round(expected_calibration_error(softmax(logits["check"])[:, 1], labels["check"]), 4),
         "fitted_on": f"{len(labels['fit'])} held-out crops (even-numbered held-out pairs, even-numbered lesion-free "
-                     "held-out windows)",
-        "ece_on": f"{len(labels['check'])} other held-out crops (the odd-numbered ones); 10 equal-width bins of P(lesion)",
+        "held-out windows)",
+        "ece_on": f"{len(labels['check'])} other held-out crops (the odd-numbered ones); "
+        "10 equal-width bins of P(lesion)",
     }
 
 
@@ -226,9 +227,19 @@ def top_window_result(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str,
     """Whole CT in overlapping windows: where the rollout peak of the window with the highest P(lesion) lands
     relative to the real tumour, and how many of the top 5 windows contain tumour voxels."""
     origins = window_origins(ct.hu.shape)
-    images = np.stack([demo_data.scale_intensity(ct.hu[tuple(slice(o, o + demo_data.CROP) for o in origin)])[None] for origin in origins])
+    images = np.stack(
+        [
+            demo_data.scale_intensity(ct.hu[tuple(slice(o, o + demo_data.CROP) for o in origin)])[None]
+            for origin in origins
+        ]
+    )
     with torch.no_grad():
-        p = np.concatenate([torch.softmax(model(torch.from_numpy(images[s : s + 16]))[0], 1)[:, 1].numpy() for s in range(0, len(images), 16)])
+        p = np.concatenate(
+            [
+                torch.softmax(model(torch.from_numpy(images[s : s + 16]))[0], 1)[:, 1].numpy()
+                for s in range(0, len(images), 16)
+            ]
+        )
     order = np.argsort(-p, kind="stable")
     holds = [bool(ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origins[i])].any()) for i in order[:5]]
     best = order[0]
@@ -251,7 +262,9 @@ def load_shipped(card_path: Path) -> torch.nn.Module:
     """The network a card describes, weights read with weights_only=True."""
     card = json.loads(card_path.read_text())
     model = build_network(card["network"]["args"])
-    model.load_state_dict({k: v.float() for k, v in torch.load(card_path.parent / card["weights"], weights_only=True).items()})
+    model.load_state_dict(
+        {k: v.float() for k, v in torch.load(card_path.parent / card["weights"], weights_only=True).items()}
+    )
     return model.eval()
 
 
@@ -359,7 +372,13 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         "preprocessing": {
             "orientation": "RAS",
             "spacing": [demo_data.SPACING_MM] * 3,
-            "intensity": {"a_min": demo_data.HU_RANGE[0], "a_max": demo_data.HU_RANGE[1], "b_min": 0.0, "b_max": 1.0, "clip": True},
+            "intensity": {
+                "a_min": demo_data.HU_RANGE[0],
+                "a_max": demo_data.HU_RANGE[1],
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            },
             "spatial": {"mode": "sliding_window", "overlap": 0.5, "sw_batch_size": 4},
         },
         "classes": ["no lesion", "lesion"],
@@ -376,7 +395,8 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "also of random re-griddings of the scans (see the recipe). "
             "Held out: both real "
             "tumours (no training or held-out crop meets their bounding box widened by 8 mm) and an axial slab per "
-            "CT (" + ", ".join(f"{k} K {a}-{b - 1}" for k, (a, b) in demo_data.HELDOUT_SLABS.items())
+            "CT ("
+            + ", ".join(f"{k} K {a}-{b - 1}" for k, (a, b) in demo_data.HELDOUT_SLABS.items())
             + " on the RAS 2 mm grid) holding every held-out nodule centre; training "
             f"nodule centres stay {2 * demo_data.SLAB_MARGIN} mm or more from those slabs, so no training nodule "
             "touches them. The held-out crops share the two patients' anatomy with training (only two chest CTs "
@@ -385,7 +405,8 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         ),
         "training": {
             "command": " && ".join(
-                " ".join([".venv/bin/python -m tools.train_demo_model", *phase["argv"]]) for phase in checkpoint["phases"]
+                " ".join([".venv/bin/python -m tools.train_demo_model", *phase["argv"]])
+                for phase in checkpoint["phases"]
             ),
             "seed": checkpoint["seed"],
             "samples": checkpoint["samples"],
@@ -419,7 +440,10 @@ def whole_scan_metrics(model: torch.nn.Module, temperature: float) -> Dict[str, 
     from AttentionMapLib.sample_data import fetch_sample_data
 
     paths = fetch_sample_data()
-    regions = {"whole scan": None, "lung field": LungFieldRegion(DEFAULT_REGION["hu_threshold"], DEFAULT_REGION["margin_mm"])}
+    regions = {
+        "whole scan": None,
+        "lung field": LungFieldRegion(DEFAULT_REGION["hu_threshold"], DEFAULT_REGION["margin_mm"]),
+    }
     loaded = as_loaded(model)
     keep = ("case", "regridding", "region_setting", "windows", "p_lesion", "peak_patch_holds_tumour",
             "peak_to_tumour_mm", "mass_ratio", "peak_moved_mm", "peak_ras_mm", "label_centroid_shift_mm")
@@ -437,7 +461,9 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def evaluate(model: torch.nn.Module, pairs: int, whole_scans: bool = True) -> Tuple[Dict[str, object], Dict[str, object]]:
+def evaluate(
+    model: torch.nn.Module, pairs: int, whole_scans: bool = True
+) -> Tuple[Dict[str, object], Dict[str, object]]:
     """All card metrics for `model` (eval mode), and its calibration section."""
     cts = demo_data.load_demo_cts()
     _log("held-out pairs ...")
@@ -450,14 +476,15 @@ def evaluate(model: torch.nn.Module, pairs: int, whole_scans: bool = True) -> Tu
     p_scan = softmax(scan_logits)[:, 1]
     p_scan_calibrated = softmax(scan_logits, calibration["temperature"])[:, 1]
     metrics["heldout_scan_windows"] = {
-        "windows": len(kinds), "inference_grid": int((kinds == "inference_grid").sum()),
+        "windows": len(kinds),
+        "inference_grid": int((kinds == "inference_grid").sum()),
         "random": int((kinds == "random").sum()),
         "false_alarm_rate": round(float((p_scan > 0.5).mean()), 4),
         "false_alarm_rate_calibrated": round(float((p_scan_calibrated > 0.5).mean()), 4),
         "p_lesion_max": round(float(p_scan.max()), 4),
         "definition": f"every inference-grid window of the padded whole scan of {', '.join(SCAN_HELDOUT)} meeting its "
-                      f"held-out slab, plus {SCAN_RANDOM} random ones (seed {SCAN_SEED}); tumour excluded; false alarm = "
-                      "P(lesion) > 0.5",
+        f"held-out slab, plus {SCAN_RANDOM} random ones (seed {SCAN_SEED}); tumour excluded; false alarm = "
+        "P(lesion) > 0.5",
     }
     seen = [ct.name for ct in cts if ct.name not in SCAN_HELDOUT]
     seen_images, _ = heldout_scan_windows(cts, 0, heldout=seen)

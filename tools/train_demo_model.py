@@ -3,8 +3,10 @@
 The shipped model came from these two commands (CPU, 2 shared cores; 80 min at lr 2e-4, then a
 resumed 14 min at lr 6e-5; the card records samples and wall time):
 
-    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training > build/demo_training.out 2>&1 &
-    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training --resume --lr 6e-5 --minutes 14 > build/demo_training_phase2.out 2>&1 &
+    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training \\
+        > build/demo_training.out 2>&1 &
+    nohup nice -n 10 .venv/bin/python -m tools.train_demo_model --out-dir build/demo_training --resume --lr 6e-5 \\
+        --minutes 14 > build/demo_training_phase2.out 2>&1 &
 
 then the weights and the card are written from the final checkpoint by
 ``tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship``.
@@ -201,11 +203,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     p.add_argument("--init-weights", type=Path, default=None, help="start from these ViT weights (fine-tuning)")
     p.add_argument("--scan-negatives", type=int, default=0, help="whole-scan negative windows per step")
-    p.add_argument("--hard-fraction", type=float, default=0.5, help="share of whole-scan negatives from mined false alarms")
-    p.add_argument("--wall-fraction", type=float, default=0.0, help="share of nodules on the lung rim (pleura, mediastinum)")
+    p.add_argument(
+        "--hard-fraction", type=float, default=0.5, help="share of whole-scan negatives from mined false alarms"
+    )
+    p.add_argument(
+        "--wall-fraction", type=float, default=0.0, help="share of nodules on the lung rim (pleura, mediastinum)"
+    )
     p.add_argument("--mine-stride", type=int, default=8, help="start grid (voxels) on which false alarms are mined")
     p.add_argument("--mine-threshold", type=float, default=0.5)
-    p.add_argument("--remine-minutes", type=float, default=0.0, help="mine again with the current model this often (0: once)")
+    p.add_argument(
+        "--remine-minutes", type=float, default=0.0, help="mine again with the current model this often (0: once)"
+    )
     p.add_argument("--regridded-scans", type=int, default=0,
                    help="whole-scan negatives also from this many random re-griddings of each scan")
     p.add_argument("--regrid-seed", type=int, default=1, help="seed of the re-griddings (same seed, same scans)")
@@ -227,7 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.scan_negatives and a.regridded_scans:
         scan_cts += demo_data.load_regridded_cts(cts, a.regridded_scans, a.regrid_seed)
     scans = demo_data.WholeScanSampler(scan_cts, "train", a.scan_heldout) if a.scan_negatives else None
-    scan_validation = scans.sample(np.random.default_rng(VALIDATION_SEED), 4 * a.validation_pairs, flip=False) if scans else None
+    scan_validation = (
+        scans.sample(np.random.default_rng(VALIDATION_SEED), 4 * a.validation_pairs, flip=False) if scans else None
+    )
 
     model = build_network()
     if a.init_weights is not None:
