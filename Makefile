@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test wheel-test bench evaluate clean
+.PHONY: demo test lint wheel-test bench evaluate clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# CI: the wheel, installed without the checkout, runs `attention-map run --model demo` (seconds).
+# CI: ruff (settings in pyproject.toml), and the wheel, installed without the checkout, runs `attention-map run --model demo` (seconds).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 wheel-test: $(STAMP)
 	.ci/wheel_test.sh $(PY)
 

@@ -87,3 +87,13 @@ def test_no_script_edits_the_import_path():
     offenders = [str(path.relative_to(ROOT)) for folder in folders for path in (ROOT / folder).rglob("*.py")
                  if path != Path(__file__).resolve() and pattern.search(path.read_text(encoding="utf-8"))]
     assert not offenders, offenders
+
+
+def test_ci_runs_the_linter_the_wheel_test_and_the_tests():
+    """.ci/run (a clean clone) runs `make lint wheel-test test`: ruff over the repository, the wheel outside the
+    checkout, the test suite."""
+    assert re.search(r"^make lint wheel-test test$", (ROOT / ".ci" / "run").read_text(encoding="utf-8"), re.M)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^lint: \$\(STAMP\)\n\t\$\(PY\) -m ruff check \.$", makefile, re.M)
+    assert re.search(r"^wheel-test: \$\(STAMP\)\n\t\.ci/wheel_test\.sh \$\(PY\)$", makefile, re.M)
+    assert "ruff==" in (ROOT / "requirements.lock").read_text(encoding="utf-8")
