@@ -550,7 +550,10 @@ def _wait_for_first_output(process, root: Path, timeout: float = 60.0) -> None:
 def test_killed_mid_run_leaves_nothing(work, sig, status, words):
     """Killed while the run writes (twelve cases, so the staging folder lives for seconds)."""
     inputs = [shutil.copy(work.image, work.inp / f"copy{i}.nrrd") for i in range(12)]
-    process = cli_subprocess(["run", *inputs, "--model", work.card, "--output-dir", work.root])
+    # Ctrl-C reaches a command run from a terminal; a test run started in the background (nohup, `cmd &` in a
+    # script) hands its children SIGINT ignored, and Python keeps it ignored: give the CLI the terminal's default.
+    process = cli_subprocess(["run", *inputs, "--model", work.card, "--output-dir", work.root],
+                             preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_first_output(process, work.root)
     process.send_signal(sig)
     _, err = process.communicate(timeout=60)
