@@ -41,6 +41,9 @@ SLAB_MARGIN = MAX_REACH_VOX
 HELDOUT_SLABS: Dict[str, Tuple[int, int]] = {"lung1": (36, 52), "lung2": (100, 116)}
 HELDOUT_SEED = 20261128
 LUNG_HU = -400.0
+REGRID_MAX_DEGREES = (12.0, 12.0, 20.0)  # random re-griddings: largest rotation about R, A and S
+REGRID_IN_PLANE_MM = (0.6, 1.5)  # spacing range along the first two axes
+REGRID_SLICE_MM = (1.25, 5.0)  # spacing range across slices
 
 
 @dataclass
@@ -172,18 +175,18 @@ def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
 
 
 def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.Generator, index: int) -> LungCT:
-    """`ct`'s source files re-gridded at random (`regrid`: rotated up to 20 degrees about S and 12 about R and A,
-    spacing U(0.6, 1.5) mm in-plane and U(1.25, 5) mm across slices), then through the card's preprocessing:
-    the same anatomy with other interpolation, other faces and other padding. Named "<ct.name>~<index>";
-    keeps `ct`'s held-out slab (in S mm)."""
+    """`ct`'s source files re-gridded at random (`regrid`: rotated up to `REGRID_MAX_DEGREES` about R, A and S,
+    spacing uniform in `REGRID_IN_PLANE_MM` in-plane and `REGRID_SLICE_MM` across slices), then through the card's
+    preprocessing: the same anatomy with other interpolation, other faces and other padding. Named
+    "<ct.name>~<index>"; keeps `ct`'s held-out slab (in S mm)."""
     import SimpleITK as sitk
 
     from AttentionMapLib.core.geometry import rotation
     from AttentionMapLib.io import image_arrays
 
-    degrees = rng.uniform(-1, 1, 3) * np.array([12.0, 12.0, 20.0])
+    degrees = rng.uniform(-1, 1, 3) * np.array(REGRID_MAX_DEGREES)
     direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
-    spacing = (*rng.uniform(0.6, 1.5, 2), rng.uniform(1.25, 5.0))
+    spacing = (*rng.uniform(*REGRID_IN_PLANE_MM, 2), rng.uniform(*REGRID_SLICE_MM))
     image, label = regrid(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), direction, spacing)
     hu, affine = _preprocess(*image_arrays(image), label=False)
     tumour, _ = _preprocess(*image_arrays(label), label=True)

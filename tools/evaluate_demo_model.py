@@ -288,9 +288,22 @@ SCANS = (
 )
 REGRIDDED = (
     ", from the scans as shipped and from {n} random re-griddings of each (`demo_data.regridded_ct`: rotated up to "
-    "20 degrees about S and 12 about R and A, 0.6-1.5 mm in-plane and 1.25-5 mm slices, then the card's "
-    "preprocessing), so that the windows' interpolation, faces and padding vary as they do between scanners"
+    "{degrees[2]:g} degrees about S and {degrees[0]:g} about R and {degrees[1]:g} about A, "
+    "{in_plane[0]:g}-{in_plane[1]:g} mm in-plane and {slices[0]:g}-{slices[1]:g} mm slices, then the card's "
+    "preprocessing), so that the windows' "
+    "interpolation, faces and padding vary as they do between scanners"
 )
+
+
+def _regridded_text(n: int) -> str:
+    """REGRIDDED for `n` re-griddings per scan, with the ranges `demo_data.regridded_ct` draws from."""
+    return REGRIDDED.format(n=n, degrees=demo_data.REGRID_MAX_DEGREES, in_plane=demo_data.REGRID_IN_PLANE_MM,
+                            slices=demo_data.REGRID_SLICE_MM)
+
+
+def _fine_tuned(phases: List[Dict[str, object]]) -> bool:
+    """Did the training's first phase start from earlier weights (`--init-weights`)?"""
+    return phases[0]["settings"].get("init_weights") not in (None, "None")
 
 
 def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Optional[int] = None) -> str:
@@ -312,7 +325,7 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Opti
             scan=first["scan_negatives"], hard=first["hard_fraction"], threshold=first["mine_threshold"],
             stride=first["mine_stride"], remine=first["remine_minutes"],
             heldout=first.get("scan_heldout", "None").replace("None", "every scan"),
-            regridded=REGRIDDED.format(n=n) if n else "")
+            regridded=_regridded_text(n) if n else "")
     curriculum = int(first["curriculum_samples"])
     text = STEP.format(
         threads=first.get("threads", "2"), pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scans=scans,
@@ -320,7 +333,7 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Opti
         curriculum=(f" Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm."
                     if curriculum else ""),
         token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention)
-    if first.get("init_weights") not in (None, "None"):
+    if _fine_tuned(phases):
         text = f"Fine-tuned from earlier demo weights (a fresh optimiser). {text} The earlier weights: {previous}"
     else:
         text = f"From scratch. {text}"
@@ -345,7 +358,7 @@ def _resumed(phases: List[Dict[str, object]], first: Dict[str, object], total: O
         text += "."
         n = int(changed.get("regridded_scans", 0) or 0)
         if n and not explained:
-            text += f" Whole-scan windows from then on came {REGRIDDED.format(n=n)[2:]}."
+            text += f" Whole-scan windows from then on came {_regridded_text(n)[2:]}."
             explained = True
     return text
 
@@ -537,7 +550,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         a.json.write_text(json.dumps({"metrics": metrics, "calibration": calibration}, indent=1))
     if a.ship:
         previous_path = a.out_dir / CARD_NAME
-        fine_tuned = checkpoint["phases"][0]["settings"].get("init_weights") not in (None, "None")
+        fine_tuned = _fine_tuned(checkpoint["phases"])
         previous = json.loads(previous_path.read_text()) if fine_tuned and previous_path.is_file() else None
         print(f"wrote {write_card(checkpoint, metrics, a.out_dir, calibration, previous)}")
     return 0
