@@ -263,6 +263,29 @@ def test_regridded_scans_keep_the_geometry_the_tumour_and_the_heldout_slab_out(c
         assert s_high >= slab_low - 1e-3 and s_low <= slab_high + 1e-3
 
 
+def test_small_pairs_draw_small_nodules_and_leave_the_default_draw_unchanged(cts):
+    sampler = demo_data.CropSampler(cts, "train")
+    batch = sampler.batches(np.random.default_rng(5), 6, flip=False, small_pairs=4)
+    radii = batch.radii_mm[0::2]
+    lo, hi = demo_data.SMALL_RADIUS_MM
+    assert np.all((radii[2:] >= lo) & (radii[2:] <= hi)) and np.all(batch.radii_mm[1::2] == 0)
+    assert all(batch.masks[2 * i].sum() > 0 for i in range(6))
+    plain = sampler.batches(np.random.default_rng(5), 6, flip=False)
+    again = sampler.batches(np.random.default_rng(5), 6, flip=False, small_pairs=0)
+    assert np.array_equal(plain.images, again.images) and np.array_equal(plain.radii_mm, again.radii_mm)
+
+
+def test_recipe_names_the_small_nodule_share():
+    from tools.evaluate_demo_model import recipe_text
+
+    settings = {"cls_attention_weight": "0.0", "scan_negatives": "0", "curriculum_samples": "0", "threads": "2",
+                "pairs_per_batch": "8", "wall_fraction": "0.25", "weight_decay": "0.05", "warmup_samples": "300",
+                "lr": "5e-05", "token_weight": "1.0", "token_pos_weight": "10.0", "init_weights": "None"}
+    assert "small nodule" not in recipe_text([{"from_samples": 0, "settings": settings}])
+    text = recipe_text([{"from_samples": 0, "settings": {**settings, "small_fraction": "0.375"}}])
+    assert "a share 0.375 of the pairs with a small nodule (radius 3-7 mm)" in text
+
+
 def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
     sampler = demo_data.CropSampler(cts, "train")
     rng = np.random.default_rng(11)

@@ -30,6 +30,7 @@ SPACING_MM = 2.0
 CROP = 48
 HU_RANGE = (-1000.0, 400.0)
 RADIUS_MM = (3.0, 15.0)
+SMALL_RADIUS_MM = (3.0, 7.0)  # the small nodules, oversampled by `train_demo_model --small-fraction`
 NODULE_HU = (-300.0, 100.0)
 NOISE_HU = (10.0, 30.0)
 AXIS_SCALE = (0.8, 1.25)
@@ -363,12 +364,15 @@ class CropSampler:
         radius_mm: Tuple[float, float] = RADIUS_MM,
         flip: bool = True,
         wall_fraction: float = 0.0,
+        small_pairs: int = 0,
     ) -> CropSet:
-        """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative)."""
+        """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative); the last
+        `small_pairs` of them with a small nodule (radius in SMALL_RADIUS_MM) instead of one in `radius_mm`."""
         images, labels, masks, origins, sources, radii = [], [], [], [], [], []
         empty = np.zeros((CROP,) * 3, dtype=bool)
-        for _ in range(pairs):
-            pos, neg, mask, origin, name, radius = self.sample_pair(rng, radius_mm, flip, wall_fraction)
+        for i in range(pairs):
+            drawn = SMALL_RADIUS_MM if i >= pairs - small_pairs else radius_mm
+            pos, neg, mask, origin, name, radius = self.sample_pair(rng, drawn, flip, wall_fraction)
             images += [pos, neg]
             labels += [1, 0]
             masks += [mask, empty]

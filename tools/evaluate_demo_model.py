@@ -271,7 +271,7 @@ def load_shipped(card_path: Path) -> torch.nn.Module:
 STEP = (
     "CPU (2 cores), torch threads {threads}. Each step: {pairs} crops once with and once without a synthetic "
     "nodule at the same place (a share {wall} of the nodules centred on the lung's rim, next to the pleura or "
-    "the mediastinum){scans}. AdamW (weight decay {wd}), linear warm-up over {warmup} samples to lr {lr}, then "
+    "the mediastinum){small}{scans}. AdamW (weight decay {wd}), linear warm-up over {warmup} samples to lr {lr}, then "
     "constant (no cosine); gradient norm clipped at 1; random flips.{curriculum} Loss = cross-entropy on the "
     "ViT's classification head + {token_weight} x token labelling: a Linear head (training only, not shipped) "
     "on the last block's patch tokens after the ViT's final LayerNorm predicts whether each 8^3 patch contains "
@@ -299,6 +299,13 @@ def _regridded_text(n: int) -> str:
     """REGRIDDED for `n` re-griddings per scan, with the ranges `demo_data.regridded_ct` draws from."""
     return REGRIDDED.format(n=n, degrees=demo_data.REGRID_MAX_DEGREES, in_plane=demo_data.REGRID_IN_PLANE_MM,
                             slices=demo_data.REGRID_SLICE_MM)
+
+
+def _small_text(settings: Dict[str, object]) -> str:
+    """The recipe's words for `--small-fraction` (empty when it was 0 or not yet an option)."""
+    share = float(settings.get("small_fraction", 0) or 0)
+    lo, hi = demo_data.SMALL_RADIUS_MM
+    return f"; a share {share:g} of the pairs with a small nodule (radius {lo:g}-{hi:g} mm)" if share else ""
 
 
 def _fine_tuned(phases: List[Dict[str, object]]) -> bool:
@@ -329,6 +336,7 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Opti
     curriculum = int(first["curriculum_samples"])
     text = STEP.format(
         threads=first.get("threads", "2"), pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scans=scans,
+        small=_small_text(first),
         wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
         curriculum=(f" Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm."
                     if curriculum else ""),

@@ -193,6 +193,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-samples", type=int, default=1500)
     p.add_argument("--curriculum-samples", type=int, default=6000, help="radius 8-15 mm until this many samples")
+    p.add_argument(
+        "--small-fraction", type=float, default=0.0,
+        help="share of each step's nodule pairs drawn with radius 3-7 mm (after the curriculum)",
+    )
     p.add_argument("--max-samples", type=int, default=200000)
     p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (stops early, checkpointed)")
     p.add_argument("--token-weight", type=float, default=1.0)
@@ -301,7 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             lr = a.lr * min(1.0, (samples - samples_at_start + batch_size) / a.warmup_samples)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction)
+            small = round(a.pairs_per_batch * a.small_fraction) if samples >= a.curriculum_samples else 0
+            batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction, small_pairs=small)
             if scans is not None:
                 batch = demo_data.concatenate([batch, scans.sample(rng, a.scan_negatives, hard, a.hard_fraction)])
             images, labels, token_targets, nodule_tokens = to_tensors(batch)
