@@ -4,6 +4,7 @@ Real worker processes (started as the module starts them), a real MONAI ViT load
 card on disk, real explain_volume / fuse_again / score_volume compared with the same calls made here.
 Crash, kill, timeout and parent-death tests check that no process survives.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ import torch
 
 from AttentionMapLib import AttentionMapError, worker
 from AttentionMapLib import worker_protocol as protocol
-from AttentionMapLib.core.volume import explain_volume
+from AttentionMapLib.core.attention_grid import AttentionGrid
+from AttentionMapLib.core.volume import VolumeAttention, explain_volume
 from AttentionMapLib.worker import CANCELLED, DONE, ERROR, LOG, PROGRESS, WorkerDied, WorkerProcess, explain_job
 from AttentionMapLib.worker_process import resolve_device
 from oracle import make_oracle_vit
@@ -68,6 +70,19 @@ def volume(windows_along_i: int = 2):
     affine = np.diag([1.0, 1.2, 1.5, 1.0])
     affine[:3, 3] = (10.0, -5.0, 3.0)
     return array, affine
+
+
+def oblique_grid_over(affine: np.ndarray, shape: tuple, target_shape: tuple) -> np.ndarray:
+    """ijk_to_ras of a grid rotated 30 degrees about S and 20 about R, spacing (0.8, 1.3, 2.1) mm, of
+    `target_shape`, centred on the volume (`affine`, `shape`)."""
+    a, b = np.radians(30), np.radians(20)
+    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    about_r = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = about_s @ about_r @ np.diag([0.8, 1.3, 2.1])
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+    oblique[:3, 3] = centre - oblique[:3, :3] @ ((np.asarray(target_shape) - 1) / 2.0)
+    return oblique
 
 
 def process_gone(pid: int) -> bool:
@@ -166,11 +181,32 @@ def test_explain_job_equals_a_direct_run_and_the_callers_array_is_free(oracle_ca
     np.testing.assert_allclose(result.attention.grid, direct.grid, atol=1e-6)
     np.testing.assert_allclose(result.attention.ijk_to_ras, direct.ijk_to_ras)
     np.testing.assert_allclose(result.attention.peak_ras(), direct.peak_ras())
+    shape, oblique = (37, 19, 9), oblique_grid_over(affine, array.shape, (37, 19, 9))
+    on_oblique = result.attention.resample_to(shape, oblique)
+    assert on_oblique.shape == shape and on_oblique.max() > 0.5  # the grid lies over the map's bright part
+    np.testing.assert_allclose(on_oblique, direct.resample_to(shape, oblique), atol=1e-6)
     np.testing.assert_allclose(result.attention.probabilities, direct.probabilities, atol=1e-6)
     assert result.model.classes == ["background", "bright"] and result.model.device == "cpu"
     assert (result.model.num_layers, result.model.num_heads) == (2, 2)
     assert result.attention.num_windows == 2 and result.attention.target == 1
     assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # the input file was read and removed
+
+
+def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fields():
+    """VolumeAttention and worker.AttentionData derive from core.attention_grid.AttentionGrid: its fields
+    come first in both, neither repeats them, and peak_ras / resample_to are the base's (VolumeAttention
+    adds only the region mask to resample_to)."""
+    shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
+    assert shared_names[:2] == ["grid", "ijk_to_ras"] and len(shared_names) == 15
+    for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
+                                             "temperature", "region", "_tiling"}),
+                          (worker.AttentionData, {"result_id", "prediction", "region"})):
+        assert issubclass(subclass, AttentionGrid) and subclass.__dataclass_params__.frozen
+        names = [f.name for f in dataclasses.fields(subclass)]
+        assert names[:len(shared_names)] == shared_names and set(names[len(shared_names):]) == own, subclass
+        assert not set(vars(subclass).get("__annotations__", {})) & set(shared_names), subclass
+    assert worker.AttentionData.peak_ras is AttentionGrid.peak_ras is VolumeAttention.peak_ras
+    assert worker.AttentionData.resample_to is AttentionGrid.resample_to
 
 
 def test_progress_log_and_the_cards_default_target(oracle_card, shared):

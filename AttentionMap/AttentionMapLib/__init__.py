@@ -19,6 +19,7 @@ _LAZY = {
     "readout": "core.engine",
     "explain_volume": "core.volume",
     "VolumeAttention": "core.volume",
+    "AttentionGrid": "core.attention_grid",
     "read_volume": "io",
     "write_volume": "io",
     "kji_to_ijk": "core.geometry",
@@ -36,6 +37,7 @@ _LAZY = {
 __all__ = ["AttentionMapError", "Cancelled", *_LAZY]
 
 if TYPE_CHECKING:  # the lazy names as type checkers and IDEs see them (never imported at run time)
+    from .core.attention_grid import AttentionGrid
     from .core.engine import AttentionResult, CapturedAttention, capture_attention, explain, readout
     from .core.geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
     from .core.metrics import deletion_insertion, mask_statistics, pointing_game, score_volume

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 
 from . import worker_protocol as protocol
-from .core.geometry import apply_affine, peak_index, resample_grid
+from .core.attention_grid import AttentionGrid
 from .errors import AttentionMapError
 from .worker_process import SCRATCH_PREFIX
 
@@ -68,39 +68,17 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class AttentionData:
-    """A VolumeAttention computed in the worker, as plain data (fields as in volume.VolumeAttention).
+class AttentionData(AttentionGrid):
+    """A VolumeAttention computed in the worker, as plain data: the shared fields (grid to window_weighting,
+    `core.attention_grid.AttentionGrid`) and what the GUI needs of the rest.
 
-    grid: float32 (I, J, K) token grid; ijk_to_ras: (4, 4) RAS of the token centres. result_id names
-    the worker's cached explanation that re-fusion and scores read.
+    result_id names the worker's cached explanation that re-fusion and scores read. ``resample_to`` is
+    AttentionGrid's: it does not zero voxels outside the region (``region`` here is only its summary).
     """
 
-    grid: np.ndarray
-    ijk_to_ras: np.ndarray
-    window_logits: Optional[np.ndarray]
-    probabilities: Optional[np.ndarray]
-    target: Optional[int]
-    method: str
-    layer: int
-    head_fusion: str
-    head: Optional[int]
-    discard_ratio: float
-    normalize: str
-    query_ras: Optional[np.ndarray]
-    num_windows: int
-    timings: Dict[str, float]
-    window_weighting: str
     result_id: int
     prediction: Optional[Dict[str, Any]] = None  # volume.VolumeAttention.prediction: the volume-level output
     region: Optional[Dict[str, Any]] = None  # region.AppliedRegion.summary(), None: the whole volume
-
-    def peak_ras(self) -> np.ndarray:
-        """RAS position (3,) in mm of the centre of the grid's highest token."""
-        return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
-
-    def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
-        """The grid resampled (trilinear, 0 outside) onto another voxel grid; float32 (I, J, K)."""
-        return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
 
 
 class ExplainResult(NamedTuple):

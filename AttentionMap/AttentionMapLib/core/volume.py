@@ -39,9 +39,10 @@ import torch
 
 from ..errors import AttentionMapError, Cancelled
 from . import methods
+from .attention_grid import AttentionGrid
 from .calibration import softmax
 from .engine import CapturedAttention, capture_attention, check_options, model_spec, readout, resolve_layer
-from .geometry import apply_affine, check_ijk_to_ras, peak_index, ras_to_ijk, resample_grid, token_grid_affine
+from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
 from .region import AppliedRegion, Region, region_mask, token_mask
@@ -147,39 +148,16 @@ class _Tiling:
 
 
 @dataclass(frozen=True)
-class VolumeAttention:
-    """An attention map on the token grid of a volume, placed in patient space.
+class VolumeAttention(AttentionGrid):
+    """An attention map on the token grid of a volume, placed in patient space (the shared fields, grid to
+    window_weighting: `attention_grid.AttentionGrid`), with what a re-fusion and the prediction need.
 
-    grid: float32 (I, J, K) over the global token grid. ijk_to_ras: (4, 4) float64 mapping a grid
-    index to the RAS mm centre of the patch it summarises. window_logits: (W, K) model outputs per
-    window for class outputs (None for dense outputs such as UNETR's). window_probabilities: (W, K)
-    softmax(logits / temperature) per window. probabilities: (K,) the decisive window's (the highest
-    probability of the target class; see the module docstring); decisive_window: its index (None for
-    dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
-    target: class (output index) the gradients were taken for (grad_rollout), else the caller's
-    target or None. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
-    query_ras: the RAS point whose token row was read out (None: CLS row, or mean of rows without
-    CLS); in sliding-window mode only windows holding that point contribute, other tokens are 0.
-    window_weighting: "probability" when each window's map was weighted by the window's probability
-    for the target class before blending (sliding window, class outputs), else "none".
+    window_probabilities: (W, K) softmax(logits / temperature) per window (None for dense outputs);
+    probabilities is the decisive window's row (see the module docstring); decisive_window: its index
+    (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
     temperature: the calibration temperature applied. region: the applied region (None: whole input).
     """
 
-    grid: np.ndarray
-    ijk_to_ras: np.ndarray
-    window_logits: Optional[np.ndarray]
-    probabilities: Optional[np.ndarray]
-    target: Optional[int]
-    method: str
-    layer: int
-    head_fusion: str
-    head: Optional[int]
-    discard_ratio: float
-    normalize: str
-    query_ras: Optional[np.ndarray]
-    num_windows: int
-    timings: Dict[str, float]
-    window_weighting: str
     window_probabilities: Optional[np.ndarray] = None
     decisive_window: Optional[int] = None
     window_centres_ras: Optional[np.ndarray] = None
@@ -209,10 +187,6 @@ class VolumeAttention:
         if self.decisive_window is None or self.window_centres_ras is None:
             return None
         return self.window_centres_ras[self.decisive_window]
-
-    def peak_ras(self) -> np.ndarray:
-        """RAS position (3,) in mm of the centre of the grid's highest token."""
-        return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
 
     def fuse_again(
         self,
@@ -261,7 +235,7 @@ class VolumeAttention:
     def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
         """The grid resampled (trilinear, 0 outside the grid's box and outside the region) onto another voxel
         grid; float32 (I, J, K)."""
-        resampled = resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+        resampled = super().resample_to(shape_ijk, ijk_to_ras)
         if self.region is not None:
             resampled = np.where(self.region.on_grid(shape_ijk, ijk_to_ras), resampled, np.float32(0))
         return resampled
