@@ -116,6 +116,28 @@ def test_mask_on_a_regridded_copy_gives_the_same_result(vit):
     assert sampled[mask].mean() > 0.9 and sampled[~mask].mean() < 0.05  # the mask, at 2 mm
 
 
+def test_sample_nearest_in_slabs_equals_the_nearest_voxel_of_each_target_voxel():
+    """Nearest-neighbour sampling of a mask (oblique, anisotropic, non-cubic) onto another oblique grid, in slabs
+    of a few K planes, against each target voxel's nearest mask voxel found here one by one."""
+    mask = np.random.default_rng(5).random((13, 9, 7)) > 0.5
+    mask_affine = np.eye(4)
+    mask_affine[:3, :3] = OBLIQUE @ np.diag([2.0, 1.5, 3.0])
+    mask_affine[:3, 3] = (5.0, -3.0, 8.0)
+    target_affine = np.eye(4)
+    target_affine[:3, :3] = rotation(0, 35.0) @ np.diag([0.9, 1.1, 1.7])
+    target_affine[:3, 3] = apply_affine(mask_affine, [-2.0, -1.0, -1.0])
+    shape = (31, 23, 17)
+    sampled = sample_nearest(mask.astype(np.uint8), mask_affine, shape, target_affine, max_points=31 * 23 * 3)
+    expected = np.zeros(shape, dtype=bool)
+    inverse = np.linalg.inv(mask_affine) @ target_affine
+    for voxel in itertools.product(*map(range, shape)):
+        nearest = np.floor(inverse[:3, :3] @ voxel + inverse[:3, 3] + 0.5).astype(int)
+        if np.all(nearest >= 0) and np.all(nearest < mask.shape):
+            expected[voxel] = mask[tuple(nearest)]
+    assert expected.sum() > 1000 and (~expected).sum() > 1000
+    assert np.array_equal(sampled, expected)
+
+
 def _chest(shape=(180, 150, 44), spacing=(0.9, 0.9, 2.5)):
     """A phantom chest: soft-tissue body (40 HU) in air, two air lungs (-850 HU), LPS-stored oblique geometry."""
     i, j, k = np.indices(shape).astype(float)

@@ -151,9 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.quick, args.threads)
     command = "python -m benchmarks.bench_worker" + (" --quick" if args.quick else "")
-    text = report(results, measure.machine_description(), command)
-    measure.replace_section(args.out / "BENCHMARKS.md", SECTION, text)
-    print(text)
+    measure.publish_section(args.out, SECTION, report(results, measure.machine_description(), command))
     return 0
 
 

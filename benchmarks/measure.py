@@ -127,6 +127,12 @@ def replace_section(path: Path, name: str, body: str) -> None:
     path.write_text(text)
 
 
+def publish_section(folder: Path, name: str, body: str) -> None:
+    """Write ``body`` as section ``name`` of ``folder/BENCHMARKS.md`` (`replace_section`) and print it."""
+    replace_section(folder / "BENCHMARKS.md", name, body)
+    print(body)
+
+
 def sections(text: str) -> List[str]:
     """Every ``<!-- section:NAME -->`` ... ``<!-- /section:NAME -->`` block of a document, in order."""
     import re

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from benchmarks import bench_blockwise, bench_engine, bench_volume, bench_worker, measure
+from benchmarks import bench_blockwise, bench_engine, bench_resample, bench_volume, bench_worker, measure
 
 LABELS = {
     "forward": "plain forward",
@@ -386,6 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_blockwise.main(
             ["--out", str(args.out), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
         )
+        bench_resample.main(["--out", str(args.out)] + (["--quick"] if args.quick else []))
     print(f"wrote {args.out / 'BENCHMARKS.md'}")
     return 0
 

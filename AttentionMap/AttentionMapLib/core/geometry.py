@@ -8,7 +8,7 @@ Conventions used across the library:
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
@@ -121,6 +121,32 @@ def peak_index(grid: np.ndarray) -> Tuple[int, int, int]:
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(grid)), grid.shape))
 
 
+def grid_to_grid(source_ijk_to_ras: np.ndarray, target_ijk_to_ras: np.ndarray) -> np.ndarray:
+    """(4, 4) float64 matrix mapping a target voxel index to the continuous index of the source grid at the
+    same RAS point (both matrices checked with `check_ijk_to_ras`)."""
+    return np.linalg.inv(check_ijk_to_ras(source_ijk_to_ras, "grid ijk_to_ras")) @ check_ijk_to_ras(
+        target_ijk_to_ras, "target ijk_to_ras"
+    )
+
+
+def source_index_slabs(
+    target_to_source: np.ndarray, shape_ijk: Sequence[int], max_points: int, dtype: type = np.float64
+) -> Iterator[Tuple[slice, np.ndarray]]:
+    """The target grid `shape_ijk` (I, J, K) in slabs along K of at most `max_points` voxels (at least one
+    K plane): (slice of K, source indices (3, I, J, k) of `dtype`), row a of the second the source index
+    along source axis a of every target voxel of the slab, through `target_to_source` (`grid_to_grid`)."""
+    m = np.asarray(target_to_source, dtype=np.float64)
+    ni, nj, nk = (int(s) for s in shape_ijk)
+    steps, origin = m[:3, :3].astype(dtype), m[:3, 3].astype(dtype)
+    in_plane = (np.arange(ni, dtype=dtype)[None, :, None, None] * steps[:, 0, None, None, None]
+                + np.arange(nj, dtype=dtype)[None, None, :, None] * steps[:, 1, None, None, None]
+                + origin[:, None, None, None])  # (3, I, J, 1)
+    slab = max(1, int(max_points) // (ni * nj))
+    for k0 in range(0, nk, slab):
+        ks = np.arange(k0, min(k0 + slab, nk), dtype=dtype)
+        yield slice(k0, k0 + len(ks)), in_plane + ks[None, None, None, :] * steps[:, 2, None, None, None]
+
+
 def resample_grid(
     grid: np.ndarray,
     grid_ijk_to_ras: np.ndarray,
@@ -128,40 +154,52 @@ def resample_grid(
     target_ijk_to_ras: np.ndarray,
     max_points: int = 4_000_000,
 ) -> np.ndarray:
-    """Trilinear resampling of a 3D grid (I, J, K) onto another voxel grid, with torch ``grid_sample``.
+    """Trilinear resampling of a 3D grid (I, J, K) onto another voxel grid (numpy only: no torch in the GUI process).
 
     Inside the grid's box (voxel centres +- half a voxel) values are interpolated between voxel
     centres and held constant in the outer half voxel; outside the box the result is 0. The target
     is processed in slabs along its K axis of at most `max_points` voxels, so memory stays bounded.
     Returns float32 of shape `shape_ijk`.
     """
-    import torch
-
-    source = np.asarray(grid, dtype=np.float32)
+    source = np.ascontiguousarray(grid, dtype=np.float32)
     if source.ndim != 3:
         raise AttentionMapError(f"grid: expected a 3D array (I, J, K), got shape {source.shape}")
     shape = tuple(int(s) for s in shape_ijk)
     if len(shape) != 3 or min(shape) < 1:
         raise AttentionMapError(f"shape_ijk: expected three positive sizes, got {tuple(shape_ijk)}")
-    target_to_source = np.linalg.inv(check_ijk_to_ras(grid_ijk_to_ras, "grid ijk_to_ras")) @ check_ijk_to_ras(
-        target_ijk_to_ras, "target ijk_to_ras"
-    )
-    # source index = step_i * i + step_j * j + step_k * k + origin, built by broadcasting (float32)
-    steps = torch.from_numpy(target_to_source[:3, :3].T.astype(np.float32))  # row a: step per target axis a
-    origin = torch.from_numpy(target_to_source[:3, 3].astype(np.float32))
-    n = torch.tensor(source.shape, dtype=torch.float32)
-    along_i = torch.arange(shape[0], dtype=torch.float32)[:, None, None, None] * steps[0]
-    along_j = torch.arange(shape[1], dtype=torch.float32)[None, :, None, None] * steps[1]
-    # grid_sample wants (B, C, D, H, W) with coordinates (x, y, z) = (W, H, D) normalised to [-1, 1]
-    volume = torch.from_numpy(np.ascontiguousarray(source))[None, None]
-    scale = 2.0 / torch.clamp(n - 1.0, min=1.0)
+    target_to_source = grid_to_grid(grid_ijk_to_ras, target_ijk_to_ras)
     out = np.empty(shape, dtype=np.float32)
-    slab = max(1, max_points // (shape[0] * shape[1]))
-    for k0 in range(0, shape[2], slab):
-        ks = torch.arange(k0, min(k0 + slab, shape[2]), dtype=torch.float32)[None, None, :, None]
-        src = along_i + along_j + (ks * steps[2] + origin)  # (I, J, k, 3) continuous source indices
-        inside = ((src >= -0.5) & (src <= n - 0.5)).all(dim=-1)
-        coords = (torch.minimum(torch.clamp(src, min=0.0), n - 1.0) * scale - 1.0).flip(-1)
-        sampled = torch.nn.functional.grid_sample(volume, coords[None], mode="bilinear", align_corners=True)[0, 0]
-        out[:, :, k0:k0 + ks.shape[2]] = torch.where(inside, sampled, torch.zeros(())).numpy()
+    for ks, index in source_index_slabs(target_to_source, shape, max_points, np.float64):
+        out[:, :, ks] = _trilinear(source, index)
     return out
+
+
+def _trilinear(source: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """float32 (I, J, k): `source` (n1, n2, n3) at continuous indices `index` (3, I, J, k) (overwritten):
+    trilinear between voxel centres, the nearest rim value in the outer half voxel, 0 beyond it."""
+    n = source.shape
+    strides = (n[1] * n[2], n[2], 1)
+    flat = source.ravel()
+    inside = np.ones(index.shape[1:], dtype=bool)
+    base = np.zeros(index.shape[1:], dtype=np.intp)
+    weights = []
+    for a in range(3):
+        position = index[a]
+        inside &= (position >= -0.5) & (position <= n[a] - 0.5)
+        np.clip(position, 0.0, n[a] - 1, out=position)
+        low = np.minimum(np.floor(position), max(n[a] - 2, 0))
+        weights.append((position - low).astype(np.float32))  # weight of the upper neighbour, 0..1
+        base += low.astype(np.intp) * strides[a]
+    upper = [strides[a] if n[a] > 1 else 0 for a in range(3)]  # a one-voxel axis has no upper neighbour
+
+    def along_k(offset: int) -> np.ndarray:
+        low = flat.take(base + offset if offset else base)
+        return low + weights[2] * (flat.take(base + (offset + upper[2])) - low)
+
+    def along_jk(offset: int) -> np.ndarray:
+        low = along_k(offset)
+        return low + weights[1] * (along_k(offset + upper[1]) - low)
+
+    low = along_jk(0)
+    value = low + weights[0] * (along_jk(upper[0]) - low)
+    return np.where(inside, value, np.float32(0))

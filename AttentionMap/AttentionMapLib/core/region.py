@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import AttentionMapError
-from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, voxel_spacing
+from .geometry import apply_affine, check_ijk_to_ras, grid_to_grid, source_index_slabs, voxel_spacing
 
 MIN_SLICE_COMPONENT_MM2 = 400.0  # enclosed air pockets smaller than 4 cm^2 in a slice are not lung
 
@@ -96,18 +96,26 @@ def enclosed_air(air: np.ndarray, min_component_voxels: int = 100) -> np.ndarray
 
 
 def sample_nearest(values: np.ndarray, values_ijk_to_ras: np.ndarray, shape: Sequence[int],
-                   ijk_to_ras: np.ndarray) -> np.ndarray:
+                   ijk_to_ras: np.ndarray, max_points: int = 4_000_000) -> np.ndarray:
     """`values` (I, J, K) > 0 sampled by nearest neighbour at the voxel centres of another grid.
 
-    Returns bool `shape`: True where the nearest voxel of `values` is inside its grid and > 0.
+    Returns bool `shape`: True where the nearest voxel of `values` is inside its grid and > 0. The
+    target is processed in slabs of at most `max_points` voxels (`geometry.source_index_slabs`).
     """
-    values = np.asarray(values)
-    index = np.indices(tuple(shape), dtype=np.float64).reshape(3, -1).T
-    source = np.floor(ras_to_ijk(values_ijk_to_ras, apply_affine(ijk_to_ras, index)) + 0.5).astype(np.int64)
-    inside = np.all((source >= 0) & (source < np.asarray(values.shape)), axis=1)
-    out = np.zeros(len(index), dtype=bool)
-    out[inside] = values[tuple(source[inside].T)] > 0
-    return out.reshape(tuple(shape))
+    positive = np.asarray(values) > 0
+    n = positive.shape
+    flat = positive.ravel()
+    strides = (n[1] * n[2], n[2], 1)
+    out = np.empty(tuple(int(s) for s in shape), dtype=bool)
+    for ks, index in source_index_slabs(grid_to_grid(values_ijk_to_ras, ijk_to_ras), out.shape, max_points):
+        inside = np.ones(index.shape[1:], dtype=bool)
+        nearest_flat = np.zeros(index.shape[1:], dtype=np.intp)
+        for a in range(3):
+            nearest = np.floor(index[a] + 0.5)
+            inside &= (nearest >= 0) & (nearest < n[a])
+            nearest_flat += np.clip(nearest, 0, n[a] - 1).astype(np.intp) * strides[a]
+        out[:, :, ks] = inside & flat.take(nearest_flat)
+    return out
 
 
 def _box_mask(box: BoxRegion, shape: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
