@@ -458,7 +458,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 calibrated=_(", calibrated") if prediction["temperature"] != 1.0 else ""))
         lines.append(
             _("Region: {description}; the map is 0 outside it ({skipped} window(s) skipped)").format(
-                description=region["description"], skipped=region["windows_skipped"]
+                description=region.description, skipped=region.windows_skipped
             )
             if region
             else _("Region: the whole volume")

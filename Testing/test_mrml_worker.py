@@ -192,21 +192,150 @@ def test_explain_job_equals_a_direct_run_and_the_callers_array_is_free(oracle_ca
     assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # the input file was read and removed
 
 
+def oblique_case():
+    """An oblique (30 deg about S, 20 about R), anisotropic (1.1 x 0.9 x 1.6 mm), non-cubic 36 x 20 x 18 volume with a
+    bright block, and an oblique box region (axes 25 deg about A) around the block that cuts through tokens."""
+    from AttentionMapLib.core.geometry import apply_affine, rotation
+
+    array = np.full((36, 20, 18), 0.1, np.float32)
+    array[22:28, 6:10, 8:12] = 1.0
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(2, 30.0) @ rotation(0, 20.0) @ np.diag([1.1, 0.9, 1.6])
+    affine[:3, 3] = (10.0, -5.0, 3.0)
+    region = {"kind": "box", "centre_ras": apply_affine(affine, [23.0, 8.5, 9.5]).tolist(),
+              "size_mm": [15.0, 11.0, 13.0], "axes": rotation(1, 25.0).tolist(), "name": "ROI"}
+    return array, affine, region
+
+
+def test_a_region_reaches_the_gui_side_resample_and_segment_statistics_match_the_worker(oracle_card, shared,
+                                                                                        slicer_scene):
+    """With an oblique box region, the worker's plain-data result resamples (on the volume's own grid and on an
+    oblique grid) exactly as the in-process VolumeAttention: 0 outside the region, non-zero inside; a re-fusion
+    keeps the region; segment statistics on a real scene give the same table for both."""
+    from AttentionMapLib import mrml
+    from AttentionMapLib.core.geometry import resample_grid
+    from AttentionMapLib.core.region import region_from_spec
+    from test_mrml import _labelmap, add_volume
+
+    path, model = oracle_card
+    array, affine, spec = oblique_case()
+    final = explain_job(str(path), array, affine, {"method": "rollout"}, device="cpu", worker=shared,
+                        region=spec).wait(120)
+    assert final.kind == DONE, final.value
+    gui = final.value.attention
+    direct = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1,
+                            region=region_from_spec(spec, None))
+    np.testing.assert_allclose(gui.grid, direct.grid, atol=1e-6)
+    assert np.array_equal(gui.region.voxels, direct.region.voxels) and gui.region.summary() == direct.region.summary()
+    refused = worker.fuse_again_job(gui, {"method": "raw", "layer": 0}, worker=shared).wait(60)
+    assert refused.kind == DONE, refused.value
+    assert refused.value.region is gui.region  # the region is not sent again: the GUI keeps it
+    again = direct.fuse_again(method="raw", layer=0)
+    oblique = (41, 23, 15)
+    for shape, target in ((array.shape, affine), (oblique, oblique_grid_over(affine, array.shape, oblique))):
+        inside = direct.region.on_grid(shape, target)
+        assert inside.sum() > 200 and (~inside).sum() > 200
+        for worker_result, in_process in ((gui, direct), (refused.value, again)):
+            values = worker_result.resample_to(shape, target)
+            np.testing.assert_allclose(values, in_process.resample_to(shape, target), atol=1e-6)
+            assert np.all(values[~inside] == 0.0) and (values[inside] > 0).mean() > 0.5
+            spill = resample_grid(worker_result.grid, worker_result.ijk_to_ras, shape, target)
+            assert spill[~inside].max() > 0.05  # without the region the trilinear spill shows outside it
+    # segment statistics in the scene: one segment across the region's edge, one inside it
+    scene = slicer_scene.scene
+    ct = add_volume(scene, array, affine)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "findings")
+    for name, box in (("across the edge", (slice(14, 30), slice(2, 14), slice(4, 16))),
+                      ("inside", (slice(21, 26), slice(6, 11), slice(8, 12)))):
+        mask = np.zeros(array.shape, np.uint8)
+        mask[box] = 1
+        segmentation.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(mask, affine), name, [1.0, 0.0, 0.0])
+    tables = {name: mrml.read_table(mrml.segment_statistics(attention, segmentation, ct))
+              for name, attention in (("gui", gui), ("direct", direct), ("unmasked", dataclasses.replace(gui,
+                                                                                                      region=None)))}
+    for segment in ("across the edge", "inside"):
+        for key in mrml.STATISTICS_COLUMNS:
+            assert tables["gui"][segment][key] == pytest.approx(tables["direct"][segment][key], rel=1e-5, abs=1e-7)
+    assert tables["unmasked"]["across the edge"]["mean"] != pytest.approx(tables["gui"]["across the edge"]["mean"],
+                                                                          rel=1e-3)
+
+
+GUI_STATISTICS = """
+import json, sys
+import numpy as np
+import slicer, vtk
+from vtk.util import numpy_support
+from AttentionMapLib import mrml, worker
+
+array, affine, mask = (np.load(sys.argv[1])[key] for key in ("array", "affine", "mask"))
+region = json.loads(sys.argv[3])
+process = worker.WorkerProcess(threads=1)
+try:
+    final = worker.explain_job(sys.argv[2], array, affine, {"method": "rollout"}, device="cpu", worker=process,
+                               region=region).wait(120)
+finally:
+    process.close()
+attention = final.value.attention
+values = attention.resample_to(array.shape, affine)
+scene, app = mrml.headless_scene()
+ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+slicer.util.updateVolumeFromArray(ct, np.ascontiguousarray(array.transpose(2, 1, 0)))
+ct.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine))
+image = slicer.vtkOrientedImageData()
+image.SetExtent(0, mask.shape[0] - 1, 0, mask.shape[1] - 1, 0, mask.shape[2] - 1)
+image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.transpose(2, 1, 0).ravel()
+image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(affine))
+segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "findings")
+segmentation.AddSegmentFromBinaryLabelmapRepresentation(image, "across the edge", [1.0, 0.0, 0.0])
+table = mrml.read_table(mrml.segment_statistics(attention, segmentation, ct))
+print(json.dumps({"torch": "torch" in sys.modules, "monai": "monai" in sys.modules, "values_sum": float(values.sum()),
+                  "table": table}))
+"""
+
+
+def test_gui_side_statistics_with_a_region_never_import_torch(oracle_card, tmp_path):
+    """The Slicer process's path in a fresh Python: an explain job in a worker, then AttentionData.resample_to and
+    mrml.segment_statistics on a slicer-core scene. torch and MONAI are never imported there (only in the worker),
+    and the numbers equal the in-process VolumeAttention's."""
+    from AttentionMapLib.core.region import region_from_spec
+
+    path, model = oracle_card
+    array, affine, spec = oblique_case()
+    mask = np.zeros(array.shape, np.uint8)
+    mask[14:30, 2:14, 4:16] = 1
+    np.savez(tmp_path / "case.npz", array=array, affine=affine, mask=mask)
+    result = subprocess.run([sys.executable, "-c", GUI_STATISTICS, str(tmp_path / "case.npz"), str(path),
+                             json.dumps(spec)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": worker.PACKAGE_PARENT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    gui = json.loads(result.stdout.strip().splitlines()[-1])
+    assert gui["torch"] is False and gui["monai"] is False
+    direct = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1,
+                            region=region_from_spec(spec, None))
+    values = direct.resample_to(array.shape, affine)
+    assert gui["values_sum"] == pytest.approx(float(values.sum()), rel=1e-5)
+    from AttentionMapLib.core.metrics import mask_statistics
+
+    expected = mask_statistics(values, mask.astype(bool))
+    for key, value in gui["table"]["across the edge"].items():
+        assert value == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-7), key
+
+
 def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fields():
     """VolumeAttention and worker.AttentionData derive from core.attention_grid.AttentionGrid: its fields
-    come first in both, neither repeats them, and peak_ras / resample_to are the base's (VolumeAttention
-    adds only the region mask to resample_to)."""
+    come first in both, neither repeats them, and peak_ras / resample_to (with its region mask) are the base's."""
     shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
-    assert shared_names[:2] == ["grid", "ijk_to_ras"] and len(shared_names) == 15
+    assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 16
     for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
-                                             "temperature", "region", "_tiling"}),
-                          (worker.AttentionData, {"result_id", "prediction", "region"})):
+                                             "temperature", "_tiling"}),
+                          (worker.AttentionData, {"result_id", "prediction"})):
         assert issubclass(subclass, AttentionGrid) and subclass.__dataclass_params__.frozen
         names = [f.name for f in dataclasses.fields(subclass)]
         assert names[:len(shared_names)] == shared_names and set(names[len(shared_names):]) == own, subclass
         assert not set(vars(subclass).get("__annotations__", {})) & set(shared_names), subclass
     assert worker.AttentionData.peak_ras is AttentionGrid.peak_ras is VolumeAttention.peak_ras
-    assert worker.AttentionData.resample_to is AttentionGrid.resample_to
+    assert worker.AttentionData.resample_to is AttentionGrid.resample_to is VolumeAttention.resample_to
 
 
 def test_progress_log_and_the_cards_default_target(oracle_card, shared):
@@ -553,7 +682,8 @@ def test_region_mask_and_box_reach_the_worker_and_the_prediction_comes_back(orac
         attention = final.value.attention
         np.testing.assert_allclose(attention.grid, direct.grid, atol=1e-6)
         assert attention.num_windows == direct.num_windows == 1
-        assert attention.region == direct.region.summary() and attention.region["windows_skipped"] == 1
+        assert attention.region.summary() == direct.region.summary() and attention.region.windows_skipped == 1
+        assert np.array_equal(attention.region.voxels, direct.region.voxels)
         assert attention.prediction == direct.prediction(["background", "bright"])
         assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # input and mask files read and removed
     final = explain_job(str(path), array, affine, {}, device="cpu", worker=shared, region="none").wait(120)

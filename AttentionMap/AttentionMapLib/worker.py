@@ -31,6 +31,7 @@ import numpy as np
 
 from . import worker_protocol as protocol
 from .core.attention_grid import AttentionGrid
+from .core.region import AppliedRegion
 from .errors import AttentionMapError
 from .worker_process import SCRATCH_PREFIX
 
@@ -72,13 +73,13 @@ class AttentionData(AttentionGrid):
     """A VolumeAttention computed in the worker, as plain data: the shared fields (grid to window_weighting,
     `core.attention_grid.AttentionGrid`) and what the GUI needs of the rest.
 
-    result_id names the worker's cached explanation that re-fusion and scores read. ``resample_to`` is
-    AttentionGrid's: it does not zero voxels outside the region (``region`` here is only its summary).
+    result_id names the worker's cached explanation that re-fusion and scores read. ``region`` is the worker's
+    applied region with its voxel mask (sent once per explanation, kept by re-fusions), so ``resample_to`` here
+    is 0 outside the region exactly as the worker's VolumeAttention.resample_to.
     """
 
     result_id: int
     prediction: Optional[Dict[str, Any]] = None  # volume.VolumeAttention.prediction: the volume-level output
-    region: Optional[Dict[str, Any]] = None  # region.AppliedRegion.summary(), None: the whole volume
 
 
 class ExplainResult(NamedTuple):
@@ -380,23 +381,27 @@ def _error(header: Dict[str, Any]) -> Exception:
 
 # ---------------------------------------------------------------- decoding results
 
-def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int) -> AttentionData:
+def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int,
+               region: Optional[AppliedRegion]) -> AttentionData:
     return AttentionData(
         grid=arrays["grid"], ijk_to_ras=arrays["ijk_to_ras"], window_logits=arrays.get("window_logits"),
         probabilities=arrays.get("probabilities"), query_ras=arrays.get("query_ras"), result_id=int(result_id),
         target=fields["target"], method=fields["method"], layer=int(fields["layer"]), head=fields["head"],
         head_fusion=fields["head_fusion"], discard_ratio=float(fields["discard_ratio"]), normalize=fields["normalize"],
         num_windows=int(fields["num_windows"]), timings=dict(fields["timings"]),
-        window_weighting=fields["window_weighting"], prediction=fields.get("prediction"), region=fields.get("region"))
+        window_weighting=fields["window_weighting"], prediction=fields.get("prediction"), region=region)
 
 
 def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
     model = dict(value["model"], img_size=tuple(value["model"]["img_size"]))
-    return ExplainResult(ModelInfo(**model), _attention(value["attention"], arrays, value["result_id"]))
+    region = protocol.region_from_message(value["attention"]["region"], arrays)
+    return ExplainResult(ModelInfo(**model), _attention(value["attention"], arrays, value["result_id"], region))
 
 
-def _refused(value: Dict[str, Any], arrays: protocol.Arrays) -> AttentionData:
-    return _attention(value["attention"], arrays, value["result_id"])
+def _refused(region: Optional[AppliedRegion]) -> Decoder:
+    """Decoder of a re-fusion of a result whose applied region is ``region`` (the worker re-fuses only the
+    explanation that result came from, so the region is the same and is not sent again)."""
+    return lambda value, arrays: _attention(value["attention"], arrays, value["result_id"], region)
 
 
 def _scores(value: Dict[str, Any], arrays: protocol.Arrays) -> Dict[str, Any]:
@@ -471,7 +476,7 @@ def fuse_again_job(attention: AttentionData, fusion_options: Dict[str, Any], wor
     """Re-read the worker's cached attention of ``attention`` (VolumeAttention.fuse_again options: method,
     layer, discard_ratio, query_ras, normalize) without running the network; the result is an AttentionData."""
     header = {"op": "fuse_again", "result_id": attention.result_id, "options": _plain_options(fusion_options)}
-    return WorkerJob(worker or shared_worker(), header, _refused, timeout)
+    return WorkerJob(worker or shared_worker(), header, _refused(attention.region), timeout)
 
 
 def score_job(result: ExplainResult, centre_ras: Optional[Sequence[float]], explain_options: Dict[str, Any],

@@ -84,15 +84,19 @@ class _LastExplanation:
     ijk_to_ras: np.ndarray
 
 
-def attention_message(attention: Any, classes: Optional[List[str]] = None) -> Tuple[Dict[str, Any], protocol.Arrays]:
-    """A VolumeAttention as plain data: (JSON fields, arrays grid / ijk_to_ras / probabilities / ...)."""
+def attention_message(attention: Any, classes: Optional[List[str]] = None,
+                      with_region: bool = True) -> Tuple[Dict[str, Any], protocol.Arrays]:
+    """A VolumeAttention as plain data: (JSON fields, arrays grid / ijk_to_ras / probabilities / ...), with the
+    applied region (`worker_protocol.region_message`) unless ``with_region`` is False (a re-fusion: the GUI keeps
+    the region of the result it re-fuses)."""
     fields = {key: getattr(attention, key) for key in ("target", "method", "layer", "head_fusion", "head",
                                                         "discard_ratio", "normalize", "num_windows",
                                                         "window_weighting")}
     fields["timings"] = dict(attention.timings)
     fields["prediction"] = attention.prediction(classes or [])
-    fields["region"] = None if attention.region is None else attention.region.summary()
-    arrays = {"grid": attention.grid, "ijk_to_ras": attention.ijk_to_ras}
+    region_fields, region_arrays = protocol.region_message(attention.region if with_region else None)
+    fields["region"] = region_fields
+    arrays = {"grid": attention.grid, "ijk_to_ras": attention.ijk_to_ras, **region_arrays}
     for key in ("probabilities", "window_logits", "query_ras"):
         if getattr(attention, key) is not None:
             arrays[key] = np.asarray(getattr(attention, key))
@@ -239,7 +243,7 @@ class WorkerServer:
         options = dict(header.get("options") or {})
         attention = last.attention.fuse_again(**options)
         last.attention = attention
-        fields, out = attention_message(attention, last.model.classes)
+        fields, out = attention_message(attention, last.model.classes, with_region=False)
         return {"attention": fields, "result_id": last.job_id}, out
 
     def _score(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:

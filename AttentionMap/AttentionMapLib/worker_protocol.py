@@ -6,7 +6,7 @@ pickled: a peer can send data only, never code, and arrays of Python objects are
 inputs (the scanned volume) travel as ``.npy`` files read with ``allow_pickle=False`` so that
 sending a request never blocks the GUI for long.
 
-Standard library and numpy only: the GUI process imports this module, never torch.
+Standard library, numpy and the torch-free `core.region` only: the GUI process imports this module, never torch.
 """
 import json
 import os
@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from .core.region import AppliedRegion
 from .errors import AttentionMapError
 
 ALLOWED_DTYPE_KINDS = "biuf"  # bool, signed / unsigned integers, floats: never objects
@@ -90,6 +91,33 @@ def load_input(path: str) -> np.ndarray:
     if array.dtype.kind not in ALLOWED_DTYPE_KINDS:
         raise ProtocolError(f"worker protocol: input {path} holds dtype {array.dtype}; expected numbers")
     return array
+
+
+# ---------------------------------------------------------------- an applied region as plain data
+
+def region_message(region: Optional[AppliedRegion]) -> Tuple[Optional[Dict[str, Any]], Arrays]:
+    """An applied region as (JSON fields, arrays): its voxel mask on the model-input grid packed eight voxels a
+    byte (``np.packbits``, C order: exact, an eighth of a bool array), that grid's ijk_to_ras and the token mask.
+    (None, {}) for no region."""
+    if region is None:
+        return None, {}
+    fields = {"description": region.description, "name": region.name, "windows_run": int(region.windows_run),
+              "windows_skipped": int(region.windows_skipped), "voxels_shape": list(region.voxels.shape)}
+    arrays = {"region_voxels": np.packbits(region.voxels, axis=None), "region_ijk_to_ras": region.ijk_to_ras,
+              "region_tokens": np.asarray(region.tokens, dtype=bool)}
+    return fields, arrays
+
+
+def region_from_message(fields: Optional[Dict[str, Any]], arrays: Arrays) -> Optional[AppliedRegion]:
+    """The AppliedRegion that region_message wrote (None for no region)."""
+    if fields is None:
+        return None
+    shape = tuple(int(n) for n in fields["voxels_shape"])
+    voxels = np.unpackbits(arrays["region_voxels"], count=int(np.prod(shape))).reshape(shape).view(bool)
+    return AppliedRegion(description=str(fields["description"]), name=str(fields["name"]), voxels=voxels,
+                         ijk_to_ras=np.asarray(arrays["region_ijk_to_ras"], dtype=np.float64),
+                         tokens=arrays["region_tokens"], windows_run=int(fields["windows_run"]),
+                         windows_skipped=int(fields["windows_skipped"]))
 
 
 # ---------------------------------------------------------------- connecting with a shared key

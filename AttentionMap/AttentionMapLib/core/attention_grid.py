@@ -1,7 +1,9 @@
 """The fields every attention result shares: a token grid placed in RAS, the outputs and the options that made it.
 
-Torch-free (numpy and `geometry` only): `volume.VolumeAttention` (the engine's result) and `worker.AttentionData`
-(the same result as plain data in the GUI process) both derive from `AttentionGrid` and add only their own fields.
+Torch-free (numpy, `geometry` and `region` only): `volume.VolumeAttention` (the engine's result) and
+`worker.AttentionData` (the same result as plain data in the GUI process) both derive from `AttentionGrid` and add
+only their own fields. Both carry the applied region, so a map resampled in the GUI process (segment statistics) is
+0 outside the region exactly as in the worker.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .geometry import apply_affine, peak_index, resample_grid
+from .region import AppliedRegion
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class AttentionGrid:
     run. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
     window_weighting: "probability" when each window's map was weighted by the window's probability
     for the target class before blending (sliding window, class outputs), else "none".
+    region: the applied region (`region.AppliedRegion`: its voxel mask on the model-input grid), None: the whole
+    input; the grid is 0 on tokens outside it and `resample_to` is 0 at voxels outside it.
     """
 
     grid: np.ndarray
@@ -47,12 +52,17 @@ class AttentionGrid:
     num_windows: int
     timings: Dict[str, float]
     window_weighting: str
+    region: Optional[AppliedRegion]
 
     def peak_ras(self) -> np.ndarray:
         """RAS position (3,) in mm of the centre of the grid's highest token."""
         return apply_affine(self.ijk_to_ras, np.asarray(peak_index(self.grid), dtype=np.float64))
 
     def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
-        """The grid resampled (trilinear, 0 outside the grid's box) onto another voxel grid (`shape_ijk`
-        with its (4, 4) `ijk_to_ras`); float32 (I, J, K)."""
-        return resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+        """The grid resampled (trilinear, 0 outside the grid's box and, with a region, 0 at voxels whose nearest
+        model-input voxel is outside the region) onto another voxel grid (`shape_ijk` with its (4, 4) `ijk_to_ras`);
+        float32 (I, J, K)."""
+        resampled = resample_grid(self.grid, self.ijk_to_ras, shape_ijk, ijk_to_ras)
+        if self.region is not None:
+            resampled[~self.region.on_grid(shape_ijk, ijk_to_ras)] = 0.0
+        return resampled

@@ -150,19 +150,18 @@ class _Tiling:
 @dataclass(frozen=True)
 class VolumeAttention(AttentionGrid):
     """An attention map on the token grid of a volume, placed in patient space (the shared fields, grid to
-    window_weighting: `attention_grid.AttentionGrid`), with what a re-fusion and the prediction need.
+    region: `attention_grid.AttentionGrid`), with what a re-fusion and the prediction need.
 
     window_probabilities: (W, K) softmax(logits / temperature) per window (None for dense outputs);
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
-    temperature: the calibration temperature applied. region: the applied region (None: whole input).
+    temperature: the calibration temperature applied.
     """
 
     window_probabilities: Optional[np.ndarray] = None
     decisive_window: Optional[int] = None
     window_centres_ras: Optional[np.ndarray] = None
     temperature: float = 1.0
-    region: Optional[AppliedRegion] = None
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
@@ -231,14 +230,6 @@ class VolumeAttention(AttentionGrid):
         warnings.warn("VolumeAttention.refuse is deprecated; use fuse_again (same arguments)", DeprecationWarning,
                       stacklevel=2)
         return self.fuse_again(*args, **kwargs)
-
-    def resample_to(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
-        """The grid resampled (trilinear, 0 outside the grid's box and outside the region) onto another voxel
-        grid; float32 (I, J, K)."""
-        resampled = super().resample_to(shape_ijk, ijk_to_ras)
-        if self.region is not None:
-            resampled = np.where(self.region.on_grid(shape_ijk, ijk_to_ras), resampled, np.float32(0))
-        return resampled
 
 
 def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
