@@ -149,6 +149,28 @@ def test_protocol_carries_numbers_and_refuses_objects(tmp_path):
         protocol.save_input(np.array(["a"], dtype=object), str(tmp_path), "bad")
 
 
+def test_an_applied_region_crosses_exactly_as_packed_bits():
+    """region_message / region_from_message through a real connection: the voxel mask (5 x 3 x 7 = 105 voxels, not
+    a multiple of 8) comes back equal in one byte per 8 voxels, with its geometry, tokens and counts."""
+    from AttentionMapLib.core.region import AppliedRegion
+
+    rng = np.random.default_rng(2)
+    affine = np.diag([1.1, 0.9, 1.6, 1.0])
+    affine[:3, 3] = (4.0, -2.0, 7.0)
+    region = AppliedRegion(description="ROI (oblique)", name="ROI", voxels=rng.random((5, 3, 7)) > 0.5,
+                           ijk_to_ras=affine, tokens=rng.random((2, 1, 3)) > 0.5, windows_run=3, windows_skipped=1)
+    fields, arrays = protocol.region_message(region)
+    assert arrays["region_voxels"].nbytes == 14  # ceil(105 / 8)
+    a, b = connection_pair()
+    protocol.send(a, {"region": fields}, arrays)
+    header, received = protocol.receive(b)
+    back = protocol.region_from_message(header["region"], received)
+    assert back.voxels.dtype == bool and np.array_equal(back.voxels, region.voxels)
+    assert np.array_equal(back.tokens, region.tokens) and np.array_equal(back.ijk_to_ras, affine)
+    assert back.summary() == region.summary() and back.description == region.description
+    assert protocol.region_message(None) == (None, {}) and protocol.region_from_message(None, {}) is None
+
+
 def test_a_peer_without_the_key_is_refused():
     server = protocol.listen()
     assert protocol.accept(server, b"k" * 32) is None  # nobody there: returns at once
