@@ -21,6 +21,11 @@ model-input grid; windows holding no region voxel are not run, tokens whose patc
 voxel are 0 (the normalisation uses the tokens inside only), and the map resampled onto another grid
 is 0 at voxels outside the region.
 
+Flip averaging (``flip_axes``, off by default; `flips`): each window is run once per view (every
+combination of flips along the given model-input axes), each view's token map is flipped back onto
+the window's token grid and the views' maps are averaged per window before the probability weighting
+and the blending; the window's probabilities are the mean over views of ``softmax(logits / temperature)``.
+
 Volume-level prediction: window probabilities are ``softmax(logits / temperature)`` (the card's
 calibration); the decisive window is the one with the highest probability of the target class (the
 given target, else the class with the highest probability in any window); ``probabilities`` is that
@@ -40,8 +45,8 @@ import torch
 from ..errors import AttentionMapError, Cancelled
 from . import methods
 from .attention_grid import AttentionGrid
-from .calibration import softmax
 from .engine import CapturedAttention, capture_attention, check_options, model_spec, readout, resolve_layer
+from .flips import View, flip_tokens, flip_views, flip_window, mean_view_probabilities, unflip_map
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
@@ -76,8 +81,9 @@ def _blend_weights(grid_shape: Sequence[int], blend: str) -> np.ndarray:
 class _Tiling:
     """What a re-fusion needs: the cached attention of every window and where each window sits.
 
-    ``captures``: one CapturedAttention per batch, windows in order; ``offsets``: (W, 3) token
-    offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
+    ``captures``: one CapturedAttention per batch, windows in order, view after view (``views``: the
+    flipped axes of each view, ``((),)`` without flip averaging; memory: the attention x views);
+    ``offsets``: (W, 3) token offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
     ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's;
     ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones);
     ``inside``: bool token grid of the region (None: no region): tokens outside are 0.
@@ -90,6 +96,7 @@ class _Tiling:
     ijk_to_ras: np.ndarray
     window_scale: Optional[np.ndarray] = None
     inside: Optional[np.ndarray] = None
+    views: Tuple[View, ...] = ((),)
 
     def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
         """Global token index (3,) of the token whose patch contains the RAS point, or None."""
@@ -110,35 +117,48 @@ class _Tiling:
         return token
 
     def window_maps(self, captured: CapturedAttention, offsets: np.ndarray, query: Optional[np.ndarray],
-                    **options: Any) -> List[Optional[np.ndarray]]:
-        """Unnormalised (n1, n2, n3) map per window of one batch; None for a window without the query."""
+                    view: View = (), **options: Any) -> List[Optional[np.ndarray]]:
+        """Unnormalised (n1, n2, n3) map per window of one batch captured in `view`, flipped back onto the
+        window's token grid; None for a window without the query (whose index is flipped into the view)."""
         if query is None:
-            return list(readout(captured, query=None, normalize="none", **options))
+            return [unflip_map(m, view) for m in readout(captured, query=None, normalize="none", **options)]
+        window_shape = np.asarray(captured.spec.grid_shape)
         local = query[None, :] - offsets
-        inside = np.all((local >= 0) & (local < np.asarray(captured.spec.grid_shape)), axis=1)
+        inside = np.all((local >= 0) & (local < window_shape), axis=1)
+        local = flip_tokens(local, view, window_shape)
         maps: List[Optional[np.ndarray]] = [None] * len(offsets)
         for q in {tuple(int(v) for v in row) for row in local[inside]}:
             batch_maps = readout(captured, query=q, normalize="none", **options)
             for index in np.flatnonzero(inside & np.all(local == q, axis=1)):
-                maps[index] = batch_maps[index]
+                maps[index] = unflip_map(batch_maps[index], view)
         return maps
+
+    def view_mean_maps(self, query: Optional[np.ndarray], **options: Any) -> List[Optional[np.ndarray]]:
+        """Per window, the mean over views of its unnormalised (n1, n2, n3) map (None: without the query)."""
+        per_view = len(self.captures) // len(self.views)
+        sums: List[Optional[np.ndarray]] = [None] * len(self.offsets)
+        for number, view in enumerate(self.views):
+            first = 0
+            for captured in self.captures[number * per_view:(number + 1) * per_view]:
+                offsets = self.offsets[first:first + captured.batch_size]
+                for index, window_map in enumerate(self.window_maps(captured, offsets, query, view, **options)):
+                    if window_map is not None:
+                        previous = sums[first + index]
+                        sums[first + index] = window_map.astype(np.float64) + (0.0 if previous is None else previous)
+                first += captured.batch_size
+        return [None if total is None else total / len(self.views) for total in sums]
 
     def blend(self, query: Optional[np.ndarray], normalize: str, **options: Any) -> np.ndarray:
         """Global token grid (I, J, K) float32: weighted mean of the window maps, then normalised once."""
         total = np.zeros(self.grid_shape, dtype=np.float64)
         weight = np.zeros(self.grid_shape, dtype=np.float64)
         scale = np.ones(len(self.offsets)) if self.window_scale is None else self.window_scale
-        first = 0
-        for captured in self.captures:
-            offsets = self.offsets[first:first + captured.batch_size]
-            maps = self.window_maps(captured, offsets, query, **options)
-            for offset, window_map, factor in zip(offsets, maps, scale[first:first + captured.batch_size]):
-                if window_map is None:
-                    continue
-                region = tuple(slice(o, o + n) for o, n in zip(offset, window_map.shape))
-                total[region] += self.weights * (factor * window_map)
-                weight[region] += self.weights
-            first += captured.batch_size
+        for offset, window_map, factor in zip(self.offsets, self.view_mean_maps(query, **options), scale):
+            if window_map is None:
+                continue
+            region = tuple(slice(o, o + n) for o, n in zip(offset, window_map.shape))
+            total[region] += self.weights * (factor * window_map)
+            weight[region] += self.weights
         grid = np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), 0.0)
         if self.inside is None:
             return methods.normalize_map(grid[None], normalize)[0]
@@ -152,16 +172,19 @@ class VolumeAttention(AttentionGrid):
     """An attention map on the token grid of a volume, placed in patient space (the shared fields, grid to
     region: `attention_grid.AttentionGrid`), with what a re-fusion and the prediction need.
 
-    window_probabilities: (W, K) softmax(logits / temperature) per window (None for dense outputs);
+    window_probabilities: (W, K) softmax(logits / temperature) per window (None for dense outputs; with flip
+    averaging the mean over views, and window_logits the mean logits);
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
-    temperature: the calibration temperature applied.
+    temperature: the calibration temperature applied. flip_axes: the model-input axes whose flips were
+    averaged (() = none; see the module docstring).
     """
 
     window_probabilities: Optional[np.ndarray] = None
     decisive_window: Optional[int] = None
     window_centres_ras: Optional[np.ndarray] = None
     temperature: float = 1.0
+    flip_axes: Tuple[int, ...] = ()
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
@@ -200,7 +223,8 @@ class VolumeAttention(AttentionGrid):
         Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
         Head fusion and target are fixed at capture time. The first rollout with a discard ratio sorts
         each block's fused attention once and keeps it with the cache (``CapturedAttention.sorted_fused``:
-        the cache's memory doubles); later ratios only look up their cut.
+        the cache's memory doubles); later ratios only look up their cut. After a flip-averaged run the
+        cache holds every view's attention (memory x views) and each re-fusion reads out every view.
         """
         start = time.perf_counter()
         options = {
@@ -245,14 +269,16 @@ def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
     return results
 
 
-def _class_outputs(captures: Sequence[CapturedAttention],
-                   temperature: float = 1.0) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(window_logits (W, K), window_probabilities (W, K): softmax(logits / temperature) of each window);
-    (None, None) for dense outputs."""
+def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0,
+                   views: int = 1) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(window_logits (W, K), window_probabilities (W, K)); (None, None) for dense outputs. `captures` hold
+    `views` views one after the other: the logits are the mean over views, the probabilities the mean over
+    views of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
     if captures[0].logits.ndim != 2:
         return None, None
     logits = torch.cat([c.logits for c in captures]).float().cpu().numpy()
-    return logits, softmax(logits, temperature)
+    view_logits = logits.reshape(views, -1, logits.shape[-1])
+    return view_logits.mean(axis=0), mean_view_probabilities(view_logits, temperature)
 
 
 def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> int:
@@ -302,6 +328,7 @@ def explain_volume(
     window_weighting: str = "probability",
     region: Optional[Region] = None,
     temperature: float = 1.0,
+    flip_axes: Sequence[int] = (),
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -328,6 +355,12 @@ def explain_volume(
         region: restrict windows and map to a region (see the module docstring).
         temperature: calibration temperature of the window probabilities (the card's
             ``calibration.temperature``; 1 = plain softmax).
+        flip_axes: average over every combination of flips along these model-input axes (0, 1, 2):
+            ``(0, 1, 2)`` = 8 views, ``(0,)`` = 2, ``()`` (default) = none. Costs one forward (and
+            backward) per view. Each view's map is flipped back and the views are averaged per window
+            before weighting and blending; the window probabilities are the mean over views of
+            softmax(logits / temperature) (the card's temperature was fitted on single views); a gradient
+            method takes each view's gradient of the target from that view's own logits.
 
     Returns:
         VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
@@ -340,6 +373,7 @@ def explain_volume(
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
             or temperature <= 0:
         raise AttentionMapError(f"temperature: expected a positive number, got {temperature!r}")
+    views = flip_views(flip_axes)
     timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
     start = time.perf_counter()
     prep = parse_preprocessing(preprocessing)
@@ -369,29 +403,34 @@ def explain_volume(
         weights=_blend_weights(spec.grid_shape, prep.blend),
         ijk_to_ras=token_grid_affine(check_ijk_to_ras(image.affine.numpy(), "preprocessed affine"), patch),
         inside=None if applied is None else applied.tokens,
+        views=views,
     )
     query = tiling.query_token(query_ras)
     timings["geometry"] = time.perf_counter() - start
 
     start = time.perf_counter()
     gradients = get_method(method).needs_gradients
-    two_sweeps = gradients and target is None and len(tiles) > 1
-    total = len(tiles) * (2 if two_sweeps else 1)
+    two_sweeps = gradients and target is None and len(tiles) * len(views) > 1
+    runs = len(tiles) * len(views)
+    total = runs * (2 if two_sweeps else 1)
+
+    def sweep_views(capture: Callable, done: int) -> list:
+        return [c for number, view in enumerate(views) for c in _sweep(
+            [flip_window(t, view) for t in tiles], batch, capture, progress, cancel, done + number * len(tiles), total)]
+
     if two_sweeps:
-        first = _sweep(tiles, batch, lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
-                       progress, cancel, 0, total)
-        window_probabilities = _class_outputs(first, temperature)[1]
+        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0)
+        window_probabilities = _class_outputs(first, temperature, len(views))[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
-    captures = _sweep(
-        tiles, batch,
+    captures = sweep_views(
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
-        progress, cancel, total - len(tiles), total,
+        total - runs,
     )
     tiling = replace(tiling, captures=tuple(captures))
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    window_logits, window_probabilities = _class_outputs(captures, temperature)
+    window_logits, window_probabilities = _class_outputs(captures, temperature, len(views))
     decisive = None if window_probabilities is None else decisive_window(window_probabilities, target)
     probabilities = None if decisive is None else window_probabilities[decisive]
     resolved = captures[0].target
@@ -412,5 +451,5 @@ def explain_volume(
         num_windows=len(tiles), timings=timings, window_weighting=weighting,
         window_probabilities=window_probabilities, decisive_window=decisive,
         window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
-        temperature=float(temperature), region=applied, _tiling=tiling,
+        temperature=float(temperature), flip_axes=views[-1], region=applied, _tiling=tiling,
     )
