@@ -348,7 +348,7 @@ def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fi
     """VolumeAttention and worker.AttentionData derive from core.attention_grid.AttentionGrid: its fields
     come first in both, neither repeats them, and peak_ras / resample_to (with its region mask) are the base's."""
     shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
-    assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 16
+    assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 17
     for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
                                              "temperature", "_tiling"}),
                           (worker.AttentionData, {"result_id", "prediction"})):
@@ -392,6 +392,26 @@ def test_fuse_again_job_equals_fuse_again_in_this_process(oracle_card, shared):
     explain_job(str(path), array, affine, {}, device="cpu", worker=shared).wait(120)
     stale = worker.fuse_again_job(result.attention, {"layer": 0}, worker=shared).wait(60)
     assert stale.kind == ERROR and "press Apply" in str(stale.value)
+
+
+def test_flip_averaging_crosses_the_worker_and_its_re_fusion(oracle_card, shared):
+    path, model = oracle_card
+    array, affine = volume()
+    final = explain_job(str(path), array, affine, {"flip_axes": (0, 1, 2), "method": "grad_rollout"}, device="cpu",
+                        worker=shared).wait(120)
+    assert final.kind == DONE, final.value
+    attention = final.value.attention
+    direct = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, target=1, method="grad_rollout",
+                            flip_axes=(0, 1, 2))
+    assert attention.flip_axes == direct.flip_axes == (0, 1, 2)
+    np.testing.assert_allclose(attention.grid, direct.grid, atol=1e-6)
+    np.testing.assert_allclose(attention.probabilities, direct.probabilities, atol=1e-6)
+    again = worker.fuse_again_job(attention, {"layer": 0}, worker=shared).wait(60)
+    assert again.kind == DONE and again.value.flip_axes == (0, 1, 2)
+    np.testing.assert_allclose(again.value.grid, direct.fuse_again(layer=0).grid, atol=1e-6)
+    bad = explain_job(str(path), array, affine, {"flip_axes": [0, 3]}, device="cpu", worker=shared).wait(60)
+    assert bad.kind == ERROR and isinstance(bad.value, AttentionMapError)
+    assert str(bad.value).startswith("flip_axes: expected distinct model-input axes among 0, 1, 2")
 
 
 def test_score_job_equals_score_volume_on_the_networks_device(tmp_path, shared):

@@ -389,7 +389,8 @@ def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int,
         target=fields["target"], method=fields["method"], layer=int(fields["layer"]), head=fields["head"],
         head_fusion=fields["head_fusion"], discard_ratio=float(fields["discard_ratio"]), normalize=fields["normalize"],
         num_windows=int(fields["num_windows"]), timings=dict(fields["timings"]),
-        window_weighting=fields["window_weighting"], prediction=fields.get("prediction"), region=region)
+        window_weighting=fields["window_weighting"], flip_axes=tuple(int(a) for a in fields.get("flip_axes", ())),
+        prediction=fields.get("prediction"), region=region)
 
 
 def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
@@ -435,8 +436,8 @@ atexit.register(stop_shared_worker)
 
 
 def _plain_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Options as JSON data: arrays (query point) become lists."""
-    return {k: (np.asarray(v, dtype=np.float64).tolist() if isinstance(v, (np.ndarray, tuple)) else v)
+    """Options as JSON data: arrays and tuples (query point, flip axes) become lists of their own numbers."""
+    return {k: (np.asarray(v).tolist() if isinstance(v, (np.ndarray, tuple)) else v)
             for k, v in (options or {}).items()}
 
 

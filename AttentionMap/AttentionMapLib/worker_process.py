@@ -92,6 +92,7 @@ def attention_message(attention: Any, classes: Optional[List[str]] = None,
     fields = {key: getattr(attention, key) for key in ("target", "method", "layer", "head_fusion", "head",
                                                         "discard_ratio", "normalize", "num_windows",
                                                         "window_weighting")}
+    fields["flip_axes"] = [int(a) for a in attention.flip_axes]
     fields["timings"] = dict(attention.timings)
     fields["prediction"] = attention.prediction(classes or [])
     region_fields, region_arrays = protocol.region_message(attention.region if with_region else None)

@@ -8,7 +8,7 @@ only their own fields. Both carry the applied region, so a map resampled in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class AttentionGrid:
     run. timings: seconds per stage {"preprocess", "forward", "fuse", "geometry"}.
     window_weighting: "probability" when each window's map was weighted by the window's probability
     for the target class before blending (sliding window, class outputs), else "none".
+    flip_axes: the model-input axes whose flips were averaged (every combination: 2 ** len views; () = none).
     region: the applied region (`region.AppliedRegion`: its voxel mask on the model-input grid), None: the whole
     input; the grid is 0 on tokens outside it and `resample_to` is 0 at voxels outside it.
     """
@@ -52,6 +53,7 @@ class AttentionGrid:
     num_windows: int
     timings: Dict[str, float]
     window_weighting: str
+    flip_axes: Tuple[int, ...]
     region: Optional[AppliedRegion]
 
     def peak_ras(self) -> np.ndarray:

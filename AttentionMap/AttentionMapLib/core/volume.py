@@ -176,15 +176,13 @@ class VolumeAttention(AttentionGrid):
     averaging the mean over views, and window_logits the mean logits);
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
-    temperature: the calibration temperature applied. flip_axes: the model-input axes whose flips were
-    averaged (() = none; see the module docstring).
+    temperature: the calibration temperature applied.
     """
 
     window_probabilities: Optional[np.ndarray] = None
     decisive_window: Optional[int] = None
     window_centres_ras: Optional[np.ndarray] = None
     temperature: float = 1.0
-    flip_axes: Tuple[int, ...] = ()
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
