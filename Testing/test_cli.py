@@ -203,11 +203,13 @@ def bad_arguments(scan: Path, card: Path, tmp: Path):
         "layer 0": (["run", image, "--layer", "0", "--model", card], "--layer 0: expected 1..2 (first to last block)"),
         "layer range": (["run", image, "--layer", "-3", "--model", card], "the model has 2 blocks"),
         "model": (["run", image, "--model", tmp / "nomodel.json"], "nomodel.json: no such model"),
+        "flip average": (["run", image, "--flip-average", "0,3", "--model", card],
+                         "--flip-average: expected 'all' or distinct model-input axes among 0, 1, 2"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing input", "unreadable input", "2D second input", "label grid", "target",
-                                  "layer 0", "layer range", "model"])
+                                  "layer 0", "layer range", "model", "flip average"])
 def test_bad_input_exits_2_with_one_line_and_leaves_nothing(case, scan, oracle_card, tmp_path, capsys):
     argv, message = bad_arguments(scan, oracle_card, tmp_path)[case]
     out = tmp_path / "out"
@@ -388,6 +390,33 @@ def test_roi_mask_calibration_and_the_volume_level_prediction(scan, tmp_path):
         calibrated[:, 1].max(), abs=1e-6
     )
     assert np.allclose(case["prediction"]["window_centre_ras_mm"], plain.window_centres_ras[calibrated[:, 1].argmax()])
+
+
+def test_flip_average_lands_in_the_summary_and_equals_the_library_run(scan, tmp_path):
+    from AttentionMapLib.core.volume import explain_volume
+    from AttentionMapLib.models import load_model
+
+    card = _sliding_card(tmp_path, calibration={"temperature": 2.0})
+    image = scan / "case1.nrrd"
+    volume, affine = read_volume(image)
+    loaded = load_model(str(card))
+    direct = explain_volume(loaded.network, volume, affine, loaded.preprocessing, img_size=loaded.img_size, target=1,
+                            temperature=2.0, flip_axes=(0, 2), normalize="percentile")
+    out = tmp_path / "flips"
+    assert run_cli("run", image, "--model", card, "--flip-average", "2,0", "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    case = summary["cases"][0]
+    assert summary["options"]["flip_axes"] == [0, 2]
+    assert case["probabilities"]["lesion"] == pytest.approx(float(direct.probabilities[1]), abs=1e-6)
+    assert case["prediction"]["rule"].endswith(", calibrated, each the mean over 4 flipped views")
+    np.testing.assert_allclose(case["peak_ras_mm"], direct.peak_ras(), atol=1e-4)
+    out = tmp_path / "all"
+    assert run_cli("run", image, "--model", card, "--flip-average", "all", "--output-dir", out) == 0
+    assert json.loads((out / "summary.json").read_text())["options"]["flip_axes"] == [0, 1, 2]
+    out = tmp_path / "none"
+    assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["flip_axes"] == [] and "flipped" not in summary["cases"][0]["prediction"]["rule"]
 
 
 def test_default_region_is_used_shown_and_switchable_off(scan, tmp_path, capsys):

@@ -3,7 +3,8 @@
     attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
                   [--method METHOD] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
-                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none] [--series-uid UID]
+                  [--flip-average all|AXES] [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
+                  [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
                   [--series-uid UID]
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
     run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
+    run.add_argument("--flip-average", default=None, metavar="all|AXES",
+                     help="average maps and probabilities over every combination of flips along these model-input "
+                          "axes ('all' = 0,1,2: 8 views; '0,2': 4 views); costs one forward (and backward) pass "
+                          "per view: 'all' runs 8x longer")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--roi", nargs="+", default=None, metavar="V",
                        help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
@@ -182,6 +187,20 @@ def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
         "target": target,
         "normalize": args.normalize,
     }
+
+
+def flip_axes_option(value: Optional[str]) -> Tuple[int, ...]:
+    """``--flip-average``: None -> (), 'all' -> (0, 1, 2), '0,2' -> (0, 2); AttentionMapError naming the option."""
+    from .core.flips import check_flip_axes
+
+    if value is None:
+        return ()
+    text = value.strip().lower()
+    try:
+        return check_flip_axes((0, 1, 2) if text == "all" else tuple(int(a) for a in text.split(",")))
+    except (ValueError, AttentionMapError):
+        raise AttentionMapError(f"--flip-average: expected 'all' or distinct model-input axes among 0, 1, 2 "
+                                f"separated by commas (e.g. 0,2), got {value!r}") from None
 
 
 def _read_label(label_path: Path, input_path: Path, shape: Tuple[int, ...], ijk_to_ras: np.ndarray) -> np.ndarray:
@@ -348,7 +367,8 @@ def run_command(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output_dir, names, inputs)
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
-    options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source)}
+    options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
+               "flip_axes": flip_axes_option(args.flip_average)}
     check_case_volumes(cases, loaded)
     regions = case_regions(args, cases, loaded)
     with staged_folder(output_dir, names, inputs) as staging:

@@ -187,7 +187,8 @@ class VolumeAttention(AttentionGrid):
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
         """The volume-level prediction as plain data (None for dense outputs): the decisive window's class,
-        probability and RAS centre, the rule that picked it, the number of windows and the temperature."""
+        probability and RAS centre, the rule that picked it (with flip averaging), the number of windows and the
+        temperature."""
         if self.decisive_window is None:
             return None
         klass = int(self.target) if self.target is not None else int(np.argmax(self.probabilities))
@@ -198,7 +199,8 @@ class VolumeAttention(AttentionGrid):
             "window_centre_ras_mm": [float(v) for v in self.decisive_window_ras()],
             "windows": int(self.num_windows),
             "rule": f"the highest P({name}) of the {self.num_windows} window(s) that were run"
-                    + (", calibrated" if self.temperature != 1.0 else ""),
+                    + (", calibrated" if self.temperature != 1.0 else "")
+                    + (f", each the mean over {2 ** len(self.flip_axes)} flipped views" if self.flip_axes else ""),
             "temperature": float(self.temperature),
         }
 
