@@ -61,7 +61,8 @@ FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) 
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
 FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
-RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device")
+RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device",
+                "flipAverage")
 
 
 class AttentionMap(ScriptedLoadableModule):
@@ -83,7 +84,8 @@ a model card (.json) or a MONAI bundle folder (bundles run code from their confi
 Its messages are in <i>Details</i>.</li>
 <li>Explore: method (rollout, raw attention, gradient-weighted rollout), layer, discard ratio and a
 <b>query point</b> ("attention from here") update the overlay at once from the cached attention.
-Head fusion, target class, model and device need another Apply.</li>
+Head fusion, target class, model, device and <i>Average over flips</i> (maps and probabilities averaged over
+the 8 flips of each window: 8 network passes per window) need another Apply.</li>
 <li>Display: opacity, threshold (fraction of the colour window), colour table, show in 3D.</li>
 <li>Segment statistics: pick a segmentation and press <i>Compute</i> for the attention mass, mean and
 maximum inside each segment, the segment's volume fraction, their ratio (1 = no better than uniform)
@@ -126,6 +128,7 @@ class AttentionMapParameterNode:
     # where to look: a markups ROI or a segmentation (a Union with None binds a qMRMLNodeComboBox, as colorNode)
     region: Union[vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode, None]
     useDefaultRegion: bool = True
+    flipAverage: bool = False  # average over the 8 flips of the model input (explain_volume flip_axes=(0, 1, 2))
     outputVolume: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
@@ -270,7 +273,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Failed to update the display.")):
                 self.logic.updateDisplay(p)
         elif changed & set(RERUN_FIELDS):
-            self.ui.statusLabel.text = _("Press Apply to run the network with the new input, model, heads or target.")
+            self.ui.statusLabel.text = _("Press Apply to run the network with the new input, model, heads, target or "
+                                         "flip averaging.")
 
     def _showModelInfo(self) -> None:
         """Class names and layer / head ranges: from the last result's model, else from the model card."""
@@ -584,7 +588,8 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
     def explainOptions(self, p: AttentionMapParameterNode) -> Dict[str, Any]:
         single = p.headFusion == "single head"
         return {**self.fusionOptions(p), "head_fusion": "mean" if single else p.headFusion,
-                "head": p.head if single else None, "target": p.targetClass or None}
+                "head": p.head if single else None, "target": p.targetClass or None,
+                "flip_axes": [0, 1, 2] if p.flipAverage else []}
 
     def startExplain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
         """Copy the input (on this, the main thread) and start the model in the worker process."""

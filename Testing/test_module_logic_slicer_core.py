@@ -120,6 +120,12 @@ def run_self_test_steps() -> None:
     first = logic.processCases([volume], p)
     count = scene.GetNumberOfNodes()
     assert logic.processCases([volume], p)[0].GetID() == first[0].GetID() and scene.GetNumberOfNodes() == count
+    assert logic.explainOptions(p)["flip_axes"] == []
+    p.flipAverage = True  # the "Average over flips" checkbox: the 8 flips of the model input, through the worker
+    assert logic.explainOptions(p)["flip_axes"] == [0, 1, 2]
+    flipped = poll(logic.startExplain(p)).attention
+    assert flipped.flip_axes == (0, 1, 2) and flipped.prediction["rule"].endswith("each the mean over 8 flipped views")
+    assert np.linalg.norm(flipped.peak_ras() - nodule) <= module_logic.patch_size_mm(flipped.ijk_to_ras)
     worker.stop_shared_worker()
     print("SELF-TEST STEPS PASSED")
 
