@@ -11,6 +11,7 @@ import torch
 from monai.networks.nets import ViT
 
 from AttentionMapLib.core import engine
+from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities
 from AttentionMapLib.core.geometry import apply_affine
 from AttentionMapLib.core.preprocess import preprocess_volume
 from AttentionMapLib.core.volume import explain_volume, window_starts
@@ -132,6 +133,20 @@ def test_fuse_again_after_a_flip_averaged_run_equals_a_fresh_flip_averaged_run(v
         assert np.allclose(again.grid, fresh.grid, atol=1e-6), change
         assert again.flip_axes == fresh.flip_axes == (1,)
         assert np.allclose(again.probabilities, fresh.probabilities)
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
+def test_flip_averaging_one_model_input_equals_the_one_window_volume_run(vit, method):
+    """explain_flip_averaged (the evaluation's crops) and explain_volume in resize mode apply one rule."""
+    volume = _volume(IMG, seed=7)
+    x = preprocess_volume(volume, OBLIQUE, RESIZE, IMG, PATCH).as_tensor()[None]
+    result = explain_volume(vit, volume, OBLIQUE, RESIZE, img_size=IMG, method=method, target=1, temperature=1.5,
+                            flip_axes=(0, 1, 2))
+    grid, view_logits = explain_flip_averaged(vit, x, (0, 1, 2), method=method, target=1)
+    assert view_logits.shape == (8, 1, 3) and result.num_windows == 1
+    assert np.allclose(grid[0], result.grid, atol=1e-5)
+    assert np.allclose(mean_view_probabilities(view_logits, 1.5)[0], result.probabilities, atol=1e-6)
+    assert not np.allclose(mean_view_probabilities(view_logits[:1], 1.5)[0], result.probabilities, atol=1e-4)
 
 
 @pytest.mark.parametrize("bad", [(3,), (0, 0), (-1,), (True,), ("x",), 1, (0.5,)])

@@ -19,7 +19,9 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
   calibration; three lesion-free scans (two lung slabs, a whole head CT); the lesion-free held-out windows
   of ``tools/evaluate_demo_model.py``.
 
-Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), and the
+Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), rollout
+averaged over the 8 flips of the crop (``core.flips.explain_flip_averaged``: the rule of ``explain_volume(...,
+flip_axes=(0, 1, 2))``; deletion / insertion of that map are measured on the crop as it is), and the
 baselines of ``attentionmap_dev.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
 (MONAI ``OcclusionSensitivity``), random. All on the token grid, min-max normalised, target = the card's
 lesion class.
@@ -47,10 +49,11 @@ import numpy as np
 from attentionmap_dev import whole_scan
 from benchmarks import measure
 
-MAPS = ("raw", "rollout", "grad_rollout", "gradcam", "occlusion", "random")
+MAPS = ("raw", "rollout", "rollout_flips", "grad_rollout", "gradcam", "occlusion", "random")
 ATTENTION = ("raw", "rollout", "grad_rollout")
 BASELINES = ("gradcam", "occlusion", "random")
-LABELS = {"raw": "raw (last block)", "rollout": "rollout", "grad_rollout": "grad_rollout", "gradcam": "Grad-CAM",
+LABELS = {"raw": "raw (last block)", "rollout": "rollout", "rollout_flips": "rollout (8 flips)",
+          "grad_rollout": "grad_rollout", "gradcam": "Grad-CAM",
           "occlusion": "occlusion", "random": "random"}
 GROUPS = ("held-out synthetic nodules", "lung1 tumour crops", "lung2 tumour crops")
 BASELINE_CASES = 20  # held-out crops on which --baseline auto compares the deletion/insertion baselines
@@ -134,12 +137,15 @@ def _init_worker(settings: Settings) -> None:
 def _map_functions(case_index: int) -> Dict[str, Callable[[Any], np.ndarray]]:
     from attentionmap_dev.baselines import RandomMap
     from AttentionMapLib import explain
+    from AttentionMapLib.core.flips import explain_flip_averaged
 
     loaded, target = _STATE["loaded"], _STATE["loaded"].target
     model = loaded.network
     functions: Dict[str, Callable[[Any], np.ndarray]] = {
         method: (lambda x, m=method: explain(model, x, method=m, target=target).grid[0]) for method in ATTENTION
     }
+    functions["rollout_flips"] = lambda x: explain_flip_averaged(model, x, (0, 1, 2), method="rollout",
+                                                                 target=target)[0][0]
     functions["gradcam"] = lambda x: _STATE["gradcam"](x, target)[0]
     functions["occlusion"] = lambda x: _STATE["occlusion"](x, target)[0]
     random_map = RandomMap(model, seed=_STATE["settings"].seed + case_index)
@@ -595,7 +601,9 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
         "whole volumes with the card's sliding windows.",
         f"- **Maps** (token grid {model['grid']}, {model['patch']} voxel patches, min-max normalised, target = class "
         f'{model["target"]} "{model["target_name"]}"): raw = last block\'s CLS row, heads averaged; '
-        "rollout (Abnar & Zuidema); "
+        "rollout (Abnar & Zuidema); rollout (8 flips) = rollout of each of the crop's 8 axis flips, each map flipped "
+        "back, the unnormalised maps averaged, then min-max (`core.flips.explain_flip_averaged`, the rule of "
+        "`attention-map run --flip-average all`; 8 forward passes; deletion / insertion on the crop as it is); "
         "grad_rollout (Chefer et al.); Grad-CAM = MONAI `GradCAM` on the input of the last block's attention (patch "
         "tokens reshaped to the grid; after the last block only the CLS token reaches the head, so later layers have "
         "no patch gradient), raw ReLU map (MONAI's default post-processing inverts, it is not used); occlusion = "
