@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import ViT
 
+import test_volume
 from AttentionMapLib.core import engine
 from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities
 from AttentionMapLib.core.geometry import apply_affine
@@ -17,23 +17,13 @@ from AttentionMapLib.core.preprocess import preprocess_volume
 from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError
 from geometry_cases import CASES, INTENSITY
+from test_volume import IMG, PATCH, SMALL, _volume
 
-IMG, PATCH = (32, 48, 24), (8, 8, 8)
-SMALL = (40, 60, 30)  # 2 x 2 x 2 windows of IMG
+vit = test_volume.vit  # the same small, seeded MONAI ViT fixture
+
 SLIDING = {"intensity": INTENSITY, "spatial": {"mode": "sliding_window", "sw_batch_size": 3}}
 RESIZE = {"intensity": INTENSITY, "spatial": {"mode": "resize"}}
 OBLIQUE = CASES["oblique_30_20"][1]  # oblique, anisotropic spacing (1.1, 0.9, 1.3) mm
-
-
-@pytest.fixture(scope="module")
-def vit():
-    torch.manual_seed(0)
-    return ViT(1, IMG, PATCH, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, classification=True,
-               num_classes=3, post_activation=None).eval()
-
-
-def _volume(shape, seed=0):
-    return (np.random.default_rng(seed).random(shape) * 2000.0 - 1000.0).astype(np.float32)
 
 
 def _all_flips(axes):
