@@ -128,7 +128,10 @@ class AttentionMapParameterNode:
     # where to look: a markups ROI or a segmentation (a Union with None binds a qMRMLNodeComboBox, as colorNode)
     region: Union[vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode, None]
     useDefaultRegion: bool = True
-    flipAverage: bool = False  # average over the 8 flips of the model input (explain_volume flip_axes=(0, 1, 2))
+    # average over the 8 flips of the model input (explain_volume flip_axes=(0, 1, 2)); a bool binds the .ui's
+    # QCheckBox (Slicer v5.8.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:156-159,
+    # QCheckBoxToBoolConnector.canRepresent)
+    flipAverage: bool = False
     outputVolume: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
