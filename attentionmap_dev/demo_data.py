@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from AttentionMapLib.errors import AttentionMapError
+
+if TYPE_CHECKING:
+    from attentionmap_dev.lesions import LesionFamily
 
 SPACING_MM = 2.0
 CROP = 48
@@ -216,7 +219,7 @@ def load_regridded_cts(cts: Sequence[LungCT], per_scan: int, seed: int,
             for ct in cts for i in range(per_scan)]
 
 
-def _rotation(rng: np.random.Generator) -> np.ndarray:
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.normal(size=4)
     w, x, y, z = q / np.linalg.norm(q)
     return np.array(
@@ -238,27 +241,50 @@ def nodule_weight(
     The nodule mask is ``weight > 0.5``. Returns float32 `shape`, zero farther than 11 voxels from `centre`.
     """
     axes = radius_mm * rng.uniform(*AXIS_SCALE, size=3)
-    rot = _rotation(rng)
+    rot = random_rotation(rng)
     edge = rng.uniform(*EDGE_MM)
+    box, d = local_offsets_mm(shape, centre)
+    return place(shape, box, slice_blur(ellipsoid_occupancy(d @ rot, axes, edge)))
+
+
+def local_offsets_mm(shape: Sequence[int], centre: Sequence[float]) -> Tuple[Tuple[slice, ...], np.ndarray]:
+    """The box of voxels within MAX_REACH_VOX of `centre` (voxels, I J K) inside `shape`, and each box voxel's
+    offset from `centre` in mm: float64 (i, j, k, 3)."""
     c = np.asarray(centre, dtype=np.float64)
     lo = np.maximum(np.floor(c).astype(int) - MAX_REACH_VOX, 0)
     hi = np.minimum(np.floor(c).astype(int) + MAX_REACH_VOX + 2, shape)
     grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-    d = np.stack([(g - ci) * SPACING_MM for g, ci in zip(grids, c)], axis=-1) @ rot
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), np.stack([(g - ci) * SPACING_MM for g, ci in zip(grids, c)], -1)
+
+
+def ellipsoid_occupancy(d: np.ndarray, axes: np.ndarray, edge_mm: float) -> np.ndarray:
+    """Soft occupancy of the ellipsoid with semi-axes `axes` (mm) at offsets `d` (mm, (..., 3), in the
+    ellipsoid's frame): a sigmoid across the surface, of width `edge_mm`."""
     q = np.sqrt(np.sum((d / axes) ** 2, axis=-1))
-    w = 1.0 / (1.0 + np.exp(np.clip((q - 1.0) * axes.mean() / edge, -50, 50)))
+    return 1.0 / (1.0 + np.exp(np.clip((q - 1.0) * np.mean(axes) / edge_mm, -50, 50)))
+
+
+def slice_blur(w: np.ndarray) -> np.ndarray:
+    """`w` (I, J, K) blurred along K with Z_BLUR: the look of a structure reconstructed from 5 mm slices."""
     padded = np.pad(w, ((0, 0), (0, 0), (1, 1)))
-    w = Z_BLUR[0] * padded[:, :, :-2] + Z_BLUR[1] * padded[:, :, 1:-1] + Z_BLUR[2] * padded[:, :, 2:]
+    return Z_BLUR[0] * padded[:, :, :-2] + Z_BLUR[1] * padded[:, :, 1:-1] + Z_BLUR[2] * padded[:, :, 2:]
+
+
+def place(shape: Sequence[int], box: Tuple[slice, ...], w: np.ndarray) -> np.ndarray:
+    """A float32 zero array of `shape` holding `w` in `box`."""
     out = np.zeros(shape, dtype=np.float32)
-    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = w
+    out[box] = w
     return out
 
 
 def insert_nodule(hu: np.ndarray, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A copy of `hu` with a nodule of HU U(-300, 100) plus Gaussian noise (sd U(10, 30) HU) blended in
     by `weight` (same shape). The input is not modified."""
-    level = rng.uniform(*NODULE_HU)
-    sd = rng.uniform(*NOISE_HU)
+    return blend_lesion(hu, weight, rng.uniform(*NODULE_HU), rng.uniform(*NOISE_HU), rng)
+
+
+def blend_lesion(hu: np.ndarray, weight: np.ndarray, level: float, sd: float, rng: np.random.Generator) -> np.ndarray:
+    """A copy of `hu` with HU `level` plus Gaussian noise (sd `sd` HU) blended in by `weight` (same shape)."""
     out = np.array(hu, dtype=np.float32)
     idx = np.nonzero(weight)
     if idx[0].size:
@@ -321,13 +347,14 @@ class CropSampler:
         return origin
 
     def sample_pair(self, rng: np.random.Generator, radius_mm: Tuple[float, float] = RADIUS_MM, flip: bool = False,
-                    wall_fraction: float = 0.0):
+                    wall_fraction: float = 0.0, lesion: Optional["LesionFamily"] = None):
         """One crop with and one without a nodule, same place.
 
         Returns (positive_hu, negative_hu, mask, origin, ct_name, radius): HU float32 (48, 48, 48),
         mask bool (48, 48, 48) nodule voxels of the positive. `flip`: random flips of each axis (same for both).
         `wall_fraction`: share of nodules centred on the lung's rim (touching the pleura or the mediastinum)
         instead of inside the eroded lung (0 draws no extra random number, so the held-out set is unchanged).
+        `lesion`: a `lesions.LesionFamily` drawing the nodule instead of `nodule_weight` + `insert_nodule`.
         """
         while True:
             ci = int(rng.integers(len(self.cts)))
@@ -340,8 +367,9 @@ class CropSampler:
         sl = tuple(slice(o, o + CROP) for o in origin)
         negative = ct.hu[sl]
         radius = float(rng.uniform(*radius_mm))
-        weight = nodule_weight(negative.shape, centre - origin + rng.uniform(-0.5, 0.5, 3), radius, rng)
-        positive = insert_nodule(negative, weight, rng)
+        draw, insert = (nodule_weight, insert_nodule) if lesion is None else (lesion.weight, lesion.insert)
+        weight = draw(negative.shape, centre - origin + rng.uniform(-0.5, 0.5, 3), radius, rng)
+        positive = insert(negative, weight, rng)
         mask = weight > 0.5
         negative = negative.copy()
         if flip:
@@ -365,14 +393,18 @@ class CropSampler:
         flip: bool = True,
         wall_fraction: float = 0.0,
         small_pairs: int = 0,
+        lesion: Optional["LesionFamily"] = None,
+        lesion_pairs: int = 0,
     ) -> CropSet:
         """`pairs` paired samples as a CropSet of 2 * pairs crops (positive then its negative); the last
-        `small_pairs` of them with a small nodule (radius in SMALL_RADIUS_MM) instead of one in `radius_mm`."""
+        `small_pairs` of them with a small nodule (radius in SMALL_RADIUS_MM) instead of one in `radius_mm`;
+        the first `lesion_pairs` of them with a nodule drawn by `lesion` (a `lesions.LesionFamily`)."""
         images, labels, masks, origins, sources, radii = [], [], [], [], [], []
         empty = np.zeros((CROP,) * 3, dtype=bool)
         for i in range(pairs):
             drawn = SMALL_RADIUS_MM if i >= pairs - small_pairs else radius_mm
-            pos, neg, mask, origin, name, radius = self.sample_pair(rng, drawn, flip, wall_fraction)
+            family = lesion if i < lesion_pairs else None
+            pos, neg, mask, origin, name, radius = self.sample_pair(rng, drawn, flip, wall_fraction, family)
             images += [pos, neg]
             labels += [1, 0]
             masks += [mask, empty]
@@ -396,14 +428,16 @@ def heldout_set(cts: Sequence[LungCT], pairs: int = 128, seed: int = HELDOUT_SEE
     return CropSampler(cts, "heldout").batches(np.random.default_rng(seed), pairs, flip=False)
 
 
-def heldout_batches(cts: Sequence[LungCT], pairs: int, seed: int = HELDOUT_SEED, chunk: int = 16) -> Iterator[CropSet]:
-    """`heldout_set` in chunks of `chunk` pairs (same crops, same order), to bound memory."""
+def heldout_batches(cts: Sequence[LungCT], pairs: int, seed: int = HELDOUT_SEED, chunk: int = 16,
+                    lesion: Optional["LesionFamily"] = None) -> Iterator[CropSet]:
+    """`heldout_set` in chunks of `chunk` pairs (same crops, same order), to bound memory; with `lesion`
+    (a `lesions.LesionFamily`), the held-out slabs' pairs with that generator's nodules instead."""
     sampler = CropSampler(cts, "heldout")
     rng = np.random.default_rng(seed)
     done = 0
     while done < pairs:
         n = min(chunk, pairs - done)
-        yield sampler.batches(rng, n, flip=False)
+        yield sampler.batches(rng, n, flip=False, lesion=lesion, lesion_pairs=n)
         done += n
 
 

@@ -10,6 +10,8 @@ z-slabs of lung1/lung2 that no training nodule touches, each crop also without i
 Pointing game (rollout, `AttentionMapLib.explain`, target = "lesion", head mean): the peak token of the
 6x6x6 map is a hit when its 16 mm patch contains nodule voxels; "within one patch" also counts the 26
 neighbouring patches. Chance = the same hit rates for a peak drawn uniformly over the tokens.
+Other lesion generators (`attentionmap_dev/lesions.py` FAMILIES): FAMILY_PAIRS held-out pairs per generator, centres
+in the same slabs; each family says whether the training mixture `lesions.VARIED` draws its kind of lesion.
 Real tumours: crops centred on each label's centroid and shifted by 24 mm along each axis; and the whole CT
 in overlapping windows (stride 48 mm, inside the volume): the rollout peak of the window with the highest P(lesion).
 Lesion-free held-out windows: every inference-grid window of the padded whole scan of lung1 that meets
@@ -35,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from attentionmap_dev import demo_data, whole_scan  # noqa: E402
+from attentionmap_dev import demo_data, lesions, whole_scan  # noqa: E402
 from attentionmap_dev.whole_scan import (  # noqa: E402
     SCAN_HELDOUT,
     SCAN_RANDOM,
@@ -55,6 +57,7 @@ CARD_NAME = "demo_lung_nodule_vit.json"
 WEIGHTS_NAME = "demo_lung_nodule_vit.pt"
 PAIRS = 200
 SUBSET_PAIRS = 6  # the small fixed subset the test suite re-checks
+FAMILY_PAIRS = 100  # held-out pairs per other lesion generator
 SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
 DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
@@ -116,10 +119,12 @@ def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_l
     }
 
 
-def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pairs: int) -> Dict[str, object]:
-    """Accuracy, AUC and pointing games (rollout and raw last layer) on the first `pairs` held-out pairs."""
+def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pairs: int,
+                    lesion: Optional[lesions.LesionFamily] = None) -> Dict[str, object]:
+    """Accuracy, AUC and pointing games (rollout and raw last layer) on the first `pairs` held-out pairs
+    (their nodules drawn by `lesion` when given)."""
     logits, rollout, raw, grad, tokens, labels, radii = [], [], [], [], [], [], []
-    for chunk in demo_data.heldout_batches(cts, pairs):
+    for chunk in demo_data.heldout_batches(cts, pairs, lesion=lesion):
         lg, g = run_model_logits(model, chunk.images)
         _, r = run_model(model, chunk.images, method="raw")
         _, gr = run_model(model, chunk.images, method="grad_rollout")
@@ -165,6 +170,26 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
             "p_lesion_mean": float(p[pos][sel].mean()) if sel.any() else None,
         }
     out["_pair_logits"], out["_pair_labels"] = pair_logits, y  # for the calibration, not written to the card
+    return out
+
+
+def lesion_family_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT],
+                          pairs: int = FAMILY_PAIRS) -> Dict[str, Dict[str, object]]:
+    """For each `lesions.FAMILIES` generator: `pairs` held-out pairs (centres in the held-out slabs, radius
+    U(3, 15) mm, seed HELDOUT_SEED) with its nodules; AUC, sensitivity at P > 0.5 (uncalibrated) and pointing."""
+    out: Dict[str, Dict[str, object]] = {}
+    for family in lesions.FAMILIES:
+        m = heldout_metrics(model, cts, pairs, lesion=family)
+        out[family.name] = {
+            "in_training_mixture": family.trained,
+            "generator": family.describe(),
+            "pairs": pairs,
+            "auc": round(float(m["heldout_auc"]), 4),
+            "sensitivity": round(float(m["heldout_sensitivity"]), 4),
+            "rollout_pointing_game": round(float(m["rollout_pointing_game"]), 4),
+            "grad_rollout_pointing_game": round(float(m["grad_rollout_pointing_game"]), 4),
+            "rollout_pointing_game_3_7_mm": m["rollout_pointing_game_by_radius_mm"]["3-7"]["hit"],
+        }
     return out
 
 
@@ -302,10 +327,15 @@ def _regridded_text(n: int) -> str:
 
 
 def _small_text(settings: Dict[str, object]) -> str:
-    """The recipe's words for `--small-fraction` (empty when it was 0 or not yet an option)."""
+    """The recipe's words for `--small-fraction` and `--varied-fraction` (empty when 0 or not yet options)."""
     share = float(settings.get("small_fraction", 0) or 0)
     lo, hi = demo_data.SMALL_RADIUS_MM
-    return f"; a share {share:g} of the pairs with a small nodule (radius {lo:g}-{hi:g} mm)" if share else ""
+    text = f"; a share {share:g} of the pairs with a small nodule (radius {lo:g}-{hi:g} mm)" if share else ""
+    varied = float(settings.get("varied_fraction", 0) or 0)
+    if varied:
+        text += (f"; a share {varied:g} of the pairs with a nodule from the mixture `lesions.VARIED` instead of the "
+                 f"demo generator ({lesions.VARIED.describe()})")
+    return text
 
 
 def _fine_tuned(phases: List[Dict[str, object]]) -> bool:
@@ -514,6 +544,8 @@ def evaluate(
         "scans": seen, "windows": len(p_seen), "false_alarm_rate_calibrated": round(float((p_seen > 0.5).mean()), 4),
         "note": "inference-grid windows meeting these scans' slabs; the whole-scan training used these scans whole",
     }
+    _log("other lesion generators ...")
+    metrics["lesion_families"] = lesion_family_metrics(model, cts)
     metrics["heldout_subset"] = subset_values(model, cts)
     _log("real tumour crops ...")
     metrics["real_tumours"] = {ct.name: real_tumour_results(model, ct) for ct in cts}

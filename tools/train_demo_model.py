@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from attentionmap_dev import demo_data
+from attentionmap_dev import demo_data, lesions
 from AttentionMapLib.core.capture import hooked_attention
 
 NETWORK_ARGS: Dict[str, object] = {
@@ -197,6 +197,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--small-fraction", type=float, default=0.0,
         help="share of each step's nodule pairs drawn with radius 3-7 mm (after the curriculum)",
     )
+    p.add_argument(
+        "--varied-fraction", type=float, default=0.0,
+        help="share of each step's nodule pairs drawn from attentionmap_dev.lesions.VARIED (other shapes, "
+        "densities and slice blur) instead of the demo generator",
+    )
     p.add_argument("--max-samples", type=int, default=200000)
     p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (stops early, checkpointed)")
     p.add_argument("--token-weight", type=float, default=1.0)
@@ -306,7 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for group in optimiser.param_groups:
                 group["lr"] = lr
             small = round(a.pairs_per_batch * a.small_fraction) if samples >= a.curriculum_samples else 0
-            batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction, small_pairs=small)
+            batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction, small_pairs=small,
+                                    lesion=lesions.VARIED, lesion_pairs=round(a.pairs_per_batch * a.varied_fraction))
             if scans is not None:
                 batch = demo_data.concatenate([batch, scans.sample(rng, a.scan_negatives, hard, a.hard_fraction)])
             images, labels, token_targets, nodule_tokens = to_tensors(batch)
