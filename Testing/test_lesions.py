@@ -124,3 +124,71 @@ def test_family_metrics_of_the_shipped_model_reach_the_evaluation_report(cts):
     report = "\n".join(lesion_family_report(metrics))
     assert "| spiculated: spiculated; solid -300..100 HU (1/1); slice blur p=0.5; noise sd 0-30 HU | no | 3 |" in report
     assert report.count("\n| ") == len(lesions.FAMILIES) + 1
+
+
+def test_weight_on_an_oblique_anisotropic_grid_sits_on_its_ras_centre_with_partial_volume():
+    from AttentionMapLib.core.geometry import apply_affine, rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(rotation(2, 12.0)) @ np.asarray(rotation(0, 8.0)) @ np.diag([0.7, 0.9, 2.5])
+    affine[:3, 3] = [-40.0, 25.0, -300.0]
+    centre = apply_affine(affine, np.array([41.3, 37.8, 15.6]))
+    shape = (90, 80, 32)
+    for family in lesions.FAMILIES:
+        w = family.weight_on_grid(shape, affine, centre, 9.0, np.random.default_rng(1))
+        assert w.dtype == np.float32 and w.shape == shape and 0 <= w.min() and w.max() <= 1
+        mask = w > 0.5
+        assert np.linalg.norm(apply_affine(affine, np.argwhere(mask).mean(0)) - centre) < 3.0, family.name
+        ras = apply_affine(affine, np.argwhere(w > 0).astype(float))
+        assert np.linalg.norm(ras - centre, axis=1).max() <= lesions.REACH_MM + 1e-6
+    sphere = lesions.LesionFamily("sphere", ("ellipsoid",), ("solid",), 0.0, True)
+    vol = sphere.weight_on_grid(shape, affine, centre, 9.0, np.random.default_rng(2)).sum() * 0.7 * 0.9 * 2.5
+    assert 0.45 * 4 / 3 * np.pi * 9.0 ** 3 < vol < 2.1 * 4 / 3 * np.pi * 9.0 ** 3  # axes 0.8-1.25 x radius
+    # a 10 mm slice through the middle of a 4 mm-radius lesion is only partly filled: averaged, not point-sampled
+    thick = np.diag([0.5, 0.5, 10.0, 1.0])
+    w = lesions.FAMILIES[-1].weight_on_grid((60, 60, 5), thick, [15.0, 15.0, 20.0], 4.0, np.random.default_rng(3))
+    point = np.exp(-0.5 * 0.0)  # the Gaussian profile at its centre
+    assert 0.3 < w[30, 30, 2] < 0.9 * point
+
+
+def test_summarise_inserted_counts_by_family():
+    from attentionmap_dev.whole_scan import summarise_inserted
+
+    rows = [
+        {"family": "a", "peak_patch_holds_tumour": True, "p_lesion": 0.9, "peak_to_tumour_mm": 0.0},
+        {"family": "a", "peak_patch_holds_tumour": False, "p_lesion": 0.4, "peak_to_tumour_mm": 30.0},
+        {"family": "b", "peak_patch_holds_tumour": True, "p_lesion": 0.6, "peak_to_tumour_mm": 2.0},
+    ]
+    out = summarise_inserted(rows)
+    assert out["a"] == {"lesions": 2, "peak_patch_holds_lesion": 1, "p_lesion_above_half": 1,
+                        "median_peak_to_lesion_mm": 15.0}
+    assert out["all"] == {"lesions": 3, "peak_patch_holds_lesion": 2, "p_lesion_above_half": 2,
+                          "median_peak_to_lesion_mm": 2.0}
+
+
+def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
+    from attentionmap_dev import whole_scan
+    from AttentionMapLib.core.geometry import apply_affine
+    from AttentionMapLib.models import load_model
+    from AttentionMapLib.sample_data import fetch_sample_data
+    from benchmarks.evaluate import inserted_report
+
+    loaded = load_model("demo")
+    paths = fetch_sample_data()
+    families = (_family("sharp solid ellipsoid"), _family("spiculated"))
+    rows = whole_scan.inserted_lesion_rows(loaded, 1.0, paths, cts, log=lambda m: None, per_family=1,
+                                           families=families)
+    assert [(r["scan"], r["family"]) for r in rows] == [
+        (scan, f.name) for scan in ("lung1 below its tumour", "lung2 above its tumour") for f in families]
+    free = whole_scan.lesion_free_scans(paths)
+    s_range = {ct.name: ct.heldout_s_mm for ct in cts}
+    for r in rows:
+        lo, hi = s_range[r["scan"].split()[0]]
+        assert lo <= r["centre_ras_mm"][2] <= hi
+        array, affine = free[r["scan"]]
+        ijk = np.round(np.linalg.solve(affine[:3, :3], np.asarray(r["centre_ras_mm"]) - affine[:3, 3])).astype(int)
+        assert array[tuple(ijk)] < -400, "centred in lung"
+        assert np.allclose(apply_affine(affine, ijk.astype(float)), r["centre_ras_mm"], atol=5.0)
+        assert 5.0 <= r["radius_mm"] <= 15.0 and 0.0 <= r["p_lesion"] <= 1.0 and r["windows"] > 0
+    report = "\n".join(inserted_report(rows))
+    assert "| all | 4 |" in report and "| spiculated | 2 |" in report

@@ -19,6 +19,8 @@ import numpy as np
 
 from attentionmap_dev.demo_data import (
     AXIS_SCALE,
+    MAX_REACH_VOX,
+    SPACING_MM,
     blend_lesion,
     ellipsoid_occupancy,
     local_offsets_mm,
@@ -34,6 +36,7 @@ DENSITY_HU: Dict[str, Tuple[float, float]] = {
 }
 SHARP_EDGE_MM = (0.1, 1.5)
 NOISE_SD_HU = (0.0, 30.0)
+REACH_MM = MAX_REACH_VOX * SPACING_MM
 SPIKE_LENGTH = 1.4  # x radius: 21 mm at 15 mm, inside the 22 mm reach
 GAUSS_SIGMA = 0.6  # x radius
 
@@ -97,6 +100,32 @@ class LesionFamily:
         if rng.random() < self.slice_blur:
             w = slice_blur(w)
         return place(shape, box, w)
+
+    def weight_on_grid(self, shape: Sequence[int], ijk_to_ras: np.ndarray, centre_ras: Sequence[float],
+                       radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+        """Partial-volume occupancy, float32 `shape` (I, J, K), of one lesion centred at `centre_ras` (mm) on any
+        voxel grid (`ijk_to_ras`: oblique, anisotropic): the shape, drawn once, is averaged over sample points at
+        most 1 mm apart inside each voxel, so a 5 mm slice averages what it spans (no `slice_blur` here: the
+        grid's own slices blur). Zero beyond the reach (MAX_REACH_VOX x 2 mm) of the centre. Cost: the voxels in
+        the reach times the sample points per voxel."""
+        linear = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        centre_ijk = np.linalg.solve(linear, np.asarray(centre_ras, dtype=np.float64) - ijk_to_ras[:3, 3])
+        reach = np.ceil(REACH_MM / spacing).astype(int) + 1
+        lo = np.maximum(np.floor(centre_ijk).astype(int) - reach, 0)
+        hi = np.minimum(np.floor(centre_ijk).astype(int) + reach + 2, shape)
+        if np.any(hi <= lo):
+            raise ValueError(f"lesion centre {list(centre_ras)} mm lies outside the grid")
+        per_axis = [(np.arange(n) + 0.5) / n - 0.5 for n in np.ceil(spacing).astype(int)]
+        sub = np.stack(np.meshgrid(*per_axis, indexing="ij"), -1).reshape(-1, 3)  # voxel-fraction offsets
+        grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+        ijk = np.stack(grids, -1)[..., None, :] + sub  # (i, j, k, samples, 3)
+        d = (ijk - centre_ijk) @ linear.T
+        w = SHAPES[self.shapes[int(rng.integers(len(self.shapes)))]](d, radius_mm, rng).mean(-1)
+        w[np.linalg.norm((np.stack(grids, -1) - centre_ijk) @ linear.T, axis=-1) > REACH_MM] = 0.0
+        out = np.zeros(tuple(shape), dtype=np.float32)
+        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = w
+        return out
 
     def insert(self, hu: np.ndarray, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A copy of `hu` with the lesion blended in by `weight`; `hu` is not modified."""

@@ -36,6 +36,10 @@ LESION_FREE_MARGIN_MM = 24.0
 PATCH_MM = 16.0
 SCAN_RANDOM = 400
 SCAN_SEED = 20261130
+INSERTED_PER_FAMILY = 3
+INSERTED_SEED = 20261201
+INSERTED_RADIUS_MM = (5.0, 15.0)
+INSERTED_LUNG_DEPTH_MM = 5.0
 SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
 
 
@@ -177,6 +181,64 @@ def lesion_free_rows(loaded, temperature: float, paths: Dict[str, Path], regions
                 row = {"error": str(exc)}
             rows.append({"scan": name, "shape": list(array.shape), "region_setting": region_name, **row})
     return rows
+
+
+def inserted_lesion_rows(loaded, temperature: float, paths: Dict[str, Path], cts: Sequence[demo_data.LungCT],
+                         log: Callable[[str], None] = print, per_family: int = INSERTED_PER_FAMILY,
+                         seed: int = INSERTED_SEED, families: Optional[Sequence[Any]] = None) -> List[Dict[str, Any]]:
+    """Lesions of each `lesions.FAMILIES` generator (or of `families`) inserted into the lesion-free lung slabs on
+    their own voxel grids (0.57-0.63 mm in-plane, 5 mm slices: `LesionFamily.weight_on_grid`, partial volume), then
+    the whole slab explained (no region). Centres: lung voxels at least INSERTED_LUNG_DEPTH_MM inside the lung,
+    within the scan's held-out slab (S range of `cts`' `heldout_s_mm`); radius U(INSERTED_RADIUS_MM). One row per
+    lesion: `run_scan`'s numbers with the lesion (weight > 0.5) as the label. Seeded: same seed, same lesions."""
+    import SimpleITK as sitk
+
+    from attentionmap_dev.lesions import FAMILIES
+    from AttentionMapLib.core.geometry import apply_affine, voxel_spacing
+
+    rng = np.random.default_rng(seed)
+    s_ranges = {ct.name: ct.heldout_s_mm for ct in cts}
+    rows = []
+    for name, (array, affine) in lesion_free_scans(paths).items():
+        scan = name.split()[0]
+        if scan not in s_ranges:
+            continue  # no lung to put a nodule in
+        depth = np.maximum(np.round(INSERTED_LUNG_DEPTH_MM / voxel_spacing(affine)).astype(int), 1)
+        lung = sitk.GetArrayFromImage(sitk.BinaryErode(
+            sitk.GetImageFromArray(demo_data.lung_mask(array).astype(np.uint8)), [int(v) for v in depth[::-1]])) > 0
+        ijk = np.argwhere(lung)
+        s = apply_affine(affine, ijk.astype(np.float64))[:, 2]
+        lo, hi = s_ranges[scan]
+        ijk = ijk[(s >= lo) & (s <= hi)]
+        for family in FAMILIES if families is None else families:
+            for _ in range(per_family):
+                centre = apply_affine(affine, ijk[rng.integers(len(ijk))].astype(np.float64))
+                radius = float(rng.uniform(*INSERTED_RADIUS_MM))
+                weight = family.weight_on_grid(array.shape, affine, centre, radius, rng)
+                image = family.insert(array, weight, rng)
+                log(f"inserted {family.name} r={radius:.1f} mm in {name} ...")
+                row = run_scan(loaded, temperature, image, affine, None, label=weight > 0.5, label_affine=affine)
+                rows.append({"scan": name, "family": family.name, "radius_mm": radius,
+                             "centre_ras_mm": [float(v) for v in centre], **row})
+    return rows
+
+
+def summarise_inserted(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per family of `inserted_lesion_rows`: lesions, how many peak patches hold the lesion, how many volumes get
+    P(lesion) > 0.5, the median peak-to-lesion distance (mm); and "all" over every row."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["family"], []).append(r)
+    groups["all"] = list(rows)
+    return {
+        name: {
+            "lesions": len(g),
+            "peak_patch_holds_lesion": int(sum(r["peak_patch_holds_tumour"] for r in g)),
+            "p_lesion_above_half": int(sum(r["p_lesion"] > 0.5 for r in g)),
+            "median_peak_to_lesion_mm": round(float(np.median([r["peak_to_tumour_mm"] for r in g])), 1),
+        }
+        for name, g in groups.items() if g
+    }
 
 
 def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,

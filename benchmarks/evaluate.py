@@ -264,6 +264,7 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
         "temperature": temperature, "region": default.describe(), "card_region": loaded.card.get("default_region"),
         "rows": whole_scan.whole_scan_rows(loaded, temperature, paths, regions, log),
         "lesion_free": whole_scan.lesion_free_rows(loaded, temperature, paths, regions, log),
+        "inserted": whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log),
         "heldout_windows": {"windows": len(p), "false_alarms": int((p > 0.5).sum()), "p_max": float(p.max())},
     }
 
@@ -353,7 +354,26 @@ def whole_scan_report(data: Dict[str, Any]) -> List[str]:
         f"highest {held['p_max']:.3f}.",
         "",
     ]
+    if data.get("inserted"):
+        lines += inserted_report(data["inserted"])
     return lines
+
+
+def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
+    """Lesions of other generators inserted into the lesion-free lung slabs (whole_scan.inserted_lesion_rows)."""
+    lines = [
+        "### Lesions of other generators inserted into the lesion-free lung slabs",
+        "",
+        " ".join(whole_scan.inserted_lesion_rows.__doc__.split()),
+        "",
+        "| generator | lesions | peak patch holds the lesion | volume-level P(lesion) > 0.5 "
+        "| median peak to lesion (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, f in whole_scan.summarise_inserted(rows).items():
+        lines.append(f"| {name} | {f['lesions']} | {f['peak_patch_holds_lesion']} | {f['p_lesion_above_half']} | "
+                     f"{f['median_peak_to_lesion_mm']:.1f} |")
+    return lines + ["", "The same slabs without a lesion: the lesion-free rows above.", ""]
 
 
 def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:

@@ -486,8 +486,10 @@ def as_loaded(model: torch.nn.Module):
                        source="evaluated weights")
 
 
-def whole_scan_metrics(model: torch.nn.Module, temperature: float) -> Dict[str, object]:
-    """Whole lung1 / lung2 (as shipped and re-gridded, with and without the lung field) and lesion-free scans."""
+def whole_scan_metrics(model: torch.nn.Module, temperature: float,
+                       cts: Sequence[demo_data.LungCT]) -> Dict[str, object]:
+    """Whole lung1 / lung2 (as shipped and re-gridded, with and without the lung field), lesion-free scans, and
+    lesions of other generators inserted into the lesion-free lung slabs."""
     from AttentionMapLib.sample_data import fetch_sample_data
 
     paths = fetch_sample_data()
@@ -505,6 +507,9 @@ def whole_scan_metrics(model: torch.nn.Module, temperature: float) -> Dict[str, 
         "lesion_free_scans": [{k: r.get(k) for k in ("scan", "shape", "region_setting", "windows", "p_lesion", "error")}
                               for r in free],
         "whole_scan_definition": whole_scan.__doc__.split("\n\n")[1].replace("\n", " "),
+        "inserted_lesions": whole_scan.summarise_inserted(
+            whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log=_log)),
+        "inserted_lesions_definition": " ".join(whole_scan.inserted_lesion_rows.__doc__.split()),
     }
 
 
@@ -551,7 +556,7 @@ def evaluate(
     metrics["real_tumours"] = {ct.name: real_tumour_results(model, ct) for ct in cts}
     metrics["real_tumours_whole_ct"] = {ct.name: top_window_result(model, ct) for ct in cts}
     if whole_scans:
-        metrics.update(whole_scan_metrics(model, calibration["temperature"]))
+        metrics.update(whole_scan_metrics(model, calibration["temperature"], cts))
     metrics["pointing_game_definition"] = (
         "rollout (head mean, discard 0, target 'lesion') on the 6x6x6 token grid; hit = peak patch contains nodule "
         "voxels; within one patch = peak in a nodule patch or one of its 26 neighbours; chance = hit rate of a "
