@@ -19,6 +19,10 @@ its tumour's extent widened by `LESION_FREE_MARGIN_MM`: lung1 below its tumour (
 abdomen), lung2 above its tumour (upper chest, shoulders, neck); and a whole real CT of another patient and
 body region that no training sample came from, InVesalius' head CT (`sample_data.fetch_head_ct`). The lung
 slabs were seen in training as negatives except for their held-out slabs (see `demo_data.WholeScanSampler`).
+
+Inserted lesions (`inserted_lesion_rows`): nodules of other generators (`lesions.FAMILIES`) put into those lung
+slabs on their own voxel grids, inside the held-out slabs: does the whole-volume run find a lesion it was not
+trained on, at the scanner's resolution?
 """
 from __future__ import annotations
 
