@@ -27,13 +27,14 @@ wheel-test: $(STAMP)
 	.ci/wheel_test.sh $(PY)
 
 # Not part of the two commands: regenerate docs/BENCHMARKS.md (tens of minutes on 2 cores), and evaluate
-# the shipped demo model (minutes each): its card's metrics re-measured (tools.evaluate_demo_model prints them;
-# with --checkpoint ... --ship it writes a new card) and docs/EVALUATION.md (benchmarks.evaluate), one run each.
+# the shipped demo model (minutes each): its card's crop metrics re-measured (tools.evaluate_demo_model prints them;
+# with --checkpoint ... --ship it writes a new card, whole scans included) and docs/EVALUATION.md (benchmarks.evaluate,
+# which also runs the whole scans, so the first command skips them: each whole scan runs once).
 bench: $(STAMP)
 	nice -n 5 $(PY) -m benchmarks.run_benchmarks
 
 evaluate: $(STAMP)
-	nice -n 5 $(PY) -m tools.evaluate_demo_model
+	nice -n 5 $(PY) -m tools.evaluate_demo_model --no-whole-scans
 	nice -n 5 $(PY) -m benchmarks.evaluate
 
 clean:

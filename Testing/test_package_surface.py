@@ -97,3 +97,11 @@ def test_ci_runs_the_linter_the_wheel_test_and_the_tests():
     assert re.search(r"^lint: \$\(STAMP\)\n\t\$\(PY\) -m ruff check \.$", makefile, re.M)
     assert re.search(r"^wheel-test: \$\(STAMP\)\n\t\.ci/wheel_test\.sh \$\(PY\)$", makefile, re.M)
     assert "ruff==" in (ROOT / "requirements.lock").read_text(encoding="utf-8")
+
+
+def test_make_evaluate_runs_each_whole_scan_once():
+    """`make evaluate`: the card metrics without the whole scans, then EVALUATION.md, which runs them."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^evaluate: \$\(STAMP\)\n((?:\t.*\n)+)", makefile, re.M).group(1).splitlines()
+    assert [line.split("-m ")[1] for line in recipe] == ["tools.evaluate_demo_model --no-whole-scans",
+                                                        "benchmarks.evaluate"]
