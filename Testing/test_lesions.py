@@ -121,7 +121,8 @@ def test_family_metrics_of_the_shipped_model_reach_the_evaluation_report(cts):
         assert m["pairs"] == 3 and m["in_training_mixture"] == family.trained
         assert all(0.0 <= m[k] <= 1.0 for k in ("auc", "sensitivity", "rollout_pointing_game",
                                                  "grad_rollout_pointing_game"))
-    report = "\n".join(lesion_family_report(metrics))
+    report = "\n".join(lesion_family_report(metrics, False))
+    assert "this model was not trained with it" in report
     assert "| spiculated: spiculated; solid -300..100 HU (1/1); slice blur p=0.5; noise sd 0-30 HU | no | 3 |" in report
     assert report.count("\n| ") == len(lesions.FAMILIES) + 1
 

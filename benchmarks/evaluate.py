@@ -281,16 +281,18 @@ def score_lesion_families(settings: Settings, cts, log: Callable[[str], None]) -
     return lesion_family_metrics(load_model(settings.model).network, cts)
 
 
-def lesion_family_report(families: Dict[str, Dict[str, Any]]) -> List[str]:
+def lesion_family_report(families: Dict[str, Dict[str, Any]], trained_with_mixture: bool) -> List[str]:
     """The other-generators section of EVALUATION.md."""
     lines = [
         "## Other lesion generators (held-out slabs)",
         "",
         "`attentionmap_dev/lesions.py`: the held-out slabs' crops (centres and radii drawn as for the held-out set) "
         "with nodules from generators other than the demo's slice-blurred solid ellipsoid. *In the training "
-        "mixture*: the training mixture `lesions.VARIED` draws this kind of lesion (whether the shipped model was "
-        "trained with it is in its card's recipe). Sensitivity at uncalibrated P(lesion) > 0.5; pointing as above "
-        "(rollout and grad_rollout, peak patch holds nodule voxels).",
+        "mixture*: the mixture `lesions.VARIED` (`train_demo_model --varied-fraction`) draws this kind of lesion; "
+        + ("this model was trained with it. " if trained_with_mixture else "this model was not trained with it: every "
+           "row measures a generator it never saw. ")
+        + "Sensitivity at uncalibrated P(lesion) > 0.5; pointing as above (rollout and grad_rollout, peak patch holds "
+        "nodule voxels).",
         "",
         "| generator | in the training mixture | pairs | AUC | sensitivity | rollout pointing | grad_rollout pointing "
         "| rollout pointing, radius 3-7 mm |",
@@ -361,10 +363,16 @@ def whole_scan_report(data: Dict[str, Any]) -> List[str]:
 
 def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
     """Lesions of other generators inserted into the lesion-free lung slabs (whole_scan.inserted_lesion_rows)."""
+    lo, hi = whole_scan.INSERTED_RADIUS_MM
     lines = [
         "### Lesions of other generators inserted into the lesion-free lung slabs",
         "",
-        " ".join(whole_scan.inserted_lesion_rows.__doc__.split()),
+        "`whole_scan.inserted_lesion_rows`: in each lesion-free lung slab above, lesions of each generator of the "
+        "next section put into the scan on its own voxel grid (0.57-0.63 mm in-plane, 5 mm slices; each voxel "
+        "averages the lesion over the volume it spans), centred in lung at least "
+        f"{whole_scan.INSERTED_LUNG_DEPTH_MM:g} mm deep inside the scan's held-out slab, radius U({lo:g}, {hi:g}) mm, seed {whole_scan.INSERTED_SEED}; then "
+        "the whole slab explained as a user would (rollout, no region). *Peak patch holds the lesion*: as for the "
+        "tumours above, with the lesion (occupancy > 0.5) as the label.",
         "",
         "| generator | lesions | peak patch holds the lesion | volume-level P(lesion) > 0.5 "
         "| median peak to lesion (mm) |",
@@ -711,7 +719,7 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
     if result.get("whole_scans"):
         lines += whole_scan_report(result["whole_scans"])
     if result.get("lesion_families"):
-        lines += lesion_family_report(result["lesion_families"])
+        lines += lesion_family_report(result["lesion_families"], model["trained_with_lesion_mixture"])
     synthetic = [r for r in records if r["group"] == GROUPS[0]]
     lines += ["## Reading (computed from the tables above)", "", "Held-out synthetic nodules unless stated:", ""]
     lines += reading(synthetic, summarise(synthetic)) if synthetic else ["- no held-out cases in this run."]
@@ -787,6 +795,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Dict[str, Any
             "target": loaded.target,
             "target_name": loaded.classes[loaded.target] if loaded.target is not None else "",
             "heldout_seed": demo_data.HELDOUT_SEED,
+            "trained_with_lesion_mixture": "lesions.VARIED" in json.dumps(loaded.card.get("training", {})),
         },
         "cases": records,
         "volumes": volumes,
