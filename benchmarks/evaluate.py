@@ -370,7 +370,8 @@ def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
         "`whole_scan.inserted_lesion_rows`: in each lesion-free lung slab above, lesions of each generator of the "
         "next section put into the scan on its own voxel grid (0.57-0.63 mm in-plane, 5 mm slices; each voxel "
         "averages the lesion over the volume it spans), centred in lung at least "
-        f"{whole_scan.INSERTED_LUNG_DEPTH_MM:g} mm deep inside the scan's held-out slab, radius U({lo:g}, {hi:g}) mm, seed {whole_scan.INSERTED_SEED}; then "
+        f"{whole_scan.INSERTED_LUNG_DEPTH_MM:g} mm deep inside the scan's held-out slab, radius U({lo:g}, {hi:g}) mm, "
+        f"seed {whole_scan.INSERTED_SEED}; then "
         "the whole slab explained as a user would (rollout, no region). *Peak patch holds the lesion*: as for the "
         "tumours above, with the lesion (occupancy > 0.5) as the label.",
         "",
