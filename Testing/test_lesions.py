@@ -193,3 +193,18 @@ def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
         assert 5.0 <= r["radius_mm"] <= 15.0 and 0.0 <= r["p_lesion"] <= 1.0 and r["windows"] > 0
     report = "\n".join(inserted_report(rows))
     assert "| all | 4 |" in report and "| spiculated | 2 |" in report
+
+
+def test_training_with_the_varied_mixture_records_it_in_the_checkpoint_and_the_recipe(tmp_path):
+    import torch
+
+    from tools.evaluate_demo_model import recipe_text
+    from tools.train_demo_model import main
+
+    assert main(["--out-dir", str(tmp_path), "--threads", "1", "--max-samples", "16", "--pairs-per-batch", "2",
+                 "--validation-pairs", "2", "--curriculum-samples", "0", "--warmup-samples", "4",
+                 "--varied-fraction", "0.5", "--scan-negatives", "0"]) == 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["samples"] == 16 and checkpoint["phases"][0]["settings"]["varied_fraction"] == "0.5"
+    assert "a share 0.5 of the pairs with a nodule from the mixture `lesions.VARIED`" in recipe_text(
+        checkpoint["phases"], total=checkpoint["samples"])
