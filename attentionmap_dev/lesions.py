@@ -92,11 +92,15 @@ class LesionFamily:
     slice_blur: float
     trained: bool
 
+    def _shape(self, rng: np.random.Generator):
+        """One of `shapes`, drawn uniformly: a function (offsets mm (..., 3), radius mm, rng) -> occupancy (...)."""
+        return SHAPES[self.shapes[int(rng.integers(len(self.shapes)))]]
+
     def weight(self, shape: Sequence[int], centre: Sequence[float], radius_mm: float,
                rng: np.random.Generator) -> np.ndarray:
         """Soft occupancy, float32 `shape` (I, J, K), of one lesion of nominal radius `radius_mm` at `centre`."""
         box, d = local_offsets_mm(shape, centre)
-        w = SHAPES[self.shapes[int(rng.integers(len(self.shapes)))]](d, radius_mm, rng)
+        w = self._shape(rng)(d, radius_mm, rng)
         if rng.random() < self.slice_blur:
             w = slice_blur(w)
         return place(shape, box, w)
@@ -121,7 +125,7 @@ class LesionFamily:
         grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
         ijk = np.stack(grids, -1)[..., None, :] + sub  # (i, j, k, samples, 3)
         d = (ijk - centre_ijk) @ linear.T
-        w = SHAPES[self.shapes[int(rng.integers(len(self.shapes)))]](d, radius_mm, rng).mean(-1)
+        w = self._shape(rng)(d, radius_mm, rng).mean(-1)
         w[np.linalg.norm((np.stack(grids, -1) - centre_ijk) @ linear.T, axis=-1) > REACH_MM] = 0.0
         out = np.zeros(tuple(shape), dtype=np.float32)
         out[tuple(slice(a, b) for a, b in zip(lo, hi))] = w
