@@ -160,11 +160,12 @@ def test_summarise_inserted_counts_by_family():
         {"family": "a", "peak_patch_holds_tumour": False, "p_lesion": 0.4, "peak_to_tumour_mm": 30.0},
         {"family": "b", "peak_patch_holds_tumour": True, "p_lesion": 0.6, "peak_to_tumour_mm": 2.0},
     ]
+    rows[1]["peak_moved_mm"] = 12.5
     out = summarise_inserted(rows)
     assert out["a"] == {"lesions": 2, "peak_patch_holds_lesion": 1, "p_lesion_above_half": 1,
-                        "median_peak_to_lesion_mm": 15.0}
+                        "median_peak_to_lesion_mm": 15.0, "largest_peak_move_mm": 12.5}
     assert out["all"] == {"lesions": 3, "peak_patch_holds_lesion": 2, "p_lesion_above_half": 2,
-                          "median_peak_to_lesion_mm": 2.0}
+                          "median_peak_to_lesion_mm": 2.0, "largest_peak_move_mm": 12.5}
 
 
 def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
@@ -179,11 +180,17 @@ def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
     families = (_family("sharp solid ellipsoid"), _family("spiculated"))
     rows = whole_scan.inserted_lesion_rows(loaded, 1.0, paths, cts, log=lambda m: None, per_family=1,
                                            families=families)
-    assert [(r["scan"], r["family"]) for r in rows] == [
-        (scan, f.name) for scan in ("lung1 below its tumour", "lung2 above its tumour") for f in families]
+    assert [(r["scan"], r["family"], r["regridding"]) for r in rows] == [
+        (scan, f.name, kind) for scan in ("lung1 below its tumour", "lung2 above its tumour") for f in families
+        for kind in ("as shipped", "oblique")]
+    for shipped, oblique in zip(rows[::2], rows[1::2]):  # the same lesion on the re-gridded slab
+        assert shipped["centre_ras_mm"] == oblique["centre_ras_mm"] and shipped["radius_mm"] == oblique["radius_mm"]
+        assert shipped["peak_moved_mm"] == 0.0
+        assert np.isclose(oblique["peak_moved_mm"],
+                          np.linalg.norm(np.subtract(oblique["peak_ras_mm"], shipped["peak_ras_mm"])))
     free = whole_scan.lesion_free_scans(paths)
     s_range = {ct.name: ct.heldout_s_mm for ct in cts}
-    for r in rows:
+    for r in rows[::2]:
         lo, hi = s_range[r["scan"].split()[0]]
         assert lo <= r["centre_ras_mm"][2] <= hi
         array, affine = free[r["scan"]]
@@ -192,7 +199,7 @@ def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
         assert np.allclose(apply_affine(affine, ijk.astype(float)), r["centre_ras_mm"], atol=5.0)
         assert 5.0 <= r["radius_mm"] <= 15.0 and 0.0 <= r["p_lesion"] <= 1.0 and r["windows"] > 0
     report = "\n".join(inserted_report(rows))
-    assert "| all | 4 |" in report and "| spiculated | 2 |" in report
+    assert "| as shipped | all | 4 |" in report and "| oblique | spiculated | 2 |" in report
 
 
 def test_training_with_the_varied_mixture_records_it_in_the_checkpoint_and_the_recipe(tmp_path):

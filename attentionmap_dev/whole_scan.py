@@ -44,6 +44,7 @@ INSERTED_PER_FAMILY = 3
 INSERTED_SEED = 20261201
 INSERTED_RADIUS_MM = (5.0, 15.0)
 INSERTED_LUNG_DEPTH_MM = 5.0
+INSERTED_REGRIDDINGS = ("as shipped", "oblique")
 SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
 
 
@@ -51,14 +52,9 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.core.geometry import rotation
     from AttentionMapLib.io import image_arrays
 
-    image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
-    if kind == "oblique":
-        image, label = demo_data.regrid(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
-    elif kind == "anisotropic":
-        image, label = demo_data.regrid(image, label, np.eye(3), (1.4, 0.7, 3.5))
+    image, label = regrid_kind(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), kind)
     array, affine = image_arrays(image)
     mask, mask_affine = image_arrays(label)
     if kind == "flipped":
@@ -69,6 +65,33 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     elif kind not in REGRIDDINGS:
         raise ValueError(f"unknown re-gridding {kind!r}; expected one of {REGRIDDINGS}")
     return {"image": array.astype(np.float32), "affine": affine, "label": mask > 0, "label_affine": mask_affine}
+
+
+def regrid_kind(image, label, kind: str):
+    """SimpleITK (image, label) resampled as `kind` ("oblique", "anisotropic"; any other kind: unchanged)."""
+    from AttentionMapLib.core.geometry import rotation
+
+    if kind == "oblique":
+        return demo_data.regrid(image, label, rotation(2, 12.0) @ rotation(0, 8.0), (0.8, 0.8, 2.5))
+    if kind == "anisotropic":
+        return demo_data.regrid(image, label, np.eye(3), (1.4, 0.7, 3.5))
+    return image, label
+
+
+def _regridded_array(array: np.ndarray, affine: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(array, ijk_to_ras) re-gridded as `kind` (see `regrid_kind`), through a temporary NRRD file."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from AttentionMapLib.io import image_arrays, write_volume
+
+    with tempfile.TemporaryDirectory() as folder:
+        image = sitk.ReadImage(str(write_volume(Path(folder) / "slab.nrrd", array.astype(np.float32), affine)))
+    blank = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    blank.CopyInformation(image)
+    moved, _ = regrid_kind(image, blank, kind)
+    return image_arrays(moved)
 
 
 def label_centroid_ras(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -194,7 +217,9 @@ def inserted_lesion_rows(loaded, temperature: float, paths: Dict[str, Path], cts
     their own voxel grids (0.57-0.63 mm in-plane, 5 mm slices: `LesionFamily.weight_on_grid`, partial volume), then
     the whole slab explained (no region). Centres: lung voxels at least INSERTED_LUNG_DEPTH_MM inside the lung,
     within the scan's held-out slab (S range of `cts`' `heldout_s_mm`); radius U(INSERTED_RADIUS_MM). One row per
-    lesion: `run_scan`'s numbers with the lesion (weight > 0.5) as the label. Seeded: same seed, same lesions."""
+    lesion and re-gridding (INSERTED_REGRIDDINGS: the slab as it is, and re-gridded oblique as in `regridded`, the
+    same lesion drawn again on that grid): `run_scan`'s numbers with the lesion (weight > 0.5) as the label, and how
+    far the peak moved from the slab as it is. Seeded: same seed, same lesions."""
     import SimpleITK as sitk
 
     from attentionmap_dev.lesions import FAMILIES
@@ -214,22 +239,33 @@ def inserted_lesion_rows(loaded, temperature: float, paths: Dict[str, Path], cts
         s = apply_affine(affine, ijk.astype(np.float64))[:, 2]
         lo, hi = s_ranges[scan]
         ijk = ijk[(s >= lo) & (s <= hi)]
+        grids = {kind: (array, affine) if kind == "as shipped" else _regridded_array(array, affine, kind)
+                 for kind in INSERTED_REGRIDDINGS}
         for family in FAMILIES if families is None else families:
             for _ in range(per_family):
                 centre = apply_affine(affine, ijk[rng.integers(len(ijk))].astype(np.float64))
                 radius = float(rng.uniform(*INSERTED_RADIUS_MM))
-                weight = family.weight_on_grid(array.shape, affine, centre, radius, rng)
-                image = family.insert(array, weight, rng)
-                log(f"inserted {family.name} r={radius:.1f} mm in {name} ...")
-                row = run_scan(loaded, temperature, image, affine, None, label=weight > 0.5, label_affine=affine)
-                rows.append({"scan": name, "family": family.name, "radius_mm": radius,
-                             "centre_ras_mm": [float(v) for v in centre], **row})
+                lesion_seed = int(rng.integers(2**31))
+                first_peak = None
+                for kind, (grid, grid_affine) in grids.items():
+                    lesion_rng = np.random.default_rng(lesion_seed)  # the same lesion on every grid
+                    weight = family.weight_on_grid(grid.shape, grid_affine, centre, radius, lesion_rng)
+                    image = family.insert(grid, weight, lesion_rng)
+                    log(f"inserted {family.name} r={radius:.1f} mm in {name}, {kind} ...")
+                    row = run_scan(loaded, temperature, image, grid_affine, None, label=weight > 0.5,
+                                   label_affine=grid_affine)
+                    peak = np.asarray(row["peak_ras_mm"])
+                    first_peak = peak if first_peak is None else first_peak
+                    rows.append({"scan": name, "family": family.name, "regridding": kind, "radius_mm": radius,
+                                 "centre_ras_mm": [float(v) for v in centre],
+                                 "peak_moved_mm": float(np.linalg.norm(peak - first_peak)), **row})
     return rows
 
 
 def summarise_inserted(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Per family of `inserted_lesion_rows`: lesions, how many peak patches hold the lesion, how many volumes get
-    P(lesion) > 0.5, the median peak-to-lesion distance (mm); and "all" over every row."""
+    """Per family of `inserted_lesion_rows` (pass one re-gridding's rows): lesions, how many peak patches hold the
+    lesion, how many volumes get P(lesion) > 0.5, the median peak-to-lesion distance and the largest peak movement
+    from the slab as it is (mm); and "all" over every row."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["family"], []).append(r)
@@ -240,9 +276,16 @@ def summarise_inserted(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, An
             "peak_patch_holds_lesion": int(sum(r["peak_patch_holds_tumour"] for r in g)),
             "p_lesion_above_half": int(sum(r["p_lesion"] > 0.5 for r in g)),
             "median_peak_to_lesion_mm": round(float(np.median([r["peak_to_tumour_mm"] for r in g])), 1),
+            "largest_peak_move_mm": round(float(max(r.get("peak_moved_mm", 0.0) for r in g)), 1),
         }
         for name, g in groups.items() if g
     }
+
+
+def summarise_inserted_by_regridding(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """`summarise_inserted` of each re-gridding's rows: {re-gridding: {family or "all": numbers}}."""
+    kinds = dict.fromkeys(r["regridding"] for r in rows)
+    return {kind: summarise_inserted([r for r in rows if r["regridding"] == kind]) for kind in kinds}
 
 
 def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,

@@ -372,16 +372,20 @@ def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
         "averages the lesion over the volume it spans), centred in lung at least "
         f"{whole_scan.INSERTED_LUNG_DEPTH_MM:g} mm deep inside the scan's held-out slab, radius U({lo:g}, {hi:g}) mm, "
         f"seed {whole_scan.INSERTED_SEED}; then "
-        "the whole slab explained as a user would (rollout, no region). *Peak patch holds the lesion*: as for the "
-        "tumours above, with the lesion (occupancy > 0.5) as the label.",
+        "the whole slab explained as a user would (rollout, no region); then the same lesions (same centre, shape and "
+        "density) drawn on the slab re-gridded *oblique* as above. *Peak patch holds the lesion*: as for the tumours "
+        "above, with the lesion (occupancy > 0.5) as the label; *largest move*: the peak's largest distance from its "
+        "position on the slab as it is, over that row's lesions.",
         "",
-        "| generator | lesions | peak patch holds the lesion | volume-level P(lesion) > 0.5 "
-        "| median peak to lesion (mm) |",
-        "|---|---|---|---|---|",
+        "| re-gridding | generator | lesions | peak patch holds the lesion | volume-level P(lesion) > 0.5 "
+        "| median peak to lesion (mm) | largest move (mm) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, f in whole_scan.summarise_inserted(rows).items():
-        lines.append(f"| {name} | {f['lesions']} | {f['peak_patch_holds_lesion']} | {f['p_lesion_above_half']} | "
-                     f"{f['median_peak_to_lesion_mm']:.1f} |")
+    for kind, families in whole_scan.summarise_inserted_by_regridding(rows).items():
+        for name, f in families.items():
+            lines.append(f"| {kind} | {name} | {f['lesions']} | {f['peak_patch_holds_lesion']} | "
+                         f"{f['p_lesion_above_half']} | {f['median_peak_to_lesion_mm']:.1f} | "
+                         f"{f['largest_peak_move_mm']:.1f} |")
     return lines + ["", "The same slabs without a lesion: the lesion-free rows above.", ""]
 
 

@@ -507,7 +507,7 @@ def whole_scan_metrics(model: torch.nn.Module, temperature: float,
         "lesion_free_scans": [{k: r.get(k) for k in ("scan", "shape", "region_setting", "windows", "p_lesion", "error")}
                               for r in free],
         "whole_scan_definition": whole_scan.__doc__.split("\n\n")[1].replace("\n", " "),
-        "inserted_lesions": whole_scan.summarise_inserted(
+        "inserted_lesions": whole_scan.summarise_inserted_by_regridding(
             whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log=_log)),
         "inserted_lesions_definition": " ".join(whole_scan.inserted_lesion_rows.__doc__.split()),
     }
