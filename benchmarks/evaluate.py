@@ -386,7 +386,8 @@ def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
             lines.append(f"| {kind} | {name} | {f['lesions']} | {f['peak_patch_holds_lesion']} | "
                          f"{f['p_lesion_above_half']} | {f['median_peak_to_lesion_mm']:.1f} | "
                          f"{f['largest_peak_move_mm']:.1f} |")
-    return lines + ["", "The same slabs without a lesion: the lesion-free rows above.", ""]
+    return lines + ["", "The same slabs without a lesion, as they are: the lesion-free rows above (the oblique slabs "
+                    "without a lesion are not run here).", ""]
 
 
 def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:
