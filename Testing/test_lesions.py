@@ -180,9 +180,14 @@ def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
     families = (_family("sharp solid ellipsoid"), _family("spiculated"))
     rows = whole_scan.inserted_lesion_rows(loaded, 1.0, paths, cts, log=lambda m: None, per_family=1,
                                            families=families)
+    scans = ("lung1 below its tumour", "lung2 above its tumour")
     assert [(r["scan"], r["family"], r["regridding"]) for r in rows] == [
-        (scan, f.name, kind) for scan in ("lung1 below its tumour", "lung2 above its tumour") for f in families
-        for kind in ("as shipped", "oblique")]
+        row for scan in scans for row in
+        [(scan, whole_scan.NO_LESION, kind) for kind in ("as shipped", "oblique")]
+        + [(scan, f.name, kind) for f in families for kind in ("as shipped", "oblique")]]
+    baseline = [r for r in rows if r["family"] == whole_scan.NO_LESION]
+    assert all(0.0 <= r["p_lesion"] <= 1.0 and "peak_patch_holds_tumour" not in r for r in baseline)
+    rows = [r for r in rows if r["family"] != whole_scan.NO_LESION]
     for shipped, oblique in zip(rows[::2], rows[1::2]):  # the same lesion on the re-gridded slab
         assert shipped["centre_ras_mm"] == oblique["centre_ras_mm"] and shipped["radius_mm"] == oblique["radius_mm"]
         assert shipped["peak_moved_mm"] == 0.0
@@ -198,8 +203,9 @@ def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
         assert array[tuple(ijk)] < -400, "centred in lung"
         assert np.allclose(apply_affine(affine, ijk.astype(float)), r["centre_ras_mm"], atol=5.0)
         assert 5.0 <= r["radius_mm"] <= 15.0 and 0.0 <= r["p_lesion"] <= 1.0 and r["windows"] > 0
-    report = "\n".join(inserted_report(rows))
+    report = "\n".join(inserted_report(baseline + rows))
     assert "| as shipped | all | 4 |" in report and "| oblique | spiculated | 2 |" in report
+    assert f"- lung2 above its tumour, oblique: {baseline[-1]['p_lesion']:.3f}; peak at RAS (" in report
 
 
 def test_training_with_the_varied_mixture_records_it_in_the_checkpoint_and_the_recipe(tmp_path):

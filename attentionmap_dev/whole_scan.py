@@ -45,6 +45,7 @@ INSERTED_SEED = 20261201
 INSERTED_RADIUS_MM = (5.0, 15.0)
 INSERTED_LUNG_DEPTH_MM = 5.0
 INSERTED_REGRIDDINGS = ("as shipped", "oblique")
+NO_LESION = "no lesion"  # the `family` of the rows that run each slab and re-gridding without a lesion
 SCAN_HELDOUT = ("lung1",)  # scans whose slab no whole-scan training window met (train_demo_model --scan-heldout)
 
 
@@ -219,7 +220,8 @@ def inserted_lesion_rows(loaded, temperature: float, paths: Dict[str, Path], cts
     within the scan's held-out slab (S range of `cts`' `heldout_s_mm`); radius U(INSERTED_RADIUS_MM). One row per
     lesion and re-gridding (INSERTED_REGRIDDINGS: the slab as it is, and re-gridded oblique as in `regridded`, the
     same lesion drawn again on that grid): `run_scan`'s numbers with the lesion (weight > 0.5) as the label, and how
-    far the peak moved from the slab as it is. Seeded: same seed, same lesions."""
+    far the peak moved from the slab as it is; and per slab and re-gridding one row without a lesion (`family`
+    NO_LESION: the volume-level P(lesion) and peak the lesions are compared with). Seeded: same seed, same lesions."""
     import SimpleITK as sitk
 
     from attentionmap_dev.lesions import FAMILIES
@@ -241,6 +243,10 @@ def inserted_lesion_rows(loaded, temperature: float, paths: Dict[str, Path], cts
         ijk = ijk[(s >= lo) & (s <= hi)]
         grids = {kind: (array, affine) if kind == "as shipped" else _regridded_array(array, affine, kind)
                  for kind in INSERTED_REGRIDDINGS}
+        for kind, (grid, grid_affine) in grids.items():
+            log(f"no lesion in {name}, {kind} ...")
+            rows.append({"scan": name, "family": NO_LESION, "regridding": kind,
+                         **run_scan(loaded, temperature, grid, grid_affine, None)})
         for family in FAMILIES if families is None else families:
             for _ in range(per_family):
                 centre = apply_affine(affine, ijk[rng.integers(len(ijk))].astype(np.float64))
@@ -283,9 +289,10 @@ def summarise_inserted(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, An
 
 
 def summarise_inserted_by_regridding(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """`summarise_inserted` of each re-gridding's rows: {re-gridding: {family or "all": numbers}}."""
+    """`summarise_inserted` of each re-gridding's lesion rows: {re-gridding: {family or "all": numbers}}."""
     kinds = dict.fromkeys(r["regridding"] for r in rows)
-    return {kind: summarise_inserted([r for r in rows if r["regridding"] == kind]) for kind in kinds}
+    return {kind: summarise_inserted([r for r in rows if r["regridding"] == kind and r["family"] != NO_LESION])
+            for kind in kinds}
 
 
 def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RANDOM, seed: int = SCAN_SEED,

@@ -386,8 +386,12 @@ def inserted_report(rows: List[Dict[str, Any]]) -> List[str]:
             lines.append(f"| {kind} | {name} | {f['lesions']} | {f['peak_patch_holds_lesion']} | "
                          f"{f['p_lesion_above_half']} | {f['median_peak_to_lesion_mm']:.1f} | "
                          f"{f['largest_peak_move_mm']:.1f} |")
-    return lines + ["", "The same slabs without a lesion, as they are: the lesion-free rows above (the oblique slabs "
-                    "without a lesion are not run here).", ""]
+    lines += ["", "The same slabs without a lesion (volume-level P(lesion); the peak):", ""]
+    for r in rows:
+        if r["family"] == whole_scan.NO_LESION:
+            peak = ", ".join(f"{v:.0f}" for v in r["peak_ras_mm"])
+            lines.append(f"- {r['scan']}, {r['regridding']}: {r['p_lesion']:.3f}; peak at RAS ({peak}) mm")
+    return lines + [""]
 
 
 def score_volumes(settings: Settings, paths: Dict[str, Path], log: Callable[[str], None]) -> List[Dict[str, Any]]:

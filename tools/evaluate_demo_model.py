@@ -502,13 +502,15 @@ def whole_scan_metrics(model: torch.nn.Module, temperature: float,
             "peak_to_tumour_mm", "mass_ratio", "peak_moved_mm", "peak_ras_mm", "label_centroid_shift_mm")
     rows = [{k: r[k] for k in keep} for r in whole_scan.whole_scan_rows(loaded, temperature, paths, regions, log=_log)]
     free = whole_scan.lesion_free_rows(loaded, temperature, paths, regions, log=_log)
+    inserted = whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log=_log)
     return {
         "whole_scans": rows,
         "lesion_free_scans": [{k: r.get(k) for k in ("scan", "shape", "region_setting", "windows", "p_lesion", "error")}
                               for r in free],
         "whole_scan_definition": whole_scan.__doc__.split("\n\n")[1].replace("\n", " "),
-        "inserted_lesions": whole_scan.summarise_inserted_by_regridding(
-            whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log=_log)),
+        "inserted_lesions": whole_scan.summarise_inserted_by_regridding(inserted),
+        "inserted_lesions_no_lesion_p": {f"{r['scan']}, {r['regridding']}": r["p_lesion"] for r in inserted
+                                         if r["family"] == whole_scan.NO_LESION},
         "inserted_lesions_definition": " ".join(whole_scan.inserted_lesion_rows.__doc__.split()),
     }
 
