@@ -162,3 +162,20 @@ def test_lps_written_by_write_volume_is_what_itk_sees(tmp_path):
         assert np.allclose(
             image.TransformIndexToPhysicalPoint(voxel), apply_affine(lps_to_ras(ijk_to_ras), voxel), atol=1e-4
         )
+
+
+def test_array_image_is_the_inverse_of_image_arrays_on_an_oblique_anisotropic_grid():
+    from AttentionMapLib.core.geometry import rotation
+    from AttentionMapLib.io import array_image, image_arrays
+
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = np.asarray(rotation(2, 12.0)) @ np.asarray(rotation(0, 8.0)) @ np.diag([0.7, 0.9, 2.5])
+    ijk_to_ras[:3, 3] = [-40.0, 25.0, -300.0]
+    back, affine = image_arrays(array_image(array, ijk_to_ras))
+    assert back.dtype == np.int16 and np.array_equal(back, array)
+    assert np.allclose(affine, ijk_to_ras, atol=1e-9)
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
+    with pytest.raises(AttentionMapError, match="not orthogonal"):
+        array_image(array, sheared)

@@ -80,15 +80,12 @@ def regrid_kind(image, label, kind: str):
 
 
 def _regridded_array(array: np.ndarray, affine: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(array, ijk_to_ras) re-gridded as `kind` (see `regrid_kind`), through a temporary NRRD file."""
-    import tempfile
-
+    """(array, ijk_to_ras) re-gridded as `kind` (see `regrid_kind`)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.io import image_arrays, write_volume
+    from AttentionMapLib.io import array_image, image_arrays
 
-    with tempfile.TemporaryDirectory() as folder:
-        image = sitk.ReadImage(str(write_volume(Path(folder) / "slab.nrrd", array.astype(np.float32), affine)))
+    image = array_image(array.astype(np.float32), affine)
     blank = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     blank.CopyInformation(image)
     moved, _ = regrid_kind(image, blank, kind)

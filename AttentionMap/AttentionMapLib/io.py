@@ -127,6 +127,32 @@ def _suffix(path: Path) -> str:
     return next((s for s in _WRITE_SUFFIXES if name.endswith(s)), "")
 
 
+def array_image(array_ijk: np.ndarray, ijk_to_ras: np.ndarray, stored_by: str = "a SimpleITK image holds"):
+    """The 3D SimpleITK image of an array indexed (I, J, K) with its RAS geometry (the inverse of `image_arrays`).
+
+    The pixel type is kept. The affine must be spacing x direction with orthonormal directions (no shear);
+    `stored_by` names what needs that in the error message.
+    """
+    sitk = _sitk()
+    array = np.asarray(array_ijk)
+    if array.ndim != 3:
+        raise AttentionMapError(f"array_ijk: expected a 3D array indexed (I, J, K), got shape {array.shape}")
+    m = check_ijk_to_ras(ijk_to_ras)
+    spacing = voxel_spacing(m)
+    direction = m[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-5):
+        raise AttentionMapError(
+            f"ijk_to_ras: columns are not orthogonal (sheared grid); {stored_by} spacing and "
+            f"orthonormal directions only:\n{m}"
+        )
+    ijk_to_lps = lps_to_ras(m)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(kji_to_ijk(array)))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((ijk_to_lps[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin(ijk_to_lps[:3, 3].tolist())
+    return image
+
+
 def write_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Path:
     """Write a 3D array indexed (I, J, K) with its RAS geometry to .nrrd, .nii, .nii.gz or .mha.
 
@@ -139,22 +165,7 @@ def write_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray) 
     suffix = _suffix(p)
     if not suffix:
         raise AttentionMapError(f"{p}: expected a file name ending in one of {', '.join(_WRITE_SUFFIXES)}")
-    array = np.asarray(array_ijk)
-    if array.ndim != 3:
-        raise AttentionMapError(f"array_ijk: expected a 3D array indexed (I, J, K), got shape {array.shape}")
-    m = check_ijk_to_ras(ijk_to_ras)
-    spacing = voxel_spacing(m)
-    direction = m[:3, :3] / spacing
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-5):
-        raise AttentionMapError(
-            f"ijk_to_ras: columns are not orthogonal (sheared grid); {suffix} stores spacing and "
-            f"orthonormal directions only:\n{m}"
-        )
-    ijk_to_lps = lps_to_ras(m)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(kji_to_ijk(array)))
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((ijk_to_lps[:3, :3] / spacing).ravel().tolist())
-    image.SetOrigin(ijk_to_lps[:3, 3].tolist())
+    image = array_image(array_ijk, ijk_to_ras, f"{suffix} stores")
     tmp = p.with_name(f".{p.name[: -len(suffix)]}.partial{os.getpid()}{suffix}")
     try:
         sitk.WriteImage(image, str(tmp), True)
