@@ -275,7 +275,7 @@ def test_small_pairs_draw_small_nodules_and_leave_the_default_draw_unchanged(cts
     assert np.array_equal(plain.images, again.images) and np.array_equal(plain.radii_mm, again.radii_mm)
 
 
-def test_recipe_names_the_small_nodule_and_varied_lesion_shares():
+def test_recipe_names_the_small_nodule_varied_lesion_and_face_shares():
     from tools.evaluate_demo_model import recipe_text
 
     settings = {"cls_attention_weight": "0.0", "scan_negatives": "0", "curriculum_samples": "0", "threads": "2",
@@ -288,6 +288,9 @@ def test_recipe_names_the_small_nodule_and_varied_lesion_shares():
     text = recipe_text([{"from_samples": 0, "settings": {**settings, "varied_fraction": "0.5"}}])
     assert "a share 0.5 of the pairs with a nodule from the mixture `lesions.VARIED`" in text
     assert "ground glass -700..-400 HU (1/6)" in text and "slice blur p=0.5" in text
+    assert "scan face" not in text
+    text = recipe_text([{"from_samples": 0, "settings": {**settings, "face_fraction": "0.3"}}])
+    assert "a share 0.3 of the pairs (both crops alike, clear of the nodule) and of the whole-scan windows cut" in text
 
 
 def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):

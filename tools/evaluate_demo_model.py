@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from attentionmap_dev import demo_data, lesions, whole_scan  # noqa: E402
+from attentionmap_dev import demo_data, lesions, scan_faces, whole_scan  # noqa: E402
 from attentionmap_dev.whole_scan import (  # noqa: E402
     SCAN_HELDOUT,
     SCAN_RANDOM,
@@ -327,7 +327,8 @@ def _regridded_text(n: int) -> str:
 
 
 def _small_text(settings: Dict[str, object]) -> str:
-    """The recipe's words for `--small-fraction` and `--varied-fraction` (empty when 0 or not yet options)."""
+    """The recipe's words for `--small-fraction`, `--varied-fraction` and `--face-fraction` (empty when 0 or not yet
+    options)."""
     share = float(settings.get("small_fraction", 0) or 0)
     lo, hi = demo_data.SMALL_RADIUS_MM
     text = f"; a share {share:g} of the pairs with a small nodule (radius {lo:g}-{hi:g} mm)" if share else ""
@@ -335,6 +336,11 @@ def _small_text(settings: Dict[str, object]) -> str:
     if varied:
         text += (f"; a share {varied:g} of the pairs with a nodule from the mixture `lesions.VARIED` instead of the "
                  f"demo generator ({lesions.VARIED.describe()})")
+    faces = float(settings.get("face_fraction", 0) or 0)
+    if faces:
+        text += (f"; a share {faces:g} of the pairs (both crops alike, clear of the nodule) and of the whole-scan "
+                 "windows cut by a random scan face (`scan_faces`: a plane within "
+                 f"{scan_faces.FACE_TILT_DEGREES:g} degrees of an axis, padding beyond it)")
     return text
 
 

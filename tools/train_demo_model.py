@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from attentionmap_dev import demo_data, lesions
+from attentionmap_dev import demo_data, lesions, scan_faces
 from AttentionMapLib.core.capture import hooked_attention
 
 NETWORK_ARGS: Dict[str, object] = {
@@ -202,6 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="share of each step's nodule pairs drawn from attentionmap_dev.lesions.VARIED (other shapes, "
         "densities and slice blur) instead of the demo generator",
     )
+    p.add_argument(
+        "--face-fraction", type=float, default=0.0,
+        help="share of the nodule pairs and of the whole-scan negatives cut by a random scan face "
+        "(attentionmap_dev.scan_faces: a partial scan's border inside the body)",
+    )
     p.add_argument("--max-samples", type=int, default=200000)
     p.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (stops early, checkpointed)")
     p.add_argument("--token-weight", type=float, default=1.0)
@@ -313,8 +318,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             small = round(a.pairs_per_batch * a.small_fraction) if samples >= a.curriculum_samples else 0
             batch = sampler.batches(rng, a.pairs_per_batch, radius, wall_fraction=a.wall_fraction, small_pairs=small,
                                     lesion=lesions.VARIED, lesion_pairs=round(a.pairs_per_batch * a.varied_fraction))
+            if a.face_fraction:
+                batch = scan_faces.cut_faces(batch, rng, a.face_fraction, group=2)
             if scans is not None:
-                batch = demo_data.concatenate([batch, scans.sample(rng, a.scan_negatives, hard, a.hard_fraction)])
+                negatives = scans.sample(rng, a.scan_negatives, hard, a.hard_fraction)
+                if a.face_fraction:
+                    negatives = scan_faces.cut_faces(negatives, rng, a.face_fraction)
+                batch = demo_data.concatenate([batch, negatives])
             images, labels, token_targets, nodule_tokens = to_tensors(batch)
             model.train()
             losses, _ = forward_losses(model, token_head, images, labels, token_targets, nodule_tokens, weights)
