@@ -139,9 +139,9 @@ def _resample(path: Path, label: bool) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def regrid(image, label, direction_lps: np.ndarray, spacing: Sequence[float]):
-    """SimpleITK `image` (linear, outside = its minimum) and `label` (nearest, outside = 0) resampled onto a grid
-    with `direction_lps` (3, 3) and `spacing` (mm) whose box covers the image's corners: a scan as another
-    scanner or reconstruction would have gridded it. Returns (image float32, label)."""
+    """SimpleITK `image` (linear, outside = its minimum) and `label` (nearest, outside = 0; None: no label) resampled
+    onto a grid with `direction_lps` (3, 3) and `spacing` (mm) whose box covers the image's corners: a scan as
+    another scanner or reconstruction would have gridded it. Returns (image float32, label or None)."""
     import SimpleITK as sitk
 
     size = np.array(image.GetSize())
@@ -156,6 +156,8 @@ def regrid(image, label, direction_lps: np.ndarray, spacing: Sequence[float]):
     reference.SetOrigin(tuple(float(v) for v in direction_lps @ lo))
     air = float(sitk.GetArrayViewFromImage(image).min())
     moved = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+    if label is None:
+        return moved, None
     moved_label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
     return moved, moved_label
 

@@ -122,11 +122,10 @@ class LesionFamily:
             raise ValueError(f"lesion centre {list(centre_ras)} mm lies outside the grid")
         per_axis = [(np.arange(n) + 0.5) / n - 0.5 for n in np.ceil(spacing).astype(int)]
         sub = np.stack(np.meshgrid(*per_axis, indexing="ij"), -1).reshape(-1, 3)  # voxel-fraction offsets
-        grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-        ijk = np.stack(grids, -1)[..., None, :] + sub  # (i, j, k, samples, 3)
-        d = (ijk - centre_ijk) @ linear.T
+        voxels = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)  # (i, j, k, 3)
+        d = (voxels[..., None, :] + sub - centre_ijk) @ linear.T  # (i, j, k, samples, 3) mm
         w = self._shape(rng)(d, radius_mm, rng).mean(-1)
-        w[np.linalg.norm((np.stack(grids, -1) - centre_ijk) @ linear.T, axis=-1) > REACH_MM] = 0.0
+        w[np.linalg.norm((voxels - centre_ijk) @ linear.T, axis=-1) > REACH_MM] = 0.0
         out = np.zeros(tuple(shape), dtype=np.float32)
         out[tuple(slice(a, b) for a, b in zip(lo, hi))] = w
         return out

@@ -15,6 +15,7 @@ Arrays are (I, J, K) voxel grids of the model input (RAS, 2 mm), K = inferior ->
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -71,5 +72,4 @@ def cut_faces(batch: CropSet, rng: np.random.Generator, fraction: float, group: 
         members = slice(first, first + group)
         keep = face_keep(rng, batch.masks[members].any(0))
         images[members] *= keep
-    return CropSet(images=images, labels=batch.labels, masks=batch.masks, origins=batch.origins,
-                   sources=batch.sources, radii_mm=batch.radii_mm)
+    return replace(batch, images=images)

@@ -69,7 +69,8 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
 
 
 def regrid_kind(image, label, kind: str):
-    """SimpleITK (image, label) resampled as `kind` ("oblique", "anisotropic"; any other kind: unchanged)."""
+    """SimpleITK (image, label) resampled as `kind` ("oblique", "anisotropic"; any other kind: unchanged);
+    label may be None (see `demo_data.regrid`)."""
     from AttentionMapLib.core.geometry import rotation
 
     if kind == "oblique":
@@ -81,14 +82,9 @@ def regrid_kind(image, label, kind: str):
 
 def _regridded_array(array: np.ndarray, affine: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray]:
     """(array, ijk_to_ras) re-gridded as `kind` (see `regrid_kind`)."""
-    import SimpleITK as sitk
-
     from AttentionMapLib.io import array_image, image_arrays
 
-    image = array_image(array.astype(np.float32), affine)
-    blank = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-    blank.CopyInformation(image)
-    moved, _ = regrid_kind(image, blank, kind)
+    moved, _ = regrid_kind(array_image(array.astype(np.float32), affine), None, kind)
     return image_arrays(moved)
 
 

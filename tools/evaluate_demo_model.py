@@ -326,7 +326,7 @@ def _regridded_text(n: int) -> str:
                             slices=demo_data.REGRID_SLICE_MM)
 
 
-def _small_text(settings: Dict[str, object]) -> str:
+def _sampling_options_text(settings: Dict[str, object]) -> str:
     """The recipe's words for `--small-fraction`, `--varied-fraction` and `--face-fraction` (empty when 0 or not yet
     options)."""
     share = float(settings.get("small_fraction", 0) or 0)
@@ -372,7 +372,7 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Opti
     curriculum = int(first["curriculum_samples"])
     text = STEP.format(
         threads=first.get("threads", "2"), pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scans=scans,
-        small=_small_text(first),
+        small=_sampling_options_text(first),
         wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
         curriculum=(f" Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm."
                     if curriculum else ""),
