@@ -4,6 +4,9 @@ References below use full N x N matrices and loops, written straight from the pa
 attention recorded by MONAI itself (``save_attn=True``) or, for gradients, by torch.autograd.grad
 per sample.
 """
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +207,27 @@ def test_grad_rollout_equals_reference(classification, x):
     assert result.target == [int(t) for t in predicted]
     np.testing.assert_allclose(result.grid, as_grid(expected), atol=1e-5)
     assert float(np.abs(result.grid).max()) > 0  # relevance actually flowed
+
+
+@pytest.mark.parametrize("attention_path", ["full", "blockwise"])
+def test_gradient_capture_frees_the_forward_graph(attention_path, x):
+    """No reference cycle through autograd (a tensor hook holding its own tensor) keeps the attention of the
+    forward pass alive after the explanation: repeated grad_rollout calls would leak every graph."""
+    model = classifier(True)
+    alive = []  # the attention weights (full path only: flash attention skips them) and the attention outputs O
+    handles = [block.attn.drop_weights.register_forward_hook(lambda _m, _i, out: alive.append(weakref.ref(out)))
+               for block in model.blocks]
+    handles += [block.attn.out_rearrange.register_forward_hook(lambda _m, i, _o: alive.append(weakref.ref(i[0])))
+                for block in model.blocks]
+    try:
+        result = explain(model, x, method="grad_rollout", normalize="none", attention_path=attention_path)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert result.captured.attention_path == attention_path and float(np.abs(result.grid).max()) > 0
+    del result
+    gc.collect()
+    assert len(alive) == (6 if attention_path == "full" else 3) and all(ref() is None for ref in alive)
 
 
 def test_grad_rollout_for_a_chosen_class_and_layer(x):

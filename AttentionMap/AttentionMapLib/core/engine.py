@@ -285,7 +285,10 @@ def capture_attention(
     def on_attention(index: int, attention: torch.Tensor) -> None:
         fused[index] = fuse_heads_detached(attention, head_fusion, head)
         if with_gradients and attention.requires_grad:
-            attention.register_hook(_relevance_hook(index, attention, relevances))
+            # the hook keeps a detached view: one holding `attention` itself would form a cycle through the
+            # autograd graph (tensor -> its hooks -> closure -> tensor) that Python's GC cannot see, leaking
+            # every captured graph (measured: about 50 MB per 8-crop call of the demo ViT)
+            attention.register_hook(_relevance_hook(index, attention.detach(), relevances))
 
     with hooked_attention(model, on_attention):
         logits, targets = _run(model, x, with_gradients, target)
@@ -353,8 +356,9 @@ def fuse_heads_detached(attention: torch.Tensor, head_fusion: str, head: Optiona
 
 
 def _relevance_hook(index: int, attention: torch.Tensor, store: List[Optional[torch.Tensor]]):
+    """Gradient hook storing relevance ``mean_heads(clamp(grad * attention, 0))``; ``attention`` detached."""
     def hook(gradient: torch.Tensor) -> None:
-        product = gradient * attention.detach()  # the one (B, heads, N, N) temporary
+        product = gradient * attention  # the one (B, heads, N, N) temporary
         store[index] = product.clamp_(min=0).mean(dim=1).float()
 
     return hook
