@@ -54,6 +54,10 @@ METHODS = list(method_names())  # the method registry (torch-free)
 HEAD_FUSIONS = ["mean", "max", "min", "single head"]
 NORMALIZATIONS = ["percentile", "minmax", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
+# flip averaging: the model card's default_flip_axes (the demo card's: the 8 flips), none, or the 8 flips;
+# FLIP_AXES gives each choice's explain option flip_axes (flips.flip_axes_from_spec, resolved in the worker)
+FLIP_AVERAGING = ["model default", "off", "8 flips"]
+FLIP_AXES = {"model default": "default", "off": "none", "8 flips": [0, 1, 2]}
 MODEL_DEFAULT_TARGET = "(model default)"
 POLL_INTERVAL_MS = 100
 FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
@@ -62,7 +66,7 @@ FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) 
 FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
 RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device",
-                "flipAverage")
+                "flipAveraging")
 
 
 class AttentionMap(ScriptedLoadableModule):
@@ -128,10 +132,10 @@ class AttentionMapParameterNode:
     # where to look: a markups ROI or a segmentation (a Union with None binds a qMRMLNodeComboBox, as colorNode)
     region: Union[vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode, None]
     useDefaultRegion: bool = True
-    # average over the 8 flips of the model input (explain_volume flip_axes=(0, 1, 2)); a bool binds the .ui's
-    # QCheckBox (Slicer v5.8.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:156-159,
-    # QCheckBoxToBoolConnector.canRepresent)
-    flipAverage: bool = False
+    # flip averaging (explain_volume flip_axes; FLIP_AVERAGING): a str with a Choice binds the .ui's QComboBox and
+    # fills its items from the choices (Slicer v5.8.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:355-379,
+    # QComboBoxToStringableConnector)
+    flipAveraging: Annotated[str, Choice(FLIP_AVERAGING)] = "model default"
     outputVolume: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
@@ -592,7 +596,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         single = p.headFusion == "single head"
         return {**self.fusionOptions(p), "head_fusion": "mean" if single else p.headFusion,
                 "head": p.head if single else None, "target": p.targetClass or None,
-                "flip_axes": [0, 1, 2] if p.flipAverage else []}
+                "flip_axes": FLIP_AXES[p.flipAveraging]}
 
     def startExplain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
         """Copy the input (on this, the main thread) and start the model in the worker process."""

@@ -38,6 +38,28 @@ def test_fitted_temperature_minimises_the_plain_negative_log_likelihood():
     )
 
 
+def test_views_are_fitted_through_the_mean_of_their_softmaxes():
+    rng = np.random.default_rng(2)
+    views = rng.normal(0.0, 3.0, size=(4, 200, 2))  # 4 flipped views of 200 samples
+    labels = rng.integers(0, 2, size=200)
+    labels[:120] = views.mean(0)[:120].argmax(1)
+
+    def plain(t):  # -mean log of the mean over views of softmax(view / t)[label], written out
+        return -sum(math.log(sum(math.exp(v[n, y] / t) / sum(math.exp(x / t) for x in v[n]) for v in views) / 4)
+                    for n, y in enumerate(labels)) / len(labels)
+
+    assert negative_log_likelihood(views, labels, 1.3) == pytest.approx(plain(1.3), abs=1e-12)
+    fitted = fit_temperature(views, labels)
+    grid = np.exp(np.linspace(-4, 4, 801))
+    values = [negative_log_likelihood(views, labels, t) for t in grid]
+    assert abs(math.log(fitted) - math.log(grid[int(np.argmin(values))])) < 0.011
+    assert negative_log_likelihood(views, labels, fitted) <= min(values) + 1e-9
+    same = np.repeat(views[:1], 3, axis=0)  # identical views: the single-view fit
+    assert fit_temperature(same, labels) == pytest.approx(fit_temperature(views[0], labels), rel=1e-5)
+    with pytest.raises(AttentionMapError, match=r"expected logits \(N, K\) or views \(V, N, K\)"):
+        fit_temperature(views, labels[:10])
+
+
 def test_a_known_temperature_is_recovered():
     rng = np.random.default_rng(1)
     true_logits = rng.normal(0.0, 2.0, size=(20000, 2))

@@ -13,6 +13,7 @@ from monai.networks.nets import ViT
 
 from AttentionMapLib.cli import main
 from AttentionMapLib.core.geometry import apply_affine
+from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.io import read_volume, write_volume
 from oracle import make_oracle_vit
 
@@ -204,7 +205,7 @@ def bad_arguments(scan: Path, card: Path, tmp: Path):
         "layer range": (["run", image, "--layer", "-3", "--model", card], "the model has 2 blocks"),
         "model": (["run", image, "--model", tmp / "nomodel.json"], "nomodel.json: no such model"),
         "flip average": (["run", image, "--flip-average", "0,3", "--model", card],
-                         "--flip-average: expected 'all' or distinct model-input axes among 0, 1, 2"),
+                         "--flip-average: expected 'all', 'none' or distinct model-input axes among 0, 1, 2"),
     }
 
 
@@ -417,6 +418,22 @@ def test_flip_average_lands_in_the_summary_and_equals_the_library_run(scan, tmp_
     assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["options"]["flip_axes"] == [] and "flipped" not in summary["cases"][0]["prediction"]["rule"]
+    # a card naming default flips: used without the option, 'none' switches them off, a bad value names the card
+    (tmp_path / "flips by default").mkdir()
+    card = _sliding_card(tmp_path / "flips by default", calibration={"temperature": 2.0}, default_flip_axes=[2, 0])
+    out = tmp_path / "card default"
+    assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["flip_axes"] == [0, 2]
+    assert summary["cases"][0]["probabilities"]["lesion"] == pytest.approx(float(direct.probabilities[1]), abs=1e-6)
+    out = tmp_path / "switched off"
+    assert run_cli("run", image, "--model", card, "--flip-average", "none", "--output-dir", out) == 0
+    assert json.loads((out / "summary.json").read_text())["options"]["flip_axes"] == []
+    (tmp_path / "bad flips").mkdir()
+    card = _sliding_card(tmp_path / "bad flips", default_flip_axes=[0, 3])
+    with pytest.raises(AttentionMapError, match=r"default_flip_axes: expected a list of distinct model-input axes "
+                                                r"among 0, 1, 2 \(e.g. \[0, 1, 2\]: 8 flipped views\), got \[0, 3\]"):
+        load_model(str(card))
 
 
 def test_default_region_is_used_shown_and_switchable_off(scan, tmp_path, capsys):

@@ -67,6 +67,8 @@ def run_self_test_steps() -> None:
     p = parameters(module, volume)
     assert p.method == "rollout" and p.normalize == "percentile" and p.colorNode is None and p.useDefaultRegion
     p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
+    assert p.flipAveraging == "model default"
+    p.flipAveraging = "off"  # one pass per window until the last step, which runs the card's default
     assert logic.modelSummary(p) == (["no lesion", "lesion"], 4, 4)  # from the card, before any run
     assert scene.GetFirstNodeByName(mrml.HEAT_COLOR_NODE_NAME) is None
 
@@ -120,9 +122,11 @@ def run_self_test_steps() -> None:
     first = logic.processCases([volume], p)
     count = scene.GetNumberOfNodes()
     assert logic.processCases([volume], p)[0].GetID() == first[0].GetID() and scene.GetNumberOfNodes() == count
-    assert logic.explainOptions(p)["flip_axes"] == []
-    p.flipAverage = True  # the "Average over flips" checkbox: the 8 flips of the model input, through the worker
+    assert logic.result.attention.flip_axes == () and logic.explainOptions(p)["flip_axes"] == "none"
+    p.flipAveraging = "8 flips"
     assert logic.explainOptions(p)["flip_axes"] == [0, 1, 2]
+    p.flipAveraging = "model default"  # the demo card's default_flip_axes, resolved in the worker
+    assert logic.explainOptions(p)["flip_axes"] == "default"
     flipped = poll(logic.startExplain(p)).attention
     assert flipped.flip_axes == (0, 1, 2) and flipped.prediction["rule"].endswith("each the mean over 8 flipped views")
     assert np.linalg.norm(flipped.peak_ras() - nodule) <= module_logic.patch_size_mm(flipped.ijk_to_ras)

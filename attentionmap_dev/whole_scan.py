@@ -9,7 +9,7 @@ centroid must stay within `CENTROID_TOLERANCE_MM` of the original's):
 - ``oblique``: resampled onto a grid rotated 12 degrees about S and 8 degrees about R, 0.8 x 0.8 x 2.5 mm;
 - ``anisotropic``: resampled onto an axis-aligned 1.4 x 0.7 x 3.5 mm grid.
 
-Per run (`explain_volume` with the card's preprocessing and calibration, rollout, target "lesion"):
+Per run (`explain_volume` with the card's preprocessing, calibration and default flips, rollout, target "lesion"):
 peak patch holds tumour voxels (the label sampled by nearest neighbour onto the model-input grid, then per
 token), distance from the peak to the nearest tumour voxel, relevance mass ratio on the label's grid,
 the volume-level P(lesion) and its window, and how far the peak moved from the as-shipped run (RAS mm).
@@ -137,12 +137,14 @@ def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, 
              label: Optional[np.ndarray] = None, label_affine: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """One whole-scan explanation and its numbers (see the module docstring); label optional."""
     from AttentionMapLib.core.engine import model_spec
+    from AttentionMapLib.core.flips import card_flip_axes
     from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics
     from AttentionMapLib.core.volume import explain_volume
 
     start = time.perf_counter()
     result = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,
-                            method=method, target=loaded.target, region=region, temperature=temperature)
+                            method=method, target=loaded.target, region=region, temperature=temperature,
+                            flip_axes=card_flip_axes(loaded.card, loaded.source))
     seconds = time.perf_counter() - start
     prediction = result.prediction(loaded.classes)
     row: Dict[str, Any] = {
@@ -305,12 +307,17 @@ def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RAN
     return np.stack(images)[:, None], np.array(kinds)
 
 
-def scan_window_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Logits (N, 2) of the windows (N, 1, 48, 48, 48), no attention."""
+def scan_window_logits(model, images: np.ndarray, batch: int = 16, flip_axes: Sequence[int] = ()) -> np.ndarray:
+    """Logits (V, N, 2) of the windows (N, 1, 48, 48, 48) in each of the V views of ``flip_axes``
+    (`flips.flip_views`; V = 1 without flips), no attention. P = `flips.mean_view_probabilities`."""
     import torch
 
-    out = []
+    from AttentionMapLib.core.flips import flip_views, flip_window
+
+    views = []
     with torch.no_grad():
-        for s in range(0, len(images), batch):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])))[0].float().numpy())
-    return np.concatenate(out)
+        for view in flip_views(flip_axes):
+            out = [model(flip_window(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])), view))[0]
+                   .float().numpy() for s in range(0, len(images), batch)]
+            views.append(np.concatenate(out))
+    return np.stack(views)

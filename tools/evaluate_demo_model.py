@@ -23,6 +23,8 @@ pairs and lesion-free held-out windows, its expected calibration error reported 
 Whole scans (`attentionmap_dev/whole_scan.py`, through `explain_volume` as a user runs it): lung1 and lung2 as
 shipped and re-gridded, with and without the card's default region; and three lesion-free scans (two lung
 slabs, a whole head CT).
+Every probability and map here is the card's default inference: averaged over the 8 flips of the model input
+(`DEFAULT_FLIP_AXES`, written to the card as "default_flip_axes"; `flips.explain_flip_averaged`).
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ from attentionmap_dev.whole_scan import (  # noqa: E402
     heldout_scan_windows,
     scan_window_logits,
 )
-from AttentionMapLib import explain  # noqa: E402
-from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature, softmax  # noqa: E402
+from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature  # noqa: E402
+from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities  # noqa: E402
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
@@ -61,6 +63,15 @@ FAMILY_PAIRS = 100  # held-out pairs per other lesion generator
 SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
 DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
+DEFAULT_FLIP_AXES = (0, 1, 2)  # the card's default flips: every number here is of the 8-view average
+DESCRIPTION = (
+    "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
+    "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
+    "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
+    "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
+    "calibrated window probability, the default region is the automatic lung field, and every window is "
+    "averaged over the 8 flips of its input (default_flip_axes; the metrics below were measured so)."
+)
 
 
 def chance_rate(tokens: np.ndarray, tolerance: int) -> float:
@@ -81,37 +92,44 @@ def peak_hits(grids: np.ndarray, tokens: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
-    """P(lesion) (N,) and attention grids (N, 6, 6, 6) (normalize='none', target 1) for images (N, 1, 48, 48, 48)."""
+    """P(lesion) (N,) and attention grids (N, 6, 6, 6) (normalize='none', target 1) for images (N, 1, 48, 48, 48),
+    both averaged over the card's flips (`DEFAULT_FLIP_AXES`)."""
     logits, grids = run_model_logits(model, images, method, batch)
-    return softmax(logits)[:, 1], grids
+    return mean_view_probabilities(logits)[:, 1], grids
 
 
 def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
-    """Logits (N, 2) and attention grids (N, 6, 6, 6) (normalize='none', target 1)."""
+    """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and the attention grids
+    (N, 6, 6, 6) averaged over them (`flips.explain_flip_averaged`; normalize='none', target 1)."""
     logits, grids = [], []
     for s in range(0, len(images), batch):
-        result = explain(model, torch.from_numpy(np.ascontiguousarray(images[s : s + batch])), method=method,
-                         target=1, normalize="none")
-        logits.append(result.logits.detach().float().numpy())
-        grids.append(result.grid)
-    return np.concatenate(logits), np.concatenate(grids)
+        grid, view_logits = explain_flip_averaged(model, torch.from_numpy(np.ascontiguousarray(images[s : s + batch])),
+                                                  DEFAULT_FLIP_AXES, normalize="none", method=method, target=1)
+        logits.append(view_logits)
+        grids.append(grid)
+    return np.concatenate(logits, axis=1), np.concatenate(grids)
 
 
 def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_logits: np.ndarray) -> Dict[str, object]:
-    """Temperature fitted on the even-numbered held-out pairs and windows, ECE on the odd-numbered ones."""
+    """Temperature fitted on the even-numbered held-out pairs and windows, ECE on the odd-numbered ones; logits
+    (V, N, 2) per flipped view (P = the mean over the views of softmax(logits / T))."""
     pair_index = np.arange(len(pair_labels)) // 2  # a positive and its negative twin share a pair number
     fit_pairs, check_pairs = pair_index % 2 == 0, pair_index % 2 == 1
-    scan_index = np.arange(len(scan_logits))
+    scan_index = np.arange(scan_logits.shape[1])
     fit_scan, check_scan = scan_index % 2 == 0, scan_index % 2 == 1
-    logits = {"fit": np.concatenate([pair_logits[fit_pairs], scan_logits[fit_scan]]),
-              "check": np.concatenate([pair_logits[check_pairs], scan_logits[check_scan]])}
+    logits = {"fit": np.concatenate([pair_logits[:, fit_pairs], scan_logits[:, fit_scan]], axis=1),
+              "check": np.concatenate([pair_logits[:, check_pairs], scan_logits[:, check_scan]], axis=1)}
     labels = {"fit": np.concatenate([pair_labels[fit_pairs], np.zeros(fit_scan.sum(), int)]),
               "check": np.concatenate([pair_labels[check_pairs], np.zeros(check_scan.sum(), int)])}
     temperature = fit_temperature(logits["fit"], labels["fit"])
+
+    def ece(t: float) -> float:
+        return round(expected_calibration_error(mean_view_probabilities(logits["check"], t)[:, 1], labels["check"]), 4)
+
     return {
         "temperature": round(temperature, 4),
-        "ece": round(expected_calibration_error(softmax(logits["check"], temperature)[:, 1], labels["check"]), 4),
-        "ece_uncalibrated": round(expected_calibration_error(softmax(logits["check"])[:, 1], labels["check"]), 4),
+        "ece": ece(temperature),
+        "ece_uncalibrated": ece(1.0),
         "fitted_on": f"{len(labels['fit'])} held-out crops (even-numbered held-out pairs, even-numbered lesion-free "
         "held-out windows)",
         "ece_on": f"{len(labels['check'])} other held-out crops (the odd-numbered ones); "
@@ -135,8 +153,8 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
         tokens.append(demo_data.token_labels(chunk.masks, PATCH))
         labels.append(chunk.labels)
         radii.append(chunk.radii_mm)
-    pair_logits, y = np.concatenate(logits), np.concatenate(labels)
-    p = softmax(pair_logits)[:, 1]
+    pair_logits, y = np.concatenate(logits, axis=1), np.concatenate(labels)
+    p = mean_view_probabilities(pair_logits)[:, 1]
     pos = y == 1
     tok = np.concatenate(tokens)[pos]
     radius = np.concatenate(radii)[pos]
@@ -258,13 +276,7 @@ def top_window_result(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str,
             for origin in origins
         ]
     )
-    with torch.no_grad():
-        p = np.concatenate(
-            [
-                torch.softmax(model(torch.from_numpy(images[s : s + 16]))[0], 1)[:, 1].numpy()
-                for s in range(0, len(images), 16)
-            ]
-        )
+    p = mean_view_probabilities(scan_window_logits(model, images, flip_axes=DEFAULT_FLIP_AXES))[:, 1]
     order = np.argsort(-p, kind="stable")
     holds = [bool(ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origins[i])].any()) for i in order[:5]]
     best = order[0]
@@ -417,13 +429,7 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
                      f"{previous_training.get('wall_time_s')} s; command: {previous_training.get('command')})")
     card = {
         "name": "demo_lung_nodule_vit",
-        "description": (
-            "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
-            "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
-            "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
-            "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
-            "calibrated window probability, and the default region is the automatic lung field."
-        ),
+        "description": DESCRIPTION,
         "network": {"name": "ViT", "args": checkpoint["network_args"]},
         "weights": WEIGHTS_NAME,
         "preprocessing": {
@@ -441,6 +447,7 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         "classes": ["no lesion", "lesion"],
         "target": 1,
         "default_region": DEFAULT_REGION,
+        "default_flip_axes": list(DEFAULT_FLIP_AXES),
         "calibration": calibration,
         "training_data": (
             "lung1_image.nrrd and lung2_image.nrrd (chest CT, 5 mm slices) from the pyradiomics 3.0.1 source "
@@ -483,12 +490,25 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
     return path
 
 
+def update_card(path: Path, metrics: Dict[str, object], calibration: Dict[str, object]) -> Path:
+    """Rewrite a card's description, inference defaults (region, flips), calibration and metrics in place,
+    keeping every other field (weights, network, training record) and the order of its keys."""
+    card = json.loads(path.read_text())
+    fresh = {"description": DESCRIPTION, "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
+             "calibration": calibration, "metrics": metrics}
+    order = list(card) + [key for key in fresh if key not in card]
+    merged = {**card, **fresh}
+    path.write_text(json.dumps({key: merged[key] for key in order}, indent=2) + "\n")
+    return path
+
+
 def as_loaded(model: torch.nn.Module):
     """The network with the demo card's preprocessing, classes and target, as `models.load_model` gives it."""
     from AttentionMapLib.models import LoadedModel
 
     return LoadedModel(network=model.eval(), preprocessing=dict(demo_data.CARD_PREPROCESSING),
-                       classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3, card={},
+                       classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3,
+                       card={"default_flip_axes": list(DEFAULT_FLIP_AXES)},
                        source="evaluated weights")
 
 
@@ -535,10 +555,10 @@ def evaluate(
     pair_logits, pair_labels = metrics.pop("_pair_logits"), metrics.pop("_pair_labels")
     _log("lesion-free held-out windows ...")
     images, kinds = heldout_scan_windows(cts)
-    scan_logits = scan_window_logits(model, images)
+    scan_logits = scan_window_logits(model, images, flip_axes=DEFAULT_FLIP_AXES)
     calibration = calibration_metrics(pair_logits, pair_labels, scan_logits)
-    p_scan = softmax(scan_logits)[:, 1]
-    p_scan_calibrated = softmax(scan_logits, calibration["temperature"])[:, 1]
+    p_scan = mean_view_probabilities(scan_logits)[:, 1]
+    p_scan_calibrated = mean_view_probabilities(scan_logits, calibration["temperature"])[:, 1]
     metrics["heldout_scan_windows"] = {
         "windows": len(kinds),
         "inference_grid": int((kinds == "inference_grid").sum()),
@@ -552,7 +572,8 @@ def evaluate(
     }
     seen = [ct.name for ct in cts if ct.name not in SCAN_HELDOUT]
     seen_images, _ = heldout_scan_windows(cts, 0, heldout=seen)
-    p_seen = softmax(scan_window_logits(model, seen_images), calibration["temperature"])[:, 1]
+    p_seen = mean_view_probabilities(scan_window_logits(model, seen_images, flip_axes=DEFAULT_FLIP_AXES),
+                                     calibration["temperature"])[:, 1]
     metrics["slab_windows_seen_in_training"] = {
         "scans": seen, "windows": len(p_seen), "false_alarm_rate_calibrated": round(float((p_seen > 0.5).mean()), 4),
         "note": "inference-grid windows meeting these scans' slabs; the whole-scan training used these scans whole",
@@ -581,6 +602,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="training checkpoint (default: the shipped card's weights)")
     p.add_argument("--ship", action="store_true", help="write weights + card into --out-dir (needs --checkpoint)")
+    p.add_argument("--update-card", action="store_true",
+                   help="re-evaluate the card's own weights with this tool's inference settings (flips, region) and "
+                        "rewrite its description, inference defaults, calibration and metrics; weights and training "
+                        "record unchanged")
     p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--pairs", type=int, default=PAIRS)
     p.add_argument("--threads", type=int, default=1)
@@ -595,6 +620,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model.eval()
     elif a.ship:
         p.error("--ship needs --checkpoint")
+    elif a.update_card and a.checkpoint is not None:
+        p.error("--update-card re-evaluates the card's own weights: leave out --checkpoint")
     else:
         model = load_shipped(a.out_dir / CARD_NAME)
     metrics, calibration = evaluate(model, a.pairs, not a.no_whole_scans)
@@ -606,6 +633,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         fine_tuned = _fine_tuned(checkpoint["phases"])
         previous = json.loads(previous_path.read_text()) if fine_tuned and previous_path.is_file() else None
         print(f"wrote {write_card(checkpoint, metrics, a.out_dir, calibration, previous)}")
+    if a.update_card:
+        print(f"wrote {update_card(a.out_dir / CARD_NAME, metrics, calibration)}")
     return 0
 
 

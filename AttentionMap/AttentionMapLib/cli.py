@@ -3,7 +3,7 @@
     attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
                   [--method METHOD] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
-                  [--flip-average all|AXES] [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
+                  [--flip-average all|AXES|none] [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
                   [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
@@ -87,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
     run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
-    run.add_argument("--flip-average", default=None, metavar="all|AXES",
+    run.add_argument("--flip-average", default=None, metavar="all|AXES|none",
                      help="average maps and probabilities over every combination of flips along these model-input "
-                          "axes ('all' = 0,1,2: 8 views; '0,2': 4 views); costs one forward (and backward) pass "
-                          "per view: 'all' runs 8x longer")
+                          "axes ('all' = 0,1,2: 8 views; '0,2': 4 views; 'none': no flips); costs one forward (and "
+                          "backward) pass per view: 'all' runs 8x longer. Default: the card's default_flip_axes "
+                          "(the demo card's: all), else none")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--roi", nargs="+", default=None, metavar="V",
                        help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
@@ -189,17 +190,19 @@ def explain_options(args: argparse.Namespace, loaded) -> Dict[str, Any]:
     }
 
 
-def flip_axes_option(value: Optional[str]) -> Tuple[int, ...]:
-    """``--flip-average``: None -> (), 'all' -> (0, 1, 2), '0,2' -> (0, 2); AttentionMapError naming the option."""
-    from .core.flips import check_flip_axes
+def flip_axes_option(value: Optional[str], loaded: Any) -> Tuple[int, ...]:
+    """``--flip-average``: None -> the card's default_flip_axes (() without), 'none' -> (), 'all' -> (0, 1, 2),
+    '0,2' -> (0, 2); AttentionMapError naming the option."""
+    from .core.flips import flip_axes_from_spec
 
     if value is None:
-        return ()
+        return flip_axes_from_spec("default", loaded.card, loaded.source)
     text = value.strip().lower()
     try:
-        return check_flip_axes((0, 1, 2) if text == "all" else tuple(int(a) for a in text.split(",")))
+        spec = "none" if text == "none" else (0, 1, 2) if text == "all" else tuple(int(a) for a in text.split(","))
+        return flip_axes_from_spec(spec, loaded.card, loaded.source)
     except (ValueError, AttentionMapError):
-        raise AttentionMapError(f"--flip-average: expected 'all' or distinct model-input axes among 0, 1, 2 "
+        raise AttentionMapError(f"--flip-average: expected 'all', 'none' or distinct model-input axes among 0, 1, 2 "
                                 f"separated by commas (e.g. 0,2), got {value!r}") from None
 
 
@@ -368,7 +371,7 @@ def run_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
-               "flip_axes": flip_axes_option(args.flip_average)}
+               "flip_axes": flip_axes_option(args.flip_average, loaded)}
     check_case_volumes(cases, loaded)
     regions = case_regions(args, cases, loaded)
     with staged_folder(output_dir, names, inputs) as staging:

@@ -236,7 +236,7 @@ def check_card(card: Mapping[str, Any], supported: Sequence[str]) -> Tuple[str, 
     for key in _TEXT_FIELDS:
         if card.get(key) is not None and not isinstance(card[key], str):
             raise _field_error(key, "a string", card[key])
-    check_region_and_calibration(card)
+    check_inference_defaults(card)
     batch = prep.sw_batch_size if prep.mode == "sliding_window" else 1
     check_memory(name, values, prep.spacing, batch)
     return name, dict(args)
@@ -246,15 +246,18 @@ _CALIBRATION_FRACTIONS = ("ece", "ece_uncalibrated")  # expected calibration err
 _CALIBRATION_TEXT = ("fitted_on", "ece_on")
 
 
-def check_region_and_calibration(card: Mapping[str, Any]) -> None:
-    """``default_region`` (read by region.card_default_region) and ``calibration`` (temperature read by
-    calibration.card_temperature; the recorded ECEs and their data descriptions) when the card has them."""
+def check_inference_defaults(card: Mapping[str, Any]) -> None:
+    """``default_region`` (read by region.card_default_region), ``default_flip_axes`` (flips.card_flip_axes) and
+    ``calibration`` (temperature read by calibration.card_temperature; the recorded ECEs and their data
+    descriptions) when the card has them."""
     from .core.calibration import card_temperature
+    from .core.flips import card_flip_axes
     from .core.region import card_default_region
 
     source = "model card"
     try:
         card_default_region(card, source)
+        card_flip_axes(card, source)
         card_temperature(card, source)
     except AttentionMapError as exc:  # the loader names the card file itself
         raise AttentionMapError(str(exc)[len(source) + 2:] if str(exc).startswith(source) else str(exc)) from None

@@ -452,7 +452,9 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     go to explain_volume (method, layer, head_fusion, head, discard_ratio, target, query_ras,
     normalize, ...); ``target`` may be a class index or name, None means the card's default.
     ``region`` (`region.region_from_spec`): "default" (the card's), "none", a box, or a mask (its array is
-    written to the scratch folder like the input). The card's calibration is applied in the worker.
+    written to the scratch folder like the input). ``explain_options["flip_axes"]``
+    (`flips.flip_axes_from_spec`): absent or "default" (the card's default_flip_axes), "none", or axes.
+    The card's calibration is applied in the worker.
     The result is an ExplainResult (plain data).
     """
     worker = worker or shared_worker()

@@ -208,6 +208,7 @@ class WorkerServer:
 
     def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
         from .core.calibration import card_temperature
+        from .core.flips import flip_axes_from_spec
         from .core.region import region_from_spec
         from .core.volume import explain_volume
         from .models import class_index
@@ -224,6 +225,7 @@ class WorkerServer:
         options["target"] = model.target if target is None else class_index(target, model.classes, model.source)
         self._last = None  # a failed or cancelled run leaves nothing to re-fuse
         options["region"] = region_from_spec(region, model.card, model.source)
+        options["flip_axes"] = flip_axes_from_spec(options.get("flip_axes", "default"), model.card, model.source)
         options["temperature"] = card_temperature(model.card, model.source)
         attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
                                    **{"img_size": model.img_size, **options}, progress=self._progress,

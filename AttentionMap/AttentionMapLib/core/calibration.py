@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import AttentionMapError
 
 _LOG_T_RANGE = (-4.0, 4.0)  # T in [e^-4, e^4] ~ [0.018, 55]
+_LOG_T_STEP = 0.25  # the grid fit_temperature starts from
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -25,38 +26,49 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean -log softmax(logits / T)[label]; logits (N, K), labels (N,) int in 0..K-1."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(z)), np.asarray(labels, dtype=int)].mean())
+    """Mean -log P(label), P = softmax(logits / T); logits (N, K), or (V, N, K) for V flipped views of each
+    sample, whose P is the mean over the views of softmax(logits / T) (as flip averaging states it); labels (N,)
+    int in 0..K-1."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z[None] if z.ndim == 2 else z
+    p = softmax(z, temperature).mean(axis=0)
+    return float(-np.log(np.maximum(p[np.arange(p.shape[0]), np.asarray(labels, dtype=int)], 1e-300)).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, tolerance: float = 1e-6) -> float:
-    """The temperature T > 0 minimising `negative_log_likelihood` (golden-section search on log T in [-4, 4]).
+    """The temperature T > 0 minimising `negative_log_likelihood`: the best of a grid over log T in [-4, 4]
+    (step 0.25), refined by golden-section search within one step of it.
 
-    The NLL of temperature scaling is convex in 1/T, hence unimodal in log T, so the search finds its minimum.
-    logits (N, K) float, labels (N,) int. Raises AttentionMapError for empty or mismatched input.
+    With logits (N, K) the NLL is convex in 1/T, hence unimodal in log T, and the search finds its minimum; with
+    views (V, N, K) (the mean of V softmaxes) it is found to within the grid's resolution of local minima.
+    labels (N,) int. Raises AttentionMapError for empty or mismatched input.
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
-    if logits.ndim != 2 or len(logits) == 0 or labels.shape != (len(logits),):
+    if logits.ndim not in (2, 3) or logits.shape[-2] == 0 or labels.shape != (logits.shape[-2],):
         raise AttentionMapError(
-            f"fit_temperature: expected logits (N, K) and labels (N,), got {logits.shape} and {labels.shape}"
+            f"fit_temperature: expected logits (N, K) or views (V, N, K) and labels (N,), got {logits.shape} and "
+            f"{labels.shape}"
         )
+
+    def nll(log_t: float) -> float:
+        return negative_log_likelihood(logits, labels, np.exp(log_t))
+
+    grid = np.arange(_LOG_T_RANGE[0], _LOG_T_RANGE[1] + 1e-9, _LOG_T_STEP)
+    best = float(grid[int(np.argmin([nll(x) for x in grid]))])
+    lo, hi = max(_LOG_T_RANGE[0], best - _LOG_T_STEP), min(_LOG_T_RANGE[1], best + _LOG_T_STEP)
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
-    lo, hi = _LOG_T_RANGE
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = (negative_log_likelihood(logits, labels, np.exp(x)) for x in (a, b))
+    fa, fb = nll(a), nll(b)
     while hi - lo > tolerance:
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = negative_log_likelihood(logits, labels, np.exp(a))
+            fa = nll(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = negative_log_likelihood(logits, labels, np.exp(b))
+            fb = nll(b)
     return float(np.exp((lo + hi) / 2.0))
 
 

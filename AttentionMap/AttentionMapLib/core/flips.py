@@ -7,11 +7,15 @@ a view's token map flipped back along the same axes lies exactly on the window's
 
 ``volume.explain_volume(..., flip_axes=...)`` applies the rule per window of a volume (its cache keeps every
 view for re-fusion); :func:`explain_flip_averaged` applies it to one model input (the evaluation's crops).
+
+A model card may name the flips its numbers were measured with (``"default_flip_axes": [0, 1, 2]``);
+the command line and the Slicer module use them unless the user says otherwise (:func:`flip_axes_from_spec`).
+The library's own ``flip_axes`` default stays () (no flips).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +41,28 @@ def check_flip_axes(flip_axes: Sequence[int]) -> Tuple[int, ...]:
             f"() = no flip averaging), got {flip_axes!r}"
         )
     return tuple(sorted(int(a) for a in axes))
+
+
+def card_flip_axes(card: Optional[Mapping[str, Any]], source: str = "model card") -> Tuple[int, ...]:
+    """The flips a card names in ``"default_flip_axes"`` (sorted model-input axes), () when it names none."""
+    value = (card or {}).get("default_flip_axes")
+    if value is None:
+        return ()
+    try:
+        return check_flip_axes(value if isinstance(value, list) else None)
+    except AttentionMapError:
+        raise AttentionMapError(f"{source}: default_flip_axes: expected a list of distinct model-input axes among "
+                                f"0, 1, 2 (e.g. [0, 1, 2]: 8 flipped views), got {value!r}") from None
+
+
+def flip_axes_from_spec(spec: Any, card: Optional[Mapping[str, Any]], source: str = "model card") -> Tuple[int, ...]:
+    """Flip axes from plain data (what the command line and the Slicer module's worker get): None or "default":
+    the card's (:func:`card_flip_axes`); "none": no flips; else a sequence of axes (`check_flip_axes`)."""
+    if spec is None or spec == "default":
+        return card_flip_axes(card, source)
+    if spec == "none":
+        return ()
+    return check_flip_axes(spec)
 
 
 def flip_views(flip_axes: Sequence[int]) -> Tuple[View, ...]:
