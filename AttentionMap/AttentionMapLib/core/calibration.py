@@ -30,9 +30,16 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     sample, whose P is the mean over the views of softmax(logits / T) (as flip averaging states it); labels (N,)
     int in 0..K-1."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z[None] if z.ndim == 2 else z
-    p = softmax(z, temperature).mean(axis=0)
-    return float(-np.log(np.maximum(p[np.arange(p.shape[0]), np.asarray(labels, dtype=int)], 1e-300)).mean())
+    z = (z[None] if z.ndim == 2 else z) / float(temperature)
+    log_p = z - _logsumexp(z, axis=-1)[..., None]  # log softmax per view, (V, N, K)
+    picked = log_p[:, np.arange(z.shape[1]), np.asarray(labels, dtype=int)]  # (V, N)
+    return float(-(_logsumexp(picked, axis=0) - np.log(len(picked))).mean())  # log of the mean over views
+
+
+def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
+    """log(sum(exp(values))) along ``axis``, without overflow or underflow."""
+    top = values.max(axis=axis, keepdims=True)
+    return np.squeeze(top, axis=axis) + np.log(np.exp(values - top).sum(axis=axis))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, tolerance: float = 1e-6) -> float:
