@@ -140,6 +140,21 @@ def test_card_matches_the_preprocessing_used_in_training(card):
     assert (CARD.parent / card["weights"]).stat().st_size <= 20 * 2 ** 20
 
 
+def test_card_rewrite_keeps_the_shipped_card_and_changes_only_what_it_is_given(card, tmp_path):
+    """`update_card` with the card's own calibration and metrics writes the shipped file byte for byte (its
+    description and inference defaults are the evaluation tool's); new metrics change the metrics alone."""
+    from tools.evaluate_demo_model import evaluated_fields, update_card
+
+    path = tmp_path / CARD.name
+    path.write_text(CARD.read_text())
+    assert update_card(path, card["metrics"], card["calibration"]).read_text() == CARD.read_text()
+    update_card(path, {"auc": 0.5}, card["calibration"])
+    rewritten = json.loads(path.read_text())
+    assert list(rewritten) == list(card) and rewritten["metrics"] == {"auc": 0.5}
+    assert {k: v for k, v in rewritten.items() if k != "metrics"} == {k: v for k, v in card.items() if k != "metrics"}
+    assert set(evaluated_fields({}, {})) <= set(card)
+
+
 def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):
     """The card's numbers are of its default inference: every crop averaged over the card's flips."""
     from AttentionMapLib.core.flips import card_flip_axes, explain_flip_averaged, mean_view_probabilities

@@ -429,7 +429,6 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
                      f"{previous_training.get('wall_time_s')} s; command: {previous_training.get('command')})")
     card = {
         "name": "demo_lung_nodule_vit",
-        "description": DESCRIPTION,
         "network": {"name": "ViT", "args": checkpoint["network_args"]},
         "weights": WEIGHTS_NAME,
         "preprocessing": {
@@ -446,9 +445,6 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
         },
         "classes": ["no lesion", "lesion"],
         "target": 1,
-        "default_region": DEFAULT_REGION,
-        "default_flip_axes": list(DEFAULT_FLIP_AXES),
-        "calibration": calibration,
         "training_data": (
             "lung1_image.nrrd and lung2_image.nrrd (chest CT, 5 mm slices) from the pyradiomics 3.0.1 source "
             "distribution on PyPI (BSD-3-Clause), resampled to RAS 2 mm. Synthetic nodules: random ellipsoids, "
@@ -480,8 +476,8 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "previous_wall_time_s": previous_training.get("wall_time_s"),
             "recipe": recipe_text(checkpoint["phases"], previous_text, checkpoint["samples"]),
         },
-        "metrics": metrics,
     }
+    card.update(evaluated_fields(metrics, calibration))
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().contiguous() for k, v in checkpoint["model"].items()}
     torch.save(weights, out_dir / WEIGHTS_NAME)
@@ -490,12 +486,18 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
     return path
 
 
+def evaluated_fields(metrics: Dict[str, object], calibration: Dict[str, object]) -> Dict[str, object]:
+    """The card fields an evaluation writes (`write_card`) and rewrites (`update_card`): the description, the
+    inference defaults its numbers are of (region, flips), the calibration and the metrics."""
+    return {"description": DESCRIPTION, "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
+            "calibration": calibration, "metrics": metrics}
+
+
 def update_card(path: Path, metrics: Dict[str, object], calibration: Dict[str, object]) -> Path:
-    """Rewrite a card's description, inference defaults (region, flips), calibration and metrics in place,
-    keeping every other field (weights, network, training record) and the order of its keys."""
+    """Rewrite a card's `evaluated_fields` in place, keeping every other field (weights, network, training
+    record) and the order of its keys."""
     card = json.loads(path.read_text())
-    fresh = {"description": DESCRIPTION, "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
-             "calibration": calibration, "metrics": metrics}
+    fresh = evaluated_fields(metrics, calibration)
     order = list(card) + [key for key in fresh if key not in card]
     merged = {**card, **fresh}
     path.write_text(json.dumps({key: merged[key] for key in order}, indent=2) + "\n")
