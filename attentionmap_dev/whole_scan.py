@@ -53,18 +53,24 @@ def regridded(image_path: Path, label_path: Path, kind: str) -> Dict[str, np.nda
     """{"image", "affine", "label" (bool), "label_affine"} of the scan re-gridded as `kind` (see REGRIDDINGS)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.io import image_arrays
-
-    image, label = regrid_kind(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), kind)
-    array, affine = image_arrays(image)
-    mask, mask_affine = image_arrays(label)
+    if kind not in REGRIDDINGS:
+        raise ValueError(f"unknown re-gridding {kind!r}; expected one of {REGRIDDINGS}")
+    scan = scan_arrays(*regrid_kind(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), kind))
     if kind == "flipped":
         flip = np.diag([-1.0, 1.0, -1.0, 1.0])
-        flip[0, 3], flip[2, 3] = array.shape[0] - 1, array.shape[2] - 1
-        array, affine = np.ascontiguousarray(array[::-1, :, ::-1]), affine @ flip
-        mask, mask_affine = np.ascontiguousarray(mask[::-1, :, ::-1]), mask_affine @ flip
-    elif kind not in REGRIDDINGS:
-        raise ValueError(f"unknown re-gridding {kind!r}; expected one of {REGRIDDINGS}")
+        flip[0, 3], flip[2, 3] = scan["image"].shape[0] - 1, scan["image"].shape[2] - 1
+        scan = {"image": np.ascontiguousarray(scan["image"][::-1, :, ::-1]), "affine": scan["affine"] @ flip,
+                "label": np.ascontiguousarray(scan["label"][::-1, :, ::-1]),
+                "label_affine": scan["label_affine"] @ flip}
+    return scan
+
+
+def scan_arrays(image, label) -> Dict[str, np.ndarray]:
+    """{"image" (float32, IJK), "affine", "label" (bool), "label_affine"} of SimpleITK image and label."""
+    from AttentionMapLib.io import image_arrays
+
+    array, affine = image_arrays(image)
+    mask, mask_affine = image_arrays(label)
     return {"image": array.astype(np.float32), "affine": affine, "label": mask > 0, "label_affine": mask_affine}
 
 

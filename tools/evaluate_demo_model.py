@@ -29,6 +29,7 @@ Every probability and map here is the card's default inference: averaged over th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -69,8 +70,9 @@ DESCRIPTION = (
     "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
     "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
     "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
-    "calibrated window probability, the default region is the automatic lung field, and every window is "
-    "averaged over the 8 flips of its input (default_flip_axes; the metrics below were measured so)."
+    "calibrated window probability, the default region is the automatic lung field, every window is "
+    "averaged over the 8 flips of its input (default_flip_axes) and overlapping windows are blended with Gaussian "
+    "weights favouring their centres (preprocessing.spatial.blend); the metrics below were measured so."
 )
 
 
@@ -429,20 +431,9 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
                      f"{previous_training.get('wall_time_s')} s; command: {previous_training.get('command')})")
     card = {
         "name": "demo_lung_nodule_vit",
+        **evaluated_fields(metrics, calibration),
         "network": {"name": "ViT", "args": checkpoint["network_args"]},
         "weights": WEIGHTS_NAME,
-        "preprocessing": {
-            "orientation": "RAS",
-            "spacing": [demo_data.SPACING_MM] * 3,
-            "intensity": {
-                "a_min": demo_data.HU_RANGE[0],
-                "a_max": demo_data.HU_RANGE[1],
-                "b_min": 0.0,
-                "b_max": 1.0,
-                "clip": True,
-            },
-            "spatial": {"mode": "sliding_window", "overlap": 0.5, "sw_batch_size": 4},
-        },
         "classes": ["no lesion", "lesion"],
         "target": 1,
         "training_data": (
@@ -477,7 +468,6 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
             "recipe": recipe_text(checkpoint["phases"], previous_text, checkpoint["samples"]),
         },
     }
-    card.update(evaluated_fields(metrics, calibration))
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().contiguous() for k, v in checkpoint["model"].items()}
     torch.save(weights, out_dir / WEIGHTS_NAME)
@@ -488,8 +478,10 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
 
 def evaluated_fields(metrics: Dict[str, object], calibration: Dict[str, object]) -> Dict[str, object]:
     """The card fields an evaluation writes (`write_card`) and rewrites (`update_card`): the description, the
-    inference defaults its numbers are of (region, flips), the calibration and the metrics."""
-    return {"description": DESCRIPTION, "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
+    inference its numbers are of (preprocessing with the sliding windows and their blending, region, flips: what
+    `as_loaded` runs), the calibration and the metrics."""
+    return {"description": DESCRIPTION, "preprocessing": copy.deepcopy(demo_data.CARD_PREPROCESSING),
+            "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
             "calibration": calibration, "metrics": metrics}
 
 
@@ -508,7 +500,7 @@ def as_loaded(model: torch.nn.Module):
     """The network with the demo card's preprocessing, classes and target, as `models.load_model` gives it."""
     from AttentionMapLib.models import LoadedModel
 
-    return LoadedModel(network=model.eval(), preprocessing=dict(demo_data.CARD_PREPROCESSING),
+    return LoadedModel(network=model.eval(), preprocessing=copy.deepcopy(demo_data.CARD_PREPROCESSING),
                        classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3,
                        card={"default_flip_axes": list(DEFAULT_FLIP_AXES)},
                        source="evaluated weights")
