@@ -14,7 +14,7 @@ the misses with their volume-level P(lesion). Minutes on 2 cores (each run one s
 from __future__ import annotations
 
 import argparse
-import copy
+from dataclasses import replace
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -49,9 +49,11 @@ def random_regriddings(image_path, label_path, rng: np.random.Generator, count: 
 
 def measure(loaded, scans: Dict[str, Dict[str, np.ndarray]], blend: str) -> List[Dict[str, object]]:
     """One row per scan (the first is the reference): holds, distance moved from the first run's peak, P(lesion)."""
-    blended = copy.deepcopy(loaded)
-    blended.preprocessing["spatial"]["blend"] = blend
-    temperature = float(loaded.card.get("calibration", {}).get("temperature", 1.0))
+    from AttentionMapLib.core.calibration import card_temperature
+
+    spatial = {**loaded.preprocessing["spatial"], "blend": blend}
+    blended = replace(loaded, preprocessing={**loaded.preprocessing, "spatial": spatial})
+    temperature = card_temperature(loaded.card, loaded.source)
     rows, reference = [], None
     for name, scan in scans.items():
         row = whole_scan.run_scan(blended, temperature, scan["image"], scan["affine"], None,
