@@ -180,6 +180,17 @@ def load_lung_ct(image_path: Path, label_path: Path, name: str) -> LungCT:
                   heldout_s_mm=(min(s_range), max(s_range)))
 
 
+def random_grid(rng: np.random.Generator, max_degrees: Sequence[float], in_plane_mm: Tuple[float, float],
+                slice_mm: Tuple[float, float]) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+    """A random voxel grid for `regrid`: (degrees (3,) about R, A, S, each uniform within +-max_degrees, direction
+    (3, 3), spacing (mm): uniform in `in_plane_mm` along the first two axes and in `slice_mm` across slices)."""
+    from AttentionMapLib.core.geometry import rotation
+
+    degrees = rng.uniform(-1, 1, 3) * np.broadcast_to(np.asarray(max_degrees, dtype=float), (3,))
+    direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
+    return degrees, direction, (*rng.uniform(*in_plane_mm, 2), rng.uniform(*slice_mm))
+
+
 def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.Generator, index: int) -> LungCT:
     """`ct`'s source files re-gridded at random (`regrid`: rotated up to `REGRID_MAX_DEGREES` about R, A and S,
     spacing uniform in `REGRID_IN_PLANE_MM` in-plane and `REGRID_SLICE_MM` across slices), then through the card's
@@ -187,12 +198,9 @@ def regridded_ct(ct: LungCT, image_path: Path, label_path: Path, rng: np.random.
     "<ct.name>~<index>"; keeps `ct`'s held-out slab (in S mm)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.core.geometry import rotation
     from AttentionMapLib.io import image_arrays
 
-    degrees = rng.uniform(-1, 1, 3) * np.array(REGRID_MAX_DEGREES)
-    direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
-    spacing = (*rng.uniform(*REGRID_IN_PLANE_MM, 2), rng.uniform(*REGRID_SLICE_MM))
+    _, direction, spacing = random_grid(rng, REGRID_MAX_DEGREES, REGRID_IN_PLANE_MM, REGRID_SLICE_MM)
     image, label = regrid(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)), direction, spacing)
     hu, affine = _preprocess(*image_arrays(image), label=False)
     tumour, _ = _preprocess(*image_arrays(label), label=True)

@@ -34,14 +34,10 @@ def random_regriddings(image_path, label_path, rng: np.random.Generator, count: 
     seed, rotation (degrees) and spacing (mm)."""
     import SimpleITK as sitk
 
-    from AttentionMapLib.core.geometry import rotation
-
     image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     scans = {}
     for _ in range(count):
-        degrees = rng.uniform(-1, 1, 3) * MAX_DEGREES
-        direction = rotation(2, degrees[2]) @ rotation(1, degrees[1]) @ rotation(0, degrees[0])
-        spacing = (*rng.uniform(*IN_PLANE_MM, 2), rng.uniform(*SLICE_MM))
+        degrees, direction, spacing = demo_data.random_grid(rng, (MAX_DEGREES,) * 3, IN_PLANE_MM, SLICE_MM)
         name = f"seed {seed}: {np.round(degrees).astype(int).tolist()} deg, {np.round(spacing, 1).tolist()} mm"
         scans[name] = whole_scan.scan_arrays(*demo_data.regrid(image, label, direction, spacing))
     return scans
