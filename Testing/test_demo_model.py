@@ -313,6 +313,22 @@ def test_recipe_names_the_small_nodule_varied_lesion_and_face_shares():
     assert "a share 0.3 of the pairs (both crops alike, clear of the nodule) and of the whole-scan windows cut" in text
 
 
+def test_learning_rate_warms_up_then_stays_or_falls_to_zero():
+    from tools.evaluate_demo_model import recipe_text
+    from tools.train_demo_model import phase_lr_factor
+
+    constant = [phase_lr_factor(n, 300, 0) for n in (0, 150, 300, 10**6)]
+    assert constant == [0.0, 0.5, 1.0, 1.0]
+    decaying = [phase_lr_factor(n, 300, 1000) for n in (150, 300, 500, 900, 1000, 2000)]
+    assert np.allclose(decaying, [0.5, 0.7, 0.5, 0.1, 0.0, 0.0])
+    settings = {"cls_attention_weight": "0.0", "scan_negatives": "0", "curriculum_samples": "0", "threads": "1",
+                "pairs_per_batch": "8", "wall_fraction": "0.25", "weight_decay": "0.05", "warmup_samples": "300",
+                "lr": "3e-05", "token_weight": "1.0", "token_pos_weight": "10.0", "init_weights": "None"}
+    assert "then constant (no cosine)" in recipe_text([{"from_samples": 0, "settings": settings}])
+    text = recipe_text([{"from_samples": 0, "settings": {**settings, "decay_samples": "110000"}}])
+    assert "to lr 3e-05, then a linear fall to 0 at 110000 samples;" in text and "constant" not in text
+
+
 def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
     sampler = demo_data.CropSampler(cts, "train")
     rng = np.random.default_rng(11)

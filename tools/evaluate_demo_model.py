@@ -311,7 +311,7 @@ STEP = (
     "CPU (2 cores), torch threads {threads}. Each step: {pairs} crops once with and once without a synthetic "
     "nodule at the same place (a share {wall} of the nodules centred on the lung's rim, next to the pleura or "
     "the mediastinum){small}{scans}. AdamW (weight decay {wd}), linear warm-up over {warmup} samples to lr {lr}, then "
-    "constant (no cosine); gradient norm clipped at 1; random flips.{curriculum} Loss = cross-entropy on the "
+    "{schedule}; gradient norm clipped at 1; random flips.{curriculum} Loss = cross-entropy on the "
     "ViT's classification head + {token_weight} x token labelling: a Linear head (training only, not shipped) "
     "on the last block's patch tokens after the ViT's final LayerNorm predicts whether each 8^3 patch contains "
     "nodule voxels (BCE, positive weight {token_pos_weight}). {attention}The ViT's classification head and "
@@ -388,6 +388,8 @@ def recipe_text(phases: List[Dict[str, object]], previous: str = "", total: Opti
         threads=first.get("threads", "2"), pairs=first["pairs_per_batch"], wall=first["wall_fraction"], scans=scans,
         small=_sampling_options_text(first),
         wd=first["weight_decay"], warmup=first["warmup_samples"], lr=first["lr"],
+        schedule=(f"a linear fall to 0 at {first['decay_samples']} samples"
+                  if int(first.get("decay_samples", 0) or 0) else "constant (no cosine)"),
         curriculum=(f" Curriculum: nodule radius 8-15 mm for the first {curriculum} samples, then 3-15 mm."
                     if curriculum else ""),
         token_weight=first["token_weight"], token_pos_weight=first["token_pos_weight"], attention=attention)

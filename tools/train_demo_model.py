@@ -12,8 +12,9 @@ then the weights and the card are written from the final checkpoint by
 ``tools/evaluate_demo_model.py --checkpoint build/demo_training/checkpoint.pt --ship``.
 
 Recipe (see docs in the model card): fixed seed; paired batches (every crop once with and once without
-a synthetic nodule, same place); AdamW, linear warm-up then a constant learning rate (no cosine);
-large-nodule curriculum (radius 8-15 mm for the first `--curriculum-samples`, then 3-15 mm); random flips;
+a synthetic nodule, same place); AdamW, linear warm-up then a constant learning rate (or, with
+`--decay-samples`, a linear fall to 0); large-nodule curriculum (radius 8-15 mm for the first
+`--curriculum-samples`, then 3-15 mm); random flips;
 a per-patch auxiliary "token labelling" loss: a Linear head (lives only here, not shipped) on the last
 block's patch tokens (after the ViT's final LayerNorm) predicts whether each 8^3 patch contains nodule.
 Optional `--cls-attention-weight`: a loss pulling the last layer's CLS attention (head mean) onto the
@@ -177,6 +178,15 @@ def mine_hard_negatives(model: torch.nn.Module, scans: demo_data.WholeScanSample
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
+def phase_lr_factor(phase_samples: int, warmup: int, decay: int) -> float:
+    """Learning-rate multiplier after `phase_samples` samples of a phase: linear warm-up over `warmup` samples, then
+    1 (`decay` 0) or a linear fall to 0 at `decay` samples (the lower of the two ramps)."""
+    factor = min(1.0, phase_samples / max(warmup, 1))
+    if decay:
+        factor = min(factor, max(0.0, 1.0 - phase_samples / decay))
+    return factor
+
+
 def save_checkpoint(path: Path, state: Dict[str, object]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -192,6 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-samples", type=int, default=1500)
+    p.add_argument(
+        "--decay-samples", type=int, default=0,
+        help="after the warm-up, lower the learning rate linearly to 0 over this many samples of the phase, then "
+        "stop (0: constant learning rate)",
+    )
     p.add_argument("--curriculum-samples", type=int, default=6000, help="radius 8-15 mm until this many samples")
     p.add_argument(
         "--small-fraction", type=float, default=0.0,
@@ -310,9 +325,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if scans is not None and hard is None:
             hard = mine()
-        while samples < a.max_samples and time.time() - start < a.minutes * 60:
+        while (samples < a.max_samples and time.time() - start < a.minutes * 60
+               and not (a.decay_samples and samples - samples_at_start >= a.decay_samples)):
             radius = (8.0, demo_data.RADIUS_MM[1]) if samples < a.curriculum_samples else demo_data.RADIUS_MM
-            lr = a.lr * min(1.0, (samples - samples_at_start + batch_size) / a.warmup_samples)
+            lr = a.lr * phase_lr_factor(samples - samples_at_start + batch_size, a.warmup_samples, a.decay_samples)
             for group in optimiser.param_groups:
                 group["lr"] = lr
             small = round(a.pairs_per_batch * a.small_fraction) if samples >= a.curriculum_samples else 0
