@@ -329,6 +329,27 @@ def test_learning_rate_warms_up_then_stays_or_falls_to_zero():
     assert "to lr 3e-05, then a linear fall to 0 at 110000 samples;" in text and "constant" not in text
 
 
+def test_auc_interval_holds_the_estimate_narrows_with_more_pairs_and_resamples_whole_pairs():
+    from tools.train_demo_model import auc, auc_interval
+
+    rng = np.random.default_rng(3)
+
+    def pairs(n):  # interleaved (with, without) as the held-out set: positives score higher on average
+        scores = np.empty(2 * n)
+        scores[0::2], scores[1::2] = rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)
+        return scores, np.tile([1, 0], n), np.arange(2 * n) // 2
+
+    scores, labels, groups = pairs(50)
+    lo, hi = auc_interval(scores, labels, groups, draws=400)
+    assert lo < auc(scores, labels) < hi and 0.5 < lo and hi < 1.0
+    wide = hi - lo
+    lo, hi = auc_interval(*pairs(800), draws=200)
+    assert hi - lo < wide / 2  # the interval shrinks like 1 / sqrt(pairs)
+    assert auc_interval(scores, labels, groups, draws=100) == auc_interval(scores, labels, groups, draws=100)
+    separated = np.tile([1.0, 0.0], 20)
+    assert auc_interval(separated, np.tile([1, 0], 20), np.arange(40) // 2, draws=50) == (1.0, 1.0)
+
+
 def test_rim_nodules_sit_next_to_the_chest_wall_or_mediastinum(cts):
     sampler = demo_data.CropSampler(cts, "train")
     rng = np.random.default_rng(11)

@@ -53,7 +53,7 @@ from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabil
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
-from tools.train_demo_model import auc, build_network  # noqa: E402
+from tools.train_demo_model import auc, auc_interval, build_network  # noqa: E402
 
 MODELS_DIR = ROOT / "AttentionMap" / "AttentionMapLib" / "demo_model"
 CARD_NAME = "demo_lung_nodule_vit.json"
@@ -141,8 +141,8 @@ def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_l
 
 def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pairs: int,
                     lesion: Optional[lesions.LesionFamily] = None) -> Dict[str, object]:
-    """Accuracy, AUC and pointing games (rollout and raw last layer) on the first `pairs` held-out pairs
-    (their nodules drawn by `lesion` when given)."""
+    """Accuracy, AUC (with a 95 % bootstrap interval over the pairs) and pointing games (rollout and raw last
+    layer) on the first `pairs` held-out pairs (their nodules drawn by `lesion` when given)."""
     logits, rollout, raw, grad, tokens, labels, radii = [], [], [], [], [], [], []
     for chunk in demo_data.heldout_batches(cts, pairs, lesion=lesion):
         lg, g = run_model_logits(model, chunk.images)
@@ -169,6 +169,7 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
         "heldout_negatives": int((~pos).sum()),
         "heldout_accuracy": float(((p > 0.5) == pos).mean()),
         "heldout_auc": auc(p, y),
+        "heldout_auc_ci95": [round(v, 4) for v in auc_interval(p, y, np.arange(len(y)) // 2)],
         "heldout_sensitivity": float((p[pos] > 0.5).mean()),
         "heldout_specificity": float((p[~pos] <= 0.5).mean()),
         "rollout_pointing_game": float(roll["hit"].mean()),

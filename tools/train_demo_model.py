@@ -31,7 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -119,6 +119,23 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def auc_interval(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, draws: int = 2000,
+                 level: float = 0.95, seed: int = 0) -> Tuple[float, float]:
+    """Bootstrap interval of `auc` (percentile method): `draws` resamples of whole groups with replacement
+    (groups (N,): one id per crop; the crops of a held-out pair, with and without its nodule, share one).
+    O(draws * N^2) comparisons."""
+    ids = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in ids]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        take = np.concatenate([members[g] for g in rng.integers(0, len(ids), len(ids))])
+        values.append(auc(scores[take], labels[take]))
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.nanpercentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 @torch.no_grad()
