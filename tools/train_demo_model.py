@@ -221,8 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup-samples", type=int, default=1500)
     p.add_argument(
         "--decay-samples", type=int, default=0,
-        help="after the warm-up, lower the learning rate linearly to 0 over this many samples of the phase, then "
-        "stop (0: constant learning rate)",
+        help="after the warm-up, lower the learning rate linearly so that it reaches 0 at this many samples of the "
+        "phase (counted from the phase's start, warm-up included), then stop (0: constant learning rate)",
     )
     p.add_argument("--curriculum-samples", type=int, default=6000, help="radius 8-15 mm until this many samples")
     p.add_argument(
