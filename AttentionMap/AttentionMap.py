@@ -54,10 +54,16 @@ METHODS = list(method_names())  # the method registry (torch-free)
 HEAD_FUSIONS = ["mean", "max", "min", "single head"]
 NORMALIZATIONS = ["percentile", "minmax", "none"]
 DEVICES = ["auto", "cpu", "cuda"]
-# flip averaging: the model card's default_flip_axes (the demo card's: the 8 flips), none, or the 8 flips;
-# FLIP_AXES gives each choice's explain option flip_axes (flips.flip_axes_from_spec, resolved in the worker)
-FLIP_AVERAGING = ["model default", "off", "8 flips"]
-FLIP_AXES = {"model default": "default", "off": "none", "8 flips": [0, 1, 2]}
+# test-time averaging: the model card's default_flip_axes and default_shift_average (the demo card's: the 8 flips and
+# the 7 half-patch shifts), none, the 8 flips, or both; TEST_TIME_VIEWS gives each choice's explain options flip_axes
+# and shift_average (flips.flip_axes_from_spec, shifts.shift_average_from_spec, resolved in the worker)
+TEST_TIME_AVERAGING = ["model default", "off", "8 flips", "8 flips + half-patch shifts"]
+TEST_TIME_VIEWS = {
+    "model default": {"flip_axes": "default", "shift_average": "default"},
+    "off": {"flip_axes": "none", "shift_average": "off"},
+    "8 flips": {"flip_axes": [0, 1, 2], "shift_average": "off"},
+    "8 flips + half-patch shifts": {"flip_axes": [0, 1, 2], "shift_average": "on"},
+}
 MODEL_DEFAULT_TARGET = "(model default)"
 POLL_INTERVAL_MS = 100
 FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
@@ -66,7 +72,7 @@ FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) 
 FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
 RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device",
-                "flipAveraging")
+                "testTimeAveraging")
 
 
 class AttentionMap(ScriptedLoadableModule):
@@ -88,8 +94,9 @@ a model card (.json) or a MONAI bundle folder (bundles run code from their confi
 Its messages are in <i>Details</i>.</li>
 <li>Explore: method (rollout, raw attention, gradient-weighted rollout), layer, discard ratio and a
 <b>query point</b> ("attention from here") update the overlay at once from the cached attention.
-Head fusion, target class, model, device and <i>Average over flips</i> (maps and probabilities averaged over
-the 8 flips of each window: 8 network passes per window) need another Apply.</li>
+Head fusion, target class, model, device and <i>Test-time averaging</i> (maps and probabilities averaged over
+the 8 flips of each window, probabilities also over its 7 half-patch shifts: up to 15 network passes per window)
+need another Apply.</li>
 <li>Display: opacity, threshold (fraction of the colour window), colour table, show in 3D.</li>
 <li>Segment statistics: pick a segmentation and press <i>Compute</i> for the attention mass, mean and
 maximum inside each segment, the segment's volume fraction, their ratio (1 = no better than uniform)
@@ -132,10 +139,10 @@ class AttentionMapParameterNode:
     # where to look: a markups ROI or a segmentation (a Union with None binds a qMRMLNodeComboBox, as colorNode)
     region: Union[vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode, None]
     useDefaultRegion: bool = True
-    # flip averaging (explain_volume flip_axes; FLIP_AVERAGING): a str with a Choice binds the .ui's QComboBox and
-    # fills its items from the choices (Slicer v5.8.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:355-379,
-    # QComboBoxToStringableConnector)
-    flipAveraging: Annotated[str, Choice(FLIP_AVERAGING)] = "model default"
+    # test-time averaging (explain_volume flip_axes, shift_average; TEST_TIME_AVERAGING): a str with a Choice binds
+    # the .ui's QComboBox and fills its items from the choices
+    # (Slicer v5.8.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:355-379, QComboBoxToStringableConnector)
+    testTimeAveraging: Annotated[str, Choice(TEST_TIME_AVERAGING)] = "model default"
     outputVolume: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
@@ -281,7 +288,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.updateDisplay(p)
         elif changed & set(RERUN_FIELDS):
             self.ui.statusLabel.text = _("Press Apply to run the network with the new input, model, heads, target or "
-                                         "flip averaging.")
+                                         "test-time averaging.")
 
     def _showModelInfo(self) -> None:
         """Class names and layer / head ranges: from the last result's model, else from the model card."""
@@ -596,7 +603,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         single = p.headFusion == "single head"
         return {**self.fusionOptions(p), "head_fusion": "mean" if single else p.headFusion,
                 "head": p.head if single else None, "target": p.targetClass or None,
-                "flip_axes": FLIP_AXES[p.flipAveraging]}
+                **TEST_TIME_VIEWS[p.testTimeAveraging]}
 
     def startExplain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:
         """Copy the input (on this, the main thread) and start the model in the worker process."""

@@ -436,6 +436,36 @@ def test_flip_average_lands_in_the_summary_and_equals_the_library_run(scan, tmp_
         load_model(str(card))
 
 
+def test_shift_average_lands_in_the_summary_and_equals_the_library_run(scan, tmp_path):
+    from AttentionMapLib.core.volume import explain_volume
+    from AttentionMapLib.models import load_model
+
+    card = _sliding_card(tmp_path, calibration={"temperature": 2.0}, default_shift_average=True)
+    image = scan / "case1.nrrd"
+    volume, affine = read_volume(image)
+    loaded = load_model(str(card))
+    common = dict(img_size=loaded.img_size, target=1, temperature=2.0, normalize="percentile")
+    direct = explain_volume(loaded.network, volume, affine, loaded.preprocessing, shift_average=True, **common)
+    plain = explain_volume(loaded.network, volume, affine, loaded.preprocessing, **common)
+    out = tmp_path / "card default"
+    assert run_cli("run", image, "--model", card, "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    case = summary["cases"][0]
+    assert summary["options"]["shift_average"] is True
+    assert case["probabilities"]["lesion"] == pytest.approx(float(direct.probabilities[1]), abs=1e-6)
+    assert case["prediction"]["rule"].endswith(", calibrated, each the mean over 7 half-patch-shifted views")
+    np.testing.assert_allclose(case["peak_ras_mm"], direct.peak_ras(), atol=1e-4)
+    out = tmp_path / "off"
+    assert run_cli("run", image, "--model", card, "--shift-average", "off", "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["shift_average"] is False and "shifted" not in summary["cases"][0]["prediction"]["rule"]
+    assert summary["cases"][0]["probabilities"]["lesion"] == pytest.approx(float(plain.probabilities[1]), abs=1e-6)
+    assert abs(float(plain.probabilities[1]) - float(direct.probabilities[1])) > 1e-4  # the two runs differ
+    with pytest.raises(SystemExit):
+        run_cli("run", image, "--model", card, "--shift-average", "maybe", "--output-dir", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_default_region_is_used_shown_and_switchable_off(scan, tmp_path, capsys):
     card = _sliding_card(tmp_path, default_region={"kind": "lung_field"})
     image = scan / "case1.nrrd"

@@ -67,8 +67,8 @@ def run_self_test_steps() -> None:
     p = parameters(module, volume)
     assert p.method == "rollout" and p.normalize == "percentile" and p.colorNode is None and p.useDefaultRegion
     p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
-    assert p.flipAveraging == "model default"
-    p.flipAveraging = "off"  # one pass per window until the last step, which runs the card's default
+    assert p.testTimeAveraging == "model default"
+    p.testTimeAveraging = "off"  # one pass per window until the last step, which runs the card's default
     assert logic.modelSummary(p) == (["no lesion", "lesion"], 4, 4)  # from the card, before any run
     assert scene.GetFirstNodeByName(mrml.HEAT_COLOR_NODE_NAME) is None
 
@@ -122,13 +122,17 @@ def run_self_test_steps() -> None:
     first = logic.processCases([volume], p)
     count = scene.GetNumberOfNodes()
     assert logic.processCases([volume], p)[0].GetID() == first[0].GetID() and scene.GetNumberOfNodes() == count
-    assert logic.result.attention.flip_axes == () and logic.explainOptions(p)["flip_axes"] == "none"
-    p.flipAveraging = "8 flips"
-    assert logic.explainOptions(p)["flip_axes"] == [0, 1, 2]
-    p.flipAveraging = "model default"  # the demo card's default_flip_axes, resolved in the worker
-    assert logic.explainOptions(p)["flip_axes"] == "default"
+    assert logic.result.attention.flip_axes == () and not logic.result.attention.shift_average
+    assert logic.explainOptions(p)["flip_axes"] == "none" and logic.explainOptions(p)["shift_average"] == "off"
+    p.testTimeAveraging = "8 flips"
+    assert logic.explainOptions(p)["flip_axes"] == [0, 1, 2] and logic.explainOptions(p)["shift_average"] == "off"
+    p.testTimeAveraging = "8 flips + half-patch shifts"
+    assert logic.explainOptions(p)["flip_axes"] == [0, 1, 2] and logic.explainOptions(p)["shift_average"] == "on"
+    p.testTimeAveraging = "model default"  # the demo card's default_flip_axes and default_shift_average, in the worker
+    assert logic.explainOptions(p)["flip_axes"] == "default" and logic.explainOptions(p)["shift_average"] == "default"
     flipped = poll(logic.startExplain(p)).attention
-    assert flipped.flip_axes == (0, 1, 2) and flipped.prediction["rule"].endswith("each the mean over 8 flipped views")
+    assert flipped.flip_axes == (0, 1, 2) and flipped.shift_average
+    assert flipped.prediction["rule"].endswith("each the mean over 8 flipped views and 7 half-patch-shifted views")
     assert np.linalg.norm(flipped.peak_ras() - nodule) <= module_logic.patch_size_mm(flipped.ijk_to_ras)
     worker.stop_shared_worker()
     print("SELF-TEST STEPS PASSED")

@@ -348,7 +348,7 @@ def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fi
     """VolumeAttention and worker.AttentionData derive from core.attention_grid.AttentionGrid: its fields
     come first in both, neither repeats them, and peak_ras / resample_to (with its region mask) are the base's."""
     shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
-    assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 17
+    assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 18
     for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
                                              "temperature", "_tiling"}),
                           (worker.AttentionData, {"result_id", "prediction"})):

@@ -3,7 +3,8 @@
     attention-map run INPUT... --model demo|CARD.json|BUNDLE_DIR [--trust-bundle] --output-dir DIR
                   [--method METHOD] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
-                  [--flip-average all|AXES|none] [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
+                  [--flip-average all|AXES|none] [--shift-average on|off]
+                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
                   [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "axes ('all' = 0,1,2: 8 views; '0,2': 4 views; 'none': no flips); costs one forward (and "
                           "backward) pass per view: 'all' runs 8x longer. Default: the card's default_flip_axes "
                           "(the demo card's: all), else none")
+    run.add_argument("--shift-average", default=None, choices=("on", "off"),
+                     help="also average the probabilities (not the maps) over the 7 views of each window whose "
+                          "content is moved by half a patch (7 more forward passes per window). Default: the card's "
+                          "default_shift_average (the demo card's: on), else off")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--roi", nargs="+", default=None, metavar="V",
                        help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
@@ -361,6 +366,7 @@ def run_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .core.calibration import card_temperature
+    from .core.shifts import shift_average_from_spec
     from .models import load_model, resolve_device
     from .render import shared_scale, write_montage, write_overlay
 
@@ -371,7 +377,8 @@ def run_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
-               "flip_axes": flip_axes_option(args.flip_average, loaded)}
+               "flip_axes": flip_axes_option(args.flip_average, loaded),
+               "shift_average": shift_average_from_spec(args.shift_average, loaded.card, loaded.source)}
     check_case_volumes(cases, loaded)
     regions = case_regions(args, cases, loaded)
     with staged_folder(output_dir, names, inputs) as staging:

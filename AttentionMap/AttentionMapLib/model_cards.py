@@ -247,17 +247,20 @@ _CALIBRATION_TEXT = ("fitted_on", "ece_on")
 
 
 def check_inference_defaults(card: Mapping[str, Any]) -> None:
-    """``default_region`` (read by region.card_default_region), ``default_flip_axes`` (flips.card_flip_axes) and
+    """``default_region`` (read by region.card_default_region), ``default_flip_axes`` (flips.card_flip_axes),
+    ``default_shift_average`` (shifts.card_shift_average) and
     ``calibration`` (temperature read by calibration.card_temperature; the recorded ECEs and their data
     descriptions) when the card has them."""
     from .core.calibration import card_temperature
     from .core.flips import card_flip_axes
     from .core.region import card_default_region
+    from .core.shifts import card_shift_average
 
     source = "model card"
     try:
         card_default_region(card, source)
         card_flip_axes(card, source)
+        card_shift_average(card, source)
         card_temperature(card, source)
     except AttentionMapError as exc:  # the loader names the card file itself
         raise AttentionMapError(str(exc)[len(source) + 2:] if str(exc).startswith(source) else str(exc)) from None

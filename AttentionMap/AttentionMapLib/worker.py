@@ -390,7 +390,7 @@ def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int,
         head_fusion=fields["head_fusion"], discard_ratio=float(fields["discard_ratio"]), normalize=fields["normalize"],
         num_windows=int(fields["num_windows"]), timings=dict(fields["timings"]),
         window_weighting=fields["window_weighting"], flip_axes=tuple(int(a) for a in fields.get("flip_axes", ())),
-        prediction=fields.get("prediction"), region=region)
+        shift_average=bool(fields.get("shift_average", False)), prediction=fields.get("prediction"), region=region)
 
 
 def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
@@ -453,7 +453,9 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     normalize, ...); ``target`` may be a class index or name, None means the card's default.
     ``region`` (`region.region_from_spec`): "default" (the card's), "none", a box, or a mask (its array is
     written to the scratch folder like the input). ``explain_options["flip_axes"]``
-    (`flips.flip_axes_from_spec`): absent or "default" (the card's default_flip_axes), "none", or axes.
+    (`flips.flip_axes_from_spec`): absent or "default" (the card's default_flip_axes), "none", or axes;
+    ``explain_options["shift_average"]`` (`shifts.shift_average_from_spec`): absent or "default" (the card's
+    default_shift_average), "on", "off" or a bool.
     The card's calibration is applied in the worker.
     The result is an ExplainResult (plain data).
     """

@@ -93,6 +93,7 @@ def attention_message(attention: Any, classes: Optional[List[str]] = None,
                                                         "discard_ratio", "normalize", "num_windows",
                                                         "window_weighting")}
     fields["flip_axes"] = [int(a) for a in attention.flip_axes]
+    fields["shift_average"] = bool(attention.shift_average)
     fields["timings"] = dict(attention.timings)
     fields["prediction"] = attention.prediction(classes or [])
     region_fields, region_arrays = protocol.region_message(attention.region if with_region else None)
@@ -210,6 +211,7 @@ class WorkerServer:
         from .core.calibration import card_temperature
         from .core.flips import flip_axes_from_spec
         from .core.region import region_from_spec
+        from .core.shifts import shift_average_from_spec
         from .core.volume import explain_volume
         from .models import class_index
 
@@ -226,6 +228,8 @@ class WorkerServer:
         self._last = None  # a failed or cancelled run leaves nothing to re-fuse
         options["region"] = region_from_spec(region, model.card, model.source)
         options["flip_axes"] = flip_axes_from_spec(options.get("flip_axes", "default"), model.card, model.source)
+        options["shift_average"] = shift_average_from_spec(options.get("shift_average", "default"), model.card,
+                                                           model.source)
         options["temperature"] = card_temperature(model.card, model.source)
         attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
                                    **{"img_size": model.img_size, **options}, progress=self._progress,

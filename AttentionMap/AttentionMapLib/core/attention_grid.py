@@ -34,6 +34,7 @@ class AttentionGrid:
     window_weighting: "probability" when each window's map was weighted by the window's probability
     for the target class before blending (sliding window, class outputs), else "none".
     flip_axes: the model-input axes whose flips were averaged (every combination: 2 ** len views; () = none).
+    shift_average: whether the window probabilities also average the 7 half-patch-shifted views (`shifts`).
     region: the applied region (`region.AppliedRegion`: its voxel mask on the model-input grid), None: the whole
     input; the grid is 0 on tokens outside it and `resample_to` is 0 at voxels outside it.
     """
@@ -54,6 +55,7 @@ class AttentionGrid:
     timings: Dict[str, float]
     window_weighting: str
     flip_axes: Tuple[int, ...]
+    shift_average: bool
     region: Optional[AppliedRegion]
 
     def peak_ras(self) -> np.ndarray:

@@ -24,6 +24,7 @@ from ..errors import AttentionMapError
 from . import methods
 from .calibration import softmax
 from .engine import explain
+from .shifts import check_shift_average, shifted_view_logits
 
 View = Tuple[int, ...]
 
@@ -95,13 +96,17 @@ def mean_view_probabilities(view_logits: np.ndarray, temperature: float = 1.0) -
 
 
 def explain_flip_averaged(model: torch.nn.Module, x: torch.Tensor, flip_axes: Sequence[int], normalize: str = "minmax",
-                          **options: Any) -> Tuple[np.ndarray, np.ndarray]:
+                          shift_average: bool = False, **options: Any) -> Tuple[np.ndarray, np.ndarray]:
     """Flip averaging of one model input ``x`` (B, C, *img_size): (grid (B, n1, n2, n3) float32, the mean over
     the views of `engine.explain`'s unnormalised grid of the flipped ``x`` flipped back, normalised once;
-    view_logits (V, B, K) float32, for :func:`mean_view_probabilities`). ``options``: as `engine.explain`."""
+    view_logits (V, B, K) float32, for :func:`mean_view_probabilities`: the flipped views, then with
+    ``shift_average`` the 7 half-patch-shifted views (`shifts.shifted_view_logits`, probabilities only)).
+    ``options``: as `engine.explain`."""
     grids, logits = [], []
     for view in flip_views(flip_axes):
         result = explain(model, flip_window(x, view), normalize="none", **options)
         grids.append(np.stack([unflip_map(g, view) for g in result.grid]).astype(np.float64))
         logits.append(result.logits.detach().float().cpu().numpy())
-    return methods.normalize_map(np.mean(grids, axis=0), normalize), np.stack(logits)
+    shifted = shifted_view_logits(model, x) if check_shift_average(shift_average) else None
+    view_logits = np.stack(logits) if shifted is None else np.concatenate([np.stack(logits), shifted])
+    return methods.normalize_map(np.mean(grids, axis=0), normalize), view_logits

@@ -26,6 +26,10 @@ combination of flips along the given model-input axes), each view's token map is
 the window's token grid and the views' maps are averaged per window before the probability weighting
 and the blending; the window's probabilities are the mean over views of ``softmax(logits / temperature)``.
 
+Half-patch shift averaging (``shift_average``, off by default; `shifts`): each window also runs (forward only)
+in the 7 views whose content is moved by half a patch; their ``softmax(logits / temperature)`` join the
+mean that makes the window's probabilities (and the mean logits), not the maps.
+
 Volume-level prediction: window probabilities are ``softmax(logits / temperature)`` (the card's
 calibration); the decisive window is the one with the highest probability of the target class (the
 given target, else the class with the highest probability in any window); ``probabilities`` is that
@@ -51,6 +55,7 @@ from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_aff
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
 from .region import AppliedRegion, Region, region_mask, token_mask
+from .shifts import check_shift_average, half_patch_shifts, shifted_view_logits
 
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -173,7 +178,7 @@ class VolumeAttention(AttentionGrid):
     region: `attention_grid.AttentionGrid`), with what a re-fusion and the prediction need.
 
     window_probabilities: (W, K) softmax(logits / temperature) per window (None for dense outputs; with flip
-    averaging the mean over views, and window_logits the mean logits);
+    or shift averaging the mean over views, and window_logits the mean logits);
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
     temperature: the calibration temperature applied.
@@ -187,8 +192,8 @@ class VolumeAttention(AttentionGrid):
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
         """The volume-level prediction as plain data (None for dense outputs): the decisive window's class,
-        probability and RAS centre, the rule that picked it (with flip averaging), the number of windows and the
-        temperature."""
+        probability and RAS centre, the rule that picked it (with the views averaged), the number of windows and
+        the temperature."""
         if self.decisive_window is None:
             return None
         klass = int(self.target) if self.target is not None else int(np.argmax(self.probabilities))
@@ -200,9 +205,15 @@ class VolumeAttention(AttentionGrid):
             "windows": int(self.num_windows),
             "rule": f"the highest P({name}) of the {self.num_windows} window(s) that were run"
                     + (", calibrated" if self.temperature != 1.0 else "")
-                    + (f", each the mean over {2 ** len(self.flip_axes)} flipped views" if self.flip_axes else ""),
+                    + self._views_text(),
             "temperature": float(self.temperature),
         }
+
+    def _views_text(self) -> str:
+        """How each window's probabilities were averaged over views, for the prediction's rule ("" for one view)."""
+        parts = [f"{2 ** len(self.flip_axes)} flipped views"] if self.flip_axes else []
+        parts += ["7 half-patch-shifted views"] if self.shift_average else []
+        return f", each the mean over {' and '.join(parts)}" if parts else ""
 
     def decisive_window_ras(self) -> Optional[np.ndarray]:
         """RAS centre (3,) in mm of the window the volume-level probabilities come from (None: dense outputs)."""
@@ -269,16 +280,39 @@ def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
     return results
 
 
-def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0,
-                   views: int = 1) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0, views: int = 1,
+                   extra_views: Optional[np.ndarray] = None) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(window_logits (W, K), window_probabilities (W, K)); (None, None) for dense outputs. `captures` hold
-    `views` views one after the other: the logits are the mean over views, the probabilities the mean over
-    views of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
+    `views` views one after the other, `extra_views` (V', W, K) the logits of views run without attention
+    (the half-patch shifts): the logits are the mean over all views, the probabilities the mean over all views
+    of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
     if captures[0].logits.ndim != 2:
         return None, None
     logits = torch.cat([c.logits for c in captures]).float().cpu().numpy()
     view_logits = logits.reshape(views, -1, logits.shape[-1])
+    if extra_views is not None:
+        view_logits = np.concatenate([view_logits, extra_views])
     return view_logits.mean(axis=0), mean_view_probabilities(view_logits, temperature)
+
+
+def _shifted_logits(model: torch.nn.Module, tiles: List[torch.Tensor], batch_size: int, img_size: Sequence[int],
+                    progress: Optional[ProgressCallback], cancel: Optional[CancelCheck],
+                    total: int) -> Optional[np.ndarray]:
+    """Logits (7, W, K) of every window in its 7 half-patch-shifted views (`shifts.shifted_view_logits`), batch
+    after batch with progress (7 of `total` runs per window, counted first) and cancel checks; None for dense
+    outputs (found on the first batch)."""
+    views = len(half_patch_shifts(model_spec(model, img_size).patch_size))
+    batches = []
+    for first in range(0, len(tiles), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled after the shifted views of {first} of {len(tiles)} windows")
+        logits = shifted_view_logits(model, torch.stack(tiles[first:first + batch_size]), img_size)
+        if logits is None:
+            return None
+        batches.append(logits)
+        if progress is not None:
+            progress(views * min(first + batch_size, len(tiles)) / total)
+    return np.concatenate(batches, axis=1)
 
 
 def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> int:
@@ -329,6 +363,7 @@ def explain_volume(
     region: Optional[Region] = None,
     temperature: float = 1.0,
     flip_axes: Sequence[int] = (),
+    shift_average: bool = False,
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -361,6 +396,9 @@ def explain_volume(
             before weighting and blending; the window probabilities are the mean over views of
             softmax(logits / temperature) (the card's temperature was fitted on single views); a gradient
             method takes each view's gradient of the target from that view's own logits.
+        shift_average: also average the window probabilities over the 7 views whose content is moved by half
+            a patch (`shifts`; forward passes only, 7 per window; maps unchanged). With a gradient method and
+            no target, the class is picked from the probabilities of all views.
 
     Returns:
         VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
@@ -374,6 +412,7 @@ def explain_volume(
             or temperature <= 0:
         raise AttentionMapError(f"temperature: expected a positive number, got {temperature!r}")
     views = flip_views(flip_axes)
+    shift_average = check_shift_average(shift_average)
     timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
     start = time.perf_counter()
     prep = parse_preprocessing(preprocessing)
@@ -410,17 +449,26 @@ def explain_volume(
 
     start = time.perf_counter()
     gradients = get_method(method).needs_gradients
-    two_sweeps = gradients and target is None and len(tiles) * len(views) > 1
     runs = len(tiles) * len(views)
-    total = runs * (2 if two_sweeps else 1)
+    shifted_runs = len(tiles) * len(half_patch_shifts(spec.patch_size)) if shift_average else 0
+    # at most: a gradient method without a target runs a first sweep to pick the class
+    total = runs * (2 if gradients and target is None else 1) + shifted_runs
+    # the shifted views first (a dense output stops them after one batch), so that a class picked without a
+    # target sees every view's probabilities
+    shifted = _shifted_logits(model, tiles, batch, spec.img_size, progress, cancel, total) if shift_average else None
+    two_sweeps = gradients and target is None and (runs > 1 or shifted is not None)
+    if shifted is None:  # off, or a dense output: no shifted runs to count
+        shifted_runs = 0
+    total = runs * (2 if two_sweeps else 1) + shifted_runs
 
     def sweep_views(capture: Callable, done: int) -> list:
         return [c for number, view in enumerate(views) for c in _sweep(
             [flip_window(t, view) for t in tiles], batch, capture, progress, cancel, done + number * len(tiles), total)]
 
     if two_sweeps:
-        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0)
-        window_probabilities = _class_outputs(first, temperature, len(views))[1]
+        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
+                            shifted_runs)
+        window_probabilities = _class_outputs(first, temperature, len(views), shifted)[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
     captures = sweep_views(
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
@@ -430,7 +478,7 @@ def explain_volume(
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    window_logits, window_probabilities = _class_outputs(captures, temperature, len(views))
+    window_logits, window_probabilities = _class_outputs(captures, temperature, len(views), shifted)
     decisive = None if window_probabilities is None else decisive_window(window_probabilities, target)
     probabilities = None if decisive is None else window_probabilities[decisive]
     resolved = captures[0].target
@@ -451,5 +499,7 @@ def explain_volume(
         num_windows=len(tiles), timings=timings, window_weighting=weighting,
         window_probabilities=window_probabilities, decisive_window=decisive,
         window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
-        temperature=float(temperature), flip_axes=views[-1], region=applied, _tiling=tiling,
+        temperature=float(temperature), flip_axes=views[-1], shift_average=shifted is not None,
+        region=applied,
+        _tiling=tiling,
     )
