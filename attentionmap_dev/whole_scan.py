@@ -9,7 +9,8 @@ centroid must stay within `CENTROID_TOLERANCE_MM` of the original's):
 - ``oblique``: resampled onto a grid rotated 12 degrees about S and 8 degrees about R, 0.8 x 0.8 x 2.5 mm;
 - ``anisotropic``: resampled onto an axis-aligned 1.4 x 0.7 x 3.5 mm grid.
 
-Per run (`explain_volume` with the card's preprocessing, calibration and default flips, rollout, target "lesion"):
+Per run (`explain_volume` with the card's preprocessing, calibration, default flips and half-patch shifts, rollout,
+target "lesion"):
 peak patch holds tumour voxels (the label sampled by nearest neighbour onto the model-input grid, then per
 token), distance from the peak to the nearest tumour voxel, relevance mass ratio on the label's grid,
 the volume-level P(lesion) and its window, and how far the peak moved from the as-shipped run (RAS mm).
@@ -145,12 +146,14 @@ def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, 
     from AttentionMapLib.core.engine import model_spec
     from AttentionMapLib.core.flips import card_flip_axes
     from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics
+    from AttentionMapLib.core.shifts import card_shift_average
     from AttentionMapLib.core.volume import explain_volume
 
     start = time.perf_counter()
     result = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,
                             method=method, target=loaded.target, region=region, temperature=temperature,
-                            flip_axes=card_flip_axes(loaded.card, loaded.source))
+                            flip_axes=card_flip_axes(loaded.card, loaded.source),
+                            shift_average=card_shift_average(loaded.card, loaded.source))
     seconds = time.perf_counter() - start
     prediction = result.prediction(loaded.classes)
     row: Dict[str, Any] = {
@@ -313,12 +316,15 @@ def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RAN
     return np.stack(images)[:, None], np.array(kinds)
 
 
-def scan_window_logits(model, images: np.ndarray, batch: int = 16, flip_axes: Sequence[int] = ()) -> np.ndarray:
-    """Logits (V, N, 2) of the windows (N, 1, 48, 48, 48) in each of the V views of ``flip_axes``
-    (`flips.flip_views`; V = 1 without flips), no attention. P = `flips.mean_view_probabilities`."""
+def scan_window_logits(model, images: np.ndarray, batch: int = 16, flip_axes: Sequence[int] = (),
+                       shift_average: bool = False) -> np.ndarray:
+    """Logits (V, N, 2) of the windows (N, 1, 48, 48, 48) in each of the views of ``flip_axes``
+    (`flips.flip_views`; 1 without flips), then with ``shift_average`` the 7 half-patch-shifted views
+    (`shifts.shifted_view_logits`); no attention. P = `flips.mean_view_probabilities`."""
     import torch
 
     from AttentionMapLib.core.flips import flip_views, flip_window
+    from AttentionMapLib.core.shifts import shifted_view_logits
 
     views = []
     with torch.no_grad():
@@ -326,4 +332,7 @@ def scan_window_logits(model, images: np.ndarray, batch: int = 16, flip_axes: Se
             out = [model(flip_window(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])), view))[0]
                    .float().numpy() for s in range(0, len(images), batch)]
             views.append(np.concatenate(out))
+    if shift_average:
+        views += list(np.concatenate([shifted_view_logits(model, torch.from_numpy(np.ascontiguousarray(
+            images[s : s + batch]))) for s in range(0, len(images), batch)], axis=1))
     return np.stack(views)

@@ -252,6 +252,7 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     from AttentionMapLib.core.calibration import card_temperature
     from AttentionMapLib.core.flips import card_flip_axes, mean_view_probabilities
     from AttentionMapLib.core.region import LungFieldRegion, card_default_region
+    from AttentionMapLib.core.shifts import card_shift_average
     from AttentionMapLib.models import load_model
 
     torch.set_num_threads(max(1, settings.workers))
@@ -260,11 +261,12 @@ def score_whole_scans(settings: Settings, paths: Dict[str, Path], cts, log: Call
     default = card_default_region(loaded.card, loaded.source) or LungFieldRegion()
     regions = {"whole scan": None, "lung field": default}
     images, kinds = heldout_scan_windows(cts)
-    flips = card_flip_axes(loaded.card, loaded.source)
-    p = mean_view_probabilities(scan_window_logits(loaded.network, images, flip_axes=flips), temperature)[:, 1]
+    flips, shifts = card_flip_axes(loaded.card, loaded.source), card_shift_average(loaded.card, loaded.source)
+    p = mean_view_probabilities(scan_window_logits(loaded.network, images, flip_axes=flips, shift_average=shifts),
+                                temperature)[:, 1]
     return {
         "temperature": temperature, "region": default.describe(), "card_region": loaded.card.get("default_region"),
-        "flip_axes": list(flips),
+        "flip_axes": list(flips), "shift_average": shifts,
         "rows": whole_scan.whole_scan_rows(loaded, temperature, paths, regions, log),
         "lesion_free": whole_scan.lesion_free_rows(loaded, temperature, paths, regions, log),
         "inserted": whole_scan.inserted_lesion_rows(loaded, temperature, paths, cts, log),
@@ -324,7 +326,10 @@ def whole_scan_report(data: Dict[str, Any]) -> List[str]:
         + (" (the card's default region)." if data["card_region"] else " (the card names no default region).")
         + (f" Flip averaging: the card's default, the {2 ** len(data['flip_axes'])} flips of the model input (axes "
            f"{', '.join(map(str, data['flip_axes']))}): every window's maps and probabilities are the mean over them."
-           if data.get("flip_axes") else " No flip averaging (the card names none)."),
+           if data.get("flip_axes") else " No flip averaging (the card names none).")
+        + (" Half-patch shift averaging: the card's default, every window's probabilities are also averaged over the "
+           "7 views of the window with its content moved by half a patch (`core.shifts`; the maps are not)."
+           if data.get("shift_average") else ""),
         "*P(lesion)*: the volume-level probability (the highest calibrated window probability over the windows that "
         "were run); *peak patch holds tumour*: the peak token's 16 mm patch holds tumour voxels; *moved*: distance "
         "from the as-shipped peak (same case, same region setting).",

@@ -6,10 +6,11 @@ For lung1 and lung2 (the pyradiomics sample CTs with their tumour labels): the s
 ``oblique`` and ``anisotropic`` re-griddings (`attentionmap_dev.whole_scan.REGRIDDINGS`) and ``--per-seed`` random
 re-griddings per seed (`demo_data.regrid`: rotated up to ``MAX_DEGREES`` about each axis, ``IN_PLANE_MM`` and
 ``SLICE_MM`` spacings; wider than the training's `demo_data.REGRID_*` ranges). Each is explained as a user would
-(`explain_volume`, rollout, the card's calibration and default flips, no region) once per blend (the card's
-``preprocessing.spatial.blend`` replaced). Prints a markdown table: runs whose peak patch holds tumour voxels
-(`whole_scan.peak_token_holds_label`), the largest distance of a holding run's peak from the as-shipped peak, and
-the misses with their volume-level P(lesion). Minutes on 2 cores (each run one sliding-window sweep x the card's views).
+(`explain_volume`, rollout, the card's calibration, default flips and half-patch shifts, no region) once per blend
+(the card's ``preprocessing.spatial.blend`` replaced). Prints a markdown table: runs whose peak patch holds tumour
+voxels (`whole_scan.peak_token_holds_label`), the largest distance of a holding run's peak from the as-shipped peak,
+and the misses with their volume-level P(lesion). Minutes on 2 cores (each run one sliding-window sweep x the card's
+views).
 """
 from __future__ import annotations
 

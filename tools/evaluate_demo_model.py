@@ -24,7 +24,8 @@ Whole scans (`attentionmap_dev/whole_scan.py`, through `explain_volume` as a use
 shipped and re-gridded, with and without the card's default region; and three lesion-free scans (two lung
 slabs, a whole head CT).
 Every probability and map here is the card's default inference: averaged over the 8 flips of the model input
-(`DEFAULT_FLIP_AXES`, written to the card as "default_flip_axes"; `flips.explain_flip_averaged`).
+(`DEFAULT_FLIP_AXES`, written to the card as "default_flip_axes"; `flips.explain_flip_averaged`), the probabilities
+also over its 7 half-patch shifts (`DEFAULT_SHIFT_AVERAGE`, "default_shift_average"; `shifts`).
 """
 from __future__ import annotations
 
@@ -65,13 +66,15 @@ SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
 DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
 DEFAULT_FLIP_AXES = (0, 1, 2)  # the card's default flips: every number here is of the 8-view average
+DEFAULT_SHIFT_AVERAGE = True  # the card's default: probabilities also averaged over the 7 half-patch shifts
 DESCRIPTION = (
     "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
     "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
     "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
     "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
     "calibrated window probability, the default region is the automatic lung field, every window is "
-    "averaged over the 8 flips of its input (default_flip_axes) and overlapping windows are blended with Gaussian "
+    "averaged over the 8 flips of its input (default_flip_axes), its probability also over the 7 half-patch shifts "
+    "of its input (default_shift_average), and overlapping windows are blended with Gaussian "
     "weights favouring their centres (preprocessing.spatial.blend); the metrics below were measured so."
 )
 
@@ -95,26 +98,33 @@ def peak_hits(grids: np.ndarray, tokens: np.ndarray) -> Dict[str, np.ndarray]:
 
 def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
     """P(lesion) (N,) and attention grids (N, 6, 6, 6) (normalize='none', target 1) for images (N, 1, 48, 48, 48),
-    both averaged over the card's flips (`DEFAULT_FLIP_AXES`)."""
+    averaged over the card's views (`run_model_logits`)."""
     logits, grids = run_model_logits(model, images, method, batch)
     return mean_view_probabilities(logits)[:, 1], grids
 
 
 def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
-    """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and the attention grids
-    (N, 6, 6, 6) averaged over them (`flips.explain_flip_averaged`; normalize='none', target 1)."""
+    """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and half-patch shifts
+    (`DEFAULT_SHIFT_AVERAGE`), and the attention grids (N, 6, 6, 6) averaged over the flips
+    (`flips.explain_flip_averaged`; normalize='none', target 1)."""
     logits, grids = [], []
     for s in range(0, len(images), batch):
-        grid, view_logits = explain_flip_averaged(model, torch.from_numpy(np.ascontiguousarray(images[s : s + batch])),
-                                                  DEFAULT_FLIP_AXES, normalize="none", method=method, target=1)
+        x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch]))
+        grid, view_logits = explain_flip_averaged(model, x, DEFAULT_FLIP_AXES, normalize="none",
+                                                  shift_average=DEFAULT_SHIFT_AVERAGE, method=method, target=1)
         logits.append(view_logits)
         grids.append(grid)
     return np.concatenate(logits, axis=1), np.concatenate(grids)
 
 
+def card_view_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """Logits (V, N, 2) of windows (N, 1, 48, 48, 48) in the card's views (`run_model_logits`), no attention."""
+    return scan_window_logits(model, images, flip_axes=DEFAULT_FLIP_AXES, shift_average=DEFAULT_SHIFT_AVERAGE)
+
+
 def calibration_metrics(pair_logits: np.ndarray, pair_labels: np.ndarray, scan_logits: np.ndarray) -> Dict[str, object]:
     """Temperature fitted on the even-numbered held-out pairs and windows, ECE on the odd-numbered ones; logits
-    (V, N, 2) per flipped view (P = the mean over the views of softmax(logits / T))."""
+    (V, N, 2) per view (P = the mean over the views of softmax(logits / T))."""
     pair_index = np.arange(len(pair_labels)) // 2  # a positive and its negative twin share a pair number
     fit_pairs, check_pairs = pair_index % 2 == 0, pair_index % 2 == 1
     scan_index = np.arange(scan_logits.shape[1])
@@ -279,7 +289,7 @@ def top_window_result(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str,
             for origin in origins
         ]
     )
-    p = mean_view_probabilities(scan_window_logits(model, images, flip_axes=DEFAULT_FLIP_AXES))[:, 1]
+    p = mean_view_probabilities(card_view_logits(model, images))[:, 1]
     order = np.argsort(-p, kind="stable")
     holds = [bool(ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origins[i])].any()) for i in order[:5]]
     best = order[0]
@@ -485,6 +495,7 @@ def evaluated_fields(metrics: Dict[str, object], calibration: Dict[str, object])
     `as_loaded` runs), the calibration and the metrics."""
     return {"description": DESCRIPTION, "preprocessing": copy.deepcopy(demo_data.CARD_PREPROCESSING),
             "default_region": DEFAULT_REGION, "default_flip_axes": list(DEFAULT_FLIP_AXES),
+            "default_shift_average": DEFAULT_SHIFT_AVERAGE,
             "calibration": calibration, "metrics": metrics}
 
 
@@ -505,7 +516,8 @@ def as_loaded(model: torch.nn.Module):
 
     return LoadedModel(network=model.eval(), preprocessing=copy.deepcopy(demo_data.CARD_PREPROCESSING),
                        classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3,
-                       card={"default_flip_axes": list(DEFAULT_FLIP_AXES)},
+                       card={"default_flip_axes": list(DEFAULT_FLIP_AXES),
+                             "default_shift_average": DEFAULT_SHIFT_AVERAGE},
                        source="evaluated weights")
 
 
@@ -552,7 +564,7 @@ def evaluate(
     pair_logits, pair_labels = metrics.pop("_pair_logits"), metrics.pop("_pair_labels")
     _log("lesion-free held-out windows ...")
     images, kinds = heldout_scan_windows(cts)
-    scan_logits = scan_window_logits(model, images, flip_axes=DEFAULT_FLIP_AXES)
+    scan_logits = card_view_logits(model, images)
     calibration = calibration_metrics(pair_logits, pair_labels, scan_logits)
     p_scan = mean_view_probabilities(scan_logits)[:, 1]
     p_scan_calibrated = mean_view_probabilities(scan_logits, calibration["temperature"])[:, 1]
@@ -569,7 +581,7 @@ def evaluate(
     }
     seen = [ct.name for ct in cts if ct.name not in SCAN_HELDOUT]
     seen_images, _ = heldout_scan_windows(cts, 0, heldout=seen)
-    p_seen = mean_view_probabilities(scan_window_logits(model, seen_images, flip_axes=DEFAULT_FLIP_AXES),
+    p_seen = mean_view_probabilities(card_view_logits(model, seen_images),
                                      calibration["temperature"])[:, 1]
     metrics["slab_windows_seen_in_training"] = {
         "scans": seen, "windows": len(p_seen), "false_alarm_rate_calibrated": round(float((p_seen > 0.5).mean()), 4),
@@ -600,9 +612,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="training checkpoint (default: the shipped card's weights)")
     p.add_argument("--ship", action="store_true", help="write weights + card into --out-dir (needs --checkpoint)")
     p.add_argument("--update-card", action="store_true",
-                   help="re-evaluate the card's own weights with this tool's inference settings (flips, region) and "
-                        "rewrite its description, inference defaults, calibration and metrics; weights and training "
-                        "record unchanged")
+                   help="re-evaluate the card's own weights with this tool's inference settings (flips, shifts, "
+                        "region) and rewrite its description, inference defaults, calibration and metrics; weights "
+                        "and training record unchanged")
     p.add_argument("--out-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--pairs", type=int, default=PAIRS)
     p.add_argument("--threads", type=int, default=1)

@@ -64,6 +64,7 @@ def main() -> None:
     from AttentionMapLib.core.calibration import card_temperature
     from AttentionMapLib.core.flips import card_flip_axes
     from AttentionMapLib.core.region import card_default_region
+    from AttentionMapLib.core.shifts import card_shift_average
     from AttentionMapLib.core.volume import explain_volume
     from AttentionMapLib.io import read_volume
     from AttentionMapLib.models import load_model
@@ -93,7 +94,7 @@ def main() -> None:
     attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing, img_size=model.img_size,
                                method="rollout", target=model.target, normalize="percentile",
                                region=card_default_region(model.card), temperature=card_temperature(model.card),
-                               flip_axes=card_flip_axes(model.card))
+                               flip_axes=card_flip_axes(model.card), shift_average=card_shift_average(model.card))
     overlay = mrml.attention_to_volume(attention, scene, name="lung2 attention")
     mrml.configure_display(overlay, threshold=0.4)  # the module's defaults: threshold 0.4, opacity 0.5
     mrml.show_overlay(overlay, ct, opacity=0.5)
