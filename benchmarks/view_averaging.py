@@ -1,14 +1,16 @@
 """Test-time views of the demo model's class probability: one pass, the 8 flips, the 8 flips + the 7 half-patch shifts.
 
-    nice -n 5 .venv/bin/python -m benchmarks.view_averaging [--pairs 1000] [--threads 2]
+    nice -n 5 .venv/bin/python -m benchmarks.view_averaging [--pairs 1000] [--threads 2] [--pointing]
 
 Forward passes only (no attention), on the card's weights at T = 1: the first ``--pairs`` held-out pairs of
 `demo_data.heldout_set` (the card's evaluation uses the first 200: the half-patch shifts were chosen on those, so
 the pairs after them are reported apart as the confirmation) and the lesion-free held-out windows of
 `whole_scan.heldout_scan_windows`. Per design: AUC with its 95 % bootstrap interval over whole pairs, the AUC of
 the pairs whose nodule radius is 3-7 mm, sensitivity and specificity at P > 0.5, and on the lesion-free windows the
-share above 0.5, the mean of the 10 highest and the highest. Prints a markdown table (docs/TRAINING.md). Tens of
-minutes on 2 cores for 1000 pairs (15 forward passes per crop).
+share above 0.5, the mean of the 10 highest and the highest. With ``--pointing`` also the rollout pointing game of
+the positives (the card's map: 8 flips averaged, `evaluate_demo_model.peak_hits`; the shifts do not change maps) per
+pair range. Prints markdown tables (docs/TRAINING.md). Tens of minutes on 2 cores for 1000 pairs (15 forward
+passes per crop, and 8 with attention per positive for ``--pointing``).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import torch
 
 from attentionmap_dev import demo_data
 from attentionmap_dev.whole_scan import heldout_scan_windows
-from AttentionMapLib.core.flips import mean_view_probabilities
+from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities
 from AttentionMapLib.models import load_model
-from tools.evaluate_demo_model import card_view_logits
+from tools.evaluate_demo_model import DEFAULT_FLIP_AXES, PATCH, card_view_logits, peak_hits
 from tools.train_demo_model import auc, auc_interval
 
 DESIGNS = {"one pass": slice(0, 1), "8 flips": slice(0, 8), "8 flips + 7 half-patch shifts": slice(0, 15)}
@@ -64,17 +66,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pointing", action="store_true", help="also the rollout pointing game of the positives")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model("demo", device="cpu").network
     cts = demo_data.load_demo_cts()
-    logits, labels, radii = [], [], []
+    logits, labels, radii, hits = [], [], [], []
     for chunk in demo_data.heldout_batches(cts, args.pairs):
         logits.append(card_view_logits(model, chunk.images))
         labels.append(chunk.labels)
         radii.append(chunk.radii_mm)
+        if args.pointing:
+            pos = chunk.labels == 1
+            grid, _ = explain_flip_averaged(model, torch.from_numpy(np.ascontiguousarray(chunk.images[pos])),
+                                            DEFAULT_FLIP_AXES, normalize="none", method="rollout", target=1)
+            hits.append(peak_hits(grid, demo_data.token_labels(chunk.masks[pos], PATCH))["hit"])
     windows = card_view_logits(model, heldout_scan_windows(cts)[0])
     print("\n".join(table(np.concatenate(logits, axis=1), np.concatenate(labels), np.concatenate(radii), windows)))
+    if hits:
+        hit = np.concatenate(hits)
+        small = np.concatenate(radii)[np.concatenate(labels) == 1] <= SMALL_MM
+        print("\n| rollout pointing (8 flips) | pairs | hit rate | 3-7 mm |\n|---|---|---|---|")
+        for label, part in ((f"first {CARD_PAIRS}", slice(0, CARD_PAIRS)), (f"after the first {CARD_PAIRS}",
+                            slice(CARD_PAIRS, None)), ("all", slice(None))):
+            if len(hit[part]):
+                print(f"| | {label}: {len(hit[part])} | {hit[part].mean():.3f} | {hit[part][small[part]].mean():.3f} "
+                      f"({int(small[part].sum())}) |")
     return 0
 
 

@@ -212,7 +212,8 @@ class VolumeAttention(AttentionGrid):
     def _views_text(self) -> str:
         """How each window's probabilities were averaged over views, for the prediction's rule ("" for one view)."""
         parts = [f"{2 ** len(self.flip_axes)} flipped views"] if self.flip_axes else []
-        parts += ["7 half-patch-shifted views"] if self.shift_average else []
+        shifts = len(half_patch_shifts(self._tiling.captures[0].spec.patch_size)) if self.shift_average else 0
+        parts += [f"{shifts} half-patch-shifted views"] if shifts else []
         return f", each the mean over {' and '.join(parts)}" if parts else ""
 
     def decisive_window_ras(self) -> Optional[np.ndarray]:
@@ -394,7 +395,7 @@ def explain_volume(
             ``(0, 1, 2)`` = 8 views, ``(0,)`` = 2, ``()`` (default) = none. Costs one forward (and
             backward) per view. Each view's map is flipped back and the views are averaged per window
             before weighting and blending; the window probabilities are the mean over views of
-            softmax(logits / temperature) (the card's temperature was fitted on single views); a gradient
+            softmax(logits / temperature) (the demo card's temperature was fitted on that mean); a gradient
             method takes each view's gradient of the target from that view's own logits.
         shift_average: also average the window probabilities over the 7 views whose content is moved by half
             a patch (`shifts`; forward passes only, 7 per window; maps unchanged). With a gradient method and
