@@ -31,7 +31,6 @@ from ..errors import AttentionMapError
 from .engine import model_spec, primary_output
 
 Shift = Tuple[int, int, int]
-SPEC_CHOICES = ("default", "on", "off")
 
 
 def half_patch_shifts(patch_size: Sequence[int]) -> Tuple[Shift, ...]:
