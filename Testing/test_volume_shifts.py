@@ -186,3 +186,18 @@ def test_the_card_default_and_the_user_choice(tmp_path):
         check_inference_defaults(json.loads('{"default_shift_average": "yes"}'))
     with pytest.raises(AttentionMapError, match=r"expected 'default', 'on', 'off' or a bool\): expected true or false"):
         shift_average_from_spec("sometimes", None)
+
+
+def test_a_shifted_views_map_spreads_back_onto_the_two_tokens_it_straddles():
+    """benchmarks.view_averaging.spread_back: a shifted token covers half of token t - 1 and half of token t."""
+    from benchmarks.view_averaging import spread_back
+
+    grid = np.zeros((1, 4, 3, 2))
+    grid[0, 2, 1, 1] = 8.0
+    back = spread_back(grid, (4, 0, 4))
+    expected = np.zeros_like(grid)
+    expected[0, 1:3, 1, 0:2] = 2.0  # halved along axis 0 (tokens 1, 2) and along axis 2 (tokens 0, 1)
+    assert np.array_equal(back, expected)
+    edge = np.zeros((1, 4, 3, 2))
+    edge[0, 0, 0, 0] = 1.0
+    assert spread_back(edge, (0, 4, 0))[0, 0, 0, 0] == 0.5 and spread_back(edge, (0, 4, 0)).sum() == 0.5  # low face
