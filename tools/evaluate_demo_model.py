@@ -103,18 +103,25 @@ def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout
     return mean_view_probabilities(logits)[:, 1], grids
 
 
-def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8):
-    """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and half-patch shifts
-    (`DEFAULT_SHIFT_AVERAGE`), and the attention grids (N, 6, 6, 6) averaged over the flips
+def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8,
+                     shift_average: bool = DEFAULT_SHIFT_AVERAGE):
+    """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and, with ``shift_average``,
+    half-patch shifts, and the attention grids (N, 6, 6, 6) averaged over the flips
     (`flips.explain_flip_averaged`; normalize='none', target 1)."""
     logits, grids = [], []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch]))
         grid, view_logits = explain_flip_averaged(model, x, DEFAULT_FLIP_AXES, normalize="none",
-                                                  shift_average=DEFAULT_SHIFT_AVERAGE, method=method, target=1)
+                                                  shift_average=shift_average, method=method, target=1)
         logits.append(view_logits)
         grids.append(grid)
     return np.concatenate(logits, axis=1), np.concatenate(grids)
+
+
+def card_maps(model: torch.nn.Module, images: np.ndarray, method: str = "rollout") -> np.ndarray:
+    """The card's attention grids (N, 6, 6, 6) of images (N, 1, 48, 48, 48), without the probabilities: the mean over
+    the flips (the shifts change probabilities only, so they are not run)."""
+    return run_model_logits(model, images, method, shift_average=False)[1]
 
 
 def card_view_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -156,8 +163,8 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
     logits, rollout, raw, grad, tokens, labels, radii = [], [], [], [], [], [], []
     for chunk in demo_data.heldout_batches(cts, pairs, lesion=lesion):
         lg, g = run_model_logits(model, chunk.images)
-        _, r = run_model(model, chunk.images, method="raw")
-        _, gr = run_model(model, chunk.images, method="grad_rollout")
+        r = card_maps(model, chunk.images, method="raw")
+        gr = card_maps(model, chunk.images, method="grad_rollout")
         logits.append(lg)
         rollout.append(g)
         raw.append(r)
@@ -293,7 +300,7 @@ def top_window_result(model: torch.nn.Module, ct: demo_data.LungCT) -> Dict[str,
     order = np.argsort(-p, kind="stable")
     holds = [bool(ct.tumour[tuple(slice(o, o + demo_data.CROP) for o in origins[i])].any()) for i in order[:5]]
     best = order[0]
-    _, grid = run_model(model, images[best : best + 1])
+    grid = card_maps(model, images[best : best + 1])
     peak = np.array(np.unravel_index(int(grid[0].argmax()), grid[0].shape))
     peak_ras = apply_affine(ct.ijk_to_ras, origins[best] + peak * PATCH + (PATCH - 1) / 2.0)
     distance = distance_to_mask_mm(peak_ras, ct.tumour, ct.ijk_to_ras)
