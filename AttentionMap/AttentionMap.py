@@ -95,7 +95,7 @@ Its messages are in <i>Details</i>.</li>
 <li>Explore: method (rollout, raw attention, gradient-weighted rollout), layer, discard ratio and a
 <b>query point</b> ("attention from here") update the overlay at once from the cached attention.
 Head fusion, target class, model, device and <i>Test-time averaging</i> (maps and probabilities averaged over
-the 8 flips of each window, probabilities also over its 7 half-patch shifts: up to 15 network passes per window)
+the 8 flips of each window and its 7 half-patch shifts: up to 15 network passes per window)
 need another Apply.</li>
 <li>Display: opacity, threshold (fraction of the colour window), colour table, show in 3D.</li>
 <li>Segment statistics: pick a segmentation and press <i>Compute</i> for the attention mass, mean and

@@ -156,18 +156,19 @@ def test_card_rewrite_keeps_the_shipped_card_and_changes_only_what_it_is_given(c
 
 
 def test_shipped_model_reproduces_its_card_on_the_fixed_subset(cts, card):
-    """The card's numbers are of its default inference: every crop averaged over the card's flips, its
-    probability also over the card's half-patch shifts."""
-    from AttentionMapLib.core.flips import card_flip_axes, explain_flip_averaged, mean_view_probabilities
+    """The card's numbers are of its default inference: every crop's map and probability averaged over the card's
+    flips and half-patch shifts."""
+    from AttentionMapLib.core.flips import card_flip_axes, mean_view_probabilities
     from AttentionMapLib.core.shifts import card_shift_average
+    from AttentionMapLib.core.views import explain_views_averaged
 
     torch.set_num_threads(1)
     assert card_flip_axes(card) == (0, 1, 2) and card_shift_average(card)
     subset_card = card["metrics"]["heldout_subset"]
     subset = demo_data.heldout_set(cts, pairs=subset_card["pairs"])
     network, x = _shipped_network(card), torch.from_numpy(subset.images)
-    grid, view_logits = explain_flip_averaged(network, x, card_flip_axes(card), method="rollout", target=1,
-                                              normalize="none", shift_average=card_shift_average(card))
+    grid, view_logits = explain_views_averaged(network, x, card_flip_axes(card), card_shift_average(card),
+                                               method="rollout", target=1, normalize="none")
     assert view_logits.shape[0] == 15
     p = mean_view_probabilities(view_logits)[:, 1]
     assert np.allclose(p, subset_card["p_lesion"], atol=2e-3)

@@ -11,9 +11,10 @@ import torch
 
 import test_volume
 from AttentionMapLib.core import engine
-from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities
+from AttentionMapLib.core.flips import mean_view_probabilities
 from AttentionMapLib.core.geometry import apply_affine
 from AttentionMapLib.core.preprocess import preprocess_volume
+from AttentionMapLib.core.views import WindowView, explain_views_averaged
 from AttentionMapLib.core.volume import explain_volume, window_starts
 from AttentionMapLib.errors import AttentionMapError
 from geometry_cases import CASES, INTENSITY
@@ -113,7 +114,7 @@ def test_fuse_again_after_a_flip_averaged_run_equals_a_fresh_flip_averaged_run(v
     common = dict(img_size=IMG, target=0, flip_axes=(1,))
     first = explain_volume(vit, volume, OBLIQUE, SLIDING, **common)
     assert sum(c.batch_size for c in first._tiling.captures) == 2 * first.num_windows == 16
-    assert first._tiling.views == ((), (1,))
+    assert [view.flips for view in first._tiling.views] == [(), (1,)]
     point = apply_affine(first.ijk_to_ras, [1.0, 2.0, 2.0])
     changes = [dict(method="raw", layer=0, normalize="percentile"), dict(discard_ratio=0.5),
                dict(query_ras=point, normalize="none")]
@@ -127,12 +128,12 @@ def test_fuse_again_after_a_flip_averaged_run_equals_a_fresh_flip_averaged_run(v
 
 @pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
 def test_flip_averaging_one_model_input_equals_the_one_window_volume_run(vit, method):
-    """explain_flip_averaged (the evaluation's crops) and explain_volume in resize mode apply one rule."""
+    """explain_views_averaged (the evaluation's crops) and explain_volume in resize mode apply one rule."""
     volume = _volume(IMG, seed=7)
     x = preprocess_volume(volume, OBLIQUE, RESIZE, IMG, PATCH).as_tensor()[None]
     result = explain_volume(vit, volume, OBLIQUE, RESIZE, img_size=IMG, method=method, target=1, temperature=1.5,
                             flip_axes=(0, 1, 2))
-    grid, view_logits = explain_flip_averaged(vit, x, (0, 1, 2), method=method, target=1)
+    grid, view_logits = explain_views_averaged(vit, x, (0, 1, 2), method=method, target=1)
     assert view_logits.shape == (8, 1, 3) and result.num_windows == 1
     assert np.allclose(grid[0], result.grid, atol=1e-5)
     assert np.allclose(mean_view_probabilities(view_logits, 1.5)[0], result.probabilities, atol=1e-6)
@@ -150,4 +151,4 @@ def test_bad_flip_axes_give_one_clear_error(vit, bad):
 
 def test_without_flip_axes_the_result_records_no_flips(vit):
     result = explain_volume(vit, _volume(IMG), OBLIQUE, RESIZE, img_size=IMG)
-    assert result.flip_axes == () and result._tiling.views == ((),)
+    assert result.flip_axes == () and result._tiling.views == (WindowView(patch_size=PATCH),)

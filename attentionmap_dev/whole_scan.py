@@ -318,21 +318,19 @@ def heldout_scan_windows(cts: Sequence[demo_data.LungCT], random: int = SCAN_RAN
 
 def scan_window_logits(model, images: np.ndarray, batch: int = 16, flip_axes: Sequence[int] = (),
                        shift_average: bool = False) -> np.ndarray:
-    """Logits (V, N, 2) of the windows (N, 1, 48, 48, 48) in each of the views of ``flip_axes``
-    (`flips.flip_views`; 1 without flips), then with ``shift_average`` the 7 half-patch-shifted views
-    (`shifts.shifted_view_logits`); no attention. P = `flips.mean_view_probabilities`."""
+    """Logits (V, N, 2) of the windows (N, 1, 48, 48, 48) in each view of `views.window_views` (the flips of
+    ``flip_axes``, 1 without, then with ``shift_average`` the 7 half-patch shifts); forward passes only, no
+    attention. P = `flips.mean_view_probabilities`."""
     import torch
 
-    from AttentionMapLib.core.flips import flip_views, flip_window
-    from AttentionMapLib.core.shifts import shifted_view_logits
+    from AttentionMapLib.core.engine import model_spec
+    from AttentionMapLib.core.views import window_views
 
+    patch = model_spec(model, input_size=images.shape[2:]).patch_size
     views = []
     with torch.no_grad():
-        for view in flip_views(flip_axes):
-            out = [model(flip_window(torch.from_numpy(np.ascontiguousarray(images[s : s + batch])), view))[0]
+        for view in window_views(flip_axes, shift_average, patch):
+            out = [model(view.window(torch.from_numpy(np.ascontiguousarray(images[s : s + batch]))))[0]
                    .float().numpy() for s in range(0, len(images), batch)]
             views.append(np.concatenate(out))
-    if shift_average:
-        views += list(np.concatenate([shifted_view_logits(model, torch.from_numpy(np.ascontiguousarray(
-            images[s : s + batch]))) for s in range(0, len(images), batch)], axis=1))
     return np.stack(views)

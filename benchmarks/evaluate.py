@@ -20,8 +20,9 @@ Cases (each a model-input crop with a lesion mask on the same voxels):
   of ``tools/evaluate_demo_model.py``.
 
 Maps: ``raw`` (last block, head mean), ``rollout``, ``grad_rollout`` (``AttentionMapLib.explain``), rollout
-averaged over the 8 flips of the crop (``core.flips.explain_flip_averaged``: the rule of ``explain_volume(...,
-flip_axes=(0, 1, 2))``; deletion / insertion of that map are measured on the crop as it is), and the
+averaged over the card's views of the crop, its 8 flips and 7 half-patch shifts (``core.views.explain_views_averaged``:
+the rule of ``explain_volume(..., flip_axes=(0, 1, 2), shift_average=True)``; deletion / insertion of that map are
+measured on the crop as it is), and the
 baselines of ``attentionmap_dev.baselines``: Grad-CAM (token grid, MONAI ``GradCAM``), occlusion sensitivity
 (MONAI ``OcclusionSensitivity``), random. All on the token grid, min-max normalised, target = the card's
 lesion class.
@@ -49,10 +50,10 @@ import numpy as np
 from attentionmap_dev import whole_scan
 from benchmarks import measure
 
-MAPS = ("raw", "rollout", "rollout_flips", "grad_rollout", "gradcam", "occlusion", "random")
+MAPS = ("raw", "rollout", "rollout_views", "grad_rollout", "gradcam", "occlusion", "random")
 ATTENTION = ("raw", "rollout", "grad_rollout")
 BASELINES = ("gradcam", "occlusion", "random")
-LABELS = {"raw": "raw (last block)", "rollout": "rollout", "rollout_flips": "rollout (8 flips)",
+LABELS = {"raw": "raw (last block)", "rollout": "rollout", "rollout_views": "rollout (8 flips + 7 shifts)",
           "grad_rollout": "grad_rollout", "gradcam": "Grad-CAM",
           "occlusion": "occlusion", "random": "random"}
 GROUPS = ("held-out synthetic nodules", "lung1 tumour crops", "lung2 tumour crops")
@@ -137,15 +138,15 @@ def _init_worker(settings: Settings) -> None:
 def _map_functions(case_index: int) -> Dict[str, Callable[[Any], np.ndarray]]:
     from attentionmap_dev.baselines import RandomMap
     from AttentionMapLib import explain
-    from AttentionMapLib.core.flips import explain_flip_averaged
+    from AttentionMapLib.core.views import explain_views_averaged
 
     loaded, target = _STATE["loaded"], _STATE["loaded"].target
     model = loaded.network
     functions: Dict[str, Callable[[Any], np.ndarray]] = {
         method: (lambda x, m=method: explain(model, x, method=m, target=target).grid[0]) for method in ATTENTION
     }
-    functions["rollout_flips"] = lambda x: explain_flip_averaged(model, x, (0, 1, 2), method="rollout",
-                                                                 target=target)[0][0]
+    functions["rollout_views"] = lambda x: explain_views_averaged(model, x, (0, 1, 2), True, method="rollout",
+                                                                  target=target)[0][0]
     functions["gradcam"] = lambda x: _STATE["gradcam"](x, target)[0]
     functions["occlusion"] = lambda x: _STATE["occlusion"](x, target)[0]
     random_map = RandomMap(model, seed=_STATE["settings"].seed + case_index)
@@ -327,8 +328,9 @@ def whole_scan_report(data: Dict[str, Any]) -> List[str]:
         + (f" Flip averaging: the card's default, the {2 ** len(data['flip_axes'])} flips of the model input (axes "
            f"{', '.join(map(str, data['flip_axes']))}): every window's maps and probabilities are the mean over them."
            if data.get("flip_axes") else " No flip averaging (the card names none).")
-        + (" Half-patch shift averaging: the card's default, every window's probabilities are also averaged over the "
-           "7 views of the window with its content moved by half a patch (`core.shifts`; the maps are not)."
+        + (" Half-patch shift averaging: the card's default, every window's maps and probabilities are also averaged "
+           "over the 7 views of the window with its content moved by half a patch (`core.shifts`: each view's map "
+           "spread back onto the window's tokens)."
            if data.get("shift_average") else ""),
         "*P(lesion)*: the volume-level probability (the highest calibrated window probability over the windows that "
         "were run); *peak patch holds tumour*: the peak token's 16 mm patch holds tumour voxels; *moved*: distance "
@@ -687,9 +689,10 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
         "whole volumes with the card's sliding windows.",
         f"- **Maps** (token grid {model['grid']}, {model['patch']} voxel patches, min-max normalised, target = class "
         f'{model["target"]} "{model["target_name"]}"): raw = last block\'s CLS row, heads averaged; '
-        "rollout (Abnar & Zuidema); rollout (8 flips) = rollout of each of the crop's 8 axis flips, each map flipped "
-        "back, the unnormalised maps averaged, then min-max (`core.flips.explain_flip_averaged`, the rule of "
-        "`attention-map run --flip-average all`; 8 forward passes; deletion / insertion on the crop as it is); "
+        "rollout (Abnar & Zuidema); rollout (8 flips + 7 shifts) = rollout of each of the crop's 8 axis flips and 7 "
+        "half-patch shifts, each map flipped back or spread back onto the crop's tokens, the unnormalised maps "
+        "averaged, then min-max (`core.views.explain_views_averaged`, the rule of `attention-map run --flip-average "
+        "all --shift-average on`; 15 forward passes; deletion / insertion on the crop as it is); "
         "grad_rollout (Chefer et al.); Grad-CAM = MONAI `GradCAM` on the input of the last block's attention (patch "
         "tokens reshaped to the grid; after the last block only the CLS token reaches the head, so later layers have "
         "no patch gradient), raw ReLU map (MONAI's default post-processing inverts, it is not used); occlusion = "

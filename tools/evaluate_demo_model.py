@@ -24,8 +24,9 @@ Whole scans (`attentionmap_dev/whole_scan.py`, through `explain_volume` as a use
 shipped and re-gridded, with and without the card's default region; and three lesion-free scans (two lung
 slabs, a whole head CT).
 Every probability and map here is the card's default inference: averaged over the 8 flips of the model input
-(`DEFAULT_FLIP_AXES`, written to the card as "default_flip_axes"; `flips.explain_flip_averaged`), the probabilities
-also over its 7 half-patch shifts (`DEFAULT_SHIFT_AVERAGE`, "default_shift_average"; `shifts`).
+(`DEFAULT_FLIP_AXES`, written to the card as "default_flip_axes") and its 7 half-patch shifts
+(`DEFAULT_SHIFT_AVERAGE`, "default_shift_average"), each view's map put back onto the input's tokens
+(`views.explain_views_averaged`).
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ from attentionmap_dev.whole_scan import (  # noqa: E402
     scan_window_logits,
 )
 from AttentionMapLib.core.calibration import expected_calibration_error, fit_temperature  # noqa: E402
-from AttentionMapLib.core.flips import explain_flip_averaged, mean_view_probabilities  # noqa: E402
+from AttentionMapLib.core.flips import mean_view_probabilities  # noqa: E402
 from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
+from AttentionMapLib.core.views import explain_views_averaged  # noqa: E402
 from tools.train_demo_model import auc, auc_interval, build_network  # noqa: E402
 
 MODELS_DIR = ROOT / "AttentionMap" / "AttentionMapLib" / "demo_model"
@@ -66,15 +68,15 @@ SHIFT_VOX = demo_data.CROP // 4  # 24 mm on the 2 mm grid
 PATCH = 8
 DEFAULT_REGION = {"kind": "lung_field", "hu_threshold": demo_data.LUNG_HU, "margin_mm": 16.0}
 DEFAULT_FLIP_AXES = (0, 1, 2)  # the card's default flips: every number here is of the 8-view average
-DEFAULT_SHIFT_AVERAGE = True  # the card's default: probabilities also averaged over the 7 half-patch shifts
+DEFAULT_SHIFT_AVERAGE = True  # the card's default: maps and probabilities also averaged over the 7 half-patch shifts
 DESCRIPTION = (
     "Demo MONAI ViT answering 'is there a lung nodule in this 48^3 crop (2 mm voxels, 96 mm cube)?'. "
     "Trained on synthetic nodules inserted into two real chest CTs; a demonstration model for attention "
     "maps, not a clinical tool. Patch 8 -> a 6x6x6 token grid (16 mm patches). On a whole scan it runs in "
     "sliding windows (trained with whole-scan negatives); the volume-level P(lesion) is the highest "
     "calibrated window probability, the default region is the automatic lung field, every window is "
-    "averaged over the 8 flips of its input (default_flip_axes), its probability also over the 7 half-patch shifts "
-    "of its input (default_shift_average), and overlapping windows are blended with Gaussian "
+    "averaged (map and probability) over the 8 flips of its input (default_flip_axes) and its 7 half-patch "
+    "shifts (default_shift_average), and overlapping windows are blended with Gaussian "
     "weights favouring their centres (preprocessing.spatial.blend); the metrics below were measured so."
 )
 
@@ -106,22 +108,22 @@ def run_model(model: torch.nn.Module, images: np.ndarray, method: str = "rollout
 def run_model_logits(model: torch.nn.Module, images: np.ndarray, method: str = "rollout", batch: int = 8,
                      shift_average: bool = DEFAULT_SHIFT_AVERAGE):
     """Logits (V, N, 2) of the V views of the card's flips (`DEFAULT_FLIP_AXES`) and, with ``shift_average``,
-    half-patch shifts, and the attention grids (N, 6, 6, 6) averaged over the flips
-    (`flips.explain_flip_averaged`; normalize='none', target 1)."""
+    half-patch shifts, and the attention grids (N, 6, 6, 6) averaged over the same views
+    (`views.explain_views_averaged`; normalize='none', target 1)."""
     logits, grids = [], []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch]))
-        grid, view_logits = explain_flip_averaged(model, x, DEFAULT_FLIP_AXES, normalize="none",
-                                                  shift_average=shift_average, method=method, target=1)
+        grid, view_logits = explain_views_averaged(model, x, DEFAULT_FLIP_AXES, shift_average, normalize="none",
+                                                   method=method, target=1)
         logits.append(view_logits)
         grids.append(grid)
     return np.concatenate(logits, axis=1), np.concatenate(grids)
 
 
 def card_maps(model: torch.nn.Module, images: np.ndarray, method: str = "rollout") -> np.ndarray:
-    """The card's attention grids (N, 6, 6, 6) of images (N, 1, 48, 48, 48), without the probabilities: the mean over
-    the flips (the shifts change probabilities only, so they are not run)."""
-    return run_model_logits(model, images, method, shift_average=False)[1]
+    """The card's attention grids (N, 6, 6, 6) of images (N, 1, 48, 48, 48) (`run_model_logits`), for a caller
+    that does not read the probabilities."""
+    return run_model_logits(model, images, method)[1]
 
 
 def card_view_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -163,8 +165,9 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
     logits, rollout, raw, grad, tokens, labels, radii = [], [], [], [], [], [], []
     for chunk in demo_data.heldout_batches(cts, pairs, lesion=lesion):
         lg, g = run_model_logits(model, chunk.images)
-        r = card_maps(model, chunk.images, method="raw")
-        gr = card_maps(model, chunk.images, method="grad_rollout")
+        positives = chunk.images[chunk.labels == 1]  # the pointing games read the positives' maps only
+        r = card_maps(model, positives, method="raw")
+        gr = card_maps(model, positives, method="grad_rollout")
         logits.append(lg)
         rollout.append(g)
         raw.append(r)
@@ -178,8 +181,8 @@ def heldout_metrics(model: torch.nn.Module, cts: Sequence[demo_data.LungCT], pai
     tok = np.concatenate(tokens)[pos]
     radius = np.concatenate(radii)[pos]
     roll = peak_hits(np.concatenate(rollout)[pos], tok)
-    rawh = peak_hits(np.concatenate(raw)[pos], tok)
-    gradh = peak_hits(np.concatenate(grad)[pos], tok)
+    rawh = peak_hits(np.concatenate(raw), tok)
+    gradh = peak_hits(np.concatenate(grad), tok)
     mass_ratio = [mask_statistics(g, t)["mass_ratio"] for g, t in zip(np.concatenate(rollout)[pos], tok)]
     out: Dict[str, object] = {
         "heldout_positives": int(pos.sum()),

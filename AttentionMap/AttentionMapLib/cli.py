@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "backward) pass per view: 'all' runs 8x longer. Default: the card's default_flip_axes "
                           "(the demo card's: all), else none")
     run.add_argument("--shift-average", default=None, choices=("on", "off"),
-                     help="also average the probabilities (not the maps) over the 7 views of each window whose "
-                          "content is moved by half a patch (7 more forward passes per window). Default: the card's "
+                     help="also average maps and probabilities over the 7 views of each window whose content is "
+                          "moved by half a patch, each view's map spread back onto the window's patches (7 more "
+                          "forward (and backward) passes per window). Default: the card's "
                           "default_shift_average (the demo card's: on), else off")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--roi", nargs="+", default=None, metavar="V",

@@ -34,7 +34,8 @@ class AttentionGrid:
     window_weighting: "probability" when each window's map was weighted by the window's probability
     for the target class before blending (sliding window, class outputs), else "none".
     flip_axes: the model-input axes whose flips were averaged (every combination: 2 ** len views; () = none).
-    shift_average: whether the window probabilities also average the 7 half-patch-shifted views (`shifts`).
+    shift_average: whether the maps and the window probabilities also average the 7 half-patch-shifted views
+    (`shifts`).
     region: the applied region (`region.AppliedRegion`: its voxel mask on the model-input grid), None: the whole
     input; the grid is 0 on tokens outside it and `resample_to` is 0 at voxels outside it.
     """

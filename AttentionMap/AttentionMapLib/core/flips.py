@@ -6,7 +6,7 @@ that are flipped; ``flip_views((0, 1, 2))`` is every combination of them: 8 view
 a view's token map flipped back along the same axes lies exactly on the window's token grid.
 
 ``volume.explain_volume(..., flip_axes=...)`` applies the rule per window of a volume (its cache keeps every
-view for re-fusion); :func:`explain_flip_averaged` applies it to one model input (the evaluation's crops).
+view for re-fusion); `views.explain_views_averaged` applies it to one model input (the evaluation's crops).
 
 A model card may name the flips its numbers were measured with (``"default_flip_axes": [0, 1, 2]``);
 the command line and the Slicer module use them unless the user says otherwise (:func:`flip_axes_from_spec`).
@@ -21,10 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import AttentionMapError
-from . import methods
 from .calibration import softmax
-from .engine import explain
-from .shifts import check_shift_average, shifted_view_logits
 
 View = Tuple[int, ...]
 
@@ -93,20 +90,3 @@ def flip_tokens(tokens: np.ndarray, view: View, grid_shape: Sequence[int]) -> np
 def mean_view_probabilities(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(W, K): the mean over views of ``softmax(logits / temperature)``; view_logits (V, W, K)."""
     return np.mean([softmax(logits, temperature) for logits in np.asarray(view_logits)], axis=0)
-
-
-def explain_flip_averaged(model: torch.nn.Module, x: torch.Tensor, flip_axes: Sequence[int], normalize: str = "minmax",
-                          shift_average: bool = False, **options: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """Flip averaging of one model input ``x`` (B, C, *img_size): (grid (B, n1, n2, n3) float32, the mean over
-    the views of `engine.explain`'s unnormalised grid of the flipped ``x`` flipped back, normalised once;
-    view_logits (V, B, K) float32, for :func:`mean_view_probabilities`: the flipped views, then with
-    ``shift_average`` the 7 half-patch-shifted views (`shifts.shifted_view_logits`, probabilities only)).
-    ``options``: as `engine.explain`."""
-    grids, logits = [], []
-    for view in flip_views(flip_axes):
-        result = explain(model, flip_window(x, view), normalize="none", **options)
-        grids.append(np.stack([unflip_map(g, view) for g in result.grid]).astype(np.float64))
-        logits.append(result.logits.detach().float().cpu().numpy())
-    shifted = shifted_view_logits(model, x) if check_shift_average(shift_average) else None
-    view_logits = np.stack(logits) if shifted is None else np.concatenate([np.stack(logits), shifted])
-    return methods.normalize_map(np.mean(grids, axis=0), normalize), view_logits

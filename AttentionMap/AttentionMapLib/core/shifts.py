@@ -1,4 +1,4 @@
-"""Half-patch shift averaging (test-time augmentation of the class probabilities only).
+"""Half-patch shift averaging (test-time augmentation): the views, moving windows, putting maps back.
 
 A view moves the content of a window by half a patch (``patch_size // 2`` voxels) towards higher indices
 along a non-empty combination of its three model-input axes: 7 views (:func:`half_patch_shifts`). The
@@ -6,15 +6,15 @@ voxels vacated at the window's low faces repeat the window's first slice (:func:
 shifted view sees no content from outside the window and no artificial edge.
 
 Why: the patch embedding cuts the window into fixed patches; a small lesion lying across a patch
-boundary is split between tokens and a classifier trained on whole patches can miss it. Averaging the
-class probabilities over the window and its half-patch shifts puts every lesion near a patch centre in
-some view. The demo card's held-out AUC rose from 0.924 (8 flips) to 0.962 (8 flips + 7 shifts), its
-false alarms on lesion-free held-out windows from 2.4 % to 0 % (docs/TRAINING.md).
+boundary is split between tokens and a classifier trained on whole patches can miss it, and its attention
+peak can land on the wrong side of the boundary. Averaging over the window and its half-patch shifts puts
+every lesion near a patch centre in some view (the demo card's numbers with and without: docs/TRAINING.md).
 
-A shifted view's tokens straddle two tokens of the window's grid, so its attention does not lie on the
-window's token grid: the maps come from the unshifted (possibly flipped) views; the shifted views add their
-``softmax(logits / temperature)`` to the mean that makes a window's probabilities. Cost: 7 forward passes
-per window without attention capture or gradients.
+A shifted view's token straddles two tokens of the window's grid along each moved axis: its share of the
+window's token t - 1 is ``shift / patch``, of token t the rest. :func:`spread_back` puts a view's token map
+back onto the window's tokens by those shares (attention mass is kept, except the share beyond the window's
+low face, which is the repeated edge); :func:`shifted_query_rows` gives the view's tokens that hold a window
+token's content, for a query row.
 
 A model card may ask for it (``"default_shift_average": true``); the command line and the Slicer module then
 use it unless the user says otherwise (:func:`shift_average_from_spec`). The library's default is off.
@@ -22,13 +22,12 @@ use it unless the user says otherwise (:func:`shift_average_from_spec`). The lib
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import AttentionMapError
-from .engine import model_spec, primary_output
 
 Shift = Tuple[int, int, int]
 
@@ -55,19 +54,39 @@ def shift_window(window: torch.Tensor, shift: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def shifted_view_logits(model: torch.nn.Module, x: torch.Tensor,
-                        img_size: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
-    """Class logits (7, B, K) float32 of the model input ``x`` (B, C, *img_size) in each half-patch-shifted
-    view (:func:`half_patch_shifts` order), forward passes only; None for dense outputs (no class to average)."""
-    spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
-    views = []
-    with torch.no_grad():
-        for shift in half_patch_shifts(spec.patch_size):
-            logits = primary_output(model(shift_window(x, shift)))
-            if logits.ndim != 2:
-                return None
-            views.append(logits.detach().float().cpu().numpy())
-    return np.stack(views)
+def spread_back(token_map: np.ndarray, shift: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
+    """A shifted view's token map(s) ``(..., n1, n2, n3)`` (content moved ``shift`` voxels, :func:`shift_window`)
+    on the window's token grid, float64: along each moved axis, view token t gives ``shift / patch`` of its value
+    to the window's token t - 1 (dropped for t = 0: the repeated edge) and the rest to token t. O(n1 n2 n3)."""
+    out = np.asarray(token_map, dtype=np.float64)
+    for axis, (amount, patch) in enumerate(zip(shift, patch_size)):
+        if amount:
+            share = int(amount) / int(patch)
+            dim = out.ndim - 3 + axis
+            moved = (1.0 - share) * out
+            lower = [slice(None)] * out.ndim
+            upper = [slice(None)] * out.ndim
+            lower[dim], upper[dim] = slice(0, -1), slice(1, None)
+            moved[tuple(lower)] += share * out[tuple(upper)]
+            out = moved
+    return out
+
+
+def shifted_query_rows(token: Sequence[int], shift: Sequence[int], patch_size: Sequence[int],
+                       grid_shape: Sequence[int]) -> List[Tuple[Tuple[int, int, int], float]]:
+    """The tokens of a shifted view that hold the content of the window's ``token`` (3,), with weights summing
+    to 1: along each moved axis view token t holds ``1 - shift / patch`` of it and token t + 1 the rest (token
+    n is beyond the window: the content shifted out, not counted). The adjoint of :func:`spread_back`, so a
+    query row read through these rows is the row of the window's token."""
+    per_axis = []
+    for t, amount, patch, n in zip(token, shift, patch_size, grid_shape):
+        share = int(amount) / int(patch)
+        options = [(int(t), 1.0 - share), (int(t) + 1, share)] if amount else [(int(t), 1.0)]
+        per_axis.append([(index, weight) for index, weight in options if index < int(n) and weight > 0])
+    rows = [(tuple(index for index, _ in combo), float(np.prod([weight for _, weight in combo])))
+            for combo in itertools.product(*per_axis)]
+    total = sum(weight for _, weight in rows)
+    return [(index, weight / total) for index, weight in rows]
 
 
 def check_shift_average(value: Any, source: str = "shift_average") -> bool:

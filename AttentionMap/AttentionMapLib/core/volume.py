@@ -26,9 +26,11 @@ combination of flips along the given model-input axes), each view's token map is
 the window's token grid and the views' maps are averaged per window before the probability weighting
 and the blending; the window's probabilities are the mean over views of ``softmax(logits / temperature)``.
 
-Half-patch shift averaging (``shift_average``, off by default; `shifts`): each window also runs (forward only)
-in the 7 views whose content is moved by half a patch; their ``softmax(logits / temperature)`` join the
-mean that makes the window's probabilities (and the mean logits), not the maps.
+Half-patch shift averaging (``shift_average``, off by default; `shifts`): each window also runs in the 7 views
+whose content is moved by half a patch; each view's token map is spread back onto the window's tokens
+(`shifts.spread_back`) and joins the flipped views' maps in the window's mean, and its
+``softmax(logits / temperature)`` the mean that makes the window's probabilities (`views.window_views`: every
+view counts once). A query token reads, in a shifted view, the rows of the view's tokens that hold its content.
 
 Volume-level prediction: window probabilities are ``softmax(logits / temperature)`` (the card's
 calibration); the decisive window is the one with the highest probability of the target class (the
@@ -50,12 +52,12 @@ from ..errors import AttentionMapError, Cancelled
 from . import methods
 from .attention_grid import AttentionGrid
 from .engine import CapturedAttention, capture_attention, check_options, model_spec, readout, resolve_layer
-from .flips import View, flip_tokens, flip_views, flip_window, mean_view_probabilities, unflip_map
+from .flips import check_flip_axes, mean_view_probabilities
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
 from .region import AppliedRegion, Region, region_mask, token_mask
-from .shifts import check_shift_average, half_patch_shifts, shifted_view_logits
+from .views import WindowView, window_views
 
 ProgressCallback = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -86,8 +88,8 @@ def _blend_weights(grid_shape: Sequence[int], blend: str) -> np.ndarray:
 class _Tiling:
     """What a re-fusion needs: the cached attention of every window and where each window sits.
 
-    ``captures``: one CapturedAttention per batch, windows in order, view after view (``views``: the
-    flipped axes of each view, ``((),)`` without flip averaging; memory: the attention x views);
+    ``captures``: one CapturedAttention per batch, windows in order, view after view (``views``: one
+    `views.WindowView` each, the window as it is alone without test-time averaging; memory: the attention x views);
     ``offsets``: (W, 3) token offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
     ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's;
     ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones);
@@ -101,7 +103,7 @@ class _Tiling:
     ijk_to_ras: np.ndarray
     window_scale: Optional[np.ndarray] = None
     inside: Optional[np.ndarray] = None
-    views: Tuple[View, ...] = ((),)
+    views: Tuple[WindowView, ...] = (WindowView(),)
 
     def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
         """Global token index (3,) of the token whose patch contains the RAS point, or None."""
@@ -122,20 +124,21 @@ class _Tiling:
         return token
 
     def window_maps(self, captured: CapturedAttention, offsets: np.ndarray, query: Optional[np.ndarray],
-                    view: View = (), **options: Any) -> List[Optional[np.ndarray]]:
-        """Unnormalised (n1, n2, n3) map per window of one batch captured in `view`, flipped back onto the
-        window's token grid; None for a window without the query (whose index is flipped into the view)."""
+                    view: WindowView, **options: Any) -> List[Optional[np.ndarray]]:
+        """Unnormalised (n1, n2, n3) map per window of one batch captured in `view`, put back onto the window's
+        token grid (`WindowView.unview`); None for a window without the query. A query reads the weighted rows
+        of the view's tokens that hold it (`WindowView.query_rows`; every readout is linear in the row)."""
         if query is None:
-            return [unflip_map(m, view) for m in readout(captured, query=None, normalize="none", **options)]
+            return [view.unview(m) for m in readout(captured, query=None, normalize="none", **options)]
         window_shape = np.asarray(captured.spec.grid_shape)
         local = query[None, :] - offsets
         inside = np.all((local >= 0) & (local < window_shape), axis=1)
-        local = flip_tokens(local, view, window_shape)
         maps: List[Optional[np.ndarray]] = [None] * len(offsets)
         for q in {tuple(int(v) for v in row) for row in local[inside]}:
-            batch_maps = readout(captured, query=q, normalize="none", **options)
+            batch_maps = sum(weight * readout(captured, query=row, normalize="none", **options).astype(np.float64)
+                             for row, weight in view.query_rows(q, window_shape))
             for index in np.flatnonzero(inside & np.all(local == q, axis=1)):
-                maps[index] = unflip_map(batch_maps[index], view)
+                maps[index] = view.unview(batch_maps[index])
         return maps
 
     def view_mean_maps(self, query: Optional[np.ndarray], **options: Any) -> List[Optional[np.ndarray]]:
@@ -211,8 +214,8 @@ class VolumeAttention(AttentionGrid):
 
     def _views_text(self) -> str:
         """How each window's probabilities were averaged over views, for the prediction's rule ("" for one view)."""
+        shifts = sum(1 for view in self._tiling.views if any(view.shift))
         parts = [f"{2 ** len(self.flip_axes)} flipped views"] if self.flip_axes else []
-        shifts = len(half_patch_shifts(self._tiling.captures[0].spec.patch_size)) if self.shift_average else 0
         parts += [f"{shifts} half-patch-shifted views"] if shifts else []
         return f", each the mean over {' and '.join(parts)}" if parts else ""
 
@@ -235,7 +238,7 @@ class VolumeAttention(AttentionGrid):
         Arguments left out (None) keep this result's value; ``query_ras=None`` drops the query.
         Head fusion and target are fixed at capture time. The first rollout with a discard ratio sorts
         each block's fused attention once and keeps it with the cache (``CapturedAttention.sorted_fused``:
-        the cache's memory doubles); later ratios only look up their cut. After a flip-averaged run the
+        the cache's memory doubles); later ratios only look up their cut. After a view-averaged run the
         cache holds every view's attention (memory x views) and each re-fusion reads out every view.
         """
         start = time.perf_counter()
@@ -281,39 +284,16 @@ def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
     return results
 
 
-def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0, views: int = 1,
-                   extra_views: Optional[np.ndarray] = None) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0,
+                   views: int = 1) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(window_logits (W, K), window_probabilities (W, K)); (None, None) for dense outputs. `captures` hold
-    `views` views one after the other, `extra_views` (V', W, K) the logits of views run without attention
-    (the half-patch shifts): the logits are the mean over all views, the probabilities the mean over all views
-    of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
+    `views` views one after the other: the logits are the mean over the views, the probabilities the mean over
+    the views of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
     if captures[0].logits.ndim != 2:
         return None, None
     logits = torch.cat([c.logits for c in captures]).float().cpu().numpy()
     view_logits = logits.reshape(views, -1, logits.shape[-1])
-    if extra_views is not None:
-        view_logits = np.concatenate([view_logits, extra_views])
     return view_logits.mean(axis=0), mean_view_probabilities(view_logits, temperature)
-
-
-def _shifted_logits(model: torch.nn.Module, tiles: List[torch.Tensor], batch_size: int, img_size: Sequence[int],
-                    progress: Optional[ProgressCallback], cancel: Optional[CancelCheck],
-                    total: int) -> Optional[np.ndarray]:
-    """Logits (7, W, K) of every window in its 7 half-patch-shifted views (`shifts.shifted_view_logits`), batch
-    after batch with progress (7 of `total` runs per window, counted first) and cancel checks; None for dense
-    outputs (found on the first batch)."""
-    views = len(half_patch_shifts(model_spec(model, img_size).patch_size))
-    batches = []
-    for first in range(0, len(tiles), batch_size):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled after the shifted views of {first} of {len(tiles)} windows")
-        logits = shifted_view_logits(model, torch.stack(tiles[first:first + batch_size]), img_size)
-        if logits is None:
-            return None
-        batches.append(logits)
-        if progress is not None:
-            progress(views * min(first + batch_size, len(tiles)) / total)
-    return np.concatenate(batches, axis=1)
 
 
 def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> int:
@@ -397,9 +377,11 @@ def explain_volume(
             before weighting and blending; the window probabilities are the mean over views of
             softmax(logits / temperature) (the demo card's temperature was fitted on that mean); a gradient
             method takes each view's gradient of the target from that view's own logits.
-        shift_average: also average the window probabilities over the 7 views whose content is moved by half
-            a patch (`shifts`; forward passes only, 7 per window; maps unchanged). With a gradient method and
-            no target, the class is picked from the probabilities of all views.
+        shift_average: also average over the 7 views whose content is moved by half a patch (`shifts`): each
+            view's map spread back onto the window's tokens and its probabilities join the flipped views' in
+            the window's mean. Costs one forward (and backward) pass per view, 7 per window; the cache grows
+            to (flipped views + 7) x the attention of one pass. With a gradient method and no target, the
+            class is picked from the probabilities of all views.
 
     Returns:
         VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
@@ -412,12 +394,12 @@ def explain_volume(
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
             or temperature <= 0:
         raise AttentionMapError(f"temperature: expected a positive number, got {temperature!r}")
-    views = flip_views(flip_axes)
-    shift_average = check_shift_average(shift_average)
+    flip_axes = check_flip_axes(flip_axes)
     timings = {"preprocess": 0.0, "forward": 0.0, "fuse": 0.0, "geometry": 0.0}
     start = time.perf_counter()
     prep = parse_preprocessing(preprocessing)
     spec = model_spec(model, img_size)
+    views = window_views(flip_axes, shift_average, spec.patch_size)
     image = preprocess_volume(array_ijk, ijk_to_ras, prep, spec.img_size, spec.patch_size, spec.in_channels)
     if device is None:
         device = next(model.parameters()).device
@@ -451,25 +433,17 @@ def explain_volume(
     start = time.perf_counter()
     gradients = get_method(method).needs_gradients
     runs = len(tiles) * len(views)
-    shifted_runs = len(tiles) * len(half_patch_shifts(spec.patch_size)) if shift_average else 0
-    # at most: a gradient method without a target runs a first sweep to pick the class
-    total = runs * (2 if gradients and target is None else 1) + shifted_runs
-    # the shifted views first (a dense output stops them after one batch), so that a class picked without a
-    # target sees every view's probabilities
-    shifted = _shifted_logits(model, tiles, batch, spec.img_size, progress, cancel, total) if shift_average else None
-    two_sweeps = gradients and target is None and (runs > 1 or shifted is not None)
-    if shifted is None:  # off, or a dense output: no shifted runs to count
-        shifted_runs = 0
-    total = runs * (2 if two_sweeps else 1) + shifted_runs
+    # a gradient method without a target first runs every window in every view to pick the class
+    two_sweeps = gradients and target is None and runs > 1
+    total = runs * (2 if two_sweeps else 1)
 
     def sweep_views(capture: Callable, done: int) -> list:
         return [c for number, view in enumerate(views) for c in _sweep(
-            [flip_window(t, view) for t in tiles], batch, capture, progress, cancel, done + number * len(tiles), total)]
+            [view.window(t) for t in tiles], batch, capture, progress, cancel, done + number * len(tiles), total)]
 
     if two_sweeps:
-        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
-                            shifted_runs)
-        window_probabilities = _class_outputs(first, temperature, len(views), shifted)[1]
+        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0)
+        window_probabilities = _class_outputs(first, temperature, len(views))[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
     captures = sweep_views(
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
@@ -479,7 +453,7 @@ def explain_volume(
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    window_logits, window_probabilities = _class_outputs(captures, temperature, len(views), shifted)
+    window_logits, window_probabilities = _class_outputs(captures, temperature, len(views))
     decisive = None if window_probabilities is None else decisive_window(window_probabilities, target)
     probabilities = None if decisive is None else window_probabilities[decisive]
     resolved = captures[0].target
@@ -500,7 +474,7 @@ def explain_volume(
         num_windows=len(tiles), timings=timings, window_weighting=weighting,
         window_probabilities=window_probabilities, decisive_window=decisive,
         window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
-        temperature=float(temperature), flip_axes=views[-1], shift_average=shifted is not None,
+        temperature=float(temperature), flip_axes=flip_axes, shift_average=bool(shift_average),
         region=applied,
         _tiling=tiling,
     )
