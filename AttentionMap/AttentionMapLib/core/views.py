@@ -41,11 +41,9 @@ class WindowView:
         return unflip_map(back, tuple(back.ndim - 3 + a for a in self.flips))
 
     def query_rows(self, token: Sequence[int], grid_shape: Sequence[int]) -> List[Tuple[Tuple[int, int, int], float]]:
-        """The view's tokens holding the window's ``token`` (3,) and their weights (sum 1): its flipped index,
-        then the shifted view's one to eight tokens (`shifts.shifted_query_rows`)."""
+        """The view's tokens holding the window's ``token`` (3,) and their weights (sum 1): its flipped index, then
+        the one to eight tokens of the shifted view (`shifts.shifted_query_rows`; itself alone without a shift)."""
         flipped = tuple(int(v) for v in flip_tokens(np.asarray(token), self.flips, grid_shape))
-        if not any(self.shift):
-            return [(flipped, 1.0)]
         return shifted_query_rows(flipped, self.shift, self.patch_size, grid_shape)
 
 
