@@ -39,7 +39,8 @@ def main() -> int:
     package = Path(AttentionMapLib.__file__).resolve().parent
     assert repo not in package.parents, f"AttentionMapLib imported from the checkout: {package}"
     assert Path(sys.prefix) in package.parents, f"AttentionMapLib not from the wheel's venv: {package}"
-    assert DEMO_CARD.is_file() and DEMO_CARD.with_suffix(".pt").is_file(), f"no demo model in the wheel: {DEMO_CARD}"
+    weights = DEMO_CARD.with_suffix(".safetensors")
+    assert DEMO_CARD.is_file() and weights.is_file(), f"no demo model in the wheel: {DEMO_CARD}"
     shipped = {p.stem for p in package.rglob("*.py")}
     assert not shipped & {"demo_data", "baselines"}, sorted(shipped & {"demo_data", "baselines"})
     assert importlib.util.find_spec("attentionmap_dev") is None, "attentionmap_dev is importable from the wheel's venv"

@@ -240,3 +240,23 @@ def test_other_monai_transformers_load_from_cards(tmp_path, name, args):
     assert_same_weights(loaded.network, reference)
     assert loaded.img_size == ((32,) * 3 if name == "UNETR" else (16, 16, 16))
     assert loaded.classes == [] and loaded.target is None  # no class names, no classification head
+
+
+def test_pt_checkpoints_are_refused_on_torch_before_2_6_and_safetensors_load_everywhere(tmp_path, monkeypatch):
+    """torch.load(weights_only=True) can run code before PyTorch 2.6 (CVE-2025-32434): a .pt card is refused there
+    with the installed version and the CVE named; the same weights as .safetensors load on any torch."""
+    from safetensors.torch import save_file
+
+    from AttentionMapLib.models import DEMO_CARD, torch_load_is_safe
+
+    assert [torch_load_is_safe(v) for v in ("2.2.2", "2.5.1+cu121", "2.6.0", "2.13.0+cpu", "10.0", "x")] == [
+        False, False, True, True, True, False]
+    reference = tiny_vit()
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(AttentionMapError, match=r"model\.pt: refused, PyTorch 2\.5\.1 .*CVE-2025-32434"):
+        load_model(str(write_card(tmp_path)))
+    assert_same_weights(load_model(str(write_card(tmp_path, "model.safetensors"))).network, reference)
+    assert json.loads(DEMO_CARD.read_text())["weights"].endswith(".safetensors")  # the demo loads on any torch
+    assert load_model("demo").network is not None

@@ -155,7 +155,7 @@ def test_every_library_file_and_resource_is_listed():
     assert not (resources - listed), f"resources missing from MODULE_PYTHON_RESOURCES: {sorted(resources - listed)}"
     assert {
         "AttentionMapLib/demo_model/demo_lung_nodule_vit.json",
-        "AttentionMapLib/demo_model/demo_lung_nodule_vit.pt",
+        "AttentionMapLib/demo_model/demo_lung_nodule_vit.safetensors",
         "Resources/UI/AttentionMap.ui",
         "Resources/Icons/AttentionMap.png",
     } <= listed

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,12 @@ from AttentionMapLib.core.geometry import apply_affine  # noqa: E402
 from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics, pointing_game  # noqa: E402
 from AttentionMapLib.core.region import LungFieldRegion  # noqa: E402
 from AttentionMapLib.core.views import explain_views_averaged  # noqa: E402
+from AttentionMapLib.models import read_state_dict  # noqa: E402
 from tools.train_demo_model import auc, auc_interval, build_network  # noqa: E402
 
 MODELS_DIR = ROOT / "AttentionMap" / "AttentionMapLib" / "demo_model"
 CARD_NAME = "demo_lung_nodule_vit.json"
-WEIGHTS_NAME = "demo_lung_nodule_vit.pt"
+WEIGHTS_NAME = "demo_lung_nodule_vit.safetensors"
 PAIRS = 200
 SUBSET_PAIRS = 6  # the small fixed subset the test suite re-checks
 FAMILY_PAIRS = 100  # held-out pairs per other lesion generator
@@ -323,7 +325,7 @@ def load_shipped(card_path: Path) -> torch.nn.Module:
     card = json.loads(card_path.read_text())
     model = build_network(card["network"]["args"])
     model.load_state_dict(
-        {k: v.float() for k, v in torch.load(card_path.parent / card["weights"], weights_only=True).items()}
+        {k: v.float() for k, v in read_state_dict(card_path.parent / card["weights"]).items()}
     )
     return model.eval()
 
@@ -493,7 +495,7 @@ def write_card(checkpoint: Dict[str, object], metrics: Dict[str, object], out_di
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().contiguous() for k, v in checkpoint["model"].items()}
-    torch.save(weights, out_dir / WEIGHTS_NAME)
+    save_file(weights, str(out_dir / WEIGHTS_NAME))
     path = out_dir / CARD_NAME
     path.write_text(json.dumps(card, indent=2) + "\n")
     return path

@@ -38,6 +38,7 @@ import torch
 
 from attentionmap_dev import demo_data, lesions, scan_faces
 from AttentionMapLib.core.capture import hooked_attention
+from AttentionMapLib.models import read_state_dict
 
 NETWORK_ARGS: Dict[str, object] = {
     "in_channels": 1,
@@ -287,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model = build_network()
     if a.init_weights is not None:
-        model.load_state_dict(torch.load(a.init_weights, weights_only=True))
+        model.load_state_dict(read_state_dict(a.init_weights))
     token_head = torch.nn.Linear(NETWORK_ARGS["hidden_size"], 1)
     params = list(model.parameters()) + list(token_head.parameters())
     optimiser = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)

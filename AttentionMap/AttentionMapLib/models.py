@@ -3,7 +3,7 @@
 Model card (JSON; paths relative to the card)::
 
     {"network": {"name": "ViT", "args": {"in_channels": 1, "img_size": [64, 64, 64], ...}},
-     "weights": "model.pt",                 # .pt/.pth/.ckpt (torch.load weights_only=True) or .safetensors
+     "weights": "model.safetensors",        # or .pt/.pth/.ckpt (torch.load weights_only=True; torch >= 2.6)
      "preprocessing": {...},                # the section read by volume.explain_volume
      "classes": ["no lesion", "lesion"], "target": 1,
      "description": "...", "training_data": "...", "metrics": {...}}
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -192,7 +193,7 @@ def load_weights(network: Any, weights_path: Path) -> List[str]:
     (DataParallel), and ViT checkpoints of older MONAI versions (ViT.load_old_state_dict). Returns
     notes about mappings applied; raises AttentionMapError listing missing / unexpected / mis-shaped keys.
     """
-    state = _read_state_dict(weights_path)
+    state = read_state_dict(weights_path)
     notes: List[str] = []
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -229,7 +230,20 @@ def load_weights(network: Any, weights_path: Path) -> List[str]:
     return notes
 
 
-def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
+# torch.load(weights_only=True) can run code from a crafted file before PyTorch 2.6 (CVE-2025-32434)
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def torch_load_is_safe(version: str) -> bool:
+    """True when ``version`` (torch.__version__, e.g. "2.6.0+cpu") is 2.6 or later: weights_only=True is safe."""
+    match = re.match(r"\s*(\d+)\.(\d+)", version)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= SAFE_TORCH_LOAD
+
+
+def read_state_dict(weights_path: Path) -> Dict[str, Any]:
+    """A state dict of tensors from a .safetensors file (any torch), or a .pt / .pth checkpoint read with
+    ``torch.load(weights_only=True)``, refused on torch < 2.6 (CVE-2025-32434) and when it needs arbitrary
+    unpickling. Raises AttentionMapError naming the file."""
     import torch
 
     if not os.path.lexists(weights_path):
@@ -243,6 +257,12 @@ def _read_state_dict(weights_path: Path) -> Dict[str, Any]:
             return load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AttentionMapError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    if not torch_load_is_safe(torch.__version__):
+        raise AttentionMapError(
+            f"{weights_path}: refused, PyTorch {torch.__version__} is older than 2.6, where torch.load(weights_only="
+            "True) can run code from a crafted checkpoint (CVE-2025-32434); use PyTorch 2.6 or later, or convert the "
+            "weights to .safetensors (accepted with any PyTorch)"
+        )
     try:
         loaded = torch.load(str(weights_path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
