@@ -9,6 +9,8 @@ never imports them: only the worker process does.
 import importlib
 import logging
 import pathlib
+import subprocess
+import sys
 import time
 from typing import Annotated, Any, Dict, List, Optional, Union
 
@@ -35,7 +37,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, render, worker
+from AttentionMapLib import AttentionMapError, dependencies, module_logic, mrml, render, worker, worker_environment
 from AttentionMapLib.core.method_registry import get_method, method_names
 from AttentionMapLib.core.numbering import layer_index
 
@@ -53,7 +55,7 @@ MODEL_KINDS = ["demo model", "model card (.json)", "MONAI bundle folder"]
 METHODS = list(method_names())  # the method registry (torch-free)
 HEAD_FUSIONS = ["mean", "max", "min", "single head"]
 NORMALIZATIONS = ["percentile", "minmax", "none"]
-DEVICES = ["auto", "cpu", "cuda"]
+DEVICES = ["auto", "cpu", "cuda", "mps"]
 # test-time averaging: the model card's default_flip_axes and default_shift_average (the demo card's: the 8 flips and
 # the 7 half-patch shifts), none, the 8 flips, or both; TEST_TIME_VIEWS gives each choice's explain options flip_axes
 # and shift_average (flips.flip_axes_from_spec, shifts.shift_average_from_spec, resolved in the worker)
@@ -66,6 +68,7 @@ TEST_TIME_VIEWS = {
 }
 MODEL_DEFAULT_TARGET = "(model default)"
 POLL_INTERVAL_MS = 100
+WORKER_PYTHON_SETTING = "AttentionMap/WorkerPython"  # application settings (qt.QSettings), never the scene
 FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) are fused once
 
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
@@ -198,6 +201,10 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.queryPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.progressBar.setVisible(False)
         self.ui.methodComboBox.toolTip = "; ".join(f"{m}: {get_method(m).display_name}" for m in METHODS)
+        self.ui.workerPythonPathLineEdit.currentPath = str(qt.QSettings().value(WORKER_PYTHON_SETTING, "") or "")
+        self.onWorkerPythonChanged(self.ui.workerPythonPathLineEdit.currentPath)
+        self.ui.workerPythonPathLineEdit.connect("currentPathChanged(QString)", self.onWorkerPythonChanged)
+        self.ui.checkWorkerPythonButton.connect("clicked(bool)", self.onCheckWorkerPython)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -213,11 +220,11 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        """Stop syncing the GUI; a running job still finishes and is applied (the parameter node stays)."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        """Nothing to undo: the GUI stays connected to its parameter node while the module is hidden (a running
+        job still finishes and is applied). Disconnecting here and connecting again in enter() would stack a
+        second set of connectors on Slicer 5.8, whose connectGui returns no tag and whose disconnectGui removes
+        nothing (v5.8.0 Base/Python/slicer/parameterNodeWrapper/wrapper.py _connectGui), and VTKObservationMixin
+        would warn "does not have observer" when the node is set again (v5.12.3 Base/Python/slicer/util.py)."""
 
     def onSceneStartClose(self, caller, event) -> None:
         """The running job's result belongs to the scene being closed: cancel it. A cancelled job never
@@ -240,9 +247,16 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode: Optional[AttentionMapParameterNode]) -> None:
+        """Connect the GUI to ``parameterNode`` once; the same node again (enter() after exit()) changes nothing."""
+        if parameterNode is not None and self._parameterNode is not None and \
+                parameterNode.parameterNode is self._parameterNode.parameterNode:
+            return
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            if self._parameterNodeGuiTag is not None:  # None on Slicer 5.8: nothing to disconnect there
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -357,11 +371,13 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             self._fuseAgainPending, self._applyPending = False, True
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the model."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the model.")):
+            # the question is asked without the wait cursor; installing and starting run under it
             if not self.logic.installDependencies(askConsent=not slicer.app.testingEnabled()):
                 self.ui.statusLabel.text = _("PyTorch and MONAI are needed to run a model.")
                 return
-            self._startJob("explain", self.logic.startExplain(self._parameterNode))
+            with slicer.util.WaitCursor():
+                self._startJob("explain", self.logic.startExplain(self._parameterNode))
 
     def _setRunning(self, running: bool) -> None:
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
@@ -389,12 +405,16 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._log(event.value)
                 continue
             self._finish()
-            self._showFinal(kind, event)
-            if self._applyPending:
-                self._applyPending = False
+            try:
+                self._showFinal(kind, event)
+            except Exception:  # shown by tryWithErrorDisplay already; it re-raises (v5.12.3 slicer/util.py)
+                logging.exception("AttentionMap: showing the result failed")
+            finally:  # a pending Apply or re-fusion runs even when showing this result failed
+                applyPending, fuseAgainPending = self._applyPending, self._fuseAgainPending
+                self._applyPending = self._fuseAgainPending = False
+            if applyPending:
                 self.onApplyButton()
-            elif self._fuseAgainPending:
-                self._fuseAgainPending = False
+            elif fuseAgainPending:
                 self._fuseAgain()
             return
 
@@ -443,8 +463,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showClasses(result.model.classes, result.attention.probabilities, result.attention.target)
             self._showPrediction(result.attention)
             timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.attention.timings.items())
-            self.ui.statusLabel.text = _("Done ({windows} window(s); {timings}).").format(
-                windows=result.attention.num_windows, timings=timings)
+            self.ui.statusLabel.text = _("Done on {device} ({windows} window(s); {timings}).").format(
+                device=result.model.device, windows=result.attention.num_windows, timings=timings)
             self._showModelInfo()
             # options changed while the job ran were not applied then: fuse once more if the map differs
             if module_logic.fusion_differs(result.attention, self.logic.fusionOptions(p), self.logic.numLayers):
@@ -482,6 +502,25 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Region: the whole volume")
         )
         self.ui.probabilitiesLabel.text = "\n".join(lines + [self.ui.probabilitiesLabel.text])
+
+    def onWorkerPythonChanged(self, path: str) -> None:
+        """The Worker Python setting: saved in the application settings (never in a scene, which could carry a
+        path to run), used by the next worker started (a running worker of another interpreter stops)."""
+        path = str(path or "").strip()
+        qt.QSettings().setValue(WORKER_PYTHON_SETTING, path)
+        self.logic.workerPythonInfo = None
+        try:
+            worker.set_worker_python(path)
+        except AttentionMapError as error:
+            self.ui.workerPythonInfoLabel.text = str(error)
+            return
+        self.ui.workerPythonInfoLabel.text = (_("{path}: press the check button to see its versions and device.")
+                                              .format(path=path) if path else _("Slicer's own Python (PythonSlicer)."))
+
+    def onCheckWorkerPython(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The worker Python cannot be used."), waitCursor=True):
+            info = self.logic.checkWorkerPython(self.ui.workerPythonPathLineEdit.currentPath)
+            self.ui.workerPythonInfoLabel.text = info.summary()
 
     def onScoreButton(self) -> None:
         if self._jobKind == "score":
@@ -521,6 +560,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self.resultSource = None  # the model source ("demo", a card or bundle path) that made the result
         self._runningSource = None
         self.numLayers = 0  # of the model that produced the result
+        self.workerPythonInfo = None  # what the worker Python reported when it was last checked
 
     def getParameterNode(self) -> AttentionMapParameterNode:
         return AttentionMapParameterNode(super().getParameterNode())
@@ -528,35 +568,58 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
     def forgetResult(self) -> None:
         self.result, self.inputVolume, self.resultSource, self.numLayers = None, None, None, 0
 
-    @staticmethod
-    def installDependencies(askConsent: bool = True) -> bool:
-        """PyTorch (through the PyTorch extension, within MONAI's range) and MONAI + einops (pinned, pip
-        kept away from torch), after one consent; in testing mode without asking. True when all fit."""
-        plan = dependencies.plan_dependencies(dependencies.installed_versions())
+    def checkWorkerPython(self, path: str) -> "worker_environment.WorkerPythonInfo":
+        """Run the interpreter ``path`` once (never importing torch here) and keep what it reported."""
+        self.workerPythonInfo = worker_environment.check_worker_python(worker.worker_python(path))
+        return self.workerPythonInfo
+
+    def installDependencies(self, askConsent: bool = True) -> bool:
+        """Make sure the worker can run; True when it can.
+
+        With a worker Python set (Advanced > Worker Python, or $ATTENTIONMAP_WORKER_PYTHON) nothing is installed
+        into Slicer: that interpreter is checked by running it once. Otherwise the plan for Slicer's own Python
+        (dependencies.plan_dependencies: versions from importlib.metadata, nothing imported) is installed after one
+        consent (asked without the wait cursor; in testing mode without asking), or its problems are raised with
+        what to do instead."""
+        configured = worker.configured_python()
+        if configured:
+            known = self.workerPythonInfo
+            info = known if known is not None and known.path == configured else self.checkWorkerPython(configured)
+            if info.problems:
+                raise AttentionMapError("\n".join(info.problems))
+            return True
+        plan = dependencies.plan_dependencies(dependencies.installed_versions(), torch_loaded="torch" in sys.modules)
         if plan.problems:
-            raise AttentionMapError("; ".join(plan.problems))
+            raise AttentionMapError(plan.problem_text())
         if not plan.needed:
             return True
         if askConsent and not slicer.util.confirmOkCancelDisplay(plan.consent_text(),
                                                                  windowTitle=_("Install Python packages")):
             return False
-        if plan.torch_requirement:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise AttentionMapError(_("AttentionMap needs the PyTorch extension: install it from the Extensions "
-                                          "Manager and restart Slicer.")) from None
-            # installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement) as in
-            # fepegar/SlicerPyTorch PyTorchUtils.py; the consent above covered it
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                             torchVersionRequirement=plan.torch_requirement) is None:
-                return False
-        if plan.pip_arguments:
-            slicer.util.pip_install(plan.pip_arguments)
+        with slicer.util.WaitCursor():
+            for arguments in (plan.torch_arguments, plan.pip_arguments):
+                if arguments and not self._pipInstall(arguments):
+                    return False
         worker.stop_shared_worker()  # a worker started before the installs would still see the old packages
         importlib.invalidate_caches()
         remaining = dependencies.plan_dependencies(dependencies.installed_versions())
         return not remaining.needed and not remaining.problems
+
+    @staticmethod
+    def _pipInstall(arguments: List[str]) -> bool:
+        """slicer.util.pip_install; False when it failed and Slicer already said so. From Slicer 5.12 it forwards
+        to slicer.packaging.pip_install, which shows its own progress and error dialogs before raising
+        CalledProcessError (v5.12.3 Base/Python/slicer/packaging.py): a second error box would repeat it. Earlier
+        Slicers raise without a dialog (v5.10.0 Base/Python/slicer/util.py pip_install), so the error goes on."""
+        try:
+            slicer.util.pip_install(arguments)
+        except subprocess.CalledProcessError as error:
+            if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):
+                logging.error(f"AttentionMap: pip install {' '.join(arguments)} failed (exit code {error.returncode})")
+                return False
+            raise AttentionMapError(f"pip install {' '.join(arguments)} failed (exit code {error.returncode}); "
+                                    "the Python console shows pip's output") from None
+        return True
 
     @staticmethod
     def modelSource(p: AttentionMapParameterNode) -> str:
@@ -753,6 +816,15 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
         self.test_AttentionMap_demo()
 
     @staticmethod
+    def _packageIndexReachable(timeoutSeconds: float = 60.0) -> bool:
+        """Whether pip reaches its package index from Slicer's Python within ``timeoutSeconds``."""
+        command = [worker.worker_python(), "-m", "pip", "index", "versions", "monai", "--timeout", "10"]
+        try:
+            return subprocess.run(command, capture_output=True, timeout=timeoutSeconds, check=False).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    @staticmethod
     def _poll(job, timeoutSeconds: float = 900.0):
         """Drive a job as the widget's timer does: poll, let Qt run, until the final event; its value."""
         deadline = time.monotonic() + timeoutSeconds
@@ -770,7 +842,11 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
     def test_AttentionMap_demo(self):
         self.delayDisplay("Starting the test")
         logic = AttentionMapLogic()
-        # testing mode: no dialogs; PyTorchUtils and pip install what the plan lists (dependencies.py)
+        # testing mode: no dialogs; pip installs what the plan lists (dependencies.py), or the worker Python is used
+        plan = dependencies.plan_dependencies(dependencies.installed_versions())
+        if worker.configured_python() is None and plan.needed and not self._packageIndexReachable():
+            self.skipTest("AttentionMap self-test skipped: PyTorch and MONAI are not installed and the package index "
+                          "cannot be reached (no network?); install them, or set a worker Python, and run it again")
         self.assertTrue(logic.installDependencies(askConsent=False), "PyTorch / MONAI could not be installed")
         array, ijkToRas, noduleRas = module_logic.self_test_phantom()
         volume = slicer.util.addVolumeFromArray(array.transpose(2, 1, 0).copy(), ijkToRAS=ijkToRas, name="Phantom CT")

@@ -1,5 +1,4 @@
-"""The Slicer module's Qt-free decisions: dependency plan from installed versions, model-card summary
-(layer / head ranges before a run), re-fusion after a job when the options on screen changed, and
+"""The Slicer module's Qt-free decisions: model-card summary (layer / head ranges before a run), re-fusion after a job when the options on screen changed, and
 the self-test's phantom explained by the shipped demo model through the worker process."""
 import json
 
@@ -8,55 +7,8 @@ import pytest
 
 from AttentionMapLib import AttentionMapError, worker
 from AttentionMapLib.core.metrics import mask_statistics
-from AttentionMapLib.dependencies import (
-    EINOPS_VERSION,
-    MONAI_VERSION,
-    installed_versions,
-    parse_version,
-    plan_dependencies,
-)
 from AttentionMapLib.models import DEMO_CARD
 from AttentionMapLib.module_logic import card_summary, fusion_differs, patch_size_mm, self_test_phantom
-
-GOOD = {"torch": "2.9.1+cpu", "monai": MONAI_VERSION, "einops": EINOPS_VERSION, "numpy": "1.26.4"}
-
-
-def test_versions_are_parsed_from_real_version_strings():
-    assert parse_version("2.8.0+cpu") == (2, 8, 0)
-    assert parse_version("2.1.0a0+git") == (2, 1, 0)
-    assert parse_version("1.26") == (1, 26)
-    assert parse_version(None) is None and parse_version("dev") is None
-    installed = installed_versions()  # this environment: what the test suite runs with
-    assert plan_dependencies(installed).needed is False and not plan_dependencies(installed).problems
-
-
-def test_nothing_to_install_when_versions_fit():
-    plan = plan_dependencies(GOOD)
-    assert not plan.needed and plan.torch_requirement is None and plan.pip_arguments is None and not plan.problems
-
-
-def test_torch_missing_or_too_old_is_asked_from_pytorch_utils_within_monais_range():
-    for torch_version in (None, "2.1.2+cu118", "2.7.1"):
-        plan = plan_dependencies({**GOOD, "torch": torch_version})
-        assert plan.torch_requirement == ">=2.8" and plan.pip_arguments is None
-    assert "older than MONAI" in plan_dependencies({**GOOD, "torch": "2.1.2"}).consent_text()
-
-
-def test_monai_is_pinned_and_pip_may_not_touch_torch():
-    plan = plan_dependencies({**GOOD, "monai": None, "einops": None})
-    assert plan.pip_arguments == [f"monai=={MONAI_VERSION}", f"einops=={EINOPS_VERSION}", "--no-deps"]
-    assert plan.torch_requirement is None  # the installed torch fits: PyTorchUtils is not called
-    other = plan_dependencies({**GOOD, "monai": "1.4.0"})  # present but not the tested version: replaced
-    assert other.pip_arguments == [f"monai=={MONAI_VERSION}", "--no-deps"]
-    text = other.consent_text()  # one question lists every step
-    assert "1.4.0" in text and "--no-deps" in text and "torch is left as it is" in text
-    both = plan_dependencies({**GOOD, "torch": None, "monai": None})
-    assert both.torch_requirement and both.pip_arguments and "PyTorch extension" in both.consent_text()
-
-
-def test_numpy_outside_monais_range_is_a_problem_not_an_install():
-    plan = plan_dependencies({**GOOD, "numpy": "1.21.0"})
-    assert plan.problems and "numpy 1.21.0" in plan.problems[0] and not plan.needed
 
 
 def test_card_summary_gives_the_ranges_before_any_run(tmp_path):

@@ -528,7 +528,7 @@ def test_a_cancel_before_the_worker_got_the_job_sends_nothing(oracle_card):
         job = explain_job(str(oracle_card[0]), *volume(), {}, device="cpu", worker=process)
         job.cancel()
         assert job.wait(30).kind == CANCELLED
-        assert sorted(os.listdir(process.folder)) == ["worker.log"]  # its input file is removed too
+        assert not [name for name in os.listdir(process.folder) if name.startswith("input")]  # removed too
     finally:
         process.close()
     assert wait_gone(process.pid)
@@ -549,7 +549,7 @@ def test_torch_threads_in_the_worker_are_set(oracle_card, monkeypatch, tmp_path)
     finally:
         process.close()
     assert any(e.kind == LOG and "PyTorch" in e.value and " 1 thread(s)" in e.value for e in events), events
-    with pytest.raises(AttentionMapError, match="cannot start"):
+    with pytest.raises(AttentionMapError, match="no-python is not an executable file"):
         WorkerProcess(python=str(tmp_path / "no-python"))
 
 

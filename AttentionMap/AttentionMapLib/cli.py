@@ -4,7 +4,7 @@
                   [--method METHOD] [--layer N] [--head-fusion mean|max|min] [--head H]
                   [--discard-ratio R] [--target CLASS] [--query-ras X Y Z] [--label MASK...] [--resample]
                   [--flip-average all|AXES|none] [--shift-average on|off]
-                  [--device auto|cpu|cuda] [--normalize minmax|percentile|none]
+                  [--device auto|cpu|cuda|mps] [--normalize minmax|percentile|none]
                   [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
@@ -42,6 +42,7 @@ from .core.method_registry import get_method, method_names
 from .core.numbering import layer_index
 from .errors import AttentionMapError
 from .io import read_volume
+from .models import DEVICES
 from .outputs import check_output_file, check_output_folder, staged_folder, write_file, writing
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
     model.add_argument("--target", default=None, help="class name or index (default: the card's, else the predicted)")
-    model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="auto: CUDA when available, CPU otherwise and after CUDA out-of-memory")
+    model.add_argument("--device", default="auto", choices=DEVICES,
+                       help="auto: CUDA when available, else Apple's MPS, else the CPU (also after CUDA out-of-memory)")
     model.add_argument(
         "--normalize",
         default="percentile",

@@ -89,17 +89,31 @@ def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> 
     return loaded
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def mps_available() -> bool:
+    """True when PyTorch can use Apple's Metal GPU (MPS) here."""
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str, name: str = "device") -> str:
-    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'cpu'; 'cpu' / 'cuda' are checked (``name``: the
-    option named in the message). The command line and the worker process both use this."""
+    """'auto' -> 'cuda' when a CUDA GPU is usable, else 'mps' when Apple's Metal GPU is, else 'cpu'; 'cpu',
+    'cuda' and 'mps' are checked (``name``: the option named in the message). The command line and the worker
+    process both use this."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise AttentionMapError(f"{name}: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    if device not in DEVICES:
+        raise AttentionMapError(f"{name}: expected one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise AttentionMapError(f"{name} 'cuda': no CUDA GPU is available to PyTorch; choose 'auto' or 'cpu'")
+    if device == "mps" and not mps_available():
+        raise AttentionMapError(f"{name} 'mps': Apple's Metal GPU is not available to PyTorch; choose 'auto' or 'cpu'")
     return device
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -88,13 +89,26 @@ class ExplainResult(NamedTuple):
     attention: AttentionData
 
 
-def worker_python() -> str:
-    """Slicer's own Python (PythonSlicer) inside the application, else this interpreter.
+PYTHON_VARIABLE = "ATTENTIONMAP_WORKER_PYTHON"
 
-    Found as Slicer itself finds it (Slicer v5.8.0 Base/Python/slicer/util.py, _executePythonModule:
-    ``shutil.which("PythonSlicer")``, on PATH in the application); ``sys.executable`` is the Slicer
-    executable there, not a Python.
+
+def worker_python(configured: Optional[str] = None) -> str:
+    """The interpreter the worker runs in: ``configured`` (the module's Worker Python setting), else
+    $ATTENTIONMAP_WORKER_PYTHON, else Slicer's own Python (PythonSlicer) inside the application, else this one.
+
+    Any Python 3.9+ with torch and MONAI will do (a conda environment with CUDA, a native arm64 Python on Apple
+    silicon): the worker speaks plain data over a socket and gets this package on its path. Slicer's own Python is
+    found as Slicer finds it (v5.12.3 Base/Python/slicer/util.py, ``shutil.which("PythonSlicer")``); inside the
+    application ``sys.executable`` is PythonSlicer too (Base/QTCore/qSlicerCoreApplication.cxx), a launcher
+    (CTKAppLauncher) that starts ``python-real`` as its child.
     """
+    chosen = (configured or os.environ.get(PYTHON_VARIABLE, "")).strip()
+    if chosen:
+        what = "worker Python" if configured else PYTHON_VARIABLE
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise AttentionMapError(f"{what}: {chosen} is not an executable file; choose a Python interpreter "
+                                    "(3.9 or later) that has torch and MONAI, or clear the setting")
+        return chosen
     try:
         from slicer import app  # noqa: F401  (exists only in the Slicer application)
     except ImportError:
@@ -127,16 +141,19 @@ class WorkerProcess:
 
     def __init__(self, python: Optional[str] = None, threads: Optional[int] = None,
                  startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
-        self.folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+        self.python = worker_python(python)
+        self.folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # 0700: this user's only
         self.log_path = os.path.join(self.folder, "worker.log")
-        self._key = os.urandom(protocol.AUTHKEY_BYTES)
-        self._server = protocol.listen()
+        key = os.urandom(protocol.AUTHKEY_BYTES)
+        self._server, address = protocol.listen(self.folder)
+        self._acceptor = protocol.Acceptor(self._server, key)
         self._conn: Any = None
+        self.worker_pid: Optional[int] = None  # the Python's own pid (a launcher's child), known once connected
         self._startup_deadline = time.monotonic() + startup_timeout
         self.job: Optional["WorkerJob"] = None
         self._next_id = 1
-        command = [python or worker_python(), "-m", "AttentionMapLib.worker_process",
-                   "--port", str(self._server.getsockname()[1]), "--parent-pid", str(os.getpid())]
+        command = [self.python, "-m", "AttentionMapLib.worker_process", "--address", address,
+                   "--parent-pid", str(os.getpid())]
         if threads is not None:
             command += ["--threads", str(int(threads))]
         env = dict(os.environ)
@@ -149,7 +166,7 @@ class WorkerProcess:
             self._server.close()
             shutil.rmtree(self.folder, ignore_errors=True)
             raise AttentionMapError(f"worker: cannot start {command[0]} ({error})") from None
-        self.process.stdin.write((self._key.hex() + "\n").encode("ascii"))
+        self.process.stdin.write((key.hex() + "\n").encode("ascii"))
         self.process.stdin.close()
 
     @property
@@ -161,35 +178,66 @@ class WorkerProcess:
         return self.process.poll() is None
 
     def connection(self) -> Any:
-        """The authenticated connection, or None while the worker is still starting (never blocks).
-        Raises WorkerDied if the worker ended or did not connect within the startup timeout."""
+        """The authenticated connection, or None while the worker is still starting (never blocks: the handshake
+        advances by what has arrived). Raises WorkerDied if the worker ended or did not connect within the
+        startup timeout. Peers refused on the way are listed by ``take_refusals()``."""
         if self._conn is None:
+            accepted = self._acceptor.poll()
+            if accepted is not None:
+                self._conn, self.worker_pid = accepted
+                self._stop_listening()  # one worker, one connection: nobody else may connect now
+                return self._conn
             if not self.alive:
-                raise WorkerDied(f"the worker process ended while starting ({describe_exit(self.process.poll())})")
+                raise WorkerDied(f"the worker process ended while starting ({self.exit_description()})")
             if time.monotonic() > self._startup_deadline:
                 self.kill()
                 raise WorkerDied(f"the worker process did not start within {STARTUP_TIMEOUT_S:.0f} s")
-            self._conn = protocol.accept(self._server, self._key)
         return self._conn
+
+    def take_refusals(self) -> List[str]:
+        """Connections refused since the last call (a peer without the key, a handshake not finished in time)."""
+        refused, self._acceptor.refused = self._acceptor.refused, []
+        return refused
+
+    def crash_report(self) -> str:
+        """faulthandler's report of a crash of the worker's Python ("Fatal Python error: ..." and every thread's
+        stack) from its log, or ""; through a launcher this is all that says how its child died."""
+        text = self._log_text()
+        crash = text.rfind("Fatal Python error")
+        return text[crash:] if crash >= 0 else ""
+
+    def exit_description(self) -> str:
+        """How the process ended; with the crash report's first line when the worker's Python wrote one (a
+        launcher such as PythonSlicer exits 1 when its child crashed: CTKAppLauncher ctkAppLauncher.cpp)."""
+        described = describe_exit(self.process.poll())
+        crash = self.crash_report()
+        return f"{described}; {crash.splitlines()[0]}" if crash else described
 
     def new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the worker's stdout / stderr: from the last crash report (faulthandler's "Fatal
-        Python error", with every thread's stack) if there is one, else the last ``lines`` lines."""
+    def _log_text(self) -> str:
         try:
-            text = Path(self.log_path).read_text(errors="replace").strip()
+            return Path(self.log_path).read_text(errors="replace").strip()
         except OSError:
             return ""
-        crash = text.rfind("Fatal Python error")
-        return text[crash:] if crash >= 0 else "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the worker's stdout / stderr: the crash report if there is one, else the last ``lines``."""
+        return self.crash_report() or "\n".join(self._log_text().splitlines()[-lines:])
 
     def kill(self) -> None:
-        """Stop the worker and every process it started, at once; remove its scratch folder."""
+        """Stop the worker and every process it started, at once; remove its scratch folder.
+
+        The process started here may be a launcher (PythonSlicer) whose child is the Python that runs the worker;
+        the launcher forwards no signal (CTKAppLauncher has no signal handling), so killing its pid alone would
+        leave that child running. Its process group goes (the whole tree on Windows), and the worker's own pid,
+        reported in the handshake, is killed as well in case it left the group."""
         if self.alive:
             _kill_process_group(self.process)
+        if self.worker_pid is not None and self.worker_pid != self.process.pid:
+            _kill_pid(self.worker_pid)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -211,8 +259,13 @@ class WorkerProcess:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self._server.close()
+        self._stop_listening()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _stop_listening(self) -> None:
+        self._acceptor.close_pending()
+        self._server.close()
+        protocol.remove_socket_file(self.folder)
 
 
 def _own_process_group() -> Dict[str, Any]:
@@ -223,12 +276,23 @@ def _own_process_group() -> Dict[str, Any]:
 
 
 def _kill_process_group(process: subprocess.Popen) -> None:
-    if os.name == "nt":  # /T: the whole tree, /F: without asking
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
+    if os.name == "nt":
+        _kill_pid(process.pid)
         return
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
+        pass
+
+
+def _kill_pid(pid: int) -> None:
+    """Kill process ``pid`` (with its tree on Windows: taskkill /T /F); nothing if it is gone."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
@@ -284,9 +348,13 @@ class WorkerJob:
             return []
         try:
             events = self._receive()
-        except (WorkerDied, EOFError, OSError, protocol.ProtocolError) as error:
+        except (WorkerDied, EOFError, OSError) as error:
             death = self._death(error)
             return [self._end(JobEvent(ERROR, death, self.worker.log_tail()), kill=True)]
+        except Exception as error:  # a malformed message: never an exception out of poll(), the GUI's timer
+            failure = protocol.ProtocolError(f"the worker sent a malformed message ({type(error).__name__}: {error}); "
+                                             "it was stopped, the next run starts a fresh one")
+            return [self._end(JobEvent(ERROR, failure, traceback.format_exc()), kill=True)]
         if self._final is not None:
             return events
         now = time.monotonic()
@@ -322,16 +390,18 @@ class WorkerJob:
 
     def _receive(self) -> List[JobEvent]:
         conn = self.worker.connection()
+        refused = [JobEvent(LOG, f"Refused a connection to the worker's socket: {text}")
+                   for text in self.worker.take_refusals()]
         if conn is None:
             if not self.worker.alive:
                 raise WorkerDied("the worker process ended")
-            return []
+            return refused
         if not self._sent:
             if self._cancel_time is not None:
                 return []
             protocol.send(conn, self._header)
             self._sent = True
-        events = []
+        events = refused
         while self._final is None and conn.poll(0):
             header, arrays = protocol.receive(conn)
             if header.get("id") not in (self.id, None) and header.get("event") != LOG:
@@ -359,7 +429,7 @@ class WorkerJob:
             if process.poll() is not None:
                 break
             time.sleep(0.01)
-        return WorkerDied(f"the worker process stopped unexpectedly ({describe_exit(process.poll())}); the next run "
+        return WorkerDied(f"the worker process stopped unexpectedly ({self.worker.exit_description()}); the next run "
                           "starts a fresh one")
 
     def _end(self, event: JobEvent, kill: bool = False) -> JobEvent:
@@ -412,6 +482,21 @@ def _scores(value: Dict[str, Any], arrays: protocol.Arrays) -> Dict[str, Any]:
 # ---------------------------------------------------------------- the shared worker and the entry points
 
 _shared: Optional[WorkerProcess] = None
+_python_setting: Optional[str] = None  # the module's Worker Python setting (None: worker_python's default)
+
+
+def set_worker_python(path: Optional[str]) -> None:
+    """Use the interpreter ``path`` for the shared worker from now on ("" or None: the default, see
+    worker_python); a running worker of another interpreter is stopped (the next job starts the new one)."""
+    global _python_setting
+    _python_setting = (path or "").strip() or None
+    if _shared is not None and _shared.python != worker_python(_python_setting):
+        stop_shared_worker()
+
+
+def configured_python() -> Optional[str]:
+    """The worker Python chosen by the module's setting or $ATTENTIONMAP_WORKER_PYTHON; None: the default."""
+    return _python_setting or os.environ.get(PYTHON_VARIABLE, "").strip() or None
 
 
 def shared_worker() -> WorkerProcess:
@@ -420,7 +505,7 @@ def shared_worker() -> WorkerProcess:
     if _shared is None or not _shared.alive:
         if _shared is not None:
             _shared.kill()
-        _shared = WorkerProcess()
+        _shared = WorkerProcess(python=_python_setting)
     return _shared
 
 

@@ -48,20 +48,40 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def parent_alive(pid: int) -> bool:
-    """True while process ``pid`` (the GUI) runs. POSIX: our parent changes when it dies."""
-    if os.name != "nt":
-        return os.getppid() == pid
-    import ctypes  # Windows: a handle to a dead process is signalled (WaitForSingleObject -> 0)
-
-    kernel32 = ctypes.windll.kernel32
-    handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
-    if not handle:
-        return False
+def process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (Linux: field 22 of /proc/PID/stat, in clock ticks), to tell it from a later
+    process that reuses the pid; None where /proc is absent (macOS, Windows) or the process is gone."""
     try:
-        return kernel32.WaitForSingleObject(handle, 0) != 0
-    finally:
-        kernel32.CloseHandle(handle)
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19].decode() if fields[0] != b"Z" and len(fields) > 19 else None
+
+
+def parent_alive(pid: int, started: Optional[str] = None) -> bool:
+    """True while the GUI process ``pid`` runs, checked by its pid, never by who our parent is: Slicer starts the
+    worker through PythonSlicer, a launcher whose child is this Python, so our parent is the launcher
+    (CTKAppLauncher ctkAppLauncher.cpp: the child is a QProcess). ``started``: process_start(pid) when the worker
+    began; a different value (a zombie, or the pid reused) means the GUI is gone."""
+    if os.name == "nt":
+        import ctypes  # Windows: a handle to a dead process is signalled (WaitForSingleObject -> 0)
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) != 0
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the pid now belongs to another user: the GUI is gone
+        return False
+    return started is None or process_start(pid) == started
 
 
 def orphaned_exit() -> None:
@@ -267,21 +287,22 @@ class WorkerServer:
 
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--address", required=True, help="unix:PATH or tcp:HOST:PORT (worker_protocol.listen)")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the GUI process (not the launcher)")
     parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default: ${THREADS_VARIABLE}, "
                         "else all cores but one)")
     args = parser.parse_args(argv)
+    started = process_start(args.parent_pid)
     authkey = bytes.fromhex(sys.stdin.readline().strip())
     faulthandler.enable()  # a crash writes its Python traceback to stderr (the worker's log file)
 
     def watchdog() -> None:
-        while parent_alive(args.parent_pid):
+        while parent_alive(args.parent_pid, started):
             time.sleep(WATCHDOG_INTERVAL_S)
         orphaned_exit()
 
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
-    conn = protocol.connect(("127.0.0.1", args.port), authkey)
+    conn = protocol.connect(args.address, authkey)
     WorkerServer(conn, max(1, args.threads) if args.threads is not None else default_threads()).serve()
 
 

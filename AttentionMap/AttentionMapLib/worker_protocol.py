@@ -8,11 +8,14 @@ sending a request never blocks the GUI for long.
 
 Standard library, numpy and the torch-free `core.region` only: the GUI process imports this module, never torch.
 """
+import hashlib
+import hmac
 import json
 import os
 import socket
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any, Dict, Optional, Tuple
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -122,37 +125,176 @@ def region_from_message(fields: Optional[Dict[str, Any]], arrays: Arrays) -> Opt
 
 # ---------------------------------------------------------------- connecting with a shared key
 
-def listen() -> socket.socket:
-    """A non-blocking TCP server on the loopback interface (port chosen by the system)."""
-    server = socket.create_server(("127.0.0.1", 0))
+HANDSHAKE_TIMEOUT_S = 5.0  # a peer that has not proved the key by then is dropped
+CHALLENGE_BYTES = 32
+DIGEST_BYTES = 32  # HMAC-SHA256
+PID_BYTES = 8
+SOCKET_NAME = "socket"
+MAX_UNIX_PATH = 100  # sun_path holds 104 (macOS) to 108 (Linux) bytes
+
+
+def listen(folder: str, tcp: bool = False) -> Tuple[socket.socket, str]:
+    """A non-blocking server the worker connects to, and its address for the worker's command line.
+
+    POSIX: a Unix socket ``folder/socket`` (``folder`` is the worker's 0700 scratch folder, so no other local
+    user can even connect); ``"unix:PATH"``. Windows, or a path too long for a Unix socket: TCP on the loopback
+    interface, port chosen by the system; ``"tcp:127.0.0.1:PORT"`` (also with ``tcp=True``). Either way the peer
+    must prove the key.
+    """
+    path = os.path.join(folder, SOCKET_NAME)
+    if not tcp and hasattr(socket, "AF_UNIX") and os.name != "nt" and len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(4)
+        address = f"unix:{path}"
+    else:
+        server = socket.create_server(("127.0.0.1", 0))
+        address = f"tcp:127.0.0.1:{server.getsockname()[1]}"
     server.setblocking(False)
-    return server
+    return server, address
+
+
+def remove_socket_file(folder: str) -> None:
+    """Remove the Unix socket listen() made in ``folder`` (nothing if there is none)."""
+    try:
+        os.unlink(os.path.join(folder, SOCKET_NAME))
+    except OSError:
+        pass
+
+
+def _open(address: str) -> socket.socket:
+    kind, _, rest = address.partition(":")
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(rest)
+        return sock
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        return _no_delay(socket.create_connection((host, int(port))))
+    raise ProtocolError(f"worker protocol: address {address!r} is neither unix:PATH nor tcp:HOST:PORT")
 
 
 def _no_delay(sock: socket.socket) -> socket.socket:
     """Send small messages at once: Nagle's algorithm would hold a header until the peer's delayed ACK (~40 ms)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family != getattr(socket, "AF_UNIX", None):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
-def accept(server: socket.socket, authkey: bytes) -> Optional[Connection]:
-    """The worker's connection once it has connected and proved it holds ``authkey``; None while
-    nobody is waiting (never blocks). Raises AuthenticationError for a peer without the key."""
-    try:
-        sock, _ = server.accept()
-    except BlockingIOError:
+def _digest(authkey: bytes, role: bytes, *parts: bytes) -> bytes:
+    return hmac.new(authkey, role + b"".join(parts), hashlib.sha256).digest()
+
+
+class PendingPeer:
+    """The GUI side of one handshake, advanced without ever blocking.
+
+    The GUI sends a random challenge; the peer answers HMAC(key, "worker" + challenge + its pid), its pid and a
+    challenge of its own, which the GUI answers in turn. ``step()`` reads only what has arrived.
+    """
+
+    def __init__(self, sock: socket.socket, authkey: bytes) -> None:
+        self.sock = sock
+        self._key = authkey
+        self._challenge = os.urandom(CHALLENGE_BYTES)
+        self._received = b""
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        sock.setblocking(False)
+        sock.sendall(self._challenge)  # 32 bytes into an empty socket buffer: never blocks
+
+    def step(self) -> Optional[Tuple[Connection, int]]:
+        """(connection, the peer's pid) once the peer proved the key; None while it has not answered yet.
+        Raises ProtocolError for a wrong answer, a closed connection or the deadline passed."""
+        wanted = DIGEST_BYTES + PID_BYTES + CHALLENGE_BYTES
+        while len(self._received) < wanted:
+            try:
+                chunk = self.sock.recv(wanted - len(self._received))
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() > self.deadline:
+                    raise ProtocolError("worker protocol: a peer did not answer the challenge in time") from None
+                return None
+            except OSError as error:
+                raise ProtocolError(f"worker protocol: a peer's connection failed ({error})") from None
+            if not chunk:
+                raise ProtocolError("worker protocol: a peer closed its connection during the handshake")
+            self._received += chunk
+        digest, pid, challenge = (self._received[:DIGEST_BYTES], self._received[DIGEST_BYTES:-CHALLENGE_BYTES],
+                                  self._received[-CHALLENGE_BYTES:])
+        if not hmac.compare_digest(digest, _digest(self._key, b"worker", self._challenge, pid)):
+            raise ProtocolError("worker protocol: a peer without the key was refused")
+        self.sock.sendall(_digest(self._key, b"gui", challenge))  # 32 bytes: the buffer is empty, never blocks
+        self.sock.setblocking(True)
+        return Connection(_no_delay(self.sock).detach()), int.from_bytes(pid, "big")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Acceptor:
+    """Accepts the worker's connection on ``server`` without ever blocking the caller (the GUI's timer).
+
+    Peers that do not prove the key within HANDSHAKE_TIMEOUT_S, or answer wrongly, are dropped and noted in
+    ``refused`` (text for the job's log); the real worker can still connect after them.
+    """
+
+    def __init__(self, server: socket.socket, authkey: bytes) -> None:
+        self._server = server
+        self._key = authkey
+        self._pending: List[PendingPeer] = []
+        self.refused: List[str] = []
+
+    def poll(self) -> Optional[Tuple[Connection, int]]:
+        """(connection, worker pid) of the first peer that proved the key, else None (returns at once)."""
+        while True:
+            try:
+                sock, _ = self._server.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            try:
+                self._pending.append(PendingPeer(sock, self._key))
+            except OSError as error:
+                sock.close()
+                self.refused.append(f"a connection failed at once ({error})")
+        for peer in list(self._pending):
+            try:
+                done = peer.step()
+            except ProtocolError as error:
+                self._pending.remove(peer)
+                peer.close()
+                self.refused.append(str(error))
+                continue
+            if done is not None:
+                self._pending.remove(peer)
+                self.close_pending()
+                return done
         return None
-    sock.setblocking(True)
-    conn = Connection(_no_delay(sock).detach())
-    # the same two handshakes, in the same order, as multiprocessing.connection.Listener.accept
-    deliver_challenge(conn, authkey)
-    answer_challenge(conn, authkey)
-    return conn
+
+    def close_pending(self) -> None:
+        for peer in self._pending:
+            peer.close()
+        self._pending = []
 
 
-def connect(address: Tuple[str, int], authkey: bytes) -> Connection:
-    """The worker side of accept (as multiprocessing.connection.Client does)."""
-    conn = Connection(_no_delay(socket.create_connection(address)).detach())
-    answer_challenge(conn, authkey)
-    deliver_challenge(conn, authkey)
-    return conn
+def _receive_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ProtocolError("worker protocol: the GUI closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def connect(address: str, authkey: bytes, pid: Optional[int] = None) -> Connection:
+    """The worker side of the handshake (``Acceptor``): answer the GUI's challenge with the key and this process's
+    pid, then check the GUI's answer to ours. Bounded by HANDSHAKE_TIMEOUT_S."""
+    sock = _open(address)
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    challenge = _receive_exactly(sock, CHALLENGE_BYTES)
+    own = os.urandom(CHALLENGE_BYTES)
+    pid_bytes = int(os.getpid() if pid is None else pid).to_bytes(PID_BYTES, "big")
+    sock.sendall(_digest(authkey, b"worker", challenge, pid_bytes) + pid_bytes + own)
+    if not hmac.compare_digest(_receive_exactly(sock, DIGEST_BYTES), _digest(authkey, b"gui", own)):
+        sock.close()
+        raise ProtocolError("worker protocol: the GUI side did not prove the key")
+    sock.settimeout(None)
+    return Connection(sock.detach())

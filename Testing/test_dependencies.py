@@ -1,0 +1,97 @@
+"""dependencies.plan_dependencies: what the Slicer module installs into Slicer's Python, per Slicer release and
+system, or why it installs nothing and what to do instead. Standard library and pytest only (CI also runs this file
+on Python 3.9 and 3.12 without torch); `.ci/index_check.py` asks the package index that the plans resolve."""
+import sys
+
+import pytest
+
+from AttentionMapLib.dependencies import (
+    MONAI_VERSION,
+    PINS,
+    SLICER_RELEASES,
+    SYSTEMS,
+    installed_versions,
+    parse_version,
+    plan_dependencies,
+)
+
+FRESH_512 = {"numpy": "2.4.6"}  # a fresh Slicer 5.12: numpy only
+GOOD = {"torch": "2.9.1+cpu", "monai": MONAI_VERSION, "numpy": "2.4.6", **PINS}
+LINUX_312 = {"python_version": (3, 12), "platform": "linux", "machine": "x86_64"}
+
+
+def test_versions_are_parsed_from_real_version_strings():
+    assert parse_version("2.8.0+cpu") == (2, 8, 0)
+    assert parse_version("2.1.0a0+git") == (2, 1, 0)
+    assert parse_version("1.26") == (1, 26)
+    assert parse_version(None) is None and parse_version("dev") is None
+
+
+def test_the_defaults_are_this_interpreter():
+    plan = plan_dependencies(installed_versions())
+    same = plan_dependencies(installed_versions(), python_version=sys.version_info[:2], platform=sys.platform)
+    assert plan == same
+
+
+def test_a_fresh_slicer_512_or_510_on_windows_or_linux_installs_torch_then_the_rest_without_deps():
+    for release in ("5.12", "5.10"):
+        python, numpy = SLICER_RELEASES[release]
+        for system in ("windows", "linux"):
+            platform, machine = SYSTEMS[system]
+            plan = plan_dependencies({"numpy": numpy}, python_version=python, platform=platform, machine=machine)
+            assert not plan.problems and plan.needed
+            assert plan.torch_requirement == ">=2.8" and plan.torch_arguments == ["torch>=2.8"]
+            assert plan.pip_arguments == [f"monai=={MONAI_VERSION}"] + [f"{n}=={v}" for n, v in PINS.items()] + [
+                "--no-deps"]
+            assert "nibabel" in " ".join(plan.pip_arguments)  # MONAI's Orientation needs it; Slicer lacks it
+            text = plan.consent_text()
+            assert "torch>=2.8" in text and "numpy and torch are left as they are" in text
+
+
+def test_nothing_to_install_when_everything_fits():
+    plan = plan_dependencies(GOOD, **LINUX_312)
+    assert not plan.needed and plan.torch_requirement is None and plan.pip_arguments is None and not plan.problems
+
+
+def test_slicer_58_is_refused_before_any_download_with_what_to_do():
+    python, numpy = SLICER_RELEASES["5.8"]
+    for system, (platform, machine) in SYSTEMS.items():
+        plan = plan_dependencies({"numpy": numpy}, python_version=python, platform=platform, machine=machine)
+        assert plan.problems and not plan.needed and plan.pip_arguments is None and plan.torch_requirement is None
+        text = plan.problem_text()
+        assert "Python 3.9" in text and "Python 3.10 or later" in text and "Slicer 5.10 or later" in text
+        assert "worker Python" in text and "ATTENTIONMAP_WORKER_PYTHON" in text
+
+
+def test_macos_x86_64_is_refused_and_pointed_to_a_worker_python_arm64_installs():
+    plan = plan_dependencies(FRESH_512, python_version=(3, 12), platform="darwin", machine="x86_64")
+    assert plan.problems and not plan.needed
+    assert "macOS on Intel" in plan.problems[0] and "2.2.2" in plan.problems[0] and "Worker Python" in plan.problems[0]
+    native = plan_dependencies(FRESH_512, python_version=(3, 12), platform="darwin", machine="arm64")
+    assert not native.problems and native.torch_requirement == ">=2.8"
+    present = plan_dependencies({**GOOD, "monai": None}, python_version=(3, 12), platform="darwin", machine="x86_64")
+    assert not present.problems and present.pip_arguments[0] == f"monai=={MONAI_VERSION}"  # a torch that fits
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_torch_too_old_is_never_upgraded_in_place(loaded):
+    plan = plan_dependencies({**GOOD, "torch": "2.2.2"}, torch_loaded=loaded, **LINUX_312)
+    assert plan.problems and plan.torch_requirement is None and plan.pip_arguments is None
+    text = plan.problems[0]
+    assert "PyTorch 2.2.2" in text and "PyTorch Utils" in text and "restart Slicer" in text
+    assert ("loaded in Slicer now" in text) == loaded
+
+
+def test_monai_of_the_tested_series_is_kept_others_are_replaced_with_a_reason():
+    kept = plan_dependencies({**GOOD, "monai": "1.6.0"}, **LINUX_312)  # e.g. installed by another extension
+    assert not kept.needed
+    other = plan_dependencies({**GOOD, "monai": "1.4.0"}, **LINUX_312)
+    assert other.pip_arguments == [f"monai=={MONAI_VERSION}", "--no-deps"]
+    assert "1.4.0" in other.consent_text() and "another extension" in other.consent_text()
+    missing = plan_dependencies({**GOOD, "einops": None, "safetensors": None}, **LINUX_312)
+    assert missing.pip_arguments == [f"einops=={PINS['einops']}", f"safetensors=={PINS['safetensors']}", "--no-deps"]
+
+
+def test_numpy_outside_monais_range_is_a_problem_never_an_install():
+    plan = plan_dependencies({**GOOD, "numpy": "1.21.0"}, **LINUX_312)
+    assert plan.problems and "numpy 1.21.0" in plan.problems[0] and not plan.needed
