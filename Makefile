@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint wheel-test bench evaluate clean
+.PHONY: demo test lint wheel-test gui-pythons index-check monai-series bench evaluate clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,42 @@ lint: $(STAMP)
 
 wheel-test: $(STAMP)
 	.ci/wheel_test.sh $(PY)
+
+# CI: the GUI side of the worker (the Slicer module's client, protocol, dependency plan) on the Pythons Slicer ships,
+# 3.9 (Slicer 5.8, numpy 1.26.4) and 3.12 (Slicer 5.10 / 5.12, numpy 2.4.6), each with only numpy and pytest, the
+# worker in this project's Python (torch, MONAI) through ATTENTIONMAP_WORKER_PYTHON: the external-worker case.
+# The interpreters come from pyenv (PY39 / PY312 override them). About 1.5 min.
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+PY39  ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.9.*/bin/python3.9))
+PY312 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12.*/bin/python3.12))
+GUI_TESTS := Testing/test_worker_gui_side.py Testing/test_dependencies.py
+
+gui-pythons: $(STAMP)
+	@test -n "$(PY39)" -a -n "$(PY312)" || { echo "gui-pythons: Python 3.9 and 3.12 not found (set PY39 / PY312)"; exit 2; }
+	$(PY39) -m venv .venv-gui-3.9
+	.venv-gui-3.9/bin/python -m pip install --quiet numpy==1.26.4 pytest==8.3.5
+	ATTENTIONMAP_WORKER_PYTHON=$(abspath $(PY)) .venv-gui-3.9/bin/python -m pytest -q --noconftest -p no:cacheprovider $(GUI_TESTS)
+	$(PY312) -m venv .venv-gui-3.12
+	.venv-gui-3.12/bin/python -m pip install --quiet numpy==2.4.6 pytest==9.2.0
+	ATTENTIONMAP_WORKER_PYTHON=$(abspath $(PY)) .venv-gui-3.12/bin/python -m pytest -q --noconftest -p no:cacheprovider $(GUI_TESTS)
+
+# CI: the capture, engine, model and worker tests on what the Slicer 5.8 plan installs (dependencies.SERIES[1]:
+# MONAI 1.5.2, nibabel 5.3.3, safetensors 0.7.0) with Slicer 5.8's numpy 1.26.4 (torch: the pinned CPU build; the
+# plan's torch 2.8.0 has no CPU wheel on the package index). The main suite runs MONAI 1.6.1. About 3 min.
+ENGINE_TESTS := Testing/test_engine_reference.py Testing/test_engine_oracle_and_errors.py Testing/test_blockwise.py \
+	Testing/test_discard_cache.py Testing/test_volume.py Testing/test_volume_flips.py Testing/test_volume_shifts.py \
+	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py
+
+monai-series: $(STAMP)
+	$(PYTHON) -m venv .venv-monai-1.5
+	.venv-monai-1.5/bin/python -m pip install --quiet torch==2.13.0 monai==1.5.2 numpy==1.26.4 einops==0.8.2 \
+		nibabel==5.3.3 safetensors==0.7.0 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
+	.venv-monai-1.5/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) \
+		-k "not segment_statistics and not gui_side_statistics"  # those two need slicer-core (the main suite's)
+
+# CI: every Slicer release x system's dependency plan resolves on the package index or is refused up front (~20 s).
+index-check: $(STAMP)
+	$(PY) .ci/index_check.py
 
 # Not part of the two commands: regenerate docs/BENCHMARKS.md (tens of minutes on 2 cores), and evaluate
 # the shipped demo model (minutes each): its card's crop metrics re-measured (tools.evaluate_demo_model prints them;

@@ -7,7 +7,7 @@ import pytest
 
 from AttentionMapLib.dependencies import (
     MONAI_VERSION,
-    PINS,
+    SERIES,
     SLICER_RELEASES,
     SYSTEMS,
     installed_versions,
@@ -16,6 +16,7 @@ from AttentionMapLib.dependencies import (
 )
 
 FRESH_512 = {"numpy": "2.4.6"}  # a fresh Slicer 5.12: numpy only
+PINS = SERIES[0].pins
 GOOD = {"torch": "2.9.1+cpu", "monai": MONAI_VERSION, "numpy": "2.4.6", **PINS}
 LINUX_312 = {"python_version": (3, 12), "platform": "linux", "machine": "x86_64"}
 
@@ -33,19 +34,27 @@ def test_the_defaults_are_this_interpreter():
     assert plan == same
 
 
-def test_a_fresh_slicer_512_or_510_on_windows_or_linux_installs_torch_then_the_rest_without_deps():
-    for release in ("5.12", "5.10"):
-        python, numpy = SLICER_RELEASES[release]
-        for system in ("windows", "linux"):
-            platform, machine = SYSTEMS[system]
-            plan = plan_dependencies({"numpy": numpy}, python_version=python, platform=platform, machine=machine)
-            assert not plan.problems and plan.needed
-            assert plan.torch_requirement == ">=2.8" and plan.torch_arguments == ["torch>=2.8"]
-            assert plan.pip_arguments == [f"monai=={MONAI_VERSION}"] + [f"{n}=={v}" for n, v in PINS.items()] + [
-                "--no-deps"]
-            assert "nibabel" in " ".join(plan.pip_arguments)  # MONAI's Orientation needs it; Slicer lacks it
-            text = plan.consent_text()
-            assert "torch>=2.8" in text and "numpy and torch are left as they are" in text
+@pytest.mark.parametrize("release", ["5.12", "5.10", "5.8"])
+def test_a_fresh_slicer_on_windows_or_linux_installs_torch_then_the_rest_without_deps(release):
+    """5.12 / 5.10 (Python 3.12): MONAI 1.6.1 and torch >= 2.8; 5.8 (Python 3.9): MONAI 1.5.2 and torch >= 2.6 (pip
+    takes 2.8.0, the last torch for Python 3.9). typing_extensions comes with torch, so it is not pinned then."""
+    python, numpy = SLICER_RELEASES[release]
+    series = SERIES[0] if release != "5.8" else SERIES[1]
+    assert series.monai == ("1.6.1" if release != "5.8" else "1.5.2")
+    for system in ("windows", "linux"):
+        platform, machine = SYSTEMS[system]
+        plan = plan_dependencies({"numpy": numpy}, python_version=python, platform=platform, machine=machine)
+        assert not plan.problems and plan.needed
+        minimum = ".".join(map(str, series.torch_minimum))
+        assert plan.torch_requirement == f">={minimum}" and plan.torch_arguments == [f"torch>={minimum}"]
+        pins = [f"{n}=={v}" for n, v in series.pins.items() if n != "typing_extensions"]
+        assert plan.pip_arguments == [f"monai=={series.monai}"] + pins + ["--no-deps"]
+        assert "nibabel" in " ".join(plan.pip_arguments)  # MONAI's Orientation needs it; Slicer lacks it
+        text = plan.consent_text()
+        assert f"torch>={minimum}" in text and "numpy and torch are left as they are" in text
+    with_torch = plan_dependencies({"numpy": numpy, "torch": "2.8.0"}, python_version=python, platform="linux",
+                                   machine="x86_64")
+    assert with_torch.torch_requirement is None and "typing_extensions==4.16.0" in with_torch.pip_arguments
 
 
 def test_nothing_to_install_when_everything_fits():
@@ -53,19 +62,19 @@ def test_nothing_to_install_when_everything_fits():
     assert not plan.needed and plan.torch_requirement is None and plan.pip_arguments is None and not plan.problems
 
 
-def test_slicer_58_is_refused_before_any_download_with_what_to_do():
-    python, numpy = SLICER_RELEASES["5.8"]
-    for system, (platform, machine) in SYSTEMS.items():
-        plan = plan_dependencies({"numpy": numpy}, python_version=python, platform=platform, machine=machine)
+def test_a_python_older_than_any_series_is_refused_before_any_download_with_what_to_do():
+    for platform, machine in SYSTEMS.values():
+        plan = plan_dependencies({"numpy": "1.24.4"}, python_version=(3, 8), platform=platform, machine=machine)
         assert plan.problems and not plan.needed and plan.pip_arguments is None and plan.torch_requirement is None
         text = plan.problem_text()
-        assert "Python 3.9" in text and "Python 3.10 or later" in text and "Slicer 5.10 or later" in text
+        assert "Python 3.8" in text and "Python 3.9 or later" in text and "Slicer 5.8 or later" in text
         assert "worker Python" in text and "ATTENTIONMAP_WORKER_PYTHON" in text
 
 
 def test_macos_x86_64_is_refused_and_pointed_to_a_worker_python_arm64_installs():
     plan = plan_dependencies(FRESH_512, python_version=(3, 12), platform="darwin", machine="x86_64")
     assert plan.problems and not plan.needed
+    assert plan_dependencies({"numpy": "1.26.4"}, python_version=(3, 9), platform="darwin", machine="x86_64").problems
     assert "macOS on Intel" in plan.problems[0] and "2.2.2" in plan.problems[0] and "Worker Python" in plan.problems[0]
     native = plan_dependencies(FRESH_512, python_version=(3, 12), platform="darwin", machine="arm64")
     assert not native.problems and native.torch_requirement == ">=2.8"
@@ -88,6 +97,8 @@ def test_monai_of_the_tested_series_is_kept_others_are_replaced_with_a_reason():
     other = plan_dependencies({**GOOD, "monai": "1.4.0"}, **LINUX_312)
     assert other.pip_arguments == [f"monai=={MONAI_VERSION}", "--no-deps"]
     assert "1.4.0" in other.consent_text() and "another extension" in other.consent_text()
+    assert not plan_dependencies({**GOOD, "monai": "1.5.0"}, python_version=(3, 9), platform="win32",
+                                 machine="AMD64").needed  # Slicer 5.8 keeps a MONAI 1.5.x
     missing = plan_dependencies({**GOOD, "einops": None, "safetensors": None}, **LINUX_312)
     assert missing.pip_arguments == [f"einops=={PINS['einops']}", f"safetensors=={PINS['safetensors']}", "--no-deps"]
 

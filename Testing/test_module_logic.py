@@ -1,5 +1,6 @@
-"""The Slicer module's Qt-free decisions: model-card summary (layer / head ranges before a run), re-fusion after a job when the options on screen changed, and
-the self-test's phantom explained by the shipped demo model through the worker process."""
+"""The Slicer module's Qt-free decisions: model-card summary (layer / head ranges before a run), re-fusion
+after a job when the options on screen changed, and the self-test's phantom explained by the shipped demo model
+through the worker process."""
 import json
 
 import numpy as np

@@ -7,17 +7,19 @@ package index and the Slicer sources; `.ci/index_check.py` asks the index again 
 - Slicer 5.12 and 5.10 ship Python 3.12.10 with numpy 2.4.6 / 2.0.2; 5.8 ships Python 3.9.10 with numpy 1.26.4
   (Slicer CMakeLists.txt ``Slicer_REQUIRED_PYTHON_VERSION``, SuperBuild/External_python-numpy.cmake, at each tag).
 - MONAI 1.6.1 declares ``Requires-Python >=3.10``, ``torch>=2.8``, ``numpy>=1.24,<3.0``; pip checks
-  Requires-Python even with ``--no-deps``, so it cannot install into Slicer 5.8's Python 3.9.
+  Requires-Python even with ``--no-deps``, so Slicer 5.8's Python 3.9 gets MONAI 1.5.2 (``>=3.9``, torch>=2.4.1,
+  the same numpy range), with torch 2.8.0, the last torch with Python 3.9 wheels.
 - torch 2.8 and later have wheels for Windows and Linux x86_64 and macOS arm64, none for macOS x86_64 (the index
   stops at 2.2.2 there, built against numpy 1), which Slicer's official macOS builds are.
-- nibabel is not in Slicer's Python and MONAI's ``Orientation`` needs it; safetensors reads the demo weights.
+- nibabel is not in Slicer's Python and MONAI's ``Orientation`` needs it (it imports packaging and
+  typing_extensions); safetensors reads the demo weights.
 
-torch is installed with its own dependencies (never numpy: torch does not require it); MONAI, einops, nibabel and
-safetensors with ``--no-deps``, so pip never replaces Slicer's numpy or the torch already there. An installed torch
-that is too old is never upgraded in place (its libraries may be loaded in Slicer, and Windows cannot replace a
-loaded DLL): the problem points to PyTorch Utils and a restart. An installed MONAI within the tested series is
-kept, whoever installed it. Where nothing can be installed, a worker Python (``worker.worker_python``) runs the
-network in another interpreter.
+torch is installed with its own dependencies (never numpy: torch does not require it); MONAI, einops, nibabel,
+safetensors and nibabel's dependencies with ``--no-deps``, so pip never replaces Slicer's numpy or the torch already
+there. An installed torch that is too old is never upgraded in place (its libraries may be loaded in Slicer, and
+Windows cannot replace a loaded DLL): the problem points to PyTorch Utils and a restart. An installed MONAI of the
+tested minor series is kept, whoever installed it. Where nothing can be installed, a worker Python
+(``worker.worker_python``) runs the network in another interpreter.
 
 Standard library only: it runs in the GUI process before torch or MONAI exist.
 """
@@ -28,18 +30,36 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-MONAI_VERSION = "1.6.1"  # requirements.lock; the version the test suite runs
-MONAI_SERIES = ((1, 6), (1, 7))  # an installed MONAI in [1.6, 1.7) is kept (another extension may have put it there)
-MINIMUM_PYTHON = (3, 10)  # MONAI 1.6.1's Requires-Python
-TORCH_MINIMUM = (2, 8)  # MONAI 1.6.1's metadata: Requires-Dist torch>=2.8.0
-NUMPY_RANGE = ((1, 24), (3, 0))  # MONAI 1.6.1: numpy>=1.24,<3.0 (numpy belongs to Slicer: checked, never installed)
-PINS = {  # installed with --no-deps when absent; each has wheels for Python 3.10+ on every system (index_check)
-    "einops": "0.8.2",
-    "nibabel": "5.4.2",
-    "safetensors": "0.8.0",
-    "packaging": "26.4",  # nibabel's one dependency besides numpy (importlib_resources only before Python 3.9)
-}
-PACKAGES = ("torch", "monai", "numpy") + tuple(PINS)
+
+@dataclass(frozen=True)
+class Series:
+    """What the module installs into a Slicer whose Python is at least ``python``: MONAI ``monai`` (an installed
+    MONAI of the same minor series is kept), torch from ``torch_minimum``, and ``pins`` with --no-deps."""
+
+    python: Tuple[int, int]
+    monai: str
+    torch_minimum: Tuple[int, int]
+    pins: Dict[str, str]
+
+    @property
+    def monai_series(self) -> Tuple[int, ...]:
+        return parse_version(self.monai)[:2]
+
+
+# newest first; each pin has wheels for its Pythons on Windows, Linux and macOS (`.ci/index_check.py` asks)
+SERIES = (
+    # Slicer 5.10 / 5.12 (Python 3.12): MONAI 1.6.1 needs Python >= 3.10 and torch >= 2.8; numpy >= 1.24, < 3
+    Series((3, 10), "1.6.1", (2, 8), {"einops": "0.8.2", "nibabel": "5.4.2", "safetensors": "0.8.0",
+                                      "packaging": "26.4", "typing_extensions": "4.16.0"}),
+    # Slicer 5.8 (Python 3.9): MONAI 1.5.2 (Python >= 3.9, torch >= 2.4.1); torch >= 2.6, where torch.load(
+    # weights_only=True) is safe (CVE-2025-32434); torch 2.8.0 is the last with Python 3.9 wheels
+    Series((3, 9), "1.5.2", (2, 6), {"einops": "0.8.2", "nibabel": "5.3.3", "safetensors": "0.7.0",
+                                     "packaging": "26.3", "typing_extensions": "4.16.0"}),
+)
+MONAI_VERSION = SERIES[0].monai  # requirements.lock; the main test suite runs it (CI also runs the engine on 1.5.2)
+NUMPY_RANGE = ((1, 24), (3, 0))  # MONAI 1.5.2 and 1.6.1: numpy>=1.24,<3.0 (numpy belongs to Slicer: never installed)
+PINNED = ("einops", "nibabel", "safetensors", "packaging", "typing_extensions")
+PACKAGES = ("torch", "monai", "numpy") + PINNED
 WORKER_PYTHON_HINT = ("or set a worker Python that has torch and MONAI (the module's Advanced > Worker Python, or "
                       "ATTENTIONMAP_WORKER_PYTHON): the network then runs there, nothing is installed into Slicer")
 
@@ -108,6 +128,11 @@ class DependencyPlan:
         return "\n".join(self.problems)
 
 
+def series_for(python_version: Tuple[int, ...]) -> Optional[Series]:
+    """The newest series whose Python minimum ``python_version`` meets; None when it meets none."""
+    return next((series for series in SERIES if tuple(python_version[:2]) >= series.python), None)
+
+
 def plan_dependencies(installed: Dict[str, Optional[str]], python_version: Optional[Tuple[int, int]] = None,
                       platform: Optional[str] = None, machine: Optional[str] = None,
                       torch_loaded: bool = False) -> DependencyPlan:
@@ -118,22 +143,24 @@ def plan_dependencies(installed: Dict[str, Optional[str]], python_version: Optio
     platform = platform or sys.platform
     machine = (machine or platform_module.machine()).lower()
     plan = DependencyPlan()
+    series = series_for(python_version)
+    if series is None:
+        plan.problems.append(
+            f"This Slicer runs Python {_dotted(python_version)}; MONAI needs Python {_dotted(SERIES[-1].python)} or "
+            f"later, so it cannot be installed here. Use Slicer 5.8 or later, {WORKER_PYTHON_HINT}.")
+        return plan
     numpy = parse_version(installed.get("numpy"))
     low, high = NUMPY_RANGE
     if numpy is None or not low <= numpy[:2] < high:
-        plan.problems.append(f"numpy {installed.get('numpy')} is outside MONAI {MONAI_VERSION}'s range "
-                             f"(>={_dotted(low)},<{_dotted(high)}): use Slicer 5.10 or later, {WORKER_PYTHON_HINT}")
-    if python_version < MINIMUM_PYTHON:
-        plan.problems.append(
-            f"This Slicer runs Python {_dotted(python_version)} (Slicer 5.8 or older); MONAI {MONAI_VERSION} needs "
-            f"Python {_dotted(MINIMUM_PYTHON)} or later, so it cannot be installed here. Use Slicer 5.10 or later, "
-            f"{WORKER_PYTHON_HINT}.")
+        plan.problems.append(f"numpy {installed.get('numpy')} is outside MONAI {series.monai}'s range "
+                             f"(>={_dotted(low)},<{_dotted(high)}): use Slicer 5.8 or later, {WORKER_PYTHON_HINT}")
     torch = parse_version(installed.get("torch"))
-    minimum = _dotted(TORCH_MINIMUM)
-    if torch is not None and torch[:2] < TORCH_MINIMUM:
+    minimum = _dotted(series.torch_minimum)
+    if torch is not None and torch[:2] < series.torch_minimum:
         plan.problems.append(
-            f"PyTorch {installed['torch']} is older than {minimum}, which MONAI {MONAI_VERSION} needs. AttentionMap "
-            "does not upgrade it in place" + (" (it is loaded in Slicer now)" if torch_loaded else "")
+            f"PyTorch {installed['torch']} is older than {minimum}, which AttentionMap needs with MONAI {series.monai} "
+            "(and for a safe torch.load). AttentionMap does not upgrade it in place"
+            + (" (it is loaded in Slicer now)" if torch_loaded else "")
             + f": open Modules > Utilities > PyTorch Utils, install PyTorch with the version requirement >={minimum}, "
             f"restart Slicer and press Apply again; {WORKER_PYTHON_HINT}.")
     elif torch is None and platform == "darwin" and machine in ("x86_64", "i386"):
@@ -150,12 +177,14 @@ def plan_dependencies(installed: Dict[str, Optional[str]], python_version: Optio
         plan.torch_requirement = f">={minimum}"
     pins = []
     monai = parse_version(installed.get("monai"))
-    if monai is None or not MONAI_SERIES[0] <= monai[:2] < MONAI_SERIES[1]:
-        pins.append(f"monai=={MONAI_VERSION}")
+    if monai is None or monai[:2] != series.monai_series:
+        pins.append(f"monai=={series.monai}")
         if monai is not None:
             plan.reasons.append(f"MONAI {installed['monai']} (installed, perhaps by another extension) is replaced by "
-                                f"{MONAI_VERSION}: AttentionMap is tested with {_dotted(MONAI_SERIES[0])}.x")
-    pins += [f"{name}=={version}" for name, version in PINS.items() if installed.get(name) is None]
+                                f"{series.monai}: AttentionMap is tested with {_dotted(series.monai_series)}.x here")
+    brought_by_torch = {"typing_extensions"} if plan.torch_requirement else set()  # a dependency of torch
+    pins += [f"{name}=={version}" for name, version in series.pins.items()
+             if installed.get(name) is None and name not in brought_by_torch]
     if pins:
         plan.pip_arguments = pins + ["--no-deps"]
     return plan

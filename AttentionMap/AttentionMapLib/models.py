@@ -200,6 +200,15 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
     )
 
 
+def _unused_cross_attention(key: str) -> bool:
+    return ".cross_attn." in key or ".norm_cross_attn." in key
+
+
+def _uses_cross_attention(network: Any) -> bool:
+    """True when a block of ``network`` was built with_cross_attention (its cross-attention weights are used)."""
+    return any(getattr(module, "with_cross_attention", False) for module in network.modules())
+
+
 def load_weights(network: Any, weights_path: Path) -> List[str]:
     """Load a checkpoint into `network` without running code from it.
 
@@ -220,14 +229,22 @@ def load_weights(network: Any, weights_path: Path) -> List[str]:
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    # MONAI 1.4 stored unused cross-attention weights in every TransformerBlock; newer MONAI drops them.
-    stale = [k for k in unexpected if ".cross_attn." in k]
-    if not missing and not shapes and unexpected and len(stale) == len(unexpected):
-        if hasattr(network, "load_old_state_dict"):
+    # MONAI 1.4 / 1.5 keep unused cross-attention weights in every TransformerBlock (used only with
+    # with_cross_attention=True); MONAI 1.6 drops them. Either way round they are never used, so they are dropped
+    # from a 1.4 / 1.5 checkpoint, or left at the network's own values for a 1.6 checkpoint on MONAI 1.5.
+    stale = [k for k in unexpected if _unused_cross_attention(k)]
+    absent = [k for k in missing if _unused_cross_attention(k) and not _uses_cross_attention(network)]
+    if not shapes and (unexpected or missing) and len(stale) == len(unexpected) and len(absent) == len(missing):
+        if stale and not missing and hasattr(network, "load_old_state_dict"):
             network.load_old_state_dict(dict(state))
         else:
-            network.load_state_dict({k: v for k, v in state.items() if k not in stale})
-        notes.append(f"older MONAI checkpoint: dropped {len(stale)} unused cross-attention keys")
+            network.load_state_dict({**{k: expected[k] for k in absent},
+                                     **{k: v for k, v in state.items() if k not in stale}})
+        if stale:
+            notes.append(f"older MONAI checkpoint: dropped {len(stale)} unused cross-attention keys")
+        if absent:
+            notes.append(f"this MONAI keeps {len(absent)} unused cross-attention weights the checkpoint lacks "
+                         "(a newer MONAI's): left as built, they take no part in the forward pass")
         return notes
     if missing or unexpected or shapes:
         parts = []
