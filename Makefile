@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint wheel-test gui-pythons index-check monai-series bench evaluate clean
 
 $(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "$(PYTHON) is older than Python 3.11, which requirements.lock needs (numpy 2.4.6): set PYTHON=python3.11"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
@@ -44,19 +46,24 @@ gui-pythons: $(STAMP)
 	.venv-gui-3.12/bin/python -m pip install --quiet numpy==2.4.6 pytest==9.2.0
 	ATTENTIONMAP_WORKER_PYTHON=$(abspath $(PY)) .venv-gui-3.12/bin/python -m pytest -q --noconftest -p no:cacheprovider $(GUI_TESTS)
 
-# CI: the capture, engine, model and worker tests on what the Slicer 5.8 plan installs (dependencies.SERIES[1]:
-# MONAI 1.5.2, nibabel 5.3.3, safetensors 0.7.0) with Slicer 5.8's numpy 1.26.4 (torch: the pinned CPU build; the
-# plan's torch 2.8.0 has no CPU wheel on the package index). The main suite runs MONAI 1.6.1. About 3 min.
+# CI: the capture, engine, model and worker tests on what the plans install besides the main suite's MONAI 1.6.1 +
+# numpy 2.4.6 (Slicer 5.12): Slicer 5.8's plan (dependencies.SERIES[1]: MONAI 1.5.2, nibabel 5.3.3, safetensors
+# 0.7.0) with its numpy 1.26.4, and Slicer 5.10's (MONAI 1.6.1) with its numpy 2.0.2. torch is the pinned CPU build
+# (the plans' torch has no CPU wheel on the package index for Linux). About 6 min.
 ENGINE_TESTS := Testing/test_engine_reference.py Testing/test_engine_oracle_and_errors.py Testing/test_blockwise.py \
 	Testing/test_discard_cache.py Testing/test_volume.py Testing/test_volume_flips.py Testing/test_volume_shifts.py \
 	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py
+SERIES_COMMON := torch==2.13.0 einops==0.8.2 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
 
 monai-series: $(STAMP)
-	$(PYTHON) -m venv .venv-monai-1.5
-	.venv-monai-1.5/bin/python -m pip install --quiet torch==2.13.0 monai==1.5.2 numpy==1.26.4 einops==0.8.2 \
-		nibabel==5.3.3 safetensors==0.7.0 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
-	.venv-monai-1.5/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) \
-		-k "not segment_statistics and not gui_side_statistics"  # those two need slicer-core (the main suite's)
+	@set -e; for plan in "slicer-5.8:monai==1.5.2 numpy==1.26.4 nibabel==5.3.3 safetensors==0.7.0" \
+	                     "slicer-5.10:monai==1.6.1 numpy==2.0.2 nibabel==5.4.2 safetensors==0.8.0"; do \
+		name=$${plan%%:*}; pins=$${plan#*:}; echo "== $$name: $$pins"; \
+		$(PYTHON) -m venv .venv-$$name; \
+		.venv-$$name/bin/python -m pip install --quiet $(SERIES_COMMON) $$pins; \
+		.venv-$$name/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) \
+			-k "not segment_statistics and not gui_side_statistics"; \
+	done  # the two tests left out need slicer-core (the main suite's)
 
 # CI: every Slicer release x system's dependency plan resolves on the package index or is refused up front (~20 s).
 index-check: $(STAMP)

@@ -108,22 +108,27 @@ def test_through_a_launcher_explain_fuse_again_and_score_finish_and_a_kill_leave
     assert not os.path.exists(process.folder)
 
 
-def test_a_crash_of_the_launchers_python_reaches_the_error_shown(launcher):
+@pytest.mark.parametrize("how", ["SIGSEGV", "SIGKILL"])
+def test_a_crash_of_the_launchers_python_reaches_the_error_shown(launcher, how):
     """The launcher exits 1 when its child crashes, so its exit code says nothing: the child's crash report
-    (faulthandler in the worker's log) is what the error carries."""
+    (faulthandler in the worker's log) is what the error carries; a child killed without one (the OOM killer's
+    SIGKILL) is named as such."""
     process = WorkerProcess(python=launcher, threads=1)
     try:
         connected(process)
         python_pid = process.worker_pid
-        os.kill(python_pid, signal.SIGSEGV)
+        os.kill(python_pid, getattr(signal, how))
         assert wait_gone(python_pid) and wait_gone(process.pid)
         job = worker.explain_job("demo", *chest_block(), QUICK, device="cpu", worker=process, region="none")
         final = job.wait(60)
     finally:
         process.kill()
     assert final.kind == ERROR and isinstance(final.value, WorkerDied), final
-    assert "exit code 1" in str(final.value) and "Segmentation fault" in str(final.value), final.value
-    assert "Fatal Python error: Segmentation fault" in final.detail
+    assert "exit code 1" in str(final.value), final.value
+    if how == "SIGSEGV":
+        assert "Segmentation fault" in str(final.value) and "Fatal Python error: Segmentation fault" in final.detail
+    else:
+        assert f"its Python (pid {python_pid}) left no crash report" in str(final.value), final.value
 
 
 def test_killing_the_gui_process_ends_the_launcher_and_the_worker(launcher):
@@ -300,3 +305,58 @@ def test_the_modules_library_imports_run_here_without_torch():
     lines = result.stdout.strip().splitlines()
     assert lines and lines[-1] == "OK", result.stdout + result.stderr
     assert set(lines[:-1]) <= {"NEEDS SLICER AttentionMapLib.mrml"}, lines
+
+
+def test_frames_are_checked_against_their_declared_shape_before_they_are_read():
+    """A frame longer than its entry declares is refused unread, a declared size beyond MAX_ARRAY_BYTES before any
+    frame, bad entries as ProtocolError (never KeyError, ValueError or MemoryError)."""
+    import json
+    from multiprocessing.connection import Connection
+
+    left, right = socket.socketpair()
+    sender, receiver = Connection(left.detach()), Connection(right.detach())
+
+    def message(arrays, *frames):
+        sender.send_bytes(json.dumps({"event": "log", "arrays": arrays}).encode())
+        for frame in frames:
+            sender.send_bytes(frame)
+
+    cases = [
+        ([{"name": "a", "dtype": "<f4", "shape": [0]}], [b"\0" * 4096], "longer than 0 bytes"),
+        ([{"name": "a", "dtype": "<f4", "shape": [1 << 40]}], [], "more than"),
+        ([{"name": "a", "dtype": "<f4", "shape": [-1]}], [], "sizes >= 0"),
+        ([{"name": "a", "dtype": "<f4", "shape": "x"}], [], "sizes >= 0"),
+        ([{"name": "a", "dtype": "|O", "shape": [1]}], [], "only numbers"),
+        ([{"name": "a", "dtype": "nonsense", "shape": [1]}], [], "no valid dtype"),
+        ([{"dtype": "<f4", "shape": [1]}], [], "no name"),
+        ([{"name": "a", "dtype": "<f4", "shape": [4]}], [b"\0" * 8], "8 bytes, expected 16"),
+    ]
+    for arrays, frames, expected in cases:
+        message(arrays, *frames)
+        with pytest.raises(protocol.ProtocolError, match=expected):
+            protocol.receive(receiver)
+        left, right = socket.socketpair()  # a refused message may leave the stream unusable: a fresh pair
+        sender, receiver = Connection(left.detach()), Connection(right.detach())
+    sender.send_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(protocol.ProtocolError, match="not JSON"):
+        protocol.receive(receiver)
+    message([{"name": "a", "dtype": "<i2", "shape": [2, 3]}], np.arange(6, dtype="<i2").tobytes())
+    header, arrays = protocol.receive(receiver)
+    assert header == {"event": "log"} and arrays["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    arrays["a"][0, 0] = 7  # writable, its own memory
+
+
+def test_the_worker_answers_a_malformed_request_with_an_error_and_keeps_serving():
+    process = WorkerProcess(threads=1)
+    try:
+        connected(process)
+        conn = process.connection()
+        conn.send_bytes(b"{not a request")
+        header, _ = protocol.receive(conn)
+        assert header["event"] == "error" and "malformed request" in header["message"], header
+        pid = process.worker_pid
+        final = worker.explain_job("demo", *chest_block(), QUICK, device="cpu", worker=process,
+                                   region="none").wait(300)
+        assert final.kind == DONE and process.worker_pid == pid and process.alive
+    finally:
+        process.close()

@@ -211,7 +211,11 @@ class WorkerProcess:
         launcher such as PythonSlicer exits 1 when its child crashed: CTKAppLauncher ctkAppLauncher.cpp)."""
         described = describe_exit(self.process.poll())
         crash = self.crash_report()
-        return f"{described}; {crash.splitlines()[0]}" if crash else described
+        if crash:
+            return f"{described}; {crash.splitlines()[0]}"
+        if self.worker_pid not in (None, self.process.pid) and self.process.poll() == 1:
+            return f"{described} from the launcher; its Python (pid {self.worker_pid}) left no crash report"
+        return described
 
     def new_id(self) -> int:
         self._next_id += 1

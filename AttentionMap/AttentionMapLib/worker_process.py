@@ -147,6 +147,11 @@ class WorkerServer:
         self._models: Dict[Tuple[str, bool, str], Any] = {}
         self._last: Optional[_LastExplanation] = None
         self._torch_ready = False
+        self._sending = threading.Lock()  # the reader thread answers malformed requests while a job runs
+
+    def _send(self, header: Dict[str, Any], arrays: Optional[protocol.Arrays] = None) -> None:
+        with self._sending:
+            protocol.send(self._conn, header, arrays)
 
     # ------------------------------------------------------------ threads
 
@@ -157,6 +162,11 @@ class WorkerServer:
                 header, arrays = protocol.receive(self._conn)
             except (EOFError, OSError):
                 orphaned_exit()  # the GUI process closed the connection or died
+            except Exception as error:  # a malformed request: answered with an error, and the worker goes on
+                self._send({"event": "error", "id": None, "type": type(error).__name__,
+                                           "user_error": False, "message": f"a malformed request: {error}",
+                                           "detail": traceback.format_exc()})
+                continue
             if header.get("op") == "cancel":
                 self._cancelled.add(header.get("id"))
             elif header.get("op") == "shutdown":
@@ -185,11 +195,11 @@ class WorkerServer:
             fields, out = handler(header, arrays)
             if self._is_cancelled():
                 raise Cancelled("cancelled")
-            protocol.send(self._conn, {"event": "done", "id": job_id, "value": fields}, out)
+            self._send({"event": "done", "id": job_id, "value": fields}, out)
         except Cancelled:
-            protocol.send(self._conn, {"event": "cancelled", "id": job_id})
+            self._send({"event": "cancelled", "id": job_id})
         except Exception as error:  # reported to the GUI, which shows it; the worker stays usable
-            protocol.send(self._conn, {"event": "error", "id": job_id, "type": type(error).__name__,
+            self._send({"event": "error", "id": job_id, "type": type(error).__name__,
                                        "user_error": isinstance(error, AttentionMapError),
                                        "message": str(error), "detail": traceback.format_exc()})
         finally:
@@ -199,10 +209,10 @@ class WorkerServer:
         return self._current in self._cancelled
 
     def _progress(self, fraction: float) -> None:
-        protocol.send(self._conn, {"event": "progress", "id": self._current, "value": float(fraction)})
+        self._send({"event": "progress", "id": self._current, "value": float(fraction)})
 
     def _log(self, message: str) -> None:
-        protocol.send(self._conn, {"event": "log", "id": self._current, "message": message})
+        self._send({"event": "log", "id": self._current, "message": message})
 
     def _prepare_torch(self) -> None:
         if self._torch_ready:

@@ -24,6 +24,7 @@ from .errors import AttentionMapError
 
 ALLOWED_DTYPE_KINDS = "biuf"  # bool, signed / unsigned integers, floats: never objects
 MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAY_BYTES = 1 << 32  # far above any map, region or score a job returns (the scanned volume travels as a file)
 AUTHKEY_BYTES = 32
 
 Arrays = Dict[str, np.ndarray]
@@ -50,28 +51,51 @@ def send(conn: Connection, header: Dict[str, Any], arrays: Optional[Arrays] = No
         conn.send_bytes(memoryview(value).cast("B") if value.size else b"")
 
 
+def _array_entry(entry: Any) -> Tuple[str, np.dtype, Tuple[int, ...], int]:
+    """(name, dtype, shape, bytes) of a header's array entry, checked before any of its frame is read."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ProtocolError("worker protocol: an array entry has no name")
+    name = entry["name"]
+    try:
+        dtype = np.dtype(entry.get("dtype"))
+    except (TypeError, ValueError):
+        raise ProtocolError(f"worker protocol: array {name!r} has no valid dtype") from None
+    if dtype.kind not in ALLOWED_DTYPE_KINDS:
+        raise ProtocolError(f"worker protocol: array {name!r} has dtype {dtype}; only numbers cross")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(n) is int and 0 <= n for n in shape):
+        raise ProtocolError(f"worker protocol: array {name!r}: shape {shape!r} is not a list of sizes >= 0")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise ProtocolError(f"worker protocol: array {name!r}: {nbytes} bytes declared, more than {MAX_ARRAY_BYTES}")
+    return name, dtype, tuple(shape), nbytes
+
+
 def receive(conn: Connection) -> Tuple[Dict[str, Any], Arrays]:
-    """One message: (header without "arrays", {name: array}). Raises EOFError when the peer is gone."""
+    """One message: (header without "arrays", {name: array}). Raises EOFError when the peer is gone and
+    ProtocolError for anything that is not a message of this protocol: a header that is not a JSON object (or
+    nested past the recursion limit), an array entry without a name, numeric dtype or sizes, and a frame of
+    another length than its entry declares. A frame is read only up to its declared length (a longer one is
+    refused unread), and no entry may declare more than MAX_ARRAY_BYTES."""
     raw = conn.recv_bytes(MAX_HEADER_BYTES)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ProtocolError(f"worker protocol: a header is not JSON ({error})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ProtocolError(f"worker protocol: a header is not JSON ({type(error).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("worker protocol: a header is not a JSON object")
+    entries = header.pop("arrays", [])
+    if not isinstance(entries, list):
+        raise ProtocolError("worker protocol: the header's arrays are not a list")
     arrays = {}
-    for entry in header.pop("arrays", []):
-        dtype = np.dtype(entry["dtype"])
-        if dtype.kind not in ALLOWED_DTYPE_KINDS:
-            raise ProtocolError(f"worker protocol: array {entry['name']!r} has dtype {dtype}; only numbers cross")
-        array = np.empty([int(s) for s in entry["shape"]], dtype=dtype)
-        if array.nbytes:
-            received = conn.recv_bytes_into(memoryview(array).cast("B"))
-        else:
-            received = len(conn.recv_bytes())
-        if received != array.nbytes:
-            raise ProtocolError(f"worker protocol: array {entry['name']!r}: {received} bytes, expected {array.nbytes}")
-        arrays[entry["name"]] = array
+    for name, dtype, shape, nbytes in [_array_entry(entry) for entry in entries]:
+        try:
+            frame = conn.recv_bytes(nbytes)
+        except OSError:  # "bad message length": longer than declared, its bytes left unread
+            raise ProtocolError(f"worker protocol: array {name!r}: a frame longer than {nbytes} bytes") from None
+        if len(frame) != nbytes:
+            raise ProtocolError(f"worker protocol: array {name!r}: {len(frame)} bytes, expected {nbytes}")
+        arrays[name] = np.frombuffer(frame, dtype=dtype).reshape(shape).copy()
     return header, arrays
 
 
