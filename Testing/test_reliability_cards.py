@@ -9,6 +9,7 @@ import math
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import UNETR, ViT, ViTAutoEnc
@@ -301,3 +302,29 @@ def test_weights_inside_a_subfolder_of_the_card_are_allowed(tmp_path, tiny_weigh
     loaded = load_model(str(tmp_path / "card.json"))
     reference = torch.load(tiny_weights, weights_only=True)
     assert all(torch.equal(v, reference[k]) for k, v in loaded.network.state_dict().items())
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),  # past the parser's recursion limit
+    ('{"a": ' * 40 + "1" + "}" * 40, "JSON nested more than 32 deep"),  # within it, past any card's depth
+    ('{"network": {"name": "ViT", "args": {"hidden_size": ' + "9" * 5000 + "}}}", "not a readable JSON file"),
+], ids=["nested past the recursion limit", "nested 40 deep", "integer of 5000 digits"])
+def test_hostile_json_cards_get_one_line_and_exit_2(tmp_path, text, words):
+    """Cards under 1 MiB that break the JSON reader itself: RecursionError / ValueError become the card's one-line
+    error (exit 2) in the command line, the library, and the GUI's card summary, never "internal error"."""
+    from AttentionMapLib.module_logic import card_summary
+    from reliability import one_line, run_cli_subprocess
+
+    card = tmp_path / "card.json"
+    card.write_text(text)
+    assert card.stat().st_size < 2 ** 20
+    with pytest.raises(AttentionMapError, match=words):
+        load_model(str(card))
+    with pytest.raises(AttentionMapError, match=words):
+        card_summary(card)
+    from AttentionMapLib.io import write_volume
+
+    image = tmp_path / "ct.nrrd"
+    write_volume(image, np.zeros((8, 8, 8), np.float32), np.eye(4))
+    done = run_cli_subprocess(["run", image, "--model", card, "--output-dir", tmp_path / "out"])
+    assert done.returncode == 2 and "card.json" in one_line(done.stderr) and words in done.stderr, done.stderr

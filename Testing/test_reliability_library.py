@@ -101,7 +101,7 @@ CASES = {
     ),
     "write_volume missing folder": (
         lambda m, t: lib.write_volume(t / "no" / "map.nrrd", np.zeros((2, 2, 2)), np.eye(4)),
-        "map.nrrd: SimpleITK could not write it",
+        "map.nrrd: cannot write in",
     ),
     "write_volume 4D": (
         lambda m, t: lib.write_volume(t / "map.nrrd", np.zeros((2, 2, 2, 2)), np.eye(4)),
@@ -160,3 +160,42 @@ def test_write_volume_replaces_a_link_without_writing_through_it(tmp_path):
     assert target.read_bytes() == b"the user's CT"
     assert not (tmp_path / "map.nrrd").is_symlink()
     assert lib.read_volume(tmp_path / "map.nrrd")[0].shape == (2, 3, 4)
+
+
+def test_write_volume_never_writes_through_a_link_planted_beside_the_target(tmp_path):
+    """The temporary file used to be `.NAME.partialPID.nrrd` beside the target: a link planted at that name made
+    the volume overwrite the link's target. Now it is written in a private mkdtemp folder."""
+    import os
+
+    from AttentionMapLib.io import read_volume, write_volume
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "map.nrrd"
+    for pid in {os.getpid(), os.getpid() + 1}:
+        (tmp_path / f".map.partial{pid}.nrrd").symlink_to(victim)
+    write_volume(target, np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+    assert victim.read_text() == "precious"
+    assert read_volume(target)[0].shape == (2, 3, 4)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["map.nrrd", "victim.txt"]
+
+
+def test_reports_follow_the_umask_and_never_loosen_an_existing_mode(tmp_path):
+    import os
+    import stat
+
+    from AttentionMapLib.outputs import current_umask, write_file
+
+    before = os.umask(0o077)
+    try:
+        assert current_umask() == 0o077
+        report = write_file(tmp_path / "scores.json", b"{}", [], "--output")
+        assert stat.S_IMODE(os.stat(report).st_mode) == 0o600  # was 0644 whatever the umask
+        os.umask(0o022)
+        os.chmod(report, 0o600)
+        write_file(report, b"{}", [], "--output")
+        assert stat.S_IMODE(os.stat(report).st_mode) == 0o600  # an existing 0600 report stays 0600
+        fresh = write_file(tmp_path / "other.json", b"{}", [], "--output")
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
+    finally:
+        os.umask(before)

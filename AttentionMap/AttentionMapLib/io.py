@@ -8,7 +8,9 @@ a float32 attention grid is written as float32); preprocessing converts to float
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -157,8 +159,9 @@ def write_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray) 
     """Write a 3D array indexed (I, J, K) with its RAS geometry to .nrrd, .nii, .nii.gz or .mha.
 
     The pixel type is kept (float32 stays float32). The affine must be spacing x direction with
-    orthonormal directions (no shear), as these formats store it. Written to a temporary file in
-    the same folder and renamed, so a failure leaves no partial file. Returns the path.
+    orthonormal directions (no shear), as these formats store it. Written into a private temporary folder
+    (``mkdtemp``, 0700) beside the target and renamed over it, so a failure leaves no partial file and a link
+    planted beside the target is never written through. Returns the path.
     """
     sitk = _sitk()
     p = Path(path)
@@ -166,13 +169,16 @@ def write_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray) 
     if not suffix:
         raise AttentionMapError(f"{p}: expected a file name ending in one of {', '.join(_WRITE_SUFFIXES)}")
     image = array_image(array_ijk, ijk_to_ras, f"{suffix} stores")
-    tmp = p.with_name(f".{p.name[: -len(suffix)]}.partial{os.getpid()}{suffix}")
     try:
-        sitk.WriteImage(image, str(tmp), True)
+        private = tempfile.mkdtemp(prefix=f".{p.name}.", dir=p.parent)  # 0700, unpredictable: no planted link
+    except OSError as exc:
+        raise AttentionMapError(f"{p}: cannot write in {p.parent} ({exc.strerror})") from None
+    tmp = os.path.join(private, f"volume{suffix}")
+    try:
+        sitk.WriteImage(image, tmp, True)
         os.replace(tmp, p)
     except RuntimeError as exc:
         raise AttentionMapError(f"{p}: SimpleITK could not write it ({str(exc).strip()[:300]})") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(private, ignore_errors=True)
     return p

@@ -12,12 +12,14 @@ read only files shipped with it. To use weights from another place, write a card
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .errors import AttentionMapError
+from .io import check_input_path
 
 # A card may ask for at most this much memory (network parameters twice: the checkpoint and the
 # network; attention and activations of one forward+backward pass of a batch; the preprocessed volume).
@@ -28,6 +30,7 @@ TYPICAL_FIELD_OF_VIEW_MM = (400.0, 400.0, 400.0)
 TYPICAL_INPUT_VOXELS = 512 * 512 * 400
 SPACING_RANGE_MM = (0.1, 50.0)  # preprocessing.spacing per axis, inclusive
 MAX_CARD_BYTES = 2 ** 20  # a card is a small JSON file
+MAX_CARD_DEPTH = 32  # nesting of a card's JSON (the demo card's is 5); deeper is no card and could exhaust the stack
 _FLOAT32 = 4
 BLOCKWISE_SLAB_BYTES = 64 * 2 ** 20  # blockwise: the row slab of one block's attention read out at a time
 _PREPROCESSING_COPIES = 3  # input as float32, the resampled MetaTensor, the scaled copy
@@ -275,3 +278,36 @@ def check_inference_defaults(card: Mapping[str, Any]) -> None:
     for key in _CALIBRATION_TEXT:
         if section.get(key) is not None and not isinstance(section[key], str):
             raise _field_error(f"calibration.{key}", "a string", section[key])
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iterative: no recursion of its own)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A model card (or a bundle's metadata) as a JSON object: a regular file of at most MAX_CARD_BYTES, nested at
+    most MAX_CARD_DEPTH deep; anything else (JSON nested past the parser's recursion limit, an integer of thousands
+    of digits, which Python refuses to convert) raises AttentionMapError naming the file."""
+    path = Path(path)
+    check_input_path(path, folders=False)
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise AttentionMapError(f"{path}: {path.stat().st_size} bytes; expected a JSON file of at most "
+                                f"{MAX_CARD_BYTES} bytes (model_cards.MAX_CARD_BYTES)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise AttentionMapError(f"{path}: not a model card: JSON nested too deeply to read") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an integer too long
+        raise AttentionMapError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise AttentionMapError(f"{path}: expected a JSON object")
+    if _depth(data) > MAX_CARD_DEPTH:
+        raise AttentionMapError(f"{path}: not a model card: JSON nested more than {MAX_CARD_DEPTH} deep")
+    return data

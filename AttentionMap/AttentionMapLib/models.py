@@ -18,7 +18,6 @@ configs/attentionmap.json (card keys), else from configs/metadata.json, else BUN
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import AttentionMapError
 from .io import check_input_path
-from .model_cards import MAX_CARD_BYTES, check_card, check_spacing, weights_path
+from .model_cards import check_card, check_spacing, read_json_object, weights_path
 
 SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc")
 # inside the package, so the wheel and the Slicer module (CMakeLists.txt) carry it
@@ -118,7 +117,7 @@ def resolve_device(device: str, name: str = "device") -> str:
 
 
 def _load_card(card_path: Path) -> LoadedModel:
-    card = _read_json(card_path)
+    card = read_json_object(card_path)
     try:
         name, args = check_card(card, SUPPORTED_NETWORKS)
         weights = weights_path(card_path, card.get("weights"))
@@ -169,9 +168,9 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
     notes = load_weights(network, weights)
 
     meta_file = configs / "metadata.json"
-    meta = _read_json(meta_file) if meta_file.is_file() else {}
+    meta = read_json_object(meta_file) if meta_file.is_file() else {}
     extra_file = configs / "attentionmap.json"
-    extra = _read_json(extra_file) if extra_file.is_file() else {}
+    extra = read_json_object(extra_file) if extra_file.is_file() else {}
     data_format = meta.get("network_data_format", {})
     image_format = data_format.get("inputs", {}).get("image", {})
     img_size = extra.get("img_size")
@@ -379,15 +378,3 @@ def _img_size(source: Path, img_size: Any, spatial_dims: int) -> Tuple[int, ...]
     raise AttentionMapError(f"{source}: the network input size 'img_size' is missing or not a list of ints")
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    check_input_path(path, folders=False)
-    if path.stat().st_size > MAX_CARD_BYTES:
-        raise AttentionMapError(f"{path}: {path.stat().st_size} bytes; expected a JSON file of at most "
-                                f"{MAX_CARD_BYTES} bytes (model_cards.MAX_CARD_BYTES)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AttentionMapError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise AttentionMapError(f"{path}: expected a JSON object")
-    return data

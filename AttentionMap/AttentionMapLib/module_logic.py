@@ -6,13 +6,12 @@
   (changes made while a job ran are then applied by one more re-fusion);
 - self_test_phantom: the synthetic chest CT with a nodule that the module's self-test explains.
 """
-import json
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .errors import AttentionMapError
+from .model_cards import read_json_object
 
 # MONAI's defaults when a card's network args leave them out (monai.networks.nets.ViT / UNETR / ViTAutoEnc)
 DEFAULT_LAYERS_HEADS = {"ViT": (12, 12), "UNETR": (12, 12), "ViTAutoEnc": (12, 12)}
@@ -30,12 +29,7 @@ def card_summary(card_path: Path) -> CardSummary:
     Unknown values are [] / None (e.g. a card without "classes"); an unreadable card raises
     AttentionMapError naming the file.
     """
-    try:
-        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise AttentionMapError(f"model card {card_path}: cannot be read ({error})") from None
-    if not isinstance(card, dict):
-        raise AttentionMapError(f"model card {card_path}: expected a JSON object")
+    card = read_json_object(Path(card_path))  # size, depth and type checked as the worker checks them
     classes = card.get("classes")
     network = card.get("network") if isinstance(card.get("network"), dict) else {}
     args = network.get("args") if isinstance(network.get("args"), dict) else {}

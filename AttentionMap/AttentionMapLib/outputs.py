@@ -164,9 +164,7 @@ def _move_into_place(staging: Path, target: Path, names: Sequence[str], inputs: 
     written = [name for name in names if (staging / name).is_file()]
     if not os.path.isdir(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; the output folder gets the usual mode
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it private; the output folder gets the usual mode
         for extra in set(os.listdir(staging)) - set(written):  # e.g. a writer's own temp file
             (staging / extra).unlink()
         os.rename(staging, target)
@@ -175,6 +173,20 @@ def _move_into_place(staging: Path, target: Path, names: Sequence[str], inputs: 
         check_output_entry(target / name, inputs, option)
     for name in written:
         os.replace(staging / name, target / name)
+
+
+def current_umask() -> int:
+    """This process's umask: read from /proc/self/status where it is there (Linux), else set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def check_output_file(path: Path, inputs: Sequence[Path], option: str) -> Path:
@@ -197,7 +209,10 @@ def write_file(path: Path, data: bytes, inputs: Sequence[Path], option: str) -> 
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
-        os.chmod(temp, 0o644)
+        mode = 0o666 & ~current_umask()  # as open() would create it; mkstemp made it 0600
+        if os.path.isfile(target):  # replacing a report: never looser than the one it replaces
+            mode &= stat.S_IMODE(os.stat(target).st_mode)
+        os.chmod(temp, mode)
         os.replace(temp, target)
     except OSError as exc:
         raise AttentionMapError(f"{option} {target}: could not write ({exc.strerror})") from None
