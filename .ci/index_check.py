@@ -9,8 +9,9 @@ the architecture of Slicer's macOS builds), ``plan_dependencies`` with only Slic
 - is refused before any download, with guidance (a worker Python), and the index confirms the reason (no torch
   from the series' minimum exists for that platform, or the oldest series' MONAI refuses that Python).
 
-Prints the support table; exits 1 on any mismatch. Run with the project's Python (it needs ``packaging``):
-``python .ci/index_check.py``. About a minute: one ``pip index`` and one ``pip download`` per Python x platform.
+Prints the support table; exits 1 on any mismatch. Run with the project's Python (it needs ``packaging`` and the
+package installed, as `make` installs it): ``.venv/bin/python .ci/index_check.py``. About 20 s: one ``pip
+index`` and one ``pip download`` per Python x platform.
 """
 import re
 import subprocess
@@ -23,8 +24,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "AttentionMap"))
-from AttentionMapLib.dependencies import (  # noqa: E402
+from AttentionMapLib.dependencies import (
     SERIES,
     SLICER_RELEASES,
     SYSTEMS,

@@ -74,7 +74,7 @@ FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) 
 # Parameters whose change re-reads the cached attention (no network run) / only touches the display.
 FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
-RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "trustBundle", "headFusion", "head", "targetClass", "device",
+RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "headFusion", "head", "targetClass", "device",
                 "testTimeAveraging")
 
 
@@ -128,9 +128,10 @@ class AttentionMapParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    # no trust flag here: a parameter node is saved with the scene, and a scene file must never carry "trusted" to a
+    # bundle; the logic's trustedBundle holds it for this session, for the one bundle path it was given for
     modelKind: Annotated[str, Choice(MODEL_KINDS)] = MODEL_KINDS[0]
     modelPath: pathlib.Path
-    trustBundle: bool = False
     method: Annotated[str, Choice(METHODS)] = "rollout"
     layer: Annotated[int, WithinRange(0, 64)] = 0
     headFusion: Annotated[str, Choice(HEAD_FUSIONS)] = "mean"
@@ -205,6 +206,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onWorkerPythonChanged(self.ui.workerPythonPathLineEdit.currentPath)
         self.ui.workerPythonPathLineEdit.connect("currentPathChanged(QString)", self.onWorkerPythonChanged)
         self.ui.checkWorkerPythonButton.connect("clicked(bool)", self.onCheckWorkerPython)
+        self.ui.trustBundleCheckBox.connect("toggled(bool)", self.onTrustBundleToggled)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -282,6 +284,8 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.filters = (ctk.ctkPathLineEdit.Dirs if p.modelKind == MODEL_KINDS[2]
                                              else ctk.ctkPathLineEdit.Files)
         self.ui.trustBundleCheckBox.enabled = p.modelKind == MODEL_KINDS[2]
+        if self.ui.trustBundleCheckBox.checked != self.logic.bundleTrusted(p):  # another model: trust is gone
+            self.ui.trustBundleCheckBox.checked = self.logic.bundleTrusted(p)
         self.ui.headSpinBox.enabled = p.headFusion == "single head"
         self.ui.statisticsButton.enabled = bool(p.segmentation) and self.logic.result is not None
         self.ui.scoreButton.enabled = scoring or (self._job is None and self.logic.result is not None)
@@ -503,6 +507,10 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.probabilitiesLabel.text = "\n".join(lines + [self.ui.probabilitiesLabel.text])
 
+    def onTrustBundleToggled(self, checked: bool) -> None:
+        if self._parameterNode is not None:
+            self.logic.trustBundle(self._parameterNode, bool(checked))
+
     def onWorkerPythonChanged(self, path: str) -> None:
         """The Worker Python setting: saved in the application settings (never in a scene, which could carry a
         path to run), used by the next worker started (a running worker of another interpreter stops)."""
@@ -561,6 +569,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         self._runningSource = None
         self.numLayers = 0  # of the model that produced the result
         self.workerPythonInfo = None  # what the worker Python reported when it was last checked
+        self.trustedBundle = None  # the bundle folder the user trusted in this session (never saved with a scene)
 
     def getParameterNode(self) -> AttentionMapParameterNode:
         return AttentionMapParameterNode(super().getParameterNode())
@@ -621,6 +630,15 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
                                     "the Python console shows pip's output") from None
         return True
 
+    def trustBundle(self, p: AttentionMapParameterNode, trusted: bool) -> None:
+        """Trust (or stop trusting) the bundle folder chosen now; any other model is untrusted."""
+        self.trustedBundle = str(p.modelPath) if trusted and p.modelKind == MODEL_KINDS[2] else None
+
+    def bundleTrusted(self, p: AttentionMapParameterNode) -> bool:
+        """True only for the very bundle folder the user trusted (choosing another model resets the trust)."""
+        return p.modelKind == MODEL_KINDS[2] and self.trustedBundle is not None and \
+            self.trustedBundle == str(p.modelPath)
+
     @staticmethod
     def modelSource(p: AttentionMapParameterNode) -> str:
         if p.modelKind == MODEL_KINDS[0]:
@@ -679,7 +697,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
             array,
             ijkToRas,
             self.explainOptions(p),
-            trust_bundle=p.trustBundle,
+            trust_bundle=self.bundleTrusted(p),
             device=p.device,
             region=self.regionSpec(p, array, ijkToRas),
         )
@@ -796,7 +814,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         attentions = []
         for volume in volumes:
             array, ijkToRas = mrml.volume_to_array(volume)
-            job = worker.explain_job(self.modelSource(p), array, ijkToRas, options, trust_bundle=p.trustBundle,
+            job = worker.explain_job(self.modelSource(p), array, ijkToRas, options, trust_bundle=self.bundleTrusted(p),
                                      device=p.device, region=self.regionSpec(p, array, ijkToRas))
             attentions.append(self._resultOf(job, timeoutSeconds).attention)
         return mrml.show_cases(attentions, slicer.mrmlScene, mrml.case_output_nodes(volumes),

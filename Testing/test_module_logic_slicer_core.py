@@ -135,6 +135,14 @@ def run_self_test_steps() -> None:
     assert flipped.prediction["rule"].endswith("each the mean over 8 flipped views and 7 half-patch-shifted views")
     assert np.linalg.norm(flipped.peak_ras() - nodule) <= module_logic.patch_size_mm(flipped.ijk_to_ras)
     worker.stop_shared_worker()
+    p.modelKind, p.modelPath = module.MODEL_KINDS[2], "/bundles/a"  # trust: one bundle path, this session only
+    assert not logic.bundleTrusted(p)
+    logic.trustBundle(p, True)
+    assert logic.bundleTrusted(p) and not hasattr(module.AttentionMapParameterNode, "trustBundle")
+    p.modelPath = "/bundles/b"
+    assert not logic.bundleTrusted(p)  # another bundle is not trusted
+    p.modelPath, p.modelKind = "/bundles/a", module.MODEL_KINDS[1]
+    assert not logic.bundleTrusted(p)  # nor is a card at that path
     print("SELF-TEST STEPS PASSED")
 
 

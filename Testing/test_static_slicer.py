@@ -576,3 +576,14 @@ def test_worker_messages_are_data_never_pickles():
     flags = [ast.unparse(node.value) for node in ast.walk(ast.parse((LIB_DIR / "worker_protocol.py").read_text()))
              if isinstance(node, ast.keyword) and node.arg == "allow_pickle"]
     assert flags == ["False", "False"], flags  # np.save and np.load of the input file
+
+
+def test_bundle_trust_is_never_saved_with_a_scene_and_resets_with_the_model():
+    """A scene file could otherwise carry "trusted" to another bundle path: the flag is no parameter node field and
+    no bound widget; the logic keeps the one bundle path trusted in this session and the checkbox follows it."""
+    assert "trustBundle" not in parameter_node_fields()
+    assert "trustBundle" not in bound_widgets()
+    shown = ast.unparse(module_function("onParameterNodeModified"))
+    assert "self.ui.trustBundleCheckBox.checked = self.logic.bundleTrusted(p)" in shown
+    for step in ("startExplain", "processCases"):
+        assert "trust_bundle=self.bundleTrusted(p)" in ast.unparse(module_function(step))
