@@ -194,7 +194,7 @@ def test_explain_job_equals_a_direct_run_and_the_callers_array_is_free(oracle_ca
     assert result.model.classes == ["background", "bright"] and result.model.device == "cpu"
     assert (result.model.num_layers, result.model.num_heads) == (2, 2)
     assert result.attention.num_windows == 2 and result.attention.target == 1
-    assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # the input file was read and removed
+    assert sorted(os.listdir(shared.folder)) == [".owner", "worker.log"]  # the input file was read and removed
 
 
 def oblique_case():
@@ -712,6 +712,6 @@ def test_region_mask_and_box_reach_the_worker_and_the_prediction_comes_back(orac
         assert attention.region.summary() == direct.region.summary() and attention.region.windows_skipped == 1
         assert np.array_equal(attention.region.voxels, direct.region.voxels)
         assert attention.prediction == direct.prediction(["background", "bright"])
-        assert sorted(os.listdir(shared.folder)) == ["worker.log"]  # input and mask files read and removed
+        assert sorted(os.listdir(shared.folder)) == [".owner", "worker.log"]  # input and mask read and removed
     final = explain_job(str(path), array, affine, {}, device="cpu", worker=shared, region="none").wait(120)
     assert final.value.attention.region is None and final.value.attention.num_windows == 2

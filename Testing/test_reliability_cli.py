@@ -11,6 +11,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -591,3 +593,24 @@ def test_an_internal_fault_is_one_line_with_exit_1_and_a_traceback_on_request(wo
     monkeypatch.setenv("ATTENTIONMAP_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="unexpected state"):
         main([str(a) for a in _run(work)])
+
+
+def test_staging_folders_of_runs_killed_outright_are_removed_by_the_next_run(work):
+    """SIGKILL or the out-of-memory killer leave the hidden staging folder with its staged overlays; the next run
+    into the same place removes this user's staging folders whose run is gone, never a running one's."""
+    from AttentionMapLib import stale
+    from AttentionMapLib.outputs import STAGING_PREFIX
+
+    work.out.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    left = work.out / f"{STAGING_PREFIX}killed"
+    running = work.out / f"{STAGING_PREFIX}running"
+    for folder, owner in ((left, killed.pid), (running, os.getpid())):
+        folder.mkdir(mode=0o700)
+        (folder / "case1_overlay.png").write_bytes(b"staged patient picture")
+        stale.mark_owner(folder, owner)
+    assert main(["run", str(work.image), "--model", str(work.card), "--output-dir", str(work.out)]) == 0
+    assert not left.exists() and running.exists()
+    assert sorted(p.name for p in work.out.iterdir() if p != running) == [
+        "case1_attention.nrrd", "case1_overlay.png", "summary.json"]  # no owner file came along

@@ -360,3 +360,33 @@ def test_the_worker_answers_a_malformed_request_with_an_error_and_keeps_serving(
         assert final.kind == DONE and process.worker_pid == pid and process.alive
     finally:
         process.close()
+
+
+def test_scratch_folders_of_dead_guis_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    """A GUI and its worker killed together leave the scratch folder (the patient's voxels in input-*.npy); the
+    next worker start removes this user's folders whose owner is gone, and keeps the rest."""
+    import tempfile
+
+    from AttentionMapLib import stale
+    from AttentionMapLib.worker_process import SCRATCH_PREFIX
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {}
+    for name, owner in (("dead", dead.pid), ("alive", os.getpid()), ("unmarked", None)):
+        folder = tmp_path / f"{SCRATCH_PREFIX}{name}"
+        folder.mkdir(mode=0o700)
+        (folder / "input-1.npy").write_bytes(b"voxels")
+        if owner is not None:
+            stale.mark_owner(folder, owner)
+        folders[name] = folder
+    (tmp_path / f"{SCRATCH_PREFIX}link").symlink_to(folders["dead"])  # a link is never followed nor removed
+    process = WorkerProcess(threads=1)
+    try:
+        assert Path(process.folder).parent == tmp_path and (Path(process.folder) / stale.OWNER_FILE).is_file()
+    finally:
+        process.close()
+    assert not folders["dead"].exists()
+    assert folders["alive"].exists() and folders["unmarked"].exists()
+    assert (tmp_path / f"{SCRATCH_PREFIX}link").is_symlink()

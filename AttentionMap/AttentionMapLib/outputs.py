@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import AttentionMapError
+from .stale import mark_owner, remove_stale
 
 STAGING_PREFIX = ".attention-map-"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -144,11 +145,13 @@ def staged_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path]
     target = check_output_folder(output_dir, names, inputs, option)
     anchor = _nearest_existing(target)
     try:
+        remove_stale(anchor, STAGING_PREFIX)  # of runs of this user killed outright (SIGKILL, out of memory)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=anchor))
     except OSError as exc:
         raise AttentionMapError(f"{option} {target}: cannot write in {anchor} ({exc.strerror})") from None
     try:
         try:
+            mark_owner(staging)  # a run killed outright leaves it: the next run here removes it
             yield staging
             with stop_signals_held():
                 _move_into_place(staging, target, names, inputs, option)

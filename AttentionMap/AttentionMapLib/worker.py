@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
+from . import stale
 from . import worker_protocol as protocol
 from .core.attention_grid import AttentionGrid
 from .core.region import AppliedRegion
@@ -142,7 +143,9 @@ class WorkerProcess:
     def __init__(self, python: Optional[str] = None, threads: Optional[int] = None,
                  startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
         self.python = worker_python(python)
+        stale.remove_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)  # left by a GUI and worker that both died
         self.folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # 0700: this user's only
+        stale.mark_owner(Path(self.folder))  # this GUI process: once it is gone, the next start removes the folder
         self.log_path = os.path.join(self.folder, "worker.log")
         key = os.urandom(protocol.AUTHKEY_BYTES)
         self._server, address = protocol.listen(self.folder)

@@ -29,6 +29,7 @@ import numpy as np
 from . import worker_protocol as protocol
 from .errors import AttentionMapError, Cancelled
 from .models import resolve_device
+from .stale import process_alive, process_start
 
 WATCHDOG_INTERVAL_S = 1.0
 SCRATCH_PREFIX = "AttentionMap-worker-"
@@ -48,40 +49,12 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def process_start(pid: int) -> Optional[str]:
-    """When process ``pid`` started (Linux: field 22 of /proc/PID/stat, in clock ticks), to tell it from a later
-    process that reuses the pid; None where /proc is absent (macOS, Windows) or the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[19].decode() if fields[0] != b"Z" and len(fields) > 19 else None
-
-
 def parent_alive(pid: int, started: Optional[str] = None) -> bool:
     """True while the GUI process ``pid`` runs, checked by its pid, never by who our parent is: Slicer starts the
     worker through PythonSlicer, a launcher whose child is this Python, so our parent is the launcher
     (CTKAppLauncher ctkAppLauncher.cpp: the child is a QProcess). ``started``: process_start(pid) when the worker
     began; a different value (a zombie, or the pid reused) means the GUI is gone."""
-    if os.name == "nt":
-        import ctypes  # Windows: a handle to a dead process is signalled (WaitForSingleObject -> 0)
-
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
-        if not handle:
-            return False
-        try:
-            return kernel32.WaitForSingleObject(handle, 0) != 0
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the pid now belongs to another user: the GUI is gone
-        return False
-    return started is None or process_start(pid) == started
+    return process_alive(pid, started)
 
 
 def orphaned_exit() -> None:
