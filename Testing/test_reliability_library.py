@@ -199,3 +199,78 @@ def test_reports_follow_the_umask_and_never_loosen_an_existing_mode(tmp_path):
         assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o644
     finally:
         os.umask(before)
+
+
+def _nifti_with_pixdim(path, value, offset=80):
+    """A real NIfTI-1 file (nibabel) whose header's pixdim[1] is then set to ``value`` byte for byte (nibabel itself
+    would repair 0 or negative values when saving)."""
+    import gzip
+    import struct
+
+    import nibabel
+
+    plain = path.with_suffix("") if path.suffix == ".gz" else path
+    nibabel.save(nibabel.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.diag([0.8, 0.8, 2.5, 1.0])), str(plain))
+    data = bytearray(plain.read_bytes())
+    data[offset:offset + 4] = struct.pack("<f", value)
+    if path.suffix == ".gz":
+        plain.unlink()
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), -0.8, float("inf")], ids=["zero", "nan", "negative", "inf"])
+@pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz"])
+def test_a_bad_voxel_spacing_in_the_header_is_refused_not_read_as_1_mm(tmp_path, value, name):
+    import SimpleITK as sitk
+
+    from AttentionMapLib.io import read_volume
+
+    path = _nifti_with_pixdim(tmp_path / name, value)
+    assert np.isclose(sitk.ReadImage(str(path)).GetSpacing()[0], [0.8, 1.0]).any()  # a reader reads it as one
+    with pytest.raises(AttentionMapError, match=r"scan\.nii.*voxel spacing .*expected positive finite millimetres"):
+        read_volume(path)
+    good = _nifti_with_pixdim(tmp_path / f"good-{name}", 0.8)
+    assert np.allclose(np.linalg.norm(read_volume(good)[1][:3, :3], axis=0), [0.8, 0.8, 2.5])
+
+
+@pytest.mark.parametrize("header, words", [
+    ("spacings: 1 0 1", "spacing"),  # ITK refuses this one itself
+    ("space: left-posterior-superior\nspace directions: (1,0,0) (0,0,0) (0,0,1)", "voxel spacing 1, 0, 1"),
+    ("spacings: 1 nan 1", "voxel spacing 1, nan, 1"),
+])
+def test_nrrd_headers_with_a_bad_spacing_are_refused(tmp_path, header, words):
+    from AttentionMapLib.io import read_volume
+
+    path = tmp_path / "scan.nrrd"
+    text = f"NRRD0004\ntype: int16\ndimension: 3\nsizes: 2 2 2\n{header}\nencoding: raw\nendian: little\n\n"
+    path.write_bytes(text.encode() + b"\0" * 16)
+    with pytest.raises(AttentionMapError, match=words):
+        read_volume(path)
+
+
+def test_a_header_declaring_more_than_the_limit_is_refused_before_any_voxel_is_read(tmp_path, monkeypatch):
+    """A 100-byte NRRD header declaring 4096^3 float voxels (256 GiB) made ITK try to allocate them; now the header
+    is checked against the limit (8 GiB, $ATTENTIONMAP_MAX_VOLUME_BYTES) first."""
+    import resource
+
+    from AttentionMapLib.io import VOLUME_LIMIT_VARIABLE, read_volume
+
+    path = tmp_path / "huge.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4096 4096 4096\nencoding: raw\nendian: little\n\n"
+                     + b"\0" * 64)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with pytest.raises(AttentionMapError, match=r"huge\.nrrd: its header declares 4096 x 4096 x 4096 voxels .*"
+                                                 r"256\.0 GiB\), more than the 8\.0 GiB limit"):
+        read_volume(path)
+    small = tmp_path / "small.nrrd"
+    small.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 8 8 8\nencoding: raw\nendian: little\n\n"
+                      + b"\0" * 2048)
+    monkeypatch.setenv(VOLUME_LIMIT_VARIABLE, "1024")  # 2 KiB of voxels against a 1 KiB limit
+    with pytest.raises(AttentionMapError, match=VOLUME_LIMIT_VARIABLE):
+        read_volume(small)
+    monkeypatch.setenv(VOLUME_LIMIT_VARIABLE, "4096")
+    assert read_volume(small)[0].shape == (8, 8, 8)
+    assert resource.getrlimit(resource.RLIMIT_AS) == (soft, hard)

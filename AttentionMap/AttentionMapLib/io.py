@@ -108,6 +108,8 @@ def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.nda
     if series_id is not None and not p.is_dir():
         raise AttentionMapError(f"{p}: a series UID was given but the input is a file, not a DICOM folder")
     try:
+        if not p.is_dir():
+            check_header(p)
         image = _read_dicom_series(p, series_id) if p.is_dir() else sitk.ReadImage(str(p))
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[-300:]
@@ -115,6 +117,87 @@ def read_volume(path: PathLike, series_id: Optional[str] = None) -> Tuple[np.nda
     if image.GetDimension() != 3:
         raise AttentionMapError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
     return image_arrays(image)
+
+
+MAX_VOLUME_BYTES = 8 * 2 ** 30  # a whole-body CT of 512 x 512 x 2000 int16 voxels is 1 GiB
+VOLUME_LIMIT_VARIABLE = "ATTENTIONMAP_MAX_VOLUME_BYTES"
+_HEADER_BYTES = 1 << 16  # NRRD / MetaImage text headers are read up to this many bytes
+
+
+def max_volume_bytes() -> int:
+    """The most bytes a volume file may declare: $ATTENTIONMAP_MAX_VOLUME_BYTES, else MAX_VOLUME_BYTES (8 GiB)."""
+    configured = os.environ.get(VOLUME_LIMIT_VARIABLE, "").strip()
+    if not configured:
+        return MAX_VOLUME_BYTES
+    if not configured.isdigit() or int(configured) < 1:
+        raise AttentionMapError(f"{VOLUME_LIMIT_VARIABLE}: expected a positive number of bytes, got {configured!r}")
+    return int(configured)
+
+
+def _declared_spacing(p: Path) -> Optional[Tuple[float, ...]]:
+    """The voxel spacing as the file's own header states it, before any reader replaces a bad value (SimpleITK and
+    nibabel read a NIfTI pixdim of 0 or NaN as 1 mm; ITK takes pixdim even where an sform is set): NIfTI-1 / -2
+    pixdim[1:4], NRRD ``spacings`` or the lengths of
+    ``space directions``, MetaImage ``ElementSpacing``. None for other formats or where the header states none."""
+    import gzip
+    import struct
+
+    name = p.name.lower()
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(p, "rb") as stream:
+            head = stream.read(_HEADER_BYTES)
+    except (OSError, EOFError):
+        return None
+    if name.endswith((".nii", ".nii.gz")) and len(head) >= 348:
+        for endian in "<>":
+            size = struct.unpack(endian + "i", head[:4])[0]
+            if size == 348:
+                return struct.unpack(endian + "8f", head[76:108])[1:4]
+            if size == 540 and len(head) >= 540:
+                return struct.unpack(endian + "8d", head[104:168])[1:4]
+        return None
+    text = head.split(b"\n\n", 1)[0].decode("latin-1") if name.endswith(".nrrd") else head.decode("latin-1")
+    for line in text.splitlines():
+        key, _, value = line.partition(":" if name.endswith(".nrrd") else "=")
+        key = key.strip().lower()
+        try:
+            if name.endswith(".nrrd") and key == "spacings":
+                values = [float(v) for v in value.split()]  # a vector (non-spatial) axis has spacing nan
+                return tuple(v for v in values if len(values) == 3 or not np.isnan(v))
+            if name.endswith(".nrrd") and key == "space directions":
+                vectors = [v for v in value.replace("none", "").split(")") if "(" in v]
+                return tuple(float(np.linalg.norm([float(c) for c in v.split("(")[1].split(",")])) for v in vectors)
+            if name.endswith((".mha", ".mhd")) and key == "elementspacing":
+                return tuple(float(v) for v in value.split())
+        except ValueError:
+            return (float("nan"),)
+    return None
+
+
+def check_header(p: Path) -> None:
+    """Refuse a volume file from its header, before any voxel is read: more bytes than max_volume_bytes() (a 1 KB
+    header can declare terabytes), or a voxel spacing that is zero, negative or not finite (it would be read as 1 mm
+    and the map placed at the wrong size)."""
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()  # RuntimeError: not a volume (the caller words it)
+    size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID(), components)).itemsize
+    nbytes = int(np.prod(size, dtype=object)) * components * itemsize
+    limit = max_volume_bytes()
+    if nbytes > limit:
+        raise AttentionMapError(
+            f"{p}: its header declares {' x '.join(map(str, size))} voxels of {components * itemsize} bytes "
+            f"({nbytes / 2 ** 30:.1f} GiB), more than the {limit / 2 ** 30:.1f} GiB limit; set "
+            f"{VOLUME_LIMIT_VARIABLE} to read larger volumes")
+    declared = _declared_spacing(p)
+    spacing = tuple(declared) if declared is not None else tuple(reader.GetSpacing())
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise AttentionMapError(
+            f"{p}: its header gives the voxel spacing {', '.join(f'{v:g}' for v in spacing)}; expected positive "
+            "finite millimetres (a reader would put 1 mm in its place and the map at the wrong size): fix the header")
 
 
 def image_arrays(image) -> Tuple[np.ndarray, np.ndarray]:
