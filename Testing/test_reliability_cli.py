@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from AttentionMapLib.cli import main
+from AttentionMapLib.errors import AttentionMapError
 from AttentionMapLib.io import write_volume
 from AttentionMapLib.outputs import STAGING_PREFIX, stop_signals_held
 from reliability import (
@@ -614,3 +615,48 @@ def test_staging_folders_of_runs_killed_outright_are_removed_by_the_next_run(wor
     assert not left.exists() and running.exists()
     assert sorted(p.name for p in work.out.iterdir() if p != running) == [
         "case1_attention.nrrd", "case1_overlay.png", "summary.json"]  # no owner file came along
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing output folder", "new output folder"])
+def test_a_folder_swapped_for_a_link_during_the_run_is_never_followed(tmp_path, existing):
+    """The output folder (or, for a new one, its parent) is replaced by a link to another folder while the run
+    computes: the final moves used to follow it; now the run is refused and nothing lands anywhere."""
+    from AttentionMapLib.outputs import staged_folder
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    target = parent / "out"
+    if existing:
+        target.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    swapped = target if existing else parent
+    with pytest.raises(AttentionMapError, match="was replaced .* while the run computed; nothing was written"):
+        with staged_folder(target, ["summary.json"], []) as staging:
+            (staging / "summary.json").write_text("{}")
+            swapped.rename(tmp_path / "moved")
+            swapped.symlink_to(elsewhere)
+    assert list(elsewhere.iterdir()) == []
+    moved = tmp_path / "moved"
+    assert not list(moved.rglob("summary.json")) and not [p for p in moved.rglob(".attention-map-*")]
+
+
+def test_an_output_folder_of_another_user_is_refused(work):
+    work.out.mkdir()
+    os.chown(work.out, 12345, 12345)  # as another user made it beforehand (the tests run as root)
+    from AttentionMapLib.outputs import staged_folder
+
+    with pytest.raises(AttentionMapError, match="belongs to another user \\(uid 12345\\)"):
+        with staged_folder(work.out, ["summary.json"], []):
+            pass
+    assert list(work.out.iterdir()) == []
+
+
+def test_a_new_output_folder_below_a_linked_parent_the_user_named_is_written(work, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    target = tmp_path / "link" / "a" / "b"
+    assert main(["run", str(work.image), "--model", str(work.card), "--output-dir", str(target)]) == 0
+    assert sorted(p.name for p in (real / "a" / "b").iterdir()) == [
+        "case1_attention.nrrd", "case1_overlay.png", "summary.json"]

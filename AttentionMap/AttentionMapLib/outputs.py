@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import AttentionMapError
 from .stale import mark_owner, remove_stale
@@ -134,36 +136,78 @@ def check_output_folder(output_dir: Path, names: Sequence[str], inputs: Sequence
     return target
 
 
+# Moves relative to folder descriptors where the system has them (Linux, macOS): a folder on the way swapped for a
+# link while the run computes is never followed (the Windows path keeps the name-based moves). os.replace takes
+# src_dir_fd / dst_dir_fd wherever os.rename does.
+_DIR_FDS = (hasattr(os, "O_DIRECTORY") and hasattr(os, "O_NOFOLLOW") and sys.version_info >= (3, 11)
+            and {os.open, os.mkdir, os.rename, os.stat, os.unlink, os.chmod} <= os.supports_dir_fd)
+
+
+def _open_folder(name: str, dir_fd: Optional[int] = None) -> int:
+    """A descriptor of the folder ``name`` (relative to ``dir_fd``), never through a link as its last component."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def _identity(info: os.stat_result) -> tuple:
+    return info.st_dev, info.st_ino
+
+
 @contextlib.contextmanager
 def staged_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path],
                   option: str = "--output-dir") -> Iterator[Path]:
     """Yield a fresh staging folder; on normal exit move `names` written there into `output_dir`.
 
-    Checks as :func:`check_output_folder` on entry and again before the move. Raises AttentionMapError
-    naming `output_dir` (or the entry) for every refusal or OSError; the staging folder never outlives it.
+    Checks as :func:`check_output_folder` on entry and again before the move. An existing output folder of another
+    user is refused (it could read what the run writes). The output folder, or its nearest existing parent, is opened
+    once (its links as the user gave them resolved at the start, O_NOFOLLOW, device and inode remembered); the final
+    moves are made relative to that descriptor, and a folder replaced on the way during the run is refused, never
+    followed. Raises AttentionMapError naming `output_dir` (or the entry) for every refusal or OSError; the staging
+    folder never outlives it.
     """
     target = check_output_folder(output_dir, names, inputs, option)
-    anchor = _nearest_existing(target)
+    nearest = _nearest_existing(target)
+    anchor = Path(os.path.realpath(nearest))
+    if os.path.isdir(target) and hasattr(os, "geteuid") and os.stat(target).st_uid != os.geteuid():
+        raise AttentionMapError(f"{option} {target}: belongs to another user (uid {os.stat(target).st_uid}), who could "
+                                "read what this run writes; choose a folder of your own")
+    anchor_fd = None
     try:
         remove_stale(anchor, STAGING_PREFIX)  # of runs of this user killed outright (SIGKILL, out of memory)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=anchor))
+        if _DIR_FDS:
+            anchor_fd = _open_folder(str(anchor))
+            name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+            os.mkdir(name, 0o700, dir_fd=anchor_fd)
+            staging = anchor / name
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=anchor))
     except OSError as exc:
+        if anchor_fd is not None:
+            os.close(anchor_fd)
         raise AttentionMapError(f"{option} {target}: cannot write in {anchor} ({exc.strerror})") from None
     try:
         try:
             mark_owner(staging)  # a run killed outright leaves it: the next run here removes it
             yield staging
             with stop_signals_held():
-                _move_into_place(staging, target, names, inputs, option)
+                if anchor_fd is None:
+                    _move_into_place(staging, target, names, inputs, option)
+                else:
+                    missing = Path(target).relative_to(nearest).parts  # () for an existing output folder
+                    _move_by_descriptor(anchor, anchor_fd, staging.name, target, missing, names, inputs, option)
         except (OSError, AttentionMapError) as exc:
             raise _mentioning(exc, staging, target) from None
     finally:
         with stop_signals_held():
-            shutil.rmtree(staging, ignore_errors=True)
+            if anchor_fd is not None:
+                shutil.rmtree(staging.name, ignore_errors=True, dir_fd=anchor_fd)
+                os.close(anchor_fd)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def _move_into_place(staging: Path, target: Path, names: Sequence[str], inputs: Sequence[Path],
                      option: str) -> None:
+    """The name-based moves (systems without folder descriptors)."""
     written = [name for name in names if (staging / name).is_file()]
     if not os.path.isdir(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +220,78 @@ def _move_into_place(staging: Path, target: Path, names: Sequence[str], inputs: 
         check_output_entry(target / name, inputs, option)
     for name in written:
         os.replace(staging / name, target / name)
+
+
+def _move_by_descriptor(anchor: Path, anchor_fd: int, staging: str, target: Path, missing: Sequence[str],
+                        names: Sequence[str], inputs: Sequence[Path], option: str) -> None:
+    """The final moves relative to the descriptor of ``anchor`` (the output folder, or its nearest existing parent,
+    opened at the start; ``missing``: the folders below it up to the output folder, none when that existed): a
+    folder replaced on the way is refused; nothing is moved through a link."""
+    try:
+        now = os.stat(anchor, follow_symlinks=False)
+    except OSError:
+        now = None
+    if now is None or _identity(now) != _identity(os.fstat(anchor_fd)):
+        raise AttentionMapError(f"{option} {target}: {anchor} was replaced (moved, or swapped for a link) while the "
+                                "run computed; nothing was written")
+    staging_fd = _open_folder(staging, anchor_fd)
+    parents = []
+    try:
+        written = [name for name in names if _is_regular(name, staging_fd)]
+        if not missing:  # an existing output folder: file by file
+            for name in written:  # checked again: the folder may have changed while the run computed
+                _check_entry_at(anchor_fd, name, target / name, inputs, option)
+            for name in written:
+                os.replace(name, name, src_dir_fd=staging_fd, dst_dir_fd=anchor_fd)
+            return
+        folder_fd = anchor_fd
+        for part in missing[:-1]:  # the new folder's missing parents, each opened without following a link
+            try:
+                os.mkdir(part, dir_fd=folder_fd)
+            except FileExistsError:
+                pass
+            folder_fd = _open_folder(part, folder_fd)
+            parents.append(folder_fd)
+        try:
+            os.stat(missing[-1], dir_fd=folder_fd, follow_symlinks=False)
+            raise AttentionMapError(f"{option} {target}: appeared while the run computed; nothing was written")
+        except FileNotFoundError:
+            pass
+        os.chmod(staging, 0o777 & ~current_umask(), dir_fd=anchor_fd)  # the output folder gets the usual mode
+        for extra in set(os.listdir(staging_fd)) - set(written):  # e.g. the owner mark, a writer's own temp file
+            os.unlink(extra, dir_fd=staging_fd)
+        os.rename(staging, missing[-1], src_dir_fd=anchor_fd, dst_dir_fd=folder_fd)
+    finally:
+        for fd in [staging_fd] + parents:
+            os.close(fd)
+
+
+def _is_regular(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _check_entry_at(dir_fd: int, name: str, shown: Path, inputs: Sequence[Path], option: str) -> None:
+    """check_output_entry for ``name`` in the folder ``dir_fd``: never a link, a non-file or an input."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise AttentionMapError(f"{option} {shown}: is a symbolic link; refusing to write through it "
+                                "(remove the link or choose another output)")
+    if not stat.S_ISREG(info.st_mode):
+        raise AttentionMapError(f"{option} {shown}: exists and is not a regular file (a folder, pipe or device); "
+                                "choose another output")
+    for source in inputs:
+        try:
+            if _identity(os.stat(source)) == _identity(info):
+                raise AttentionMapError(f"{option} {shown}: is the input {source}; refusing to overwrite an input "
+                                        "(choose another output)")
+        except OSError:
+            continue
 
 
 def current_umask() -> int:
