@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# CI: the tests marked `evaluation` (the shipped model over whole scans with inserted lesions, ~3 min), left out of
+# CI: the tests marked `evaluation` (the shipped model over whole scans with inserted lesions, 3-7 min), left out of
 # `make test` by pyproject.toml's addopts
 test-evaluation: $(STAMP)
 	$(PY) -m pytest -q -m evaluation

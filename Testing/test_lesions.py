@@ -168,7 +168,7 @@ def test_summarise_inserted_counts_by_family():
                           "median_peak_to_lesion_mm": 2.0, "largest_peak_move_mm": 12.5}
 
 
-@pytest.mark.evaluation  # about 3 minutes of the shipped model on whole scans: `make test-evaluation`, not `make test`
+@pytest.mark.evaluation  # 3-7 min of the shipped model on whole scans: `make test-evaluation`, not `make test`
 def test_inserted_lesions_in_the_lesion_free_slabs_with_the_shipped_model(cts):
     from attentionmap_dev import whole_scan
     from AttentionMapLib.core.geometry import apply_affine
