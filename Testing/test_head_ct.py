@@ -23,8 +23,8 @@ import pytest
 from AttentionMapLib.core.geometry import apply_affine, ras_to_ijk
 from AttentionMapLib.core.region import enclosed_air
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.io import read_volume
-from AttentionMapLib.sample_data import HEAD_CT_FILE, fetch_head_ct, read_inv3
+from AttentionMapLib.io import read_volume, write_volume
+from AttentionMapLib.sample_data import HEAD_CT_FILE, HEAD_CT_SHA256_FILE, fetch_head_ct, read_inv3
 
 
 # ---- the real scan -------------------------------------------------------------------------------
@@ -172,7 +172,8 @@ def test_a_package_in_the_cache_is_converted_without_the_network(tmp_path):
     expected, expected_affine = read_inv3(inv3)
     assert np.array_equal(array, expected) and array.dtype == np.int16
     np.testing.assert_allclose(ijk_to_ras, expected_affine, atol=1e-6)
-    assert sorted(p.name for p in cache.iterdir()) == [HEAD_CT_FILE, "invesalius-examples_0.1-1_all.deb"]
+    assert sorted(p.name for p in cache.iterdir()) == [HEAD_CT_SHA256_FILE, HEAD_CT_FILE,
+                                                       "invesalius-examples_0.1-1_all.deb"]
     (cache / "invesalius-examples_0.1-1_all.deb").unlink()  # the converted scan is reused from now on
     assert fetch_head_ct(cache, url=closed_port_url(), sha256="0" * 64, apt_get=None) == path
 
@@ -223,7 +224,7 @@ def test_apt_get_download_is_used_when_the_url_fails(tmp_path):
     path = fetch_head_ct(cache, url=closed_port_url(), sha256=hashlib.sha256(inv3).hexdigest(), timeout=5,
                          apt_get=apt_get)
     assert (read_volume(path)[0] == 40).all()
-    assert sorted(p.name for p in cache.iterdir()) == [HEAD_CT_FILE]  # the downloaded package is not kept
+    assert sorted(p.name for p in cache.iterdir()) == [HEAD_CT_SHA256_FILE, HEAD_CT_FILE]  # the package is not kept
 
 
 def test_a_failing_apt_get_is_reported_with_its_last_line(tmp_path):
@@ -232,3 +233,16 @@ def test_a_failing_apt_get_is_reported_with_its_last_line(tmp_path):
     with pytest.raises(AttentionMapError, match="download invesalius-examples: E: Unable to locate package"):
         fetch_head_ct(tmp_path / "cache", url=closed_port_url(), timeout=5, apt_get=apt_get)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_changed_cached_scan_is_converted_again_from_a_verified_package(tmp_path):
+    """The cache is re-verified: a head_ct.nrrd that no longer has the sha256 recorded at conversion is not used."""
+    inv3 = make_inv3(np.full((7, 3, 5), 40, dtype=np.int16))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    make_deb(cache / "invesalius-examples_0.1-1_all.deb", inv3)
+    digest = hashlib.sha256(inv3).hexdigest()
+    path = fetch_head_ct(cache, url=closed_port_url(), sha256=digest, timeout=5, apt_get=None)
+    write_volume(path, np.zeros((7, 3, 5), np.int16), np.eye(4))  # changed behind the cache's back
+    again = fetch_head_ct(cache, url=closed_port_url(), sha256=digest, timeout=5, apt_get=None)
+    assert (read_volume(again)[0] == 40).all()

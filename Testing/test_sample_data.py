@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from AttentionMapLib.errors import AttentionMapError
-from AttentionMapLib.sample_data import SAMPLE_NAMES, default_cache_dir, fetch_sample_data
+from AttentionMapLib.sample_data import MANIFEST, SAMPLE_NAMES, default_cache_dir, fetch_sample_data
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -47,7 +47,7 @@ def test_download_extracts_only_the_volumes_and_reuses_the_cache(tmp_path):
     assert sorted(paths) == sorted(SAMPLE_NAMES)
     for name, path in paths.items():
         assert path.parent == cache and path.read_bytes() == f"NRRD0004 {name}\n".encode()
-    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}.nrrd" for n in SAMPLE_NAMES)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([MANIFEST] + [f"{n}.nrrd" for n in SAMPLE_NAMES])
     archive.unlink()  # a second call must not need the archive (nor the network)
     assert fetch_sample_data(cache, url=archive.as_uri(), sha256=digest) == paths
 
@@ -97,3 +97,19 @@ def test_environment_variable_sets_the_default_cache(tmp_path, monkeypatch):
     assert paths["lung2_image"] == tmp_path / "env-cache" / "sample-data" / "lung2_image.nrrd"
     monkeypatch.delenv("ATTENTIONMAP_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "attentionmap" / "sample-data"
+
+
+def test_a_changed_cached_volume_is_noticed_and_the_archive_checked_again(tmp_path):
+    """The cache is re-verified on every use: a volume changed after extraction makes the next call fetch and check
+    the archive again (and refuse when it no longer matches), never hand out the changed file."""
+    archive = tmp_path / "sdist.tar.gz"
+    digest = make_sdist(archive)
+    cache = tmp_path / "cache"
+    paths = fetch_sample_data(cache, url=archive.as_uri(), sha256=digest)
+    paths["lung2_image"].write_bytes(b"NRRD0004 something else\n")
+    again = fetch_sample_data(cache, url=archive.as_uri(), sha256=digest)
+    assert again["lung2_image"].read_bytes() == b"NRRD0004 lung2_image\n"  # extracted again from the archive
+    paths["lung1_image"].write_bytes(b"changed")
+    archive.unlink()
+    with pytest.raises(AttentionMapError, match="could not download"):
+        fetch_sample_data(cache, url=archive.as_uri(), sha256=digest)

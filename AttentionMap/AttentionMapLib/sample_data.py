@@ -47,9 +47,26 @@ def default_cache_dir() -> Path:
     return base / "sample-data"
 
 
-def _cached(folder: Path) -> Optional[Dict[str, Path]]:
+MANIFEST = ".sample-data.sha256"  # in the cache: the archive's sha256 and each extracted file's, checked on every use
+
+
+def _manifest(folder: Path) -> Dict[str, str]:
+    """name -> sha256 recorded in the cache's manifest ({} when there is none or it is unreadable)."""
+    try:
+        lines = (folder / MANIFEST).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return dict(reversed(line.split(maxsplit=1)) for line in lines if len(line.split(maxsplit=1)) == 2)
+
+
+def _cached(folder: Path, archive_sha256: str) -> Optional[Dict[str, Path]]:
+    """The cached volumes when every one is there and still has the sha256 recorded when it was extracted from the
+    archive with ``archive_sha256``; else None (the cache is filled again)."""
     paths = {name: folder / f"{name}.nrrd" for name in SAMPLE_NAMES}
-    return paths if all(p.is_file() for p in paths.values()) else None
+    recorded = _manifest(folder)
+    if recorded.get("archive") != archive_sha256.lower() or not all(p.is_file() for p in paths.values()):
+        return None
+    return paths if all(_sha256(path) == recorded.get(path.name) for path in paths.values()) else None
 
 
 def _download_failure(url: str, target: Path, timeout: float) -> Optional[str]:
@@ -100,13 +117,15 @@ def fetch_sample_data(
     """Paths of the pyradiomics sample volumes, downloading and caching them on first use.
 
     Returns {"lung1_image": Path, "lung1_label": Path, ..., "breast1_label": Path} (NRRD files).
-    `url` / `sha256` may point at another copy of the same archive (tests use a local file:// URL).
+    `url` / `sha256` may point at another copy of the same archive (tests use a local file:// URL). The cache is
+    re-verified on every call: each file must still have the sha256 recorded when it was extracted from the archive
+    with `sha256` (`MANIFEST`), else the archive is fetched and checked again.
     Raises AttentionMapError when the download fails (offline), the checksum differs, or the archive
     lacks one of the volumes. Nothing partial is left in the cache: files are extracted into a temporary
     folder and moved in when complete.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    found = _cached(folder)
+    found = _cached(folder, sha256)
     if found is not None:
         return found
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,9 +144,12 @@ def fetch_sample_data(
         missing = [name for name in SAMPLE_NAMES if not (staging / f"{name}.nrrd").is_file()]
         if missing:
             raise AttentionMapError(f"sample data: {url} lacks data/{missing[0]}.nrrd (missing: {', '.join(missing)})")
+        manifest = [f"{sha256.lower()} archive"] + [f"{_sha256(staging / f'{n}.nrrd')} {n}.nrrd" for n in SAMPLE_NAMES]
+        (staging / MANIFEST).write_text("\n".join(manifest) + "\n", encoding="ascii")
         for name in SAMPLE_NAMES:
             os.replace(staging / f"{name}.nrrd", folder / f"{name}.nrrd")
-    return _cached(folder)
+        os.replace(staging / MANIFEST, folder / MANIFEST)  # last: the files it names are in place
+    return _cached(folder, sha256)
 
 
 # ---------------------------------------------------------------------------------------------- head CT
@@ -137,13 +159,16 @@ HEAD_CT_DEB_URL = (
 )  # Debian 12 (bookworm); https://packages.debian.org/bookworm/invesalius-examples
 HEAD_CT_INV3_SHA256 = "3b34f11f7c4f557f4c65cd6543c412a2f6ceb0cfecfd9c41184420e02d9b7e2a"  # its Cranium.inv3
 HEAD_CT_FILE = "head_ct.nrrd"
+HEAD_CT_SHA256_FILE = ".head_ct.nrrd.sha256"  # the converted scan's sha256, checked whenever the cache is reused
+MAX_PROJECT_BYTES = 256 * 2 ** 20  # Cranium.inv3 has about 10 MB
 _INV3_NAME = "Cranium.inv3"
 _INV3_AXIAL = 1  # InVesalius constants.AXIAL: the project's "orientation" when it was read from axial slices
 _DEB_TAR_MODES = {"data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2", "data.tar": "r:"}
 
 
-def _file_in_deb(deb: Path, name: str) -> bytes:
-    """The bytes of the regular file called `name` (any folder) in the data.tar of Debian package `deb`.
+def _extract_from_deb(deb: Path, name: str, out: Path) -> str:
+    """Stream the regular file called `name` (any folder) of the data.tar of Debian package `deb` into `out`, hashed
+    as it is written (never whole in memory, at most MAX_PROJECT_BYTES); its sha256.
 
     The package (an ``ar`` archive) is read with the standard library; compressions it lacks (zstd, as
     Ubuntu builds packages) go through ``dpkg-deb --fsys-tarfile`` when dpkg-deb is installed.
@@ -171,7 +196,17 @@ def _file_in_deb(deb: Path, name: str) -> bytes:
     with tarfile.open(fileobj=io.BytesIO(data[0]), mode=data[1]) as tar:
         for info in tar:
             if info.isfile() and info.name.rsplit("/", 1)[-1] == name:
-                return tar.extractfile(info).read()
+                if info.size > MAX_PROJECT_BYTES:
+                    raise AttentionMapError(f"{deb}: its {name} has {info.size} bytes, more than the "
+                                            f"{MAX_PROJECT_BYTES} a scan project of this package has")
+                digest, source = hashlib.sha256(), tar.extractfile(info)
+                with open(out, "wb") as stream:
+                    block = source.read(1 << 20)
+                    while block:
+                        digest.update(block)
+                        stream.write(block)
+                        block = source.read(1 << 20)
+                return digest.hexdigest()
     raise AttentionMapError(f"{deb}: the package holds no {name}")
 
 
@@ -258,15 +293,15 @@ def _head_ct_project(folder: Path, tmp: Path, url: str, sha256: str, timeout: fl
                 yield deb
 
     for deb in candidates():
+        project = tmp / _INV3_NAME
         try:
-            project = _file_in_deb(deb, _INV3_NAME)
+            actual = _extract_from_deb(deb, _INV3_NAME, project)
         except (AttentionMapError, tarfile.TarError, OSError, EOFError, ValueError,
                 subprocess.CalledProcessError) as exc:
             failures.append(f"{deb.name}: {exc}")
             continue
-        actual = hashlib.sha256(project).hexdigest()
         if actual == sha256.lower():
-            return project
+            return project.read_bytes()  # read only once its hash is known
         failures.append(f"{deb.name}: its {_INV3_NAME} has sha256 {actual}, expected {sha256}")
     raise AttentionMapError(
         f"head CT: could not get {_INV3_NAME} of the Debian package {HEAD_CT_PACKAGE} ({'; '.join(failures)}). "
@@ -289,17 +324,21 @@ def fetch_head_ct(
     (GPL-2). The package is taken from the first source whose Cranium.inv3 has `sha256`: an
     ``invesalius-examples_*.deb`` put into the cache folder by hand, `url` (Debian's archive), then
     ``apt-get download invesalius-examples`` (`apt_get`: the command; None skips it). Geometry and
-    intensities: `read_inv3`. Only the NRRD is kept (``head_ct.nrrd`` in the cache, written atomically).
+    intensities: `read_inv3`. Only the NRRD is kept (``head_ct.nrrd`` in the cache, written atomically), with its
+    sha256 beside it: a cached scan that no longer has it is converted again.
     Raises AttentionMapError naming every source tried and what to do when none works.
     """
     from .io import write_volume
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = folder / HEAD_CT_FILE
-    if target.is_file():
+    target, recorded = folder / HEAD_CT_FILE, folder / HEAD_CT_SHA256_FILE
+    if target.is_file() and recorded.is_file() and recorded.read_text(encoding="ascii").strip() == _sha256(target):
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         project = _head_ct_project(folder, Path(tmp), url, sha256, timeout, apt_get)
         array_ijk, ijk_to_ras = read_inv3(project, _INV3_NAME)
-    return write_volume(target, array_ijk, ijk_to_ras)
+        write_volume(target, array_ijk, ijk_to_ras)
+        (Path(tmp) / HEAD_CT_SHA256_FILE).write_text(_sha256(target) + "\n", encoding="ascii")
+        os.replace(Path(tmp) / HEAD_CT_SHA256_FILE, recorded)
+    return target
