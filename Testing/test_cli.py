@@ -266,10 +266,11 @@ def test_sample_data_lists_cached_files(tmp_path, capsys):
 
 def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path, monkeypatch, capsys):
     """tools/demo.py (what `make demo` runs) on a sample-data cache whose lung2 is the synthetic scan."""
+    import hashlib
     import importlib.util
     import shutil
 
-    from AttentionMapLib.sample_data import SAMPLE_NAMES
+    from AttentionMapLib.sample_data import MANIFEST, SAMPLE_NAMES, SDIST_SHA256
 
     cache = tmp_path / "cache" / "sample-data"
     cache.mkdir(parents=True)
@@ -277,6 +278,10 @@ def test_demo_script_reports_peak_against_the_tumour(scan, oracle_card, tmp_path
         (cache / f"{name}.nrrd").write_bytes(b"")
     shutil.copy(scan / "case1.nrrd", cache / "lung2_image.nrrd")
     shutil.copy(scan / "case1_label.nrrd", cache / "lung2_label.nrrd")
+    # the cache's record of what it holds (checked on every use): these files, from the default archive
+    lines = [f"{SDIST_SHA256} archive"] + [
+        f"{hashlib.sha256((cache / f'{n}.nrrd').read_bytes()).hexdigest()} {n}.nrrd" for n in SAMPLE_NAMES]
+    (cache / MANIFEST).write_text("\n".join(lines) + "\n")
     monkeypatch.setenv("ATTENTIONMAP_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
