@@ -27,6 +27,7 @@ from AttentionMapLib.core.volume import VolumeAttention, explain_volume
 from AttentionMapLib.worker import CANCELLED, DONE, ERROR, LOG, PROGRESS, WorkerDied, WorkerProcess, explain_job
 from AttentionMapLib.worker_process import resolve_device
 from oracle import make_oracle_vit
+from processes import process_gone, wait_gone
 
 IMG_SIZE = (16, 16, 16)
 PATCH = (4, 4, 4)
@@ -82,24 +83,6 @@ def oblique_grid_over(affine: np.ndarray, shape: tuple, target_shape: tuple) -> 
     centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
     oblique[:3, 3] = centre - oblique[:3, :3] @ ((np.asarray(target_shape) - 1) / 2.0)
     return oblique
-
-
-def process_gone(pid: int) -> bool:
-    """True when no process ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in state
-
-
-def wait_gone(pid: int, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process_gone(pid):
-            return True
-        time.sleep(0.05)
-    return process_gone(pid)
 
 
 def events_until_final(job, seconds: float = 120.0):

@@ -31,26 +31,12 @@ from AttentionMapLib import AttentionMapError, worker
 from AttentionMapLib import worker_protocol as protocol
 from AttentionMapLib.worker import DONE, ERROR, FINAL_KINDS, LOG, WorkerDied, WorkerProcess
 from AttentionMapLib.worker_environment import check_worker_python
+from processes import process_gone, wait_gone
 
 HERE = Path(__file__).resolve().parent
 MODULE_FILE = HERE.parent / "AttentionMap" / "AttentionMap.py"
 WORKER_PYTHON = os.environ.get(worker.PYTHON_VARIABLE) or sys.executable
 QUICK = {"flip_axes": "none", "shift_average": "off"}  # one forward pass per window
-
-
-def process_gone(pid: int) -> bool:
-    """True when no process ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-
-
-def wait_gone(pid: int, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not process_gone(pid):
-        time.sleep(0.05)
-    return process_gone(pid)
 
 
 def parent_of(pid: int) -> int:
@@ -104,7 +90,7 @@ def test_through_a_launcher_explain_fuse_again_and_score_finish_and_a_kill_leave
         assert not process_gone(launcher_pid) and not process_gone(python_pid)
     finally:
         process.kill()
-    assert wait_gone(launcher_pid) and wait_gone(python_pid), "the launcher or its Python survived the kill"
+    assert wait_gone(launcher_pid, 20) and wait_gone(python_pid, 20), "the launcher or its Python survived the kill"
     assert not os.path.exists(process.folder)
 
 
@@ -118,7 +104,7 @@ def test_a_crash_of_the_launchers_python_reaches_the_error_shown(launcher, how):
         connected(process)
         python_pid = process.worker_pid
         os.kill(python_pid, getattr(signal, how))
-        assert wait_gone(python_pid) and wait_gone(process.pid)
+        assert wait_gone(python_pid, 20) and wait_gone(process.pid, 20)
         job = worker.explain_job("demo", *chest_block(), QUICK, device="cpu", worker=process, region="none")
         final = job.wait(60)
     finally:
@@ -149,7 +135,7 @@ def test_killing_the_gui_process_ends_the_launcher_and_the_worker(launcher):
     finally:
         gui.kill()  # SIGKILL: the GUI gets no chance to clean up
         gui.wait()
-    assert wait_gone(int(python_pid)) and wait_gone(int(launcher_pid)), "launcher or worker outlived the GUI"
+    assert wait_gone(int(python_pid), 20) and wait_gone(int(launcher_pid), 20), "launcher or worker outlived the GUI"
     assert not os.path.exists(folder)  # the worker removed the scratch folder its GUI could not
 
 
@@ -242,7 +228,7 @@ def test_a_malformed_message_is_one_error_event_never_an_exception(tmp_path, mod
     finals = [e for e in events if e.kind in FINAL_KINDS]
     assert len(finals) == 1 and finals[0].kind == ERROR, events
     assert isinstance(finals[0].value, protocol.ProtocolError) and "malformed" in str(finals[0].value), finals[0]
-    assert wait_gone(process.pid)
+    assert wait_gone(process.pid, 20)
 
 
 # ---------------------------------------------------------------- the worker's interpreter

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .dependencies import parse_version
 from .errors import AttentionMapError
 from .io import check_input_path
 from .model_cards import check_card, check_spacing, read_json_object, weights_path
@@ -266,8 +266,7 @@ SAFE_TORCH_LOAD = (2, 6)
 
 def torch_load_is_safe(version: str) -> bool:
     """True when ``version`` (torch.__version__, e.g. "2.6.0+cpu") is 2.6 or later: weights_only=True is safe."""
-    match = re.match(r"\s*(\d+)\.(\d+)", version)
-    return bool(match) and (int(match.group(1)), int(match.group(2))) >= SAFE_TORCH_LOAD
+    return (parse_version(version) or ())[:2] >= SAFE_TORCH_LOAD
 
 
 def read_state_dict(weights_path: Path) -> Dict[str, Any]:

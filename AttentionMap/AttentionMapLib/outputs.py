@@ -56,17 +56,15 @@ def stop_signals_held() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+def _identity(info: os.stat_result) -> tuple:
+    return info.st_dev, info.st_ino
 
 
-def check_output_entry(path: Path, inputs: Sequence[Path], option: str) -> None:
-    """Refuse to write `path` when it is a link, not a regular file, or one of `inputs` (never follows links)."""
+def check_output_entry(path: Path, inputs: Sequence[Path], option: str, dir_fd: Optional[int] = None) -> None:
+    """Refuse to write `path` when it is a link, not a regular file, or one of `inputs` (never follows links).
+    With ``dir_fd``, the entry ``path.name`` of that open folder is checked (the message still shows `path`)."""
     try:
-        info = os.lstat(path)
+        info = os.stat(path.name if dir_fd is not None else path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -78,7 +76,11 @@ def check_output_entry(path: Path, inputs: Sequence[Path], option: str) -> None:
         raise AttentionMapError(f"{option} {path}: exists and is not a regular file (a folder, pipe or device); "
                                 "choose another output")
     for source in inputs:
-        if _same_file(path, source):
+        try:
+            same = _identity(os.stat(source)) == _identity(info)
+        except OSError:
+            continue
+        if same:
             raise AttentionMapError(f"{option} {path}: is the input {source}; refusing to overwrite an input "
                                     "(choose another output)")
 
@@ -148,10 +150,6 @@ def _open_folder(name: str, dir_fd: Optional[int] = None) -> int:
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
-def _identity(info: os.stat_result) -> tuple:
-    return info.st_dev, info.st_ino
-
-
 @contextlib.contextmanager
 def staged_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path],
                   option: str = "--output-dir") -> Iterator[Path]:
@@ -167,9 +165,10 @@ def staged_folder(output_dir: Path, names: Sequence[str], inputs: Sequence[Path]
     target = check_output_folder(output_dir, names, inputs, option)
     nearest = _nearest_existing(target)
     anchor = Path(os.path.realpath(nearest))
-    if os.path.isdir(target) and hasattr(os, "geteuid") and os.stat(target).st_uid != os.geteuid():
-        raise AttentionMapError(f"{option} {target}: belongs to another user (uid {os.stat(target).st_uid}), who could "
-                                "read what this run writes; choose a folder of your own")
+    owner = os.stat(target).st_uid if os.path.isdir(target) and hasattr(os, "geteuid") else None
+    if owner is not None and owner != os.geteuid():
+        raise AttentionMapError(f"{option} {target}: belongs to another user (uid {owner}), who could read what this "
+                                "run writes; choose a folder of your own")
     anchor_fd = None
     try:
         remove_stale(anchor, STAGING_PREFIX)  # of runs of this user killed outright (SIGKILL, out of memory)
@@ -240,7 +239,7 @@ def _move_by_descriptor(anchor: Path, anchor_fd: int, staging: str, target: Path
         written = [name for name in names if _is_regular(name, staging_fd)]
         if not missing:  # an existing output folder: file by file
             for name in written:  # checked again: the folder may have changed while the run computed
-                _check_entry_at(anchor_fd, name, target / name, inputs, option)
+                check_output_entry(target / name, inputs, option, dir_fd=anchor_fd)
             for name in written:
                 os.replace(name, name, src_dir_fd=staging_fd, dst_dir_fd=anchor_fd)
             return
@@ -271,27 +270,6 @@ def _is_regular(name: str, dir_fd: int) -> bool:
         return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
-
-
-def _check_entry_at(dir_fd: int, name: str, shown: Path, inputs: Sequence[Path], option: str) -> None:
-    """check_output_entry for ``name`` in the folder ``dir_fd``: never a link, a non-file or an input."""
-    try:
-        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(info.st_mode):
-        raise AttentionMapError(f"{option} {shown}: is a symbolic link; refusing to write through it "
-                                "(remove the link or choose another output)")
-    if not stat.S_ISREG(info.st_mode):
-        raise AttentionMapError(f"{option} {shown}: exists and is not a regular file (a folder, pipe or device); "
-                                "choose another output")
-    for source in inputs:
-        try:
-            if _identity(os.stat(source)) == _identity(info):
-                raise AttentionMapError(f"{option} {shown}: is the input {source}; refusing to overwrite an input "
-                                        "(choose another output)")
-        except OSError:
-            continue
 
 
 def current_umask() -> int:

@@ -35,13 +35,13 @@ from . import worker_protocol as protocol
 from .core.attention_grid import AttentionGrid
 from .core.region import AppliedRegion
 from .errors import AttentionMapError
+from .worker_environment import PACKAGE_PARENT, child_environment  # noqa: F401 (PACKAGE_PARENT: scripts')
 from .worker_process import SCRATCH_PREFIX
 
 PROGRESS, LOG, DONE, ERROR, CANCELLED = "progress", "log", "done", "error", "cancelled"
 FINAL_KINDS = (DONE, ERROR, CANCELLED)
 CANCEL_GRACE_S = 5.0  # a cancel not honoured by then (e.g. inside a long forward pass) kills the worker
 STARTUP_TIMEOUT_S = 60.0
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)  # the folder holding AttentionMapLib
 
 
 class WorkerDied(RuntimeError):
@@ -159,8 +159,7 @@ class WorkerProcess:
                    "--parent-pid", str(os.getpid())]
         if threads is not None:
             command += ["--threads", str(int(threads))]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+        env = child_environment()
         try:
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,

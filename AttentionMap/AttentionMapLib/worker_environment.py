@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .dependencies import installed_versions
+from .dependencies import installed_versions, parse_version
 from .errors import AttentionMapError
 
 # what the worker imports: the network (torch, MONAI and MONAI's einops / nibabel), the demo weights (safetensors),
@@ -25,7 +25,15 @@ from .errors import AttentionMapError
 WORKER_PACKAGES = ("torch", "monai", "einops", "nibabel", "numpy", "safetensors", "SimpleITK")
 MINIMUM_PYTHON = (3, 9)
 PROBE_TIMEOUT_S = 120.0  # importing torch with CUDA on a cold disk can take tens of seconds
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)  # the folder holding AttentionMapLib
+
+
+def child_environment() -> Dict[str, str]:
+    """This process's environment with the package's folder first on PYTHONPATH: another interpreter started with
+    it (the worker, its probe) imports this very AttentionMapLib."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
 
 
 def probe() -> Dict[str, object]:
@@ -71,23 +79,13 @@ class WorkerPythonInfo:
         return text + ("" if not self.problems else "\nProblems:\n- " + "\n- ".join(self.problems))
 
 
-def _version(text: Optional[str]) -> tuple:
-    parts = []
-    for part in (text or "").split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def assess(path: str, report: Dict[str, object]) -> WorkerPythonInfo:
     """The probe's ``report`` as WorkerPythonInfo with its problems (each says what to do)."""
     packages = {str(k): (None if v is None else str(v)) for k, v in dict(report.get("packages") or {}).items()}
     info = WorkerPythonInfo(path=path, python=str(report.get("python", "")), platform=str(report.get("platform", "")),
                             machine=str(report.get("machine", "")), packages=packages,
                             cuda=bool(report.get("cuda")), mps=bool(report.get("mps")))
-    if _version(info.python)[:2] < MINIMUM_PYTHON:
+    if (parse_version(info.python) or ())[:2] < MINIMUM_PYTHON:
         info.problems.append(f"{path} is Python {info.python}; the worker needs Python 3.9 or later")
     missing = [name for name in WORKER_PACKAGES if not packages.get(name)]
     if missing:
@@ -102,11 +100,9 @@ def check_worker_python(path: str, timeout: float = PROBE_TIMEOUT_S) -> WorkerPy
     """Run the interpreter ``path`` once and assess it; raises AttentionMapError when it cannot be run at all."""
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         raise AttentionMapError(f"worker Python: {path} is not an executable file")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT] + [p for p in [env.get("PYTHONPATH")] if p])
     try:
         done = subprocess.run([path, "-m", "AttentionMapLib.worker_environment"], capture_output=True, text=True,
-                              timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+                              timeout=timeout, env=child_environment(), stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise AttentionMapError(f"worker Python: {path} could not be run ({error})") from None
     lines = done.stdout.strip().splitlines()

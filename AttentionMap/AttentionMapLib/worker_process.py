@@ -49,14 +49,6 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def parent_alive(pid: int, started: Optional[str] = None) -> bool:
-    """True while the GUI process ``pid`` runs, checked by its pid, never by who our parent is: Slicer starts the
-    worker through PythonSlicer, a launcher whose child is this Python, so our parent is the launcher
-    (CTKAppLauncher ctkAppLauncher.cpp: the child is a QProcess). ``started``: process_start(pid) when the worker
-    began; a different value (a zombie, or the pid reused) means the GUI is gone."""
-    return process_alive(pid, started)
-
-
 def orphaned_exit() -> None:
     """End this process at once because the GUI is gone, removing the scratch folder it would have
     removed (the worker runs inside it: worker.WorkerProcess starts it with that folder as cwd)."""
@@ -136,9 +128,8 @@ class WorkerServer:
             except (EOFError, OSError):
                 orphaned_exit()  # the GUI process closed the connection or died
             except Exception as error:  # a malformed request: answered with an error, and the worker goes on
-                self._send({"event": "error", "id": None, "type": type(error).__name__,
-                                           "user_error": False, "message": f"a malformed request: {error}",
-                                           "detail": traceback.format_exc()})
+                self._send({"event": "error", "id": None, "type": type(error).__name__, "user_error": False,
+                            "message": f"a malformed request: {error}", "detail": traceback.format_exc()})
                 continue
             if header.get("op") == "cancel":
                 self._cancelled.add(header.get("id"))
@@ -173,8 +164,8 @@ class WorkerServer:
             self._send({"event": "cancelled", "id": job_id})
         except Exception as error:  # reported to the GUI, which shows it; the worker stays usable
             self._send({"event": "error", "id": job_id, "type": type(error).__name__,
-                                       "user_error": isinstance(error, AttentionMapError),
-                                       "message": str(error), "detail": traceback.format_exc()})
+                        "user_error": isinstance(error, AttentionMapError), "message": str(error),
+                        "detail": traceback.format_exc()})
         finally:
             self._cancelled.discard(job_id)
 
@@ -280,7 +271,10 @@ def main(argv: Optional[list] = None) -> None:
     faulthandler.enable()  # a crash writes its Python traceback to stderr (the worker's log file)
 
     def watchdog() -> None:
-        while parent_alive(args.parent_pid, started):
+        # the GUI is watched by its pid, never by who our parent is: Slicer starts the worker through PythonSlicer, a
+        # launcher whose child is this Python (CTKAppLauncher ctkAppLauncher.cpp: a QProcess), so our parent is the
+        # launcher; a different start time of that pid (a zombie, or the pid reused) means the GUI is gone
+        while process_alive(args.parent_pid, started):
             time.sleep(WATCHDOG_INTERVAL_S)
         orphaned_exit()
 
