@@ -587,7 +587,7 @@ def test_an_internal_fault_is_one_line_with_exit_1_and_a_traceback_on_request(wo
     def broken(*args, **kwargs):
         raise RuntimeError("unexpected state")
 
-    monkeypatch.setattr("AttentionMapLib.cli.read_cases", broken)
+    monkeypatch.setattr("AttentionMapLib.cli.plan_cases", broken)
     assert main([str(a) for a in _run(work)]) == 1
     assert one_line(capfd.readouterr().err) == ("attention-map: internal error: RuntimeError: unexpected state "
                                                 "(set ATTENTIONMAP_TRACEBACK=1 for the traceback)")

@@ -11,6 +11,7 @@ from AttentionMapLib.render import (
     OverlayCase,
     draw_case,
     intensity_window,
+    overlay_slices,
     write_montage,
     write_overlay,
 )
@@ -50,7 +51,7 @@ def lps_permuted(case: OverlayCase) -> OverlayCase:
 def drawn(case: OverlayCase):
     figure = Figure()
     axes = figure.subplots(1, 3)
-    draw_case(axes, case, Normalize(0.0, 1.0))
+    draw_case(axes, overlay_slices(case), Normalize(0.0, 1.0))
     return axes
 
 

@@ -32,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -252,49 +252,50 @@ def _progress_bar(description: str):
 
 
 # ---------------------------------------------------------------------------------------------- run
-@dataclass
+@dataclass(frozen=True)
 class Case:
-    """One input on its way through `run`: the volume, its map, and its summary record."""
+    """One input of `run` / `score`: its name and files. Its volumes are read when needed (`load_case`)."""
 
     name: str
     path: Path
+    label_path: Optional[Path] = None
+    mask_path: Optional[Path] = None  # --mask: this case's region
+
+
+@dataclass
+class LoadedCase:
+    """A case's volumes: array (I, J, K) or (C, I, J, K) with ijk_to_ras (4, 4); label bool (I, J, K) or None."""
+
+    case: Case
     array: np.ndarray
     ijk_to_ras: np.ndarray
     label: Optional[np.ndarray]
     read_s: float
-    attention: Any = None  # VolumeAttention
-    on_input: Optional[np.ndarray] = None  # the map resampled onto the input's voxel grid
-    record: Dict[str, Any] = field(default_factory=dict)
-
-    def overlay(self, classes: List[str], method: str):
-        from .render import OverlayCase, prediction_title
-
-        title = prediction_title(self.name, method, self.attention.prediction(classes))
-        if self.attention.region is not None:
-            title += f"; map 0 outside the {self.attention.region.name}"
-        return OverlayCase(self.name, self.array, self.on_input, self.ijk_to_ras, self.record["peak_ras_mm"],
-                           title, self.label)
 
 
-def read_cases(inputs: Sequence[str], labels: Optional[Sequence[str]], series_uid: Optional[str] = None) -> List[Case]:
-    """Read every input (and its mask) before anything is computed or written."""
+def plan_cases(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
+               masks: Optional[Sequence[str]] = None) -> List[Case]:
+    """The cases of a command, their names and mask files checked (one label / mask per input); nothing is read."""
     paths = [Path(p) for p in inputs]
-    label_paths = [Path(p) for p in labels] if labels else []
-    if label_paths and len(label_paths) != len(paths):
-        raise AttentionMapError(
-            f"--label: got {len(label_paths)} mask(s) for {len(paths)} input(s); expected one per input"
-        )
+    for option, given in (("--label", labels), ("--mask", masks)):
+        if given is not None and len(given) != len(paths):
+            raise AttentionMapError(
+                f"{option}: got {len(given)} mask(s) for {len(paths)} input(s); expected one per input"
+            )
     names = [case_name(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise AttentionMapError(f"{duplicates[0]}: several inputs share this case name; their outputs would collide")
-    cases = []
-    for index, (name, path) in enumerate(zip(names, paths)):
-        t0 = time.perf_counter()
-        array, ijk_to_ras = read_volume(path, series_uid)
-        label = _read_label(label_paths[index], path, array.shape[-3:], ijk_to_ras) if label_paths else None
-        cases.append(Case(name, path, array, ijk_to_ras, label, time.perf_counter() - t0))
-    return cases
+    return [Case(name, path, Path(labels[i]) if labels else None, Path(masks[i]) if masks else None)
+            for i, (name, path) in enumerate(zip(names, paths))]
+
+
+def load_case(case: Case, series_uid: Optional[str] = None) -> LoadedCase:
+    """Read a case's volume and label (AttentionMapError naming the file that cannot be used)."""
+    t0 = time.perf_counter()
+    array, ijk_to_ras = read_volume(case.path, series_uid)
+    label = None if case.label_path is None else _read_label(case.label_path, case.path, array.shape[-3:], ijk_to_ras)
+    return LoadedCase(case, array, ijk_to_ras, label, time.perf_counter() - t0)
 
 
 def output_names(cases: Sequence[Case], resample: bool) -> List[str]:
@@ -319,60 +320,79 @@ def naming_input(path: Path, exc: AttentionMapError) -> AttentionMapError:
     return AttentionMapError(f"{path}: {str(exc).replace('array_ijk: ', '', 1)}")
 
 
-def case_regions(args: argparse.Namespace, cases: Sequence[Case], loaded) -> List[Any]:
-    """The region of each case: --roi box, --mask volume, none (--roi none), else the card's default (or None)."""
-    from .core.region import MaskRegion, box_region, card_default_region
+def roi_option(roi: Optional[Sequence[str]]) -> Any:
+    """``--roi``: None (not given), "none" (no region) or the box region it gives (AttentionMapError otherwise)."""
+    from .core.region import box_region
 
-    roi, masks = getattr(args, "roi", None), getattr(args, "mask", None)
-    if roi is not None and [v.lower() for v in roi] == ["none"]:
-        return [None] * len(cases)
+    if roi is None:
+        return None
+    if [v.lower() for v in roi] == ["none"]:
+        return "none"
+    try:
+        values = [float(v) for v in roi]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise AttentionMapError(f"--roi {' '.join(roi)}: expected six numbers (RAS centre CX CY CZ and size "
+                                "SX SY SZ in mm) or 'none'")
+    return box_region(values[:3], values[3:], name="ROI")
+
+
+def case_region(roi: Any, case: Case, loaded) -> Any:
+    """A case's region: the --roi box, its --mask volume (read now), none (--roi none), else the card's default."""
+    from .core.region import MaskRegion, card_default_region
+
+    if isinstance(roi, str):
+        return None
     if roi is not None:
-        try:
-            values = [float(v) for v in roi]
-        except ValueError:
-            values = []
-        if len(values) != 6:
-            raise AttentionMapError(f"--roi {' '.join(roi)}: expected six numbers (RAS centre CX CY CZ and size "
-                                    "SX SY SZ in mm) or 'none'")
-        return [box_region(values[:3], values[3:], name="ROI")] * len(cases)
-    if masks is not None:
-        if len(masks) != len(cases):
-            raise AttentionMapError(
-                f"--mask: got {len(masks)} mask(s) for {len(cases)} input(s); expected one per input"
-            )
-        regions = []
-        for path in masks:
-            mask, ijk_to_ras = read_volume(Path(path))
-            if not np.any(mask > 0):
-                raise AttentionMapError(f"{path}: the mask is empty (no voxel > 0)")
-            regions.append(MaskRegion(mask, ijk_to_ras, name=Path(path).name))
-        return regions
-    return [card_default_region(loaded.card, loaded.source)] * len(cases)
+        return roi
+    if case.mask_path is not None:
+        mask, ijk_to_ras = read_volume(case.mask_path)
+        if not np.any(mask > 0):
+            raise AttentionMapError(f"{case.mask_path}: the mask is empty (no voxel > 0)")
+        return MaskRegion(mask, ijk_to_ras, name=case.mask_path.name)
+    return card_default_region(loaded.card, loaded.source)
 
 
-def check_case_volumes(cases: Sequence[Case], loaded) -> None:
-    """Every input the model can take (3D, channels, finite), checked before any is computed."""
+def check_volume_for_model(volume: LoadedCase, loaded) -> None:
+    """The input is one the model can take (3D, channels, finite): AttentionMapError naming the file."""
     from .core.engine import model_spec
     from .core.preprocess import check_volume
 
-    in_channels = model_spec(loaded.network, loaded.img_size).in_channels
+    try:
+        check_volume(volume.array, model_spec(loaded.network, loaded.img_size).in_channels)
+    except AttentionMapError as exc:
+        raise naming_input(volume.case.path, exc) from None
+
+
+def check_cases(cases: Sequence[Case], roi: Any, loaded, series_uid: Optional[str]) -> List[Optional[str]]:
+    """Read and check every input, label and mask before anything is computed; returns each case's region
+    description. Nothing is kept: `run` reads each case again when its turn comes, so that one case's volumes
+    are held at a time."""
+    descriptions = []
     for case in cases:
-        try:
-            check_volume(case.array, in_channels)
-        except AttentionMapError as exc:
-            raise naming_input(case.path, exc) from None
+        check_volume_for_model(load_case(case, series_uid), loaded)
+        region = case_region(roi, case, loaded)
+        descriptions.append(None if region is None else region.describe())
+    return descriptions
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end."""
+    """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end.
+
+    Memory does not grow with the number of inputs: one case's volumes, attention and maps are held at a time;
+    what outlives a case is its summary record and its overlay planes (`render.OverlaySlices`, a few MB), which
+    also carry the two numbers the shared colour scale needs.
+    """
     from tqdm import tqdm
 
     from .core.calibration import card_temperature
     from .core.shifts import shift_average_from_spec
     from .models import load_model, resolve_device
-    from .render import shared_scale, write_montage, write_overlay
+    from .render import joint_range, write_montage, write_overlay
 
-    cases = read_cases(args.inputs, args.label, args.series_uid)
+    cases = plan_cases(args.inputs, args.label, args.mask)
+    roi = roi_option(args.roi)
     names = output_names(cases, args.resample)
     inputs = input_paths(args)
     output_dir = check_output_folder(args.output_dir, names, inputs)
@@ -381,33 +401,35 @@ def run_command(args: argparse.Namespace) -> int:
     options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
                "flip_axes": flip_axes_option(args.flip_average, loaded),
                "shift_average": shift_average_from_spec(args.shift_average, loaded.card, loaded.source)}
-    check_case_volumes(cases, loaded)
-    regions = case_regions(args, cases, loaded)
+    regions = check_cases(cases, roi, loaded, args.series_uid)
+    records, pictures = [], []
     with staged_folder(output_dir, names, inputs) as staging:
-        for case, region in tqdm(list(zip(cases, regions)), desc="cases", unit="case", disable=None):
-            case.attention, device = _explain_case(loaded, case, args, {**options, "region": region}, device)
-            _write_maps(staging, output_dir, case, args.resample)
-            case.record = _case_record(case, loaded.classes)
+        for case in tqdm(cases, desc="cases", unit="case", disable=None):
+            region = case_region(roi, case, loaded)
+            record, picture, device = _run_case(loaded, case, args, {**options, "region": region}, device, staging,
+                                                output_dir)
+            records.append(record)
+            pictures.append(picture)
         # normalised maps share the scale their normalisation defines (percentile saturates above 1)
-        scale = shared_scale([c.on_input for c in cases]) if args.normalize == "none" else (0.0, 1.0)
-        for case in cases:
+        scale = joint_range([p.value_range for p in pictures]) if args.normalize == "none" else (0.0, 1.0)
+        for record, picture in zip(records, pictures):
             t0 = time.perf_counter()
-            name = f"{case.name}_overlay.png"
+            name = f"{picture.name}_overlay.png"
             with writing(staging / name):
-                write_overlay(staging / name, case.overlay(loaded.classes, args.method), scale)
-            case.record["outputs"]["overlay"] = str(output_dir / name)
-            case.record["timings_s"]["render"] = time.perf_counter() - t0
+                write_overlay(staging / name, picture, scale)
+            record["outputs"]["overlay"] = str(output_dir / name)
+            record["timings_s"]["render"] = time.perf_counter() - t0
         summary = {
             "model": {"source": loaded.source, "classes": loaded.classes, "img_size": list(loaded.img_size),
                       "description": loaded.card.get("description"), "notes": loaded.notes},
             "options": {**options, "layer_cli": args.layer, "query_ras": args.query_ras, "device": device,
-                        "region": [None if r is None else r.describe() for r in regions]},
+                        "region": regions},
             "colour_scale": list(scale),
-            "cases": [c.record for c in cases],
+            "cases": records,
         }
         if len(cases) > 1:
             with writing(staging / "montage.png"):
-                write_montage(staging / "montage.png", [c.overlay(loaded.classes, args.method) for c in cases], scale)
+                write_montage(staging / "montage.png", pictures, scale)
             summary["montage"] = str(output_dir / "montage.png")
         with writing(staging / "summary.json"):
             (staging / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -415,53 +437,71 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, Any], device: str):
+def _run_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, Any], device: str, staging: Path,
+              output_dir: Path):
+    """Explain one case and write its maps; returns (summary record, overlay planes, device that ran).
+
+    The case's volumes, attention (with its re-fusion caches) and resampled map are dropped on return.
+    """
+    from .render import OverlayCase, overlay_slices, prediction_title
+
+    volume = load_case(case, args.series_uid)
+    attention, device = _explain_case(loaded, volume, args, options, device)
+    on_input, timings = _write_maps(staging, case.name, attention, volume, args.resample)
+    record = _case_record(volume, attention, on_input, loaded.classes)
+    record["outputs"] = {"attention": str(output_dir / f"{case.name}_attention.nrrd")}
+    if args.resample:
+        record["outputs"]["attention_resampled"] = str(output_dir / f"{case.name}_attention_resampled.nrrd")
+    record["timings_s"].update(timings)
+    title = prediction_title(case.name, args.method, attention.prediction(loaded.classes))
+    if attention.region is not None:
+        title += f"; map 0 outside the {attention.region.name}"
+    picture = overlay_slices(OverlayCase(case.name, volume.array, on_input, volume.ijk_to_ras,
+                                         record["peak_ras_mm"], title, volume.label))
+    return record, picture, device
+
+
+def _explain_case(loaded, volume: LoadedCase, args: argparse.Namespace, options: Dict[str, Any], device: str):
     from .core.volume import explain_volume
 
-    bar, update = _progress_bar(f"{case.name} windows")
+    bar, update = _progress_bar(f"{volume.case.name} windows")
     try:
         return explain_with_fallback(
             loaded, device, args.device == "auto",
-            lambda dev: explain_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing,
+            lambda dev: explain_volume(loaded.network, volume.array, volume.ijk_to_ras, loaded.preprocessing,
                                        img_size=loaded.img_size, query_ras=args.query_ras, progress=update,
                                        device=dev, **options),
         )
     except AttentionMapError as exc:
-        raise naming_input(case.path, exc) from None
+        raise naming_input(volume.case.path, exc) from None
     finally:
         bar.close()
 
 
-def _write_maps(staging: Path, output_dir: Path, case: Case, resample: bool) -> None:
-    """<case>_attention.nrrd (token grid, own geometry) and, with --resample, the map on the input grid.
-
-    Written into `staging`; the summary records their final place in `output_dir`.
-    """
+def _write_maps(staging: Path, name: str, attention, volume: LoadedCase,
+                resample: bool) -> Tuple[np.ndarray, Dict[str, float]]:
+    """<name>_attention.nrrd (token grid, own geometry) and, with --resample, the map on the input grid, written
+    into `staging`. Returns the map resampled onto the input's voxel grid and the timings."""
     from .io import write_volume
 
     t0 = time.perf_counter()
-    case.on_input = case.attention.resample_to(case.array.shape[-3:], case.ijk_to_ras)
+    on_input = attention.resample_to(volume.array.shape[-3:], volume.ijk_to_ras)
     t1 = time.perf_counter()
-    name = f"{case.name}_attention.nrrd"
-    write_volume(staging / name, case.attention.grid, case.attention.ijk_to_ras)
-    case.record["outputs"] = {"attention": str(output_dir / name)}
+    write_volume(staging / f"{name}_attention.nrrd", attention.grid, attention.ijk_to_ras)
     if resample:
-        name = f"{case.name}_attention_resampled.nrrd"
-        write_volume(staging / name, case.on_input, case.ijk_to_ras)
-        case.record["outputs"]["attention_resampled"] = str(output_dir / name)
-    case.record["timings_s"] = {"resample": t1 - t0, "write": time.perf_counter() - t1}
+        write_volume(staging / f"{name}_attention_resampled.nrrd", on_input, volume.ijk_to_ras)
+    return on_input, {"resample": t1 - t0, "write": time.perf_counter() - t1}
 
 
-def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
+def _case_record(volume: LoadedCase, attention, on_input: np.ndarray, classes: List[str]) -> Dict[str, Any]:
     """Probabilities, peak, timings and (with a mask) the scores against the mask."""
     from .core.geometry import voxel_spacing
     from .core.metrics import distance_to_mask_mm, mask_statistics, pointing_game
 
-    attention = case.attention
     peak = np.asarray(attention.peak_ras(), dtype=np.float64)
     record: Dict[str, Any] = {
-        "case": case.name,
-        "input": str(case.path),
+        "case": volume.case.name,
+        "input": str(volume.case.path),
         "probabilities": None if attention.probabilities is None else {
             c: float(p) for c, p in zip(classes, attention.probabilities)},
         "prediction": attention.prediction(classes),
@@ -470,16 +510,14 @@ def _case_record(case: Case, classes: List[str]) -> Dict[str, Any]:
         "peak_ras_mm": peak.tolist(),
         "grid_shape": list(attention.grid.shape),
         "num_windows": int(attention.num_windows),
-        "timings_s": {"read": case.read_s, **{k: float(v) for k, v in attention.timings.items()},
-                      **case.record["timings_s"]},
-        "outputs": case.record["outputs"],
+        "timings_s": {"read": volume.read_s, **{k: float(v) for k, v in attention.timings.items()}},
     }
-    if case.label is not None:
-        patch = np.rint(voxel_spacing(attention.ijk_to_ras) / voxel_spacing(case.ijk_to_ras)).astype(int)
-        distance = distance_to_mask_mm(peak, case.label, case.ijk_to_ras)
+    if volume.label is not None:
+        patch = np.rint(voxel_spacing(attention.ijk_to_ras) / voxel_spacing(volume.ijk_to_ras)).astype(int)
+        distance = distance_to_mask_mm(peak, volume.label, volume.ijk_to_ras)
         record["label"] = {
-            **mask_statistics(case.on_input, case.label),
-            "pointing_hit_one_patch": pointing_game(case.on_input, case.label, tolerance=patch.tolist()),
+            **mask_statistics(on_input, volume.label),
+            "pointing_hit_one_patch": pointing_game(on_input, volume.label, tolerance=patch.tolist()),
             "peak_inside": distance["inside"],
             "peak_to_nearest_label_voxel_mm": distance["nearest_mm"],
             "peak_to_label_centroid_mm": distance["centroid_mm"],
@@ -493,16 +531,17 @@ def score_command(args: argparse.Namespace) -> int:
     from .core.metrics import score_volume
     from .models import load_model, resolve_device
 
-    (case,) = read_cases([args.input], None, args.series_uid)
+    (case,) = plan_cases([args.input])
     inputs = input_paths(args)
     if args.output is not None:
         check_output_file(Path(args.output), inputs, "--output")
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
     options = explain_options(args, loaded)
-    check_case_volumes([case], loaded)
+    volume = load_case(case, args.series_uid)
+    check_volume_for_model(volume, loaded)
     try:
-        scores = score_volume(loaded.network, case.array, case.ijk_to_ras, loaded.preprocessing, loaded.img_size,
+        scores = score_volume(loaded.network, volume.array, volume.ijk_to_ras, loaded.preprocessing, loaded.img_size,
                               centre_ras=args.centre_ras, steps=args.steps, baseline=args.baseline, device=device,
                               **options)
     except AttentionMapError as exc:
