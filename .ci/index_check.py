@@ -4,7 +4,8 @@ For each Slicer release (dependencies.SLICER_RELEASES: its Python and numpy) on 
 the architecture of Slicer's macOS builds), ``plan_dependencies`` with only Slicer's numpy installed either
 
 - resolves: the index has a torch wheel inside the plan's torch requirement for that Python and platform, ``pip
-  download --only-binary=:all:`` finds every pinned package for them (Requires-Python checked), and the pinned
+  download --only-binary=:all: --require-hashes`` finds every pinned package for them with the sha256 the plan
+  records (`dependencies.HASHES`; Requires-Python checked), and the pinned
   MONAI's declared numpy range admits that Slicer's numpy; or
 - is refused before any download, with guidance (a worker Python), and the index confirms the reason (no torch
   from the series' minimum exists for that platform, or the oldest series' MONAI refuses that Python).
@@ -110,8 +111,10 @@ def main() -> int:
             fitting = sorted(v for v in torches if v in requirement)
             if not fitting:
                 failures.append(f"Slicer {release} {system}: no torch{plan.torch_requirement} for {tag}")
-            pins = [a for a in (plan.pip_arguments or []) if not a.startswith("--")]
-            done = download(python, tags, pins, folder)
+            pins = plan.pins
+            requirements = Path(folder) / f"requirements-{release}-{system}.txt"
+            requirements.write_text(plan.hashed_requirements())  # the wheels must have the recorded sha256
+            done = download(python, tags, ["--require-hashes", "-r", str(requirements)], folder)
             if done.returncode != 0:
                 failures.append(f"Slicer {release} {system}: pip download {pins} failed: {done.stderr.strip()[-400:]}")
             else:

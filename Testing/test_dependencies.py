@@ -106,3 +106,20 @@ def test_monai_of_the_tested_series_is_kept_others_are_replaced_with_a_reason():
 def test_numpy_outside_monais_range_is_a_problem_never_an_install():
     plan = plan_dependencies({**GOOD, "numpy": "1.21.0"}, **LINUX_312)
     assert plan.problems and "numpy 1.21.0" in plan.problems[0] and not plan.needed
+
+
+def test_every_pin_is_installed_only_with_its_recorded_hashes():
+    """pip installs the --no-deps pins from a requirements file with --require-hashes (a wheel changed on the index
+    or on the way is refused); every pin of every series has its hashes recorded (`.ci/index_check.py` downloads
+    them with these hashes on each CI run)."""
+    from AttentionMapLib.dependencies import HASHES
+
+    for series in SERIES:
+        for pin in [f"monai=={series.monai}"] + [f"{n}=={v}" for n, v in series.pins.items()]:
+            assert HASHES.get(pin) and all(len(h) == 64 and int(h, 16) >= 0 for h in HASHES[pin]), pin
+    plan = plan_dependencies({"numpy": "2.4.6"}, (3, 12), "win32", "AMD64")
+    lines = plan.hashed_requirements().splitlines()
+    assert [line.split()[0] for line in lines] == plan.pins and len(lines) == len(plan.pip_arguments) - 1
+    assert all(" --hash=sha256:" in line for line in lines)
+    assert plan.hashed_arguments("req.txt") == ["--no-deps", "--require-hashes", "-r", "req.txt"]
+    assert "sha256" in plan.consent_text()

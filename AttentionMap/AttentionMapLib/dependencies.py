@@ -56,6 +56,23 @@ SERIES = (
     Series((3, 9), "1.5.2", (2, 6), {"einops": "0.8.2", "nibabel": "5.3.3", "safetensors": "0.7.0",
                                      "packaging": "26.3", "typing_extensions": "4.16.0"}),
 )
+# sha256 of the wheels on PyPI of every --no-deps pin, for the platforms and Pythons Slicer installs into (Windows and
+# Linux x86_64; Python 3.12 and 3.9): pip installs them with --require-hashes, so a file changed on the index or on
+# the way is refused. `.ci/index_check.py` downloads every pin with these hashes on each CI run.
+HASHES: Dict[str, Tuple[str, ...]] = {
+    "monai==1.6.1": ("dbd3b1dd309e752e0477ed73fde03b92f80ac74bfb8a8c4260f018b5d6ab2b0b",),
+    "monai==1.5.2": ("6c4f75d47a88c1e37521bce4b7cb1540c6f4e5ca1d43910c60f61fc2ef4ddab2",),
+    "einops==0.8.2": ("54058201ac7087911181bfec4af6091bb59380360f069276601256a76af08193",),
+    "nibabel==5.4.2": ("553482c5f1e1034fc312edf6fb7f32236c0056439845d1c29293b7e8c98d4854",),
+    "nibabel==5.3.3": ("e8b17423ee8464da3b69e6a15799eb19f2350a7d38377026d527b6b84938adac",),
+    "safetensors==0.8.0": ("096ec1a98435df7beb08853bb5aa9081a84f23d0adc67ed1a0a10550f608373f",  # cp310-abi3 win_amd64
+                           "fd6f3f93c9a0a7cc2788ee63fb763353d4bd2e89b0751bc78fcf7dda00bea774"),  # manylinux2014 x86_64
+    "safetensors==0.7.0": ("d1239932053f56f3456f32eb9625590cc7582e905021f94636202a864d470755",  # cp38-abi3 win_amd64
+                           "dac7252938f0696ddea46f5e855dd3138444e82236e3be475f54929f0c510d48"),  # manylinux2014 x86_64
+    "packaging==26.4": ("81383611a09c1bc0b08b76e0fd5829d7c6824c65b27a6aee339da133f4233ea2",),
+    "packaging==26.3": ("d7193f7c8e4e93f444fde0262bf90af30e16fa0ad0ad44cb553c87339b23cd1c",),
+    "typing_extensions==4.16.0": ("481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8",),
+}
 MONAI_VERSION = SERIES[0].monai  # requirements.lock; the main test suite runs it (CI also runs the engine on 1.5.2)
 NUMPY_RANGE = ((1, 24), (3, 0))  # MONAI 1.5.2 and 1.6.1: numpy>=1.24,<3.0 (numpy belongs to Slicer: never installed)
 PINNED = ("einops", "nibabel", "safetensors", "packaging", "typing_extensions")
@@ -108,6 +125,21 @@ class DependencyPlan:
         return not self.problems and (self.torch_requirement is not None or self.pip_arguments is not None)
 
     @property
+    def pins(self) -> List[str]:
+        """The ``name==version`` requirements installed with --no-deps ([] when none)."""
+        return [a for a in self.pip_arguments or [] if not a.startswith("--")]
+
+    def hashed_requirements(self) -> str:
+        """The pins as a requirements file, each with the sha256 of its wheels (HASHES), for --require-hashes."""
+        return "".join(pin + "".join(f" --hash=sha256:{h}" for h in HASHES[pin]) + "\n" for pin in self.pins)
+
+    @staticmethod
+    def hashed_arguments(requirements_file: str) -> List[str]:
+        """pip arguments installing `hashed_requirements` written to ``requirements_file``: nothing else, and only
+        files of the recorded hashes."""
+        return ["--no-deps", "--require-hashes", "-r", str(requirements_file)]
+
+    @property
     def torch_arguments(self) -> Optional[List[str]]:
         """pip arguments that install torch with its dependencies (None: torch is fine)."""
         return None if self.torch_requirement is None else [f"torch{self.torch_requirement}"]
@@ -120,7 +152,8 @@ class DependencyPlan:
                          "on Windows and macOS, CUDA on Linux; for a CUDA build on Windows install PyTorch with "
                          "PyTorch Utils first)")
         if self.pip_arguments:
-            steps.append("pip install " + " ".join(self.pip_arguments) + " (numpy and torch are left as they are)")
+            steps.append("pip install " + " ".join(self.pip_arguments) + " (numpy and torch are left as they are; each "
+                         "file is checked against its recorded sha256)")
         return ("AttentionMap needs these Python packages (download and install may take several minutes):\n- "
                 + "\n- ".join(steps) + "\n\nInstall them now?")
 
