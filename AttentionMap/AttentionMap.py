@@ -8,9 +8,11 @@ never imports them: only the worker process does.
 """
 import importlib
 import logging
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Annotated, Any, Dict, List, Optional, Union
 
@@ -491,13 +493,21 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showPrediction(self, attention) -> None:
         """One volume-level number and the window it comes from; the region the map is restricted to."""
         prediction, region = attention.prediction, attention.region
+        domain = (prediction or {}).get("domain")
         lines = []
-        if prediction:
+        if prediction and prediction["probability"] is None:  # no window like the training windows
+            lines.append(_("Volume: no confident P({name}): {rule}").format(name=prediction["class"],
+                                                                          rule=prediction["rule"]))
+        elif prediction:
             x, y, z = prediction["window_centre_ras_mm"]
             lines.append(_("Volume: P({name}) = {p:.1%} in the window centred at RAS ({x:.0f}, {y:.0f}, {z:.0f}) mm "
                            "(the highest of {n} window(s){calibrated})").format(
-                name=prediction["class"], p=prediction["probability"], x=x, y=y, z=z, n=prediction["windows"],
+                name=prediction["class"], p=prediction["probability"], x=x, y=y, z=z,
+                n=domain["windows_with_lung"] if domain else prediction["windows"],
                 calibrated=_(", calibrated") if prediction["temperature"] != 1.0 else ""))
+        if domain:
+            lines.append(_("Input: {summary} ({n} of {total} window(s) hold lung)").format(
+                summary=domain["summary"], n=domain["windows_with_lung"], total=domain["windows"]))
         lines.append(
             _("Region: {description}; the map is 0 outside it ({skipped} window(s) skipped)").format(
                 description=region.description, skipped=region.windows_skipped
@@ -605,9 +615,14 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         if askConsent and not slicer.util.confirmOkCancelDisplay(plan.consent_text(),
                                                                  windowTitle=_("Install Python packages")):
             return False
-        with slicer.util.WaitCursor():
-            for arguments in (plan.torch_arguments, plan.pip_arguments):
-                if arguments and not self._pipInstall(arguments):
+        with slicer.util.WaitCursor(), tempfile.TemporaryDirectory(prefix="attentionmap-pip-") as folder:
+            if plan.torch_arguments and not self._pipInstall(plan.torch_arguments):
+                return False
+            if plan.pip_arguments:  # with --require-hashes: only the wheels whose sha256 the plan records
+                requirements = os.path.join(folder, "requirements.txt")
+                with open(requirements, "w") as file:
+                    file.write(plan.hashed_requirements())
+                if not self._pipInstall(plan.hashed_arguments(requirements)):
                     return False
         worker.stop_shared_worker()  # a worker started before the installs would still see the old packages
         importlib.invalidate_caches()
@@ -873,7 +888,6 @@ class AttentionMapTest(ScriptedLoadableModuleTest):
         p.inputVolume = volume
         p.method = "rollout"
         p.device = "cpu"
-        p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
 
         self.delayDisplay("Explaining in the worker process")
         output = logic.applyResult(self._poll(logic.startExplain(p)), p)

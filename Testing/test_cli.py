@@ -476,7 +476,7 @@ def test_default_region_is_used_shown_and_switchable_off(scan, tmp_path, capsys)
     image = scan / "case1.nrrd"
     # a cube in air has no lung field: the card's default region fails with a message naming the way out
     assert run_cli("run", image, "--model", card, "--output-dir", tmp_path / "a") == 2
-    assert "no lung field found" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert "no lungs found" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert run_cli("run", image, "--model", card, "--roi", "none", "--output-dir", tmp_path / "b") == 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["cases"][0]["region"] is None and summary["options"]["region"] == [None]

@@ -54,7 +54,7 @@ def test_the_self_tests_phantom_puts_the_demo_models_peak_within_one_patch_of_th
     process = worker.WorkerProcess(threads=1)
     try:
         final = worker.explain_job("demo", array, ijk_to_ras, {"method": "rollout", "normalize": "percentile"},
-                                   device="cpu", worker=process, region="none").wait(300)  # lung field only
+                                   device="cpu", worker=process).wait(300)  # the card's lung field
     finally:
         process.close()
     assert final.kind == worker.DONE, final.value
@@ -63,6 +63,11 @@ def test_the_self_tests_phantom_puts_the_demo_models_peak_within_one_patch_of_th
     # the volume-level prediction is the card's target class, from the window that holds the nodule (the
     # whole-scan model gives this texture-free phantom P(lesion) 0.45, below 0.5: the call itself is not asserted)
     assert result.prediction["class"] == "lesion" and result.prediction["windows"] == result.num_windows
+    # a chest: the lung field finds its lungs, and every window holds lung (a confident answer); the input is
+    # smaller than the training scans, which the statement says
+    assert result.region.name == "lung field" and result.prediction["confident"]
+    assert result.prediction["domain"]["windows_with_lung"] == result.num_windows
+    assert "field of view" in result.prediction["domain"]["summary"]
     assert np.linalg.norm(np.asarray(result.prediction["window_centre_ras_mm"]) - nodule) <= 48.0  # half a window
     # the self-test's segment statistics: a sphere of the nodule's radius gets more than its share
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in array.shape], indexing="ij"), axis=-1)

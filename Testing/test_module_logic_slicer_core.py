@@ -66,7 +66,6 @@ def run_self_test_steps() -> None:
     volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     p = parameters(module, volume)
     assert p.method == "rollout" and p.normalize == "percentile" and p.colorNode is None and p.useDefaultRegion
-    p.useDefaultRegion = False  # the phantom is lung field only: no body encloses it, no lung field is found
     assert p.testTimeAveraging == "model default"
     p.testTimeAveraging = "off"  # one pass per window until the last step, which runs the card's default
     assert logic.modelSummary(p) == (["no lesion", "lesion"], 4, 4)  # from the card, before any run

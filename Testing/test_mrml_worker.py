@@ -316,7 +316,7 @@ def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fi
     shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
     assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 18
     for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
-                                             "temperature", "_tiling"}),
+                                             "temperature", "domain", "window_eligible", "_tiling"}),
                           (worker.AttentionData, {"result_id", "prediction"})):
         assert issubclass(subclass, AttentionGrid) and subclass.__dataclass_params__.frozen
         names = [f.name for f in dataclasses.fields(subclass)]
@@ -698,3 +698,20 @@ def test_region_mask_and_box_reach_the_worker_and_the_prediction_comes_back(orac
         assert sorted(os.listdir(shared.folder)) == [".owner", "worker.log"]  # input and mask read and removed
     final = explain_job(str(path), array, affine, {}, device="cpu", worker=shared, region="none").wait(120)
     assert final.value.attention.region is None and final.value.attention.num_windows == 2
+
+
+def test_the_demo_card_refuses_a_scan_without_lungs_in_the_worker_and_keeps_serving(shared):
+    """The worker runs the demo card's domain: a scan without lungs is refused by the default region with the
+    message the module shows; switched off, the result arrives with no confident answer and the input statement."""
+    array = np.full((96, 80, 40), 40.0, dtype=np.float32)  # soft tissue with a gas-filled loop: no lung
+    array[30:60, 30:50, 10:30] = -1000.0
+    affine = np.diag([1.2, 1.4, 3.0, 1.0])
+    refused = explain_job("demo", array, affine, {"shift_average": "off", "flip_axes": "none"}, device="cpu",
+                          worker=shared).wait(300)
+    assert refused.kind == ERROR and "no lungs found" in str(refused.value) and "chest CT" in str(refused.value)
+    done = explain_job("demo", array, affine, {"shift_average": "off", "flip_axes": "none"}, device="cpu",
+                       worker=shared, region="none").wait(300)
+    assert done.kind == DONE, done.value
+    prediction = done.value.attention.prediction
+    assert prediction["probability"] is None and prediction["confident"] is False
+    assert prediction["domain"]["summary"].startswith("unlike the training scans: no lungs")

@@ -167,7 +167,7 @@ def test_lung_field_is_found_in_patient_space_and_survives_a_flip(vit):
     body_only = ~on_input & (hu > -500)
     assert body_only.sum() > 0.3 * (hu > -500).sum()  # most of the body (and the air around it) is left out
     assert "lung field" in result.region.description
-    with pytest.raises(AttentionMapError, match="no lung field found"), pytest.warns(UserWarning, match="constant"):
+    with pytest.raises(AttentionMapError, match="no lungs found"), pytest.warns(UserWarning, match="constant"):
         explain_volume(vit, np.full(hu.shape, 40.0, np.float32), affine, prep, img_size=IMG, region=LungFieldRegion())
 
 

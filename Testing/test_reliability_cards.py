@@ -216,6 +216,24 @@ CASES = {
         {"calibration": {"temperature": 0.8, "fitted_on": 451}},
         "calibration.fitted_on: expected a string, got 451",
     ),
+    "domain of another kind": ({"domain": {"kind": "anatomy"}}, 'domain: expected {"kind": "lung_content", ...}'),
+    "domain lung fraction above 1": (
+        {"domain": {"kind": "lung_content", "min_lung_fraction": 3, "training": {}}},
+        "domain.min_lung_fraction: expected a number in [0, 1], got 3",
+    ),
+    "domain training lung volumes reversed": (
+        {"domain": {"kind": "lung_content", "min_lung_fraction": 0.03,
+                    "training": {"lung_volume_ml": [3840, 2809], "field_of_view_mm": [[1, 2]] * 3,
+                                 "intensity_hu_p1_p99": [-1000, 400]}}},
+        "domain.training.lung_volume_ml: expected [low, high], two finite numbers, got [3840, 2809]",
+    ),
+    "domain without a HU range": (
+        {"domain": {"kind": "lung_content", "min_lung_fraction": 0.03,
+                    "training": {"lung_volume_ml": [1, 2], "field_of_view_mm": [[1, 2]] * 3,
+                                 "intensity_hu_p1_p99": [-1000, 400]}},
+         "preprocessing": {**PREPROCESSING, "intensity": {"normalize": "zscore"}}},
+        "domain: needs preprocessing.intensity with a HU range",
+    ),
 }
 
 

@@ -143,6 +143,7 @@ def peak_token_holds_label(result, patch: Tuple[int, int, int], label: np.ndarra
 def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, region, method: str = "rollout",
              label: Optional[np.ndarray] = None, label_affine: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """One whole-scan explanation and its numbers (see the module docstring); label optional."""
+    from AttentionMapLib.core.domain import card_domain
     from AttentionMapLib.core.engine import model_spec
     from AttentionMapLib.core.flips import card_flip_axes
     from AttentionMapLib.core.metrics import distance_to_mask_mm, mask_statistics
@@ -153,13 +154,16 @@ def run_scan(loaded, temperature: float, array: np.ndarray, affine: np.ndarray, 
     result = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,
                             method=method, target=loaded.target, region=region, temperature=temperature,
                             flip_axes=card_flip_axes(loaded.card, loaded.source),
-                            shift_average=card_shift_average(loaded.card, loaded.source))
+                            shift_average=card_shift_average(loaded.card, loaded.source),
+                            domain=card_domain(loaded.card, loaded.source))
     seconds = time.perf_counter() - start
     prediction = result.prediction(loaded.classes)
     row: Dict[str, Any] = {
         "method": method, "windows": result.num_windows, "seconds": seconds,
         "region": None if result.region is None else result.region.name,
         "p_lesion": prediction["probability"], "decisive_window_ras_mm": prediction["window_centre_ras_mm"],
+        "confident": prediction.get("confident", True),
+        "highest_p_unlike_training": prediction.get("highest_probability_unlike_training"),
         "peak_ras_mm": [float(v) for v in result.peak_ras()],
     }
     if label is not None:

@@ -769,6 +769,8 @@ def write_report(result: Dict[str, Any], out: Path, command: str) -> None:
         + "The random map gives the chance level of every metric on the same cases.",
         "",
     ]
+    previous = (out / "EVALUATION.md").read_text() if (out / "EVALUATION.md").exists() else ""
+    lines += [""] + [block + "\n" for block in measure.sections(previous)]  # written by their own scripts
     (out / "EVALUATION.md").write_text("\n".join(lines))
 
 

@@ -529,7 +529,8 @@ def as_loaded(model: torch.nn.Module):
     return LoadedModel(network=model.eval(), preprocessing=copy.deepcopy(demo_data.CARD_PREPROCESSING),
                        classes=["no lesion", "lesion"], target=1, img_size=(demo_data.CROP,) * 3,
                        card={"default_flip_axes": list(DEFAULT_FLIP_AXES),
-                             "default_shift_average": DEFAULT_SHIFT_AVERAGE},
+                             "default_shift_average": DEFAULT_SHIFT_AVERAGE,
+                             "domain": json.loads((MODELS_DIR / CARD_NAME).read_text()).get("domain")},
                        source="evaluated weights")
 
 

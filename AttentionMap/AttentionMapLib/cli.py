@@ -387,6 +387,7 @@ def run_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .core.calibration import card_temperature
+    from .core.domain import card_domain
     from .core.shifts import shift_average_from_spec
     from .models import load_model, resolve_device
     from .render import joint_range, write_montage, write_overlay
@@ -401,13 +402,14 @@ def run_command(args: argparse.Namespace) -> int:
     options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
                "flip_axes": flip_axes_option(args.flip_average, loaded),
                "shift_average": shift_average_from_spec(args.shift_average, loaded.card, loaded.source)}
+    domain = card_domain(loaded.card, loaded.source)
     regions = check_cases(cases, roi, loaded, args.series_uid)
     records, pictures = [], []
     with staged_folder(output_dir, names, inputs) as staging:
         for case in tqdm(cases, desc="cases", unit="case", disable=None):
             region = case_region(roi, case, loaded)
-            record, picture, device = _run_case(loaded, case, args, {**options, "region": region}, device, staging,
-                                                output_dir)
+            record, picture, device = _run_case(loaded, case, args, {**options, "region": region, "domain": domain},
+                                                device, staging, output_dir)
             records.append(record)
             pictures.append(picture)
         # normalised maps share the scale their normalisation defines (percentile saturates above 1)
@@ -453,6 +455,11 @@ def _run_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, A
     if args.resample:
         record["outputs"]["attention_resampled"] = str(output_dir / f"{case.name}_attention_resampled.nrrd")
     record["timings_s"].update(timings)
+    domain = (record["prediction"] or {}).get("domain")
+    if domain and domain["unlike_training"]:
+        _say(f"{case.name}: {domain['summary']}")
+    if record["prediction"] and record["prediction"]["probability"] is None:
+        _say(f"{case.name}: {record['prediction']['rule']}")
     title = prediction_title(case.name, args.method, attention.prediction(loaded.classes))
     if attention.region is not None:
         title += f"; map 0 outside the {attention.region.name}"

@@ -253,8 +253,10 @@ def check_inference_defaults(card: Mapping[str, Any]) -> None:
     """``default_region`` (read by region.card_default_region), ``default_flip_axes`` (flips.card_flip_axes),
     ``default_shift_average`` (shifts.card_shift_average) and
     ``calibration`` (temperature read by calibration.card_temperature; the recorded ECEs and their data
-    descriptions) when the card has them."""
+    descriptions) and ``domain`` (domain.card_domain; it needs a HU range in preprocessing.intensity) when the
+    card has them."""
     from .core.calibration import card_temperature
+    from .core.domain import card_domain
     from .core.flips import card_flip_axes
     from .core.region import card_default_region
     from .core.shifts import card_shift_average
@@ -265,6 +267,11 @@ def check_inference_defaults(card: Mapping[str, Any]) -> None:
         card_flip_axes(card, source)
         card_shift_average(card, source)
         card_temperature(card, source)
+        if card_domain(card, source) is not None:
+            intensity = (card.get("preprocessing") or {}).get("intensity") or {}
+            if not isinstance(intensity, Mapping) or "a_min" not in intensity:
+                raise AttentionMapError(f"{source}: domain: needs preprocessing.intensity with a HU range (a_min, "
+                                        "a_max, b_min, b_max)")
     except AttentionMapError as exc:  # the loader names the card file itself
         raise AttentionMapError(str(exc)[len(source) + 2:] if str(exc).startswith(source) else str(exc)) from None
     section = card.get("calibration")

@@ -178,9 +178,13 @@ def draw_case(axes, case: OverlaySlices, norm) -> None:
 
 def prediction_title(name: str, method: str, prediction: Optional[Dict[str, Any]]) -> str:
     """e.g. "lung2 - rollout - P(lesion)=0.83 in the window at RAS (-70, 95, -240) mm (highest of 120)"
-    from `VolumeAttention.prediction` (None for dense outputs: name and method only)."""
+    from `VolumeAttention.prediction` (None for dense outputs: name and method only; no confident answer: says so).
+    """
     if prediction is None:
         return f"{name} - {method}"
+    if prediction["probability"] is None:
+        return (f"{name} - {method} - no confident P({prediction['class']}): no window like the training windows "
+                f"(highest {prediction['highest_probability_unlike_training']:.2f})")
     x, y, z = prediction["window_centre_ras_mm"]
     where = f" in the window at RAS ({x:.0f}, {y:.0f}, {z:.0f}) mm" if prediction["windows"] > 1 else ""
     of = f" (highest of {prediction['windows']})" if prediction["windows"] > 1 else ""

@@ -203,6 +203,7 @@ class WorkerServer:
 
     def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
         from .core.calibration import card_temperature
+        from .core.domain import card_domain
         from .core.flips import flip_axes_from_spec
         from .core.region import region_from_spec
         from .core.shifts import shift_average_from_spec
@@ -225,6 +226,7 @@ class WorkerServer:
         options["shift_average"] = shift_average_from_spec(options.get("shift_average", "default"), model.card,
                                                            model.source)
         options["temperature"] = card_temperature(model.card, model.source)
+        options["domain"] = card_domain(model.card, model.source)
         attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
                                    **{"img_size": model.img_size, **options}, progress=self._progress,
                                    cancel=self._is_cancelled, device=device)

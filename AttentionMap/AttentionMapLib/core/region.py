@@ -7,9 +7,10 @@ does not change them:
   nearest neighbour onto the model-input grid.
 - `BoxRegion`: a box given by its RAS centre, its edge lengths (mm) and optionally its axes (3x3, columns
   are the unit directions of the box's edges in RAS; oblique boxes such as a rotated markups ROI).
-- `LungFieldRegion`: an automatic lung field: the bounding box, on the model-input grid, of the air
-  enclosed by the body (per axial slice, below `hu_threshold`), widened by `margin_mm`. It is computed
-  on the preprocessed volume (after orientation and spacing), never from voxel indices of the input.
+- `LungFieldRegion`: an automatic lung field: the bounding box, on the model-input grid, of the lungs
+  (`find_lungs`: air below `hu_threshold` enclosed by the body, in regions of lung density and size),
+  widened by `margin_mm`. It is computed on the preprocessed volume (after orientation and spacing), never
+  from voxel indices of the input. A scan without lungs is refused (`NoLungsFound`).
 
 `region_mask` turns a region into a boolean mask on a voxel grid (C order (I, J, K) of that grid).
 """
@@ -24,6 +25,15 @@ from ..errors import AttentionMapError
 from .geometry import apply_affine, check_ijk_to_ras, grid_to_grid, source_index_slabs, voxel_spacing
 
 MIN_SLICE_COMPONENT_MM2 = 400.0  # enclosed air pockets smaller than 4 cm^2 in a slice are not lung
+# Lung parenchyma is air with tissue and vessels in it: the median of a lung's air region lies near -850 HU
+# (-820..-870 in the project's chest CTs, down to about -930 with emphysema). Gas in the stomach or bowel, the
+# airways, the sinuses or outside the body is air alone (its median near -1000 HU even with 5 mm slices).
+LUNG_MEDIAN_HU = (-950.0, -500.0)
+MIN_LUNG_ML = 100.0  # the largest lung region of a chest CT (one lung, or the part of it the scan holds)
+
+
+class NoLungsFound(AttentionMapError):
+    """The automatic lung field found no lungs: the input is not a chest CT in Hounsfield units."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +79,13 @@ class LungFieldRegion:
 Region = Union[MaskRegion, BoxRegion, LungFieldRegion]
 
 
-def enclosed_air(air: np.ndarray, min_component_voxels: int = 100) -> np.ndarray:
-    """Lung-like air of a volume: bool (I, J, K) from `air` (bool (I, J, K), K the axial direction).
+def enclosed_air(air: np.ndarray, min_component_voxels: int = 100, keep_fraction: float = 0.1) -> np.ndarray:
+    """Enclosed air of a volume: bool (I, J, K) from `air` (bool (I, J, K), K the axial direction).
 
     Per axial (K) slice: air components that do not touch the slice border and hold at least
-    `min_component_voxels`; then the 3D components of at least 10 % of the largest one (drops the trachea
-    and small gas pockets). Per slice because a field of view that cuts the body would make a 3D "not
-    touching the border" test remove the lungs.
+    `min_component_voxels`; then the 3D components of at least `keep_fraction` of the largest one (0.1 drops
+    the trachea and small gas pockets of a chest CT). Per slice because a field of view that cuts the body
+    would make a 3D "not touching the border" test remove the lungs. Density is not looked at: `find_lungs`.
     """
     import SimpleITK as sitk
 
@@ -92,7 +102,9 @@ def enclosed_air(air: np.ndarray, min_component_voxels: int = 100) -> np.ndarray
     counts[0] = 0
     if counts.max() == 0:
         return mask
-    return (counts >= 0.1 * counts.max())[labels]
+    keep = counts >= keep_fraction * counts.max()
+    keep[0] = False
+    return keep[labels]
 
 
 def sample_nearest(values: np.ndarray, values_ijk_to_ras: np.ndarray, shape: Sequence[int],
@@ -127,20 +139,60 @@ def _box_mask(box: BoxRegion, shape: Sequence[int], ijk_to_ras: np.ndarray) -> n
     return np.all(np.abs(local) <= size / 2.0, axis=1).reshape(tuple(shape))
 
 
+def find_lungs(hu: np.ndarray, spacing_mm: Sequence[float], hu_threshold: float = -400.0) -> np.ndarray:
+    """The lungs of a CT: bool (I, J, K) from `hu` (I, J, K) in Hounsfield units, K the axial direction.
+
+    Candidates are the air (< `hu_threshold`) enclosed by the body, per axial slice (`enclosed_air`'s slice rule,
+    pockets of at least 4 cm^2); of their 3D components, those whose median lies in LUNG_MEDIAN_HU (lung
+    density: gas of the bowel, stomach, airways and sinuses is left out) and that hold at least 10 % of the
+    largest such component (the trachea's walls and small pockets are left out). Raises NoLungsFound when
+    the largest lung region is under MIN_LUNG_ML. O(voxels).
+    """
+    import SimpleITK as sitk
+
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pocket = max(1, int(round(MIN_SLICE_COMPONENT_MM2 / (spacing[0] * spacing[1]))))
+    candidates = enclosed_air(hu < hu_threshold, pocket, keep_fraction=0.0)
+    labels = sitk.ConnectedComponent(sitk.GetImageFromArray(candidates.astype(np.uint8)))
+    statistics = sitk.LabelIntensityStatisticsImageFilter()
+    statistics.Execute(labels, sitk.GetImageFromArray(np.asarray(hu, dtype=np.float32)))
+    low, high = LUNG_MEDIAN_HU
+    sizes = {int(c): statistics.GetNumberOfPixels(c) for c in statistics.GetLabels()
+             if low <= statistics.GetMedian(c) <= high}
+    largest = max(sizes.values(), default=0)
+    if largest * voxel_ml < MIN_LUNG_ML:
+        found = "no enclosed air" if not statistics.GetLabels() else (
+            f"the largest air region of lung density holds {largest * voxel_ml:.0f} mL" if sizes else
+            "the air enclosed by the body is gas (median below "
+            f"{low:g} HU), not lung")
+        raise NoLungsFound(f"region: no lungs found ({found}; a lung region of at least {MIN_LUNG_ML:g} mL with a "
+                           f"median between {low:g} and {high:g} HU is expected): the model expects a chest CT in "
+                           "Hounsfield units. Give the region by hand (an ROI or a mask) or switch the default "
+                           "region off, knowing that the model was not made for this scan")
+    keep = np.zeros(int(sitk.GetArrayViewFromImage(labels).max()) + 1, dtype=bool)
+    keep[[c for c, n in sizes.items() if n >= 0.1 * largest]] = True
+    return keep[sitk.GetArrayFromImage(labels)]
+
+
+def hu_from_model_input(image: np.ndarray, intensity: Optional[Mapping[str, Any]], what: str) -> np.ndarray:
+    """Hounsfield units of the model input `image` (any shape): the card's intensity scaling undone (values it
+    clipped stay clipped). `what` names the feature needing it in the error when the card maps no HU range."""
+    if not intensity or "a_min" not in intensity:
+        raise AttentionMapError(f"{what}: needs a card whose preprocessing.intensity maps a HU range (a_min, a_max, "
+                                "b_min, b_max)")
+    a_min, a_max, b_min, b_max = (float(intensity[k]) for k in ("a_min", "a_max", "b_min", "b_max"))
+    return a_min + (image - b_min) / (b_max - b_min) * (a_max - a_min)
+
+
 def _lung_field_mask(region: LungFieldRegion, image: np.ndarray, ijk_to_ras: np.ndarray,
                      intensity: Optional[Mapping[str, Any]]) -> np.ndarray:
     if not intensity or "a_min" not in intensity:
         raise AttentionMapError("region: the automatic lung field needs a card whose preprocessing.intensity maps a "
                                 "HU range (a_min, a_max, b_min, b_max); give --roi or --mask instead")
-    a_min, a_max, b_min, b_max = (float(intensity[k]) for k in ("a_min", "a_max", "b_min", "b_max"))
-    threshold = b_min + (region.hu_threshold - a_min) / (a_max - a_min) * (b_max - b_min)
+    hu = hu_from_model_input(image, intensity, "region")
     spacing = voxel_spacing(ijk_to_ras)
-    lung = enclosed_air(image < threshold, max(1, int(round(MIN_SLICE_COMPONENT_MM2 / (spacing[0] * spacing[1])))))
-    voxels = np.argwhere(lung)
-    if len(voxels) == 0:
-        raise AttentionMapError("region: no lung field found (no air below "
-                                f"{region.hu_threshold:g} HU enclosed by the body); expected a chest CT in Hounsfield "
-                                "units. Switch the default region off (--roi none) or give --roi / --mask")
+    voxels = np.argwhere(find_lungs(hu, spacing, region.hu_threshold))
     margin = np.ceil(region.margin_mm / spacing).astype(int)
     start = np.maximum(voxels.min(axis=0) - margin, 0)
     stop = np.minimum(voxels.max(axis=0) + 1 + margin, image.shape)

@@ -35,7 +35,9 @@ view counts once). A query token reads, in a shifted view, the rows of the view'
 Volume-level prediction: window probabilities are ``softmax(logits / temperature)`` (the card's
 calibration); the decisive window is the one with the highest probability of the target class (the
 given target, else the class with the highest probability in any window); ``probabilities`` is that
-window's softmax and ``decisive_window_ras()`` its centre.
+window's softmax and ``decisive_window_ras()`` its centre. With a card's domain (`domain`), only windows
+holding enough lung may be decisive; when none does, the prediction gives no probability (no confident
+answer) and says why, and it always states how the input compares with the training scans.
 """
 from __future__ import annotations
 
@@ -51,12 +53,13 @@ import torch
 from ..errors import AttentionMapError, Cancelled
 from . import methods
 from .attention_grid import AttentionGrid
+from .domain import Domain, check_domain
 from .engine import CapturedAttention, capture_attention, check_options, model_spec, readout, resolve_layer
 from .flips import check_flip_axes, mean_view_probabilities
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
-from .region import AppliedRegion, Region, region_mask, token_mask
+from .region import AppliedRegion, Region, hu_from_model_input, region_mask, token_mask
 from .views import WindowView, window_views
 
 ProgressCallback = Callable[[float], None]
@@ -184,33 +187,56 @@ class VolumeAttention(AttentionGrid):
     or shift averaging the mean over views, and window_logits the mean logits);
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
-    temperature: the calibration temperature applied.
+    temperature: the calibration temperature applied. domain / window_eligible: the input against the card's
+    domain and the windows holding enough lung to be decisive (None without a domain).
     """
 
     window_probabilities: Optional[np.ndarray] = None
     decisive_window: Optional[int] = None
     window_centres_ras: Optional[np.ndarray] = None
     temperature: float = 1.0
+    domain: Optional[Dict[str, Any]] = None  # `domain.DomainCheck.report` when the card has a domain
+    window_eligible: Optional[np.ndarray] = None  # (W,) bool: windows that may be decisive (None: all)
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
         """The volume-level prediction as plain data (None for dense outputs): the decisive window's class,
         probability and RAS centre, the rule that picked it (with the views averaged), the number of windows and
-        the temperature."""
+        the temperature. With a domain: ``domain`` (the input beside the training scans) and ``confident``; when
+        no window holds enough lung, ``probability`` is None and ``highest_probability_unlike_training`` the
+        decisive window's value, not a confident answer."""
         if self.decisive_window is None:
             return None
         klass = int(self.target) if self.target is not None else int(np.argmax(self.probabilities))
         name = classes[klass] if klass < len(classes) else str(klass)
-        return {
+        calibrated = ", calibrated" if self.temperature != 1.0 else ""
+        out = {
             "class": name,
             "probability": float(self.probabilities[klass]),
             "window_centre_ras_mm": [float(v) for v in self.decisive_window_ras()],
             "windows": int(self.num_windows),
-            "rule": f"the highest P({name}) of the {self.num_windows} window(s) that were run"
-                    + (", calibrated" if self.temperature != 1.0 else "")
+            "rule": f"the highest P({name}) of the {self.num_windows} window(s) that were run" + calibrated
                     + self._views_text(),
             "temperature": float(self.temperature),
         }
+        if self.domain is None or self.window_eligible is None:
+            return out
+        eligible = int(np.count_nonzero(self.window_eligible))
+        share = f"{self.domain['min_lung_fraction']:.0%} of its voxels or more"
+        out["domain"] = self.domain
+        out["confident"] = eligible > 0
+        if eligible == 0:
+            out["highest_probability_unlike_training"] = out.pop("probability")
+            out["probability"] = None
+            out["rule"] = (f"no confident answer: no window holds lung ({share}, as every training lesion crop "
+                           f"did); the highest P({name}) of the {self.num_windows} window(s), "
+                           f"{out['highest_probability_unlike_training']:.2f}, comes from a window unlike the "
+                           "training windows")
+        elif eligible < self.num_windows:
+            out["rule"] = (f"the highest P({name}) of the {eligible} window(s) holding lung ({share}){calibrated}"
+                           f"{self._views_text()}; the {self.num_windows - eligible} other window(s) are unlike the "
+                           "training windows and were not counted")
+        return out
 
     def _views_text(self) -> str:
         """How each window's probabilities were averaged over views, for the prediction's rule ("" for one view)."""
@@ -296,9 +322,13 @@ def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1
     return view_logits.mean(axis=0), mean_view_probabilities(view_logits, temperature)
 
 
-def decisive_window(window_probabilities: np.ndarray, target: Optional[int]) -> int:
+def decisive_window(window_probabilities: np.ndarray, target: Optional[int],
+                    eligible: Optional[np.ndarray] = None) -> int:
     """Index of the window with the highest probability of `target` (None: of the class with the highest
-    probability in any window); window_probabilities (W, K)."""
+    probability in any window); window_probabilities (W, K). eligible (W,) bool: only those windows count
+    (all when None or when none is eligible)."""
+    if eligible is not None and np.any(eligible):
+        window_probabilities = np.where(np.asarray(eligible)[:, None], window_probabilities, -np.inf)
     klass = int(window_probabilities.max(axis=0).argmax()) if target is None else int(target)
     return int(window_probabilities[:, klass].argmax())
 
@@ -345,6 +375,7 @@ def explain_volume(
     temperature: float = 1.0,
     flip_axes: Sequence[int] = (),
     shift_average: bool = False,
+    domain: Optional[Domain] = None,
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -382,6 +413,8 @@ def explain_volume(
             the window's mean. Costs one forward (and backward) pass per view, 7 per window; the cache grows
             to (flipped views + 7) x the attention of one pass. With a gradient method and no target, the
             class is picked from the probabilities of all views.
+        domain: the card's domain (`domain.card_domain`): the windows holding less lung than it states cannot
+            be decisive, and the prediction states how the input compares with the training scans.
 
     Returns:
         VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
@@ -412,6 +445,11 @@ def explain_volume(
         starts = starts[keep]
     tiles = [volume[(slice(None), *(slice(a, a + w) for a, w in zip(s, spec.img_size)))] for s in starts]
     batch = len(tiles) if prep.mode == RESIZE else prep.sw_batch_size
+    checked = None
+    if domain is not None:
+        hu = hu_from_model_input(image.as_tensor()[0].cpu().numpy(), prep.intensity, "domain")
+        checked = check_domain(domain, hu, image.affine.numpy(), np.shape(array_ijk)[-3:], ijk_to_ras, array_ijk,
+                               starts, spec.img_size)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -454,7 +492,8 @@ def explain_volume(
 
     start = time.perf_counter()
     window_logits, window_probabilities = _class_outputs(captures, temperature, len(views))
-    decisive = None if window_probabilities is None else decisive_window(window_probabilities, target)
+    eligible = None if checked is None else checked.eligible
+    decisive = None if window_probabilities is None else decisive_window(window_probabilities, target, eligible)
     probabilities = None if decisive is None else window_probabilities[decisive]
     resolved = captures[0].target
     if target is None and resolved is not None and gradients:
@@ -475,6 +514,6 @@ def explain_volume(
         window_probabilities=window_probabilities, decisive_window=decisive,
         window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
         temperature=float(temperature), flip_axes=flip_axes, shift_average=bool(shift_average),
-        region=applied,
+        region=applied, domain=None if checked is None else checked.report, window_eligible=eligible,
         _tiling=tiling,
     )
