@@ -240,3 +240,21 @@ def test_the_demo_lung_field_of_lung2_leaves_its_stomach_gas_out():
     gas = air & ~lungs
     assert np.median(hu[gas]) < -950 and gas.sum() * np.prod(voxel_spacing(affine)) / 1000 > 30
     assert np.argwhere(gas)[:, 2].min() < np.argwhere(lungs)[:, 2].min()  # it reaches below the lung bases
+
+
+@pytest.mark.evaluation  # about 3 min of the shipped model with its 15 views: `make test-evaluation`, not `make test`
+def test_with_no_region_the_other_scans_get_no_confident_lesion(demo):
+    """Switching the lung field off does not turn a scan of another body region or modality into a lesion: the
+    answer is either below 0.5 or not a confident one, and the input statement says why."""
+    from AttentionMapLib.core.calibration import card_temperature
+    from AttentionMapLib.core.flips import card_flip_axes
+    from AttentionMapLib.core.shifts import card_shift_average
+
+    for name, (array, affine) in _other_scans().items():
+        result = explain_volume(demo.network, array, affine, demo.preprocessing, img_size=demo.img_size,
+                                target=demo.target, temperature=card_temperature(demo.card),
+                                flip_axes=card_flip_axes(demo.card), shift_average=card_shift_average(demo.card),
+                                domain=card_domain(demo.card))
+        prediction = result.prediction(demo.classes)
+        assert prediction["probability"] is None or prediction["probability"] < 0.5, (name, prediction)
+        assert prediction["domain"]["unlike_training"], name

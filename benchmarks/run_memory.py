@@ -9,7 +9,8 @@ flipped, oblique, anisotropic) and one random re-gridding of each (`regridding_s
 ``python -m AttentionMapLib.cli run`` on the first N of them with the demo card (its default region, flips and
 shifts: 15 views per window) in a fresh process with one torch thread, and reads the child's peak resident set
 size from the kernel (``os.wait4``'s ``ru_maxrss``). ``--package-parent`` runs another checkout's package (the
-folder holding its ``AttentionMapLib``), to compare with older code. Writes the ``run-memory`` section of
+folder holding its ``AttentionMapLib``); ``--before-package-parent`` with ``--before-counts`` adds rows of an older
+checkout (rollout), to compare. Writes the ``run-memory`` section of
 docs/BENCHMARKS.md. Minutes per row on 2 cores (about 20 to 60 s per whole scan and method).
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ def measure_run(inputs: Sequence[Path], method: str, output_dir: Path, package_p
             "peak_rss_mib": usage.ru_maxrss / 1024.0, "error": error.strip().splitlines()[-1:] if code else []}
 
 
-def report(rows: List[Dict[str, Any]], shapes: List[str], machine: Dict[str, str], command: str) -> str:
+def report(rows: List[Dict[str, Any]], shapes: List[str], machine: Dict[str, str], command: str,
+           before: Optional[List[Dict[str, Any]]] = None, before_name: str = "") -> str:
     lines = [
         "## Many inputs in one `attention-map run` (issue 28)",
         "",
@@ -91,6 +93,12 @@ def report(rows: List[Dict[str, Any]], shapes: List[str], machine: Dict[str, str
     for row in rows:
         lines.append(f"| {row['inputs']} | {row['method']} | {row['exit']} | {row['peak_rss_mib']:.0f} | "
                      f"{row['wall_s']:.0f} | {row['wall_s'] / row['inputs']:.1f} |")
+    if before:
+        lines += ["", f"Before ({before_name}: every case's volume, attention with its re-fusion caches and resampled "
+                  "map held until all cases were done):", "", "| inputs | method | exit | peak RSS (MiB) | wall (s) |",
+                  "|---:|---|---:|---:|---:|"]
+        lines += [f"| {row['inputs']} | {row['method']} | {row['exit']} | {row['peak_rss_mib']:.0f} | "
+                  f"{row['wall_s']:.0f} |" for row in before]
     return "\n".join(lines)
 
 
@@ -99,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--methods", nargs="+", default=["rollout", "grad_rollout"])
     parser.add_argument("--package-parent", type=Path, default=measure.REPO / "AttentionMap")
+    parser.add_argument("--before-package-parent", type=Path, default=None, help="an older checkout's package parent")
+    parser.add_argument("--before-counts", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=measure.REPO / "docs", help="folder holding BENCHMARKS.md")
     parser.add_argument("--no-publish", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
@@ -116,8 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(measure_run(inputs[:count], method, Path(folder) / f"out-{method}-{count}",
                                         args.package_parent))
                 print(rows[-1], flush=True)
+        before = [measure_run(inputs[:count], "rollout", Path(folder) / f"before-{count}", args.before_package_parent)
+                  for count in args.before_counts] if args.before_package_parent else None
     command = "python -m benchmarks.run_memory " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = report(rows, shapes, measure.machine_description(), command.strip())
+    body = report(rows, shapes, measure.machine_description(), command.strip(), before,
+                  str(args.before_package_parent))
     if args.no_publish:
         print(body)
     else:
