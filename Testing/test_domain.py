@@ -202,7 +202,10 @@ def _regridded(array, affine, kind):
     return (array, affine) if kind == "as shipped" else _regridded_array(array, affine, kind)
 
 
-def _other_scans():
+@pytest.fixture(scope="module")
+def other_scans():
+    """name -> (array, ijk_to_ras): lung2's upper abdomen (below its lungs and five slices of their bases), the
+    head CT, the MRs; read once for the module (nothing here writes into them)."""
     from AttentionMapLib.sample_data import fetch_head_ct, fetch_sample_data
 
     paths = fetch_sample_data()
@@ -216,10 +219,10 @@ def _other_scans():
 
 
 @pytest.mark.parametrize("kind", ["as shipped", "oblique", "anisotropic"])
-def test_other_body_regions_and_modalities_are_refused_by_the_demo_lung_field(demo, kind):
+def test_other_body_regions_and_modalities_are_refused_by_the_demo_lung_field(demo, other_scans, kind):
     from AttentionMapLib.core.region import card_default_region
 
-    for array, affine in _other_scans().values():
+    for array, affine in other_scans.values():
         array, affine = _regridded(array, affine, kind)
         with pytest.raises(NoLungsFound, match="no lungs found"):
             explain_volume(demo.network, array, affine, demo.preprocessing, img_size=demo.img_size,
@@ -243,14 +246,14 @@ def test_the_demo_lung_field_of_lung2_leaves_its_stomach_gas_out():
 
 
 @pytest.mark.evaluation  # about 3 min of the shipped model with its 15 views: `make test-evaluation`, not `make test`
-def test_with_no_region_the_other_scans_get_no_confident_lesion(demo):
+def test_with_no_region_the_other_scans_get_no_confident_lesion(demo, other_scans):
     """Switching the lung field off does not turn a scan of another body region or modality into a lesion: the
     answer is either below 0.5 or not a confident one, and the input statement says why."""
     from AttentionMapLib.core.calibration import card_temperature
     from AttentionMapLib.core.flips import card_flip_axes
     from AttentionMapLib.core.shifts import card_shift_average
 
-    for name, (array, affine) in _other_scans().items():
+    for name, (array, affine) in other_scans.items():
         result = explain_volume(demo.network, array, affine, demo.preprocessing, img_size=demo.img_size,
                                 target=demo.target, temperature=card_temperature(demo.card),
                                 flip_axes=card_flip_axes(demo.card), shift_average=card_shift_average(demo.card),
