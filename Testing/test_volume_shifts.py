@@ -298,3 +298,29 @@ def test_the_card_default_and_the_user_choice(tmp_path):
         check_inference_defaults(json.loads('{"default_shift_average": "yes"}'))
     with pytest.raises(AttentionMapError, match=r"expected 'default', 'on', 'off' or a bool\): expected true or false"):
         shift_average_from_spec("sometimes", None)
+
+
+@pytest.mark.parametrize("method, target, query", [("rollout", 1, False), ("grad_rollout", None, False),
+                                                   ("raw", 0, True)])
+def test_without_the_cache_the_result_is_the_same_and_re_fusion_is_refused(vit, method, target, query):
+    """keep_cache=False (what `attention-map run` uses) reads each batch's maps out as it is captured and frees the
+    capture: the same grid, probabilities and decisive window as the cached run, with flips, shifts, a region and
+    a query point; a gradient method without a target picks the same class; no attention is kept, so re-fusion is
+    refused with a message."""
+    from AttentionMapLib.core.region import BoxRegion
+
+    volume = _volume(SMALL, seed=17)
+    shape = preprocess_volume(volume, OBLIQUE, SLIDING, IMG, PATCH).shape[1:]
+    affine = preprocess_volume(volume, OBLIQUE, SLIDING, IMG, PATCH).affine.numpy()
+    point = apply_affine(affine, (np.asarray(shape) - 1) * 0.4)
+    common = dict(img_size=IMG, method=method, target=target, flip_axes=(0,), shift_average=True, layer=-1,
+                  region=BoxRegion(tuple(apply_affine(affine, (np.asarray(shape) - 1) * 0.45)), (70, 90, 50)),
+                  query_ras=point if query else None, temperature=0.7)
+    cached = explain_volume(vit, volume, OBLIQUE, SLIDING, **common)
+    streamed = explain_volume(vit, volume, OBLIQUE, SLIDING, keep_cache=False, **common)
+    assert streamed._tiling.captures == () and len(streamed._tiling.mean_maps) == cached.num_windows
+    assert np.allclose(streamed.grid, cached.grid, atol=1e-6) and np.abs(cached.grid).max() > 0
+    np.testing.assert_allclose(streamed.window_probabilities, cached.window_probabilities, atol=1e-6)
+    assert streamed.decisive_window == cached.decisive_window and streamed.target == cached.target
+    with pytest.raises(AttentionMapError, match="keep_cache=False"):
+        streamed.fuse_again(method="raw")

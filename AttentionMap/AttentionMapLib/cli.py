@@ -380,9 +380,10 @@ def check_cases(cases: Sequence[Case], roi: Any, loaded, series_uid: Optional[st
 def run_command(args: argparse.Namespace) -> int:
     """`attention-map run`: see the module docstring. Writes only into --output-dir, at the end.
 
-    Memory does not grow with the number of inputs: one case's volumes, attention and maps are held at a time;
-    what outlives a case is its summary record and its overlay planes (`render.OverlaySlices`, a few MB), which
-    also carry the two numbers the shared colour scale needs.
+    Memory does not grow with the number of inputs: one case's volumes and maps are held at a time, and its
+    attention only batch by batch (`explain_volume(keep_cache=False)`: no re-fusion cache); what outlives a case
+    is its summary record and its overlay planes (`render.OverlaySlices`, a few MB), which also carry the two
+    numbers the shared colour scale needs.
     """
     from tqdm import tqdm
 
@@ -477,7 +478,7 @@ def _explain_case(loaded, volume: LoadedCase, args: argparse.Namespace, options:
             loaded, device, args.device == "auto",
             lambda dev: explain_volume(loaded.network, volume.array, volume.ijk_to_ras, loaded.preprocessing,
                                        img_size=loaded.img_size, query_ras=args.query_ras, progress=update,
-                                       device=dev, **options),
+                                       device=dev, keep_cache=False, **options),  # no re-fusion here
         )
     except AttentionMapError as exc:
         raise naming_input(volume.case.path, exc) from None

@@ -96,7 +96,9 @@ class _Tiling:
     ``offsets``: (W, 3) token offset of each window in the global grid; ``grid_shape``: the global token grid (I, J, K);
     ``weights``: (n1, n2, n3) blend weights of one window; ``ijk_to_ras``: the global token grid's;
     ``window_scale``: (W,) factor on each window's map (its target-class probability, or ones);
-    ``inside``: bool token grid of the region (None: no region): tokens outside are 0.
+    ``inside``: bool token grid of the region (None: no region): tokens outside are 0;
+    ``mean_maps``: per window, its view-mean map already read out (``keep_cache=False``: ``captures`` is empty and
+    only the fusion options the maps were made with can be blended).
     """
 
     captures: Tuple[CapturedAttention, ...]
@@ -107,6 +109,7 @@ class _Tiling:
     window_scale: Optional[np.ndarray] = None
     inside: Optional[np.ndarray] = None
     views: Tuple[WindowView, ...] = (WindowView(),)
+    mean_maps: Optional[Tuple[Optional[np.ndarray], ...]] = None
 
     def query_token(self, query_ras: Optional[Sequence[float]]) -> Optional[np.ndarray]:
         """Global token index (3,) of the token whose patch contains the RAS point, or None."""
@@ -146,6 +149,8 @@ class _Tiling:
 
     def view_mean_maps(self, query: Optional[np.ndarray], **options: Any) -> List[Optional[np.ndarray]]:
         """Per window, the mean over views of its unnormalised (n1, n2, n3) map (None: without the query)."""
+        if self.mean_maps is not None:
+            return list(self.mean_maps)
         per_view = len(self.captures) // len(self.views)
         sums: List[Optional[np.ndarray]] = [None] * len(self.offsets)
         for number, view in enumerate(self.views):
@@ -268,6 +273,9 @@ class VolumeAttention(AttentionGrid):
         cache holds every view's attention (memory x views) and each re-fusion reads out every view.
         """
         start = time.perf_counter()
+        if not self._tiling.captures:
+            raise AttentionMapError("fuse_again: this result kept no attention (explain_volume(keep_cache=False)); "
+                                    "run explain_volume again, with keep_cache=True to re-fuse")
         options = {
             "method": self.method if method is None else method,
             "layer": self.layer if layer is None else layer,
@@ -297,23 +305,39 @@ class VolumeAttention(AttentionGrid):
         return self.fuse_again(*args, **kwargs)
 
 
+@dataclass(frozen=True)
+class _BatchOutputs:
+    """What is kept of a batch's capture when its attention is not: logits (B, K) and the resolved target."""
+
+    logits: torch.Tensor
+    target: Any
+
+
+def _outputs_only(captured: CapturedAttention) -> _BatchOutputs:
+    return _BatchOutputs(captured.logits, captured.target)
+
+
 def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
-           progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], done: int, total: int) -> list:
-    """Run `capture` on batches of `tiles`; progress and cancel checks between batches."""
+           progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], done: int, total: int,
+           reduce: Optional[Callable[[int, CapturedAttention], Any]] = None) -> list:
+    """Run `capture` on batches of `tiles`; progress and cancel checks between batches. ``reduce(first, captured)``
+    (first: the batch's first window) replaces each capture by what it returns, so the capture can be freed."""
     results = []
     for first in range(0, len(tiles), batch_size):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {first} of {len(tiles)} windows")
-        results.append(capture(torch.stack(tiles[first:first + batch_size])))
+        captured = capture(torch.stack(tiles[first:first + batch_size]))
+        results.append(captured if reduce is None else reduce(first, captured))
         if progress is not None:
             progress((done + min(first + batch_size, len(tiles))) / total)
     return results
 
 
-def _class_outputs(captures: Sequence[CapturedAttention], temperature: float = 1.0,
+def _class_outputs(captures: Sequence[Any], temperature: float = 1.0,
                    views: int = 1) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(window_logits (W, K), window_probabilities (W, K)); (None, None) for dense outputs. `captures` hold
-    `views` views one after the other: the logits are the mean over the views, the probabilities the mean over
+    """(window_logits (W, K), window_probabilities (W, K)); (None, None) for dense outputs. `captures` (each a
+    CapturedAttention or the _BatchOutputs kept of one) hold `views` views one after the other: the logits are
+    the mean over the views, the probabilities the mean over
     the views of softmax(logits / temperature) (`flips.mean_view_probabilities`)."""
     if captures[0].logits.ndim != 2:
         return None, None
@@ -376,6 +400,7 @@ def explain_volume(
     flip_axes: Sequence[int] = (),
     shift_average: bool = False,
     domain: Optional[Domain] = None,
+    keep_cache: bool = True,
 ) -> VolumeAttention:
     """Attention map of `model` for a volume, as a token grid placed in RAS (see the module docstring).
 
@@ -415,6 +440,10 @@ def explain_volume(
             class is picked from the probabilities of all views.
         domain: the card's domain (`domain.card_domain`): the windows holding less lung than it states cannot
             be decisive, and the prediction states how the input compares with the training scans.
+        keep_cache: True (default) keeps every view's attention of every window for ``fuse_again`` (memory:
+            windows x views x one capture, gigabytes for a whole CT with 15 views); False reads each batch's maps
+            out as it is captured and keeps only the per-window maps (kilobytes): the same result, without
+            re-fusion (what `attention-map run` does). The fusion is then timed with the forward pass.
 
     Returns:
         VolumeAttention: the token grid (I, J, K) with its ijk_to_ras, window outputs, the volume-level
@@ -475,19 +504,40 @@ def explain_volume(
     two_sweeps = gradients and target is None and runs > 1
     total = runs * (2 if two_sweeps else 1)
 
-    def sweep_views(capture: Callable, done: int) -> list:
-        return [c for number, view in enumerate(views) for c in _sweep(
-            [view.window(t) for t in tiles], batch, capture, progress, cancel, done + number * len(tiles), total)]
+    def sweep_views(capture: Callable, done: int, reduce: Optional[Callable] = None) -> list:
+        """Every view's sweep over the windows; reduce(view, first, captured) replaces each batch's capture."""
+        results = []
+        for number, view in enumerate(views):
+            per_batch = None if reduce is None else (lambda first, captured, view=view: reduce(view, first, captured))
+            results += _sweep([view.window(t) for t in tiles], batch, capture, progress, cancel,
+                              done + number * len(tiles), total, per_batch)
+        return results
 
-    if two_sweeps:
-        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0)
+    if two_sweeps:  # only the logits are kept: they pick the class
+        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0,
+                            lambda view, first, captured: _outputs_only(captured))
         window_probabilities = _class_outputs(first, temperature, len(views))[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
+    fusion = {"method": method, "layer": last, "discard_ratio": discard_ratio}
+    sums: List[Optional[np.ndarray]] = [None] * len(tiles)
+
+    def read_out(view: WindowView, first: int, captured: CapturedAttention) -> _BatchOutputs:
+        """keep_cache=False: the batch's window maps added to their windows' sums, then only its outputs kept."""
+        offsets = tiling.offsets[first:first + captured.batch_size]
+        for index, window_map in enumerate(tiling.window_maps(captured, offsets, query, view, **fusion)):
+            if window_map is not None:
+                previous = sums[first + index]
+                sums[first + index] = window_map.astype(np.float64) + (0.0 if previous is None else previous)
+        return _outputs_only(captured)
+
     captures = sweep_views(
         lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
-        total - runs,
+        total - runs, None if keep_cache else read_out,
     )
-    tiling = replace(tiling, captures=tuple(captures))
+    if keep_cache:
+        tiling = replace(tiling, captures=tuple(captures))
+    else:
+        tiling = replace(tiling, mean_maps=tuple(None if m is None else m / len(views) for m in sums))
     timings["forward"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -503,7 +553,7 @@ def explain_volume(
         weighted_class = int(probabilities.argmax()) if target is None else int(target)
         scale = window_probabilities[:, weighted_class].astype(np.float64)
         tiling = replace(tiling, window_scale=scale)
-    grid = tiling.blend(query, normalize, method=method, layer=last, discard_ratio=discard_ratio)
+    grid = tiling.blend(query, normalize, **fusion)
     timings["fuse"] = time.perf_counter() - start
     return VolumeAttention(
         grid=grid, ijk_to_ras=tiling.ijk_to_ras, window_logits=window_logits, probabilities=probabilities,
