@@ -4,10 +4,11 @@ from pathlib import Path
 
 
 def process_gone(pid: int) -> bool:
-    """True when no process ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    """True when no process ``pid`` runs (a zombie waiting to be reaped counts as gone). A process that ends
+    between the open and the read of its status file makes the read fail with ESRCH: gone too."""
     try:
         state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
     return "\nState:\tZ" in state
 
