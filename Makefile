@@ -21,8 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# CI: the tests marked `evaluation` (the shipped model over whole scans with inserted lesions, 3-7 min), left out of
-# `make test` by pyproject.toml's addopts
+# CI: the tests marked `evaluation` (the shipped model over whole scans with inserted lesions, and over scans of other
+# body regions and modalities with no region; 6-10 min), left out of `make test` by pyproject.toml's addopts
 test-evaluation: $(STAMP)
 	$(PY) -m pytest -q -m evaluation
 
@@ -57,7 +57,8 @@ gui-pythons: $(STAMP)
 # (the plans' torch has no CPU wheel on the package index for Linux). About 6 min.
 ENGINE_TESTS := Testing/test_engine_reference.py Testing/test_engine_oracle_and_errors.py Testing/test_blockwise.py \
 	Testing/test_discard_cache.py Testing/test_volume.py Testing/test_volume_flips.py Testing/test_volume_shifts.py \
-	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py
+	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py \
+	Testing/test_domain.py
 SERIES_COMMON := torch==2.13.0 einops==0.8.2 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
 
 monai-series: $(STAMP)
