@@ -72,8 +72,8 @@ class LungFieldRegion:
     margin_mm: float = 16.0
 
     def describe(self) -> str:
-        return (f"automatic lung field (air below {self.hu_threshold:g} HU enclosed by the body, bounding box "
-                f"widened by {self.margin_mm:g} mm)")
+        return (f"automatic lung field (the lungs: air below {self.hu_threshold:g} HU enclosed by the body, of lung "
+                f"density; bounding box widened by {self.margin_mm:g} mm)")
 
 
 Region = Union[MaskRegion, BoxRegion, LungFieldRegion]
