@@ -110,6 +110,7 @@ def test_heldout_family_pairs_sit_in_the_heldout_slabs(cts):
         assert -760 < np.median(hu[mask]) < -340
 
 
+@pytest.mark.evaluation  # the shipped model on every lesion family (15-25 s): `make test-evaluation`
 def test_family_metrics_of_the_shipped_model_reach_the_evaluation_report(cts):
     from benchmarks.evaluate import lesion_family_report
     from tools.evaluate_demo_model import CARD_NAME, MODELS_DIR, lesion_family_metrics, load_shipped
