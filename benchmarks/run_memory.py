@@ -100,9 +100,11 @@ def report(data: Dict[str, Any], machine: Dict[str, str], command: str) -> str:
         "Inputs, in order: " + "; ".join(data["shapes"]) + ". Demo card with its defaults (the lung field; 8 flips "
         "and 7 half-patch shifts: 15 views per window). Peak RSS = the child's `ru_maxrss` (`os.wait4`). `run` holds "
         "one case's volumes, attention and maps at a time; what outlives a case is its summary record and the three "
-        "planes of its overlay. A case's own peak grows with its windows (the re-fusion cache keeps every view of "
-        "every window while the case is fused), so a run's peak is that of its largest case: the column *largest "
-        "alone* is the highest peak of the same inputs each run on its own.",
+        "planes of its overlay. `run` reads attention out batch by batch (`explain_volume(keep_cache=False)`), so no "
+        "re-fusion cache is kept; a case's own peak still grows with its size and windows (its volumes, the model "
+        "input, the lung field, the batch being captured and the windows' read-out maps), so a run's peak is that "
+        "of its largest case: the column *largest alone* is the highest peak of the same inputs each run on its "
+        "own.",
         "",
         "| inputs | method | exit | peak RSS (MiB) | largest alone (MiB) | wall (s) | s per input |",
         "|---:|---|---:|---:|---:|---:|---:|",
