@@ -58,7 +58,7 @@ gui-pythons: $(STAMP)
 ENGINE_TESTS := Testing/test_engine_reference.py Testing/test_engine_oracle_and_errors.py Testing/test_blockwise.py \
 	Testing/test_discard_cache.py Testing/test_volume.py Testing/test_volume_flips.py Testing/test_volume_shifts.py \
 	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py \
-	Testing/test_domain.py
+	Testing/test_domain.py Testing/test_swin.py
 SERIES_COMMON := torch==2.13.0 einops==0.8.2 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
 
 monai-series: $(STAMP)

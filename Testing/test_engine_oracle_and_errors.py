@@ -140,5 +140,5 @@ def test_nan_input_is_refused():
 
 
 def test_model_without_self_attention_is_refused():
-    with pytest.raises(AttentionMapError, match="model: Conv3d contains no MONAI self-attention block"):
+    with pytest.raises(AttentionMapError, match="model: Conv3d contains no attention block this tool can read"):
         explain(torch.nn.Conv3d(1, 1, 3), torch.rand(1, 1, 16, 16, 16))

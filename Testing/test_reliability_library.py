@@ -69,7 +69,7 @@ CASES = {
     ),
     "explain not a ViT": (
         lambda m, t: lib.explain(torch.nn.Conv3d(1, 1, 3), torch.zeros(1, 1, 16, 16, 16)),
-        "model: Conv3d contains no MONAI self-attention block",
+        "model: Conv3d contains no attention block this tool can read",
     ),
     "explain method": (
         lambda m, t: lib.explain(m, torch.zeros(1, 1, 16, 16, 16), method="cam"),

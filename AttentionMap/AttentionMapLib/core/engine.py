@@ -32,35 +32,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
 
 from ..errors import AttentionMapError
 from . import blockwise, methods
-from .capture import attention_blocks, hooked_attention
+from .capture import attention_blocks
 from .method_registry import get_method
+from .model_adapters import ModelSpec, adapter_for
 
 ATTENTION_PATHS = ("auto", "full", "blockwise")
 FULL_PATH_BUDGET_BYTES = 512 * 1024 ** 2
 """``auto`` takes the block-wise path when the full path's per-layer matrices would need more than this."""
 Query = Union[int, Sequence[int], None]
 Target = Union[int, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the explanation needs to know about a model's token grid."""
-
-    patch_size: Tuple[int, ...]
-    grid_shape: Tuple[int, ...]
-    img_size: Tuple[int, ...]
-    in_channels: int
-    num_layers: int
-    num_heads: int
-    has_cls: bool
-
-    @property
-    def num_patches(self) -> int:
-        return int(np.prod(self.grid_shape))
 
 
 @dataclass
@@ -76,6 +59,8 @@ class CapturedAttention:
     re-fusion, see :func:`readout`): ``sorted_fused[l]``, block ``l``'s fused entries sorted per sample
     ``(B, N*N)``, is made by :meth:`discard_cuts` on the first discard ratio for that block and kept
     (one more ``B * N^2`` float32 per block, as much again as ``layers``).
+    Windowed path (Swin, :mod:`.swin`): ``windows[l]`` is block ``l``'s :class:`swin.WindowLayout` and
+    ``layers[l]`` / ``relevances[l]`` are ``(B, windows, n, n)``, one ``n x n`` block per window.
     """
 
     spec: ModelSpec
@@ -88,6 +73,7 @@ class CapturedAttention:
     factors: Optional[List[blockwise.BlockFactors]] = None
     block_rows: Optional[int] = None
     keep_sorted: bool = False
+    windows: Optional[list] = None
     sorted_fused: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def discard_cuts(self, ratio: float, last: int) -> Optional[List[Optional[torch.Tensor]]]:
@@ -95,7 +81,7 @@ class CapturedAttention:
         read from ``sorted_fused`` (sorted on first use, O(N^2 log N) per block) in O(1): the value
         ``methods.discard_cut`` selects, so any later ratio costs no selection. None when not
         ``keep_sorted`` (the caller selects)."""
-        if not self.keep_sorted:
+        if not self.keep_sorted or self.windows is not None:
             return None
         if methods.discard_count(self.num_tokens ** 2, ratio) == 0:
             return [None] * (last + 1)
@@ -106,11 +92,17 @@ class CapturedAttention:
 
     @property
     def attention_path(self) -> str:
+        if self.windows is not None:
+            return "windowed"
         return "full" if self.factors is None else "blockwise"
 
     @property
     def has_gradients(self) -> bool:
         return self.relevances is not None if self.factors is None else self.factors[0].with_gradients
+
+    def row_tokens(self, last: int) -> int:
+        """Length of the readout row for blocks ``0..last``: N, or block ``last``'s stage tokens (windowed)."""
+        return self.num_tokens if self.windows is None else self.windows[last].num_tokens
 
     def _first(self) -> torch.Tensor:
         return self.layers[0] if self.factors is None else self.factors[0].hidden
@@ -125,7 +117,9 @@ class CapturedAttention:
 
     @property
     def num_tokens(self) -> int:
-        """N, the CLS token included."""
+        """N, the CLS token included (windowed path: the first stage's tokens)."""
+        if self.windows is not None:
+            return self.windows[0].num_tokens
         return int(self._first().shape[1 if self.factors is not None else -1])
 
 
@@ -148,64 +142,9 @@ class AttentionResult:
 
 def model_spec(model: torch.nn.Module, img_size: Optional[Sequence[int]] = None,
                input_size: Optional[Sequence[int]] = None) -> ModelSpec:
-    """Patch size, token grid and channel count read from the model's MONAI ``PatchEmbeddingBlock``.
-
-    ``img_size`` is taken from the argument, else from the model (``img_size`` of ViTAutoEnc,
-    ``feat_size * patch_size`` of UNETR), else from ``input_size`` (the spatial size of the input
-    at hand: a plain MONAI ViT does not store its ``img_size``; then only the patch count can be
-    checked), else from a cubic number of patches.
-    """
-    blocks = attention_blocks(model)
-    embedding = next((m for m in model.modules() if isinstance(m, PatchEmbeddingBlock)), None)
-    if embedding is None:
-        raise AttentionMapError(
-            f"model: {type(model).__name__} has no MONAI PatchEmbeddingBlock, so its tokens cannot be "
-            "placed on a grid; expected a MONAI ViT-based network"
-        )
-    patch_size, in_channels = _patch_geometry(embedding)
-    num_patches = int(embedding.n_patches)
-    img_size = _img_size(model, img_size, input_size, patch_size, num_patches)
-    grid = tuple(s // p for s, p in zip(img_size, patch_size))
-    if int(np.prod(grid)) != num_patches:
-        raise AttentionMapError(
-            f"x: spatial size {tuple(img_size)} with patch {patch_size} gives {int(np.prod(grid))} patches, "
-            f"but the model was built for {num_patches} (its img_size); resize or tile the volume first "
-            "(explain_volume does this)"
-        )
-    has_cls = any(isinstance(getattr(m, "cls_token", None), torch.nn.Parameter) for m in model.modules())
-    return ModelSpec(patch_size, grid, tuple(int(s) for s in img_size), in_channels, len(blocks),
-                     int(blocks[0].num_heads), has_cls)
-
-
-def _patch_geometry(embedding: PatchEmbeddingBlock) -> Tuple[Tuple[int, ...], int]:
-    projection = embedding.patch_embeddings
-    if isinstance(projection, torch.nn.Sequential):  # "perceptron": Rearrange then Linear
-        lengths = projection[0].axes_lengths
-        patch = tuple(int(lengths[f"p{i + 1}"]) for i in range(len(lengths)))
-        return patch, int(projection[1].in_features // np.prod(patch))
-    return tuple(int(k) for k in projection.kernel_size), int(projection.in_channels)
-
-
-def _img_size(model, img_size, input_size, patch_size, num_patches) -> Tuple[int, ...]:
-    if img_size is not None:
-        return tuple(int(s) for s in img_size)
-    for module in model.modules():
-        if getattr(module, "img_size", None) is not None:
-            return tuple(int(s) for s in module.img_size)
-        if getattr(module, "feat_size", None) is not None and getattr(module, "patch_size", None) is not None:
-            return tuple(int(f) * int(p) for f, p in zip(module.feat_size, module.patch_size))
-    if input_size is not None:
-        if len(input_size) != len(patch_size):
-            raise AttentionMapError(f"x: expected a torch tensor (B, C) + {len(patch_size)} spatial axes, "
-                                    f"got {len(input_size)} spatial axes {tuple(input_size)}")
-        return tuple(int(s) for s in input_size)
-    side = round(num_patches ** (1.0 / len(patch_size)))
-    if side ** len(patch_size) != num_patches:
-        raise AttentionMapError(
-            f"model: cannot tell the input size of a model with {num_patches} patches of {patch_size}; "
-            "pass img_size (e.g. from the model card's network args)"
-        )
-    return tuple(side * p for p in patch_size)
+    """The model's token grids, read by its adapter (:func:`model_adapters.adapter_for`). ``img_size``: the
+    argument, else what the model stores, else ``input_size`` (the spatial size of the input at hand)."""
+    return adapter_for(model).spec(model, img_size, input_size)
 
 
 def as_model_input(model: Any, x: Any) -> torch.Tensor:
@@ -272,6 +211,7 @@ def capture_attention(
     spec = model_spec(model, img_size, input_size=tuple(x.shape[2:]))
     _check_fusion(head_fusion, head, spec.num_heads)
     check_input(x, spec)
+    adapter = adapter_for(model)
     path = choose_attention_path(model, spec, int(x.shape[0]), with_gradients, attention_path)
     if path == "blockwise":
         try:
@@ -290,14 +230,21 @@ def capture_attention(
             # every captured graph (measured: about 50 MB per 8-crop call of the demo ViT)
             attention.register_hook(_relevance_hook(index, attention.detach(), relevances))
 
-    with hooked_attention(model, on_attention):
+    with adapter.hooked_attention(model, on_attention):
         logits, targets = _run(model, x, with_gradients, target)
     if any(f is None for f in fused):
         raise AttentionMapError("model: not every self-attention block ran in the forward pass")
     relevance_list = None
     if with_gradients:
         relevance_list = [r if r is not None else torch.zeros_like(f) for r, f in zip(relevances, fused)]
-    return CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head)
+    layouts = adapter.window_layouts(spec, model, x.device)
+    if layouts is not None:  # (B * windows, n, n) -> (B, windows, n, n)
+        def per_window(matrices):
+            return [m.reshape(int(x.shape[0]), -1, *m.shape[1:]) for m in matrices]
+        fused = per_window(fused)
+        relevance_list = None if relevance_list is None else per_window(relevance_list)
+    return CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head,
+                             windows=layouts)
 
 
 def _capture_factors(model, x, spec, head_fusion, head, with_gradients, target, block_rows) -> CapturedAttention:
@@ -340,6 +287,11 @@ def choose_attention_path(model: torch.nn.Module, spec: ModelSpec, batch: int, w
     """``full`` or ``blockwise`` for ``requested`` (auto | full | blockwise), see the module docstring."""
     if requested not in ATTENTION_PATHS:
         raise AttentionMapError(f"attention_path: expected one of {', '.join(ATTENTION_PATHS)}, got {requested!r}")
+    if not adapter_for(model).blockwise:
+        if requested == "blockwise":
+            raise AttentionMapError(f"attention_path: blockwise reads global (ViT) attention only; "
+                                    f"{type(model).__name__}'s windowed attention is read per window (use auto)")
+        return "full"
     if requested != "auto":
         return requested
     blocks = attention_blocks(model)
@@ -426,19 +378,21 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return int(layer) % num_layers
 
 
-def resolve_query(query: Query, spec: ModelSpec) -> Optional[int]:
-    """Flat patch index (C order over the grid) for an int or a grid index tuple."""
+def resolve_query(query: Query, spec: ModelSpec, block: int = 0) -> Optional[int]:
+    """Flat patch index (C order over the grid block ``block`` acts on) for an int or a grid index tuple."""
     if query is None:
         return None
+    grid = spec.block_grid(block)
+    count = int(np.prod(grid))
     if np.ndim(query) == 0:
         flat = int(query)
-        if not 0 <= flat < spec.num_patches:
-            raise AttentionMapError(f"query: expected a token index in 0..{spec.num_patches - 1}, got {query}")
+        if not 0 <= flat < count:
+            raise AttentionMapError(f"query: expected a token index in 0..{count - 1}, got {query}")
         return flat
     index = tuple(int(q) for q in query)
-    if len(index) != len(spec.grid_shape) or any(not 0 <= q < n for q, n in zip(index, spec.grid_shape)):
-        raise AttentionMapError(f"query: expected a grid index within {spec.grid_shape}, got {tuple(query)}")
-    return int(np.ravel_multi_index(index, spec.grid_shape))
+    if len(index) != len(grid) or any(not 0 <= q < n for q, n in zip(index, grid)):
+        raise AttentionMapError(f"query: expected a grid index within {grid}, got {tuple(query)}")
+    return int(np.ravel_multi_index(index, grid))
 
 
 def readout(
@@ -461,19 +415,19 @@ def readout(
     check_options(method, discard_ratio, normalize)
     spec = captured.spec
     last = resolve_layer(layer, spec.num_layers)
-    query_index = resolve_query(query, spec)
+    query_index = resolve_query(query, spec, last)
     entry = get_method(method)
     captured.keep_sorted = captured.keep_sorted or keep_sorted
     if entry.needs_gradients and not captured.has_gradients:
         raise AttentionMapError(f"method: {method} needs attention captured with gradients "
                                 "(capture_attention(..., with_gradients=True))")
-    tokens = captured.num_tokens
-    offset = 1 if tokens == spec.num_patches + 1 else 0
+    tokens = captured.row_tokens(last)
+    offset = 1 if captured.windows is None and tokens == spec.num_patches + 1 else 0
     row = methods.readout_vector(captured.batch_size, tokens, offset == 1,
                                  None if query_index is None else query_index + offset, captured.device, torch.float32)
     with torch.no_grad():
         vector = entry.readout_function()(captured, row, last, float(discard_ratio), offset == 1)
-    grid = vector[:, offset:].reshape((vector.shape[0],) + spec.grid_shape).cpu().numpy()
+    grid = vector[:, offset:].reshape((vector.shape[0],) + spec.grid_with(vector.shape[1] - offset)).cpu().numpy()
     return methods.normalize_map(grid, normalize)
 
 
@@ -495,12 +449,15 @@ def explain(
     :func:`capture.hooked_attention` and :func:`blockwise.hooked_factors`).
 
     Args:
-        model: a MONAI ViT-based network (ViT, UNETR, ViTAutoEnc, ... with SABlock attention).
+        model: a MONAI ViT-based network (ViT, UNETR, ViTAutoEnc, ... with SABlock attention) or a MONAI
+            SwinUNETR / SwinTransformer (windowed attention, :mod:`.swin`), or any kind with a registered
+            adapter (:mod:`.model_adapters`).
         x: ``(B, C, *img_size)`` torch tensor, any real dtype (cast to the model's parameter dtype, see
             :func:`as_model_input`).
         method: a name in :mod:`.method_registry`: ``raw`` (one block), ``rollout`` (Abnar & Zuidema
             2020), ``grad_rollout`` (Chefer, Gur & Wolf 2021).
-        layer: block index, Python style (0 = first, -1 = last); rollout methods use blocks 0..layer.
+        layer: block index, Python style (0 = first, -1 = last), counted in forward order across a Swin
+            model's stages; rollout methods use blocks 0..layer.
         head_fusion: ``mean`` | ``max`` | ``min`` over heads.
         head: one head 0..H-1 instead of fusing heads.
         discard_ratio: rollout: drop this fraction of each layer's weakest links, in [0, 1).
@@ -508,14 +465,16 @@ def explain(
             callable ``logits -> (B,)`` score; dense outputs use the mean of a channel (see
             :func:`target_scores`).
         query: read the row of one patch token (flat index or grid index; "what does this patch look
-            at") instead of CLS / the mean of rows.
+            at") instead of CLS / the mean of rows; for a Swin model an index on block ``layer``'s stage grid.
         normalize: ``minmax`` | ``percentile`` | ``none`` (see :func:`methods.normalize_map`).
         attention_path: ``auto`` (default), ``full`` (per-layer N x N matrices, flash attention off for
             the pass) or ``blockwise`` (per-layer block inputs, flash attention on; O(L * N * d)
-            memory), see the module docstring; both give the same map.
+            memory), see the module docstring; both give the same map. Swin models always take the
+            windowed path (per-window matrices).
 
     Returns:
-        AttentionResult: ``grid`` float32 ``(B, n1, n2, n3)`` in x's spatial axis order, logits, the
+        AttentionResult: ``grid`` float32 ``(B, n1, n2, n3)`` in x's spatial axis order (Swin: the first stage's
+        grid, ``raw`` the grid of block ``layer``'s stage), logits, the
         resolved layer and target, and the capture (for :func:`readout` with other options).
     """
     check_options(method, discard_ratio, normalize)
@@ -525,4 +484,4 @@ def explain(
     last = resolve_layer(layer, captured.spec.num_layers)
     grid = readout(captured, method, last, discard_ratio, query, normalize)
     return AttentionResult(grid, captured.logits, method, last, captured.target, head_fusion, head,
-                           resolve_query(query, captured.spec), normalize, captured)
+                           resolve_query(query, captured.spec, last), normalize, captured)
