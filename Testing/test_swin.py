@@ -319,7 +319,8 @@ def test_the_model_is_left_as_it_was():
     before = {name: p.clone() for name, p in model.state_dict().items()}
     explain(model, torch.randn(1, 1, 32, 32, 64), method="grad_rollout")
     assert model.training and all(b.use_checkpoint for b in blocks)
-    assert all(b.attn.use_flash_attention for b in blocks) or not all(flash)
+    if all(flash):  # MONAI >= 1.6 has the flag
+        assert all(b.attn.use_flash_attention for b in blocks)
     assert not any(b.attn.softmax._forward_hooks for b in blocks)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

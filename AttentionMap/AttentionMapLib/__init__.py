@@ -17,6 +17,7 @@ _LAZY = {
     "AttentionResult": "core.engine",
     "CapturedAttention": "core.engine",
     "readout": "core.engine",
+    "SegmentTarget": "core.segment",
     "explain_volume": "core.volume",
     "VolumeAttention": "core.volume",
     "AttentionGrid": "core.attention_grid",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # the lazy names as type checkers and IDEs see them (never im
     from .core.geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
     from .core.metrics import deletion_insertion, mask_statistics, pointing_game, score_volume
     from .core.preprocess import parse_preprocessing
+    from .core.segment import SegmentTarget
     from .core.volume import VolumeAttention, explain_volume
     from .io import read_volume, write_volume
     from .models import LoadedModel, load_model

@@ -38,12 +38,13 @@ from . import blockwise, methods
 from .capture import attention_blocks
 from .method_registry import get_method
 from .model_adapters import ModelSpec, adapter_for
+from .segment import SegmentTarget, check_not_empty, segment_region, segment_rows, segment_scores
 
 ATTENTION_PATHS = ("auto", "full", "blockwise")
 FULL_PATH_BUDGET_BYTES = 512 * 1024 ** 2
 """``auto`` takes the block-wise path when the full path's per-layer matrices would need more than this."""
 Query = Union[int, Sequence[int], None]
-Target = Union[int, Sequence[int], Callable[[torch.Tensor], torch.Tensor], None]
+Target = Union[int, Sequence[int], SegmentTarget, Callable[[torch.Tensor], torch.Tensor], None]
 
 
 @dataclass
@@ -61,6 +62,8 @@ class CapturedAttention:
     (one more ``B * N^2`` float32 per block, as much again as ``layers``).
     Windowed path (Swin, :mod:`.swin`): ``windows[l]`` is block ``l``'s :class:`swin.WindowLayout` and
     ``layers[l]`` / ``relevances[l]`` are ``(B, windows, n, n)``, one ``n x n`` block per window.
+    ``segment``: with a :class:`segment.SegmentTarget`, its region ``(B, *spatial)`` float on the output grid
+    (read out as the default row, see :func:`readout`), else None.
     """
 
     spec: ModelSpec
@@ -74,6 +77,7 @@ class CapturedAttention:
     block_rows: Optional[int] = None
     keep_sorted: bool = False
     windows: Optional[list] = None
+    segment: Optional[torch.Tensor] = None
     sorted_fused: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def discard_cuts(self, ratio: float, last: int) -> Optional[List[Optional[torch.Tensor]]]:
@@ -215,7 +219,8 @@ def capture_attention(
     path = choose_attention_path(model, spec, int(x.shape[0]), with_gradients, attention_path)
     if path == "blockwise":
         try:
-            return _capture_factors(model, x, spec, head_fusion, head, with_gradients, target, block_rows)
+            return _with_segment(_capture_factors(model, x, spec, head_fusion, head, with_gradients, target,
+                                                  block_rows), target)
         except blockwise.NotPlainAttention:
             if attention_path == "blockwise":
                 raise
@@ -243,8 +248,14 @@ def capture_attention(
             return [m.reshape(int(x.shape[0]), -1, *m.shape[1:]) for m in matrices]
         fused = per_window(fused)
         relevance_list = None if relevance_list is None else per_window(relevance_list)
-    return CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head,
-                             windows=layouts)
+    return _with_segment(CapturedAttention(spec, list(fused), relevance_list, logits, targets, head_fusion, head,
+                                           windows=layouts), target)
+
+
+def _with_segment(captured: CapturedAttention, target: Target) -> CapturedAttention:
+    if isinstance(target, SegmentTarget):
+        captured.segment = segment_region(captured.logits, target)
+    return captured
 
 
 def _capture_factors(model, x, spec, head_fusion, head, with_gradients, target, block_rows) -> CapturedAttention:
@@ -326,7 +337,11 @@ def primary_output(output) -> torch.Tensor:
 def resolve_target(logits: torch.Tensor, target: Target) -> Optional[List[int]]:
     """Output index per sample. Class logits ``(B, K)``: default the predicted class. Dense outputs
     ``(B, C, ...)`` (UNETR, ViTAutoEnc): default channel 1 if C > 1 (first foreground) else 0.
-    A callable target picks its own score, so no index is returned."""
+    A segment target (:class:`segment.SegmentTarget`, dense outputs) gives its channel. A callable target picks
+    its own score, so no index is returned."""
+    if isinstance(target, SegmentTarget):
+        segment_region(logits, target)  # checks the output, channel and mask
+        return [int(target.channel)] * int(logits.shape[0])
     if callable(target):
         return None
     batch, channels = int(logits.shape[0]), int(logits.shape[1])
@@ -344,8 +359,10 @@ def resolve_target(logits: torch.Tensor, target: Target) -> Optional[List[int]]:
 
 def target_scores(logits: torch.Tensor, targets: Optional[List[int]], target: Target) -> torch.Tensor:
     """Scalar per sample ``(B,)`` whose gradient defines the relevance: the class logit for ``(B, K)``
-    outputs; the mean of channel ``target`` over all positions for dense ``(B, C, ...)`` outputs;
-    or ``target(logits)`` for a callable target."""
+    outputs; the mean of channel ``target`` over all positions for dense ``(B, C, ...)`` outputs; the
+    channel summed over the region for a :class:`segment.SegmentTarget`; or ``target(logits)`` for a callable."""
+    if isinstance(target, SegmentTarget):
+        return segment_scores(logits, target)
     if callable(target):
         return target(logits)
     rows = torch.arange(logits.shape[0], device=logits.device)
@@ -408,7 +425,9 @@ def readout(
 
     ``method``: a name in :mod:`.method_registry` (built in: ``raw``: row(s) of block ``layer``;
     ``rollout``: blocks ``0..layer``; ``grad_rollout``: blocks ``0..layer``, needs a capture with
-    gradients). The row is the query token when given, else CLS, else the mean over all query rows.
+    gradients). The row is the query token when given, else a segment target's tokens
+    (:func:`segment.segment_rows`; Swin stage ``s`` has tokens of ``patch * 2**s`` voxels), else CLS, else the
+    mean over all query rows.
     ``keep_sorted`` (full path, for repeated re-fusion) sets ``captured.keep_sorted``: from then on
     rollout's discard cuts come from :meth:`CapturedAttention.discard_cuts`, the same grid as without.
     """
@@ -423,8 +442,14 @@ def readout(
                                 "(capture_attention(..., with_gradients=True))")
     tokens = captured.row_tokens(last)
     offset = 1 if captured.windows is None and tokens == spec.num_patches + 1 else 0
-    row = methods.readout_vector(captured.batch_size, tokens, offset == 1,
-                                 None if query_index is None else query_index + offset, captured.device, torch.float32)
+    if query_index is None and captured.segment is not None:
+        stage = spec.block_stages[last] if spec.block_stages else 0
+        row = segment_rows(captured.segment, spec.block_grid(last), [p * 2 ** stage for p in spec.patch_size],
+                           offset == 1).to(torch.float32)
+    else:
+        row = methods.readout_vector(captured.batch_size, tokens, offset == 1,
+                                     None if query_index is None else query_index + offset, captured.device,
+                                     torch.float32)
     with torch.no_grad():
         vector = entry.readout_function()(captured, row, last, float(discard_ratio), offset == 1)
     grid = vector[:, offset:].reshape((vector.shape[0],) + spec.grid_with(vector.shape[1] - offset)).cpu().numpy()
@@ -463,7 +488,9 @@ def explain(
         discard_ratio: rollout: drop this fraction of each layer's weakest links, in [0, 1).
         target: gradient methods: a class index (default the predicted class), one per sample, or a
             callable ``logits -> (B,)`` score; dense outputs use the mean of a channel (see
-            :func:`target_scores`).
+            :func:`target_scores`). "Why this segment": a :class:`segment.SegmentTarget` (channel and region of
+            a dense output; every method then reads the segment's tokens' rows, gradient methods also take the
+            gradient of the channel summed over the region).
         query: read the row of one patch token (flat index or grid index; "what does this patch look
             at") instead of CLS / the mean of rows; for a Swin model an index on block ``layer``'s stage grid.
         normalize: ``minmax`` | ``percentile`` | ``none`` (see :func:`methods.normalize_map`).
@@ -481,6 +508,8 @@ def explain(
     captured = capture_attention(model, x, head_fusion, head, with_gradients=get_method(method).needs_gradients,
                                  target=target,
                                  attention_path=attention_path)
+    if isinstance(target, SegmentTarget):
+        check_not_empty(captured.segment, target)
     last = resolve_layer(layer, captured.spec.num_layers)
     grid = readout(captured, method, last, discard_ratio, query, normalize)
     return AttentionResult(grid, captured.logits, method, last, captured.target, head_fusion, head,

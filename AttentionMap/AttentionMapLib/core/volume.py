@@ -45,7 +45,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ from .flips import check_flip_axes, mean_view_probabilities
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
-from .region import AppliedRegion, Region, hu_from_model_input, region_mask, token_mask
+from .region import AppliedRegion, BoxRegion, MaskRegion, Region, hu_from_model_input, region_mask, token_mask
+from .segment import SegmentTarget
 from .views import WindowView, window_views
 
 ProgressCallback = Callable[[float], None]
@@ -320,13 +321,14 @@ def _outputs_only(captured: CapturedAttention) -> _BatchOutputs:
 def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
            progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], done: int, total: int,
            reduce: Optional[Callable[[int, CapturedAttention], Any]] = None) -> list:
-    """Run `capture` on batches of `tiles`; progress and cancel checks between batches. ``reduce(first, captured)``
+    """Run ``capture(batch, rows)`` on batches of `tiles` (rows: the batch's slice of `tiles`); progress and cancel
+    checks between batches. ``reduce(first, captured)``
     (first: the batch's first window) replaces each capture by what it returns, so the capture can be freed."""
     results = []
     for first in range(0, len(tiles), batch_size):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {first} of {len(tiles)} windows")
-        captured = capture(torch.stack(tiles[first:first + batch_size]))
+        captured = capture(torch.stack(tiles[first:first + batch_size]), slice(first, first + batch_size))
         results.append(captured if reduce is None else reduce(first, captured))
         if progress is not None:
             progress((done + min(first + batch_size, len(tiles))) / total)
@@ -355,6 +357,26 @@ def decisive_window(window_probabilities: np.ndarray, target: Optional[int],
         window_probabilities = np.where(np.asarray(eligible)[:, None], window_probabilities, -np.inf)
     klass = int(window_probabilities.max(axis=0).argmax()) if target is None else int(target)
     return int(window_probabilities[:, klass].argmax())
+
+
+def _segment_on_input(target: SegmentTarget, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, image, spec,
+                      starts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A segment target's mask on the model-input grid (bool, nearest neighbour) and the mask (W,) of the windows
+    that meet it; an array mask must have the volume's (I, J, K) shape."""
+    mask = target.mask
+    if not isinstance(mask, (MaskRegion, BoxRegion)):
+        mask = np.asarray(mask)
+        if mask.shape != tuple(np.shape(array_ijk)[-3:]):
+            raise AttentionMapError(f"target: the segment mask has shape {mask.shape}; expected the volume's "
+                                    f"(I, J, K) {tuple(np.shape(array_ijk)[-3:])}, or a MaskRegion placed in RAS")
+        mask = MaskRegion(mask, ijk_to_ras, "segment")
+    voxels = region_mask(mask, image.as_tensor()[0].cpu().numpy(), image.affine.numpy())
+    meets = np.array([voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))].any() for s in starts],
+                     dtype=bool)
+    if not meets.any():
+        raise AttentionMapError(f"target: the segment ({mask.describe()}) does not meet the windows that run; "
+                                "expected a mask inside the volume (and inside the region, if one is given)")
+    return voxels, meets
 
 
 def _apply_region(region: Region, image, prep, spec, starts: np.ndarray) -> Tuple[AppliedRegion, np.ndarray]:
@@ -392,7 +414,7 @@ def explain_volume(
     head_fusion: str = "mean",
     head: Optional[int] = None,
     discard_ratio: float = 0.0,
-    target: Optional[int] = None,
+    target: Union[int, SegmentTarget, None] = None,
     normalize: str = "minmax",
     window_weighting: str = "probability",
     region: Optional[Region] = None,
@@ -418,7 +440,11 @@ def explain_volume(
         method, layer, head_fusion, head, discard_ratio, normalize: as in `engine.explain`.
         target: class (output index) to explain. In sliding-window mode a gradient method without a
             target first runs all windows without gradients to pick the class (highest window
-            probability).
+            probability). "Why this segment" (dense outputs): a `segment.SegmentTarget` whose mask is a
+            ``region.MaskRegion`` / ``region.BoxRegion`` in patient space, an array on this volume's grid
+            (``array_ijk``'s (I, J, K), > 0 inside), or None (each window's own segmentation of the channel):
+            the mask is carried onto the model input with the volume, only windows that meet it run, and each
+            window view reads its part of the mask (flipped and shifted with the view).
         window_weighting: "probability" (default) multiplies each window's map by that window's softmax
             probability of the target class (the given target, else the class with the highest window
             probability) before blending, so windows that do not see the class do not contribute (a
@@ -472,7 +498,14 @@ def explain_volume(
     if region is not None:
         applied, keep = _apply_region(region, image, prep, spec, starts)
         starts = starts[keep]
+    segment_voxels = None
+    if isinstance(target, SegmentTarget) and target.mask is not None:
+        segment_voxels, meets = _segment_on_input(target, array_ijk, ijk_to_ras, image, spec, starts)
+        starts = starts[meets]
     tiles = [volume[(slice(None), *(slice(a, a + w) for a, w in zip(s, spec.img_size)))] for s in starts]
+    segment_tiles = None if segment_voxels is None else [
+        torch.from_numpy(segment_voxels[tuple(slice(a, a + w) for a, w in zip(s, spec.img_size))]).float().to(device)
+        for s in starts]
     batch = len(tiles) if prep.mode == RESIZE else prep.sw_batch_size
     checked = None
     if domain is not None:
@@ -504,18 +537,26 @@ def explain_volume(
     two_sweeps = gradients and target is None and runs > 1
     total = runs * (2 if two_sweeps else 1)
 
+    def batch_target(view: WindowView, rows: slice) -> Any:
+        """The target of a batch of windows in one view: with a segment mask, the batch's part of it, viewed."""
+        if segment_tiles is None:
+            return target
+        return SegmentTarget(target.channel, torch.stack([view.window(m) for m in segment_tiles[rows]]))
+
     def sweep_views(capture: Callable, done: int, reduce: Optional[Callable] = None) -> list:
-        """Every view's sweep over the windows; reduce(view, first, captured) replaces each batch's capture."""
+        """Every view's sweep over the windows, ``capture(x, target)`` per batch; reduce(view, first, captured)
+        replaces each batch's capture."""
         results = []
         for number, view in enumerate(views):
             per_batch = None if reduce is None else (lambda first, captured, view=view: reduce(view, first, captured))
-            results += _sweep([view.window(t) for t in tiles], batch, capture, progress, cancel,
+            results += _sweep([view.window(t) for t in tiles], batch,
+                              lambda x, rows, view=view: capture(x, batch_target(view, rows)), progress, cancel,
                               done + number * len(tiles), total, per_batch)
         return results
 
     if two_sweeps:  # only the logits are kept: they pick the class
-        first = sweep_views(lambda x: capture_attention(model, x, head_fusion, head, img_size=spec.img_size), 0,
-                            lambda view, first, captured: _outputs_only(captured))
+        first = sweep_views(lambda x, _target: capture_attention(model, x, head_fusion, head, img_size=spec.img_size),
+                            0, lambda view, first, captured: _outputs_only(captured))
         window_probabilities = _class_outputs(first, temperature, len(views))[1]
         target = None if window_probabilities is None else int(window_probabilities.max(axis=0).argmax())
     fusion = {"method": method, "layer": last, "discard_ratio": discard_ratio}
@@ -531,7 +572,8 @@ def explain_volume(
         return _outputs_only(captured)
 
     captures = sweep_views(
-        lambda x: capture_attention(model, x, head_fusion, head, gradients, target, img_size=spec.img_size),
+        lambda x, batch_target: capture_attention(model, x, head_fusion, head, gradients, batch_target,
+                                                  img_size=spec.img_size),
         total - runs, None if keep_cache else read_out,
     )
     if keep_cache:
@@ -548,6 +590,8 @@ def explain_volume(
     resolved = captures[0].target
     if target is None and resolved is not None and gradients:
         target = resolved[0]
+    if isinstance(target, SegmentTarget):
+        target = target.channel
     weighting = window_weighting if window_logits is not None and len(tiles) > 1 else "none"
     if weighting == "probability":
         weighted_class = int(probabilities.argmax()) if target is None else int(target)
