@@ -337,6 +337,79 @@ def test_run_with_a_dense_output_model(scan, tmp_path):
     assert (out / "case1_overlay.png").stat().st_size > 0
 
 
+def _unetr_card(tmp_path, preprocessing) -> Path:
+    from monai.networks.nets import UNETR
+
+    args = {"in_channels": 1, "out_channels": 2, "img_size": 32, "feature_size": 8, "hidden_size": 32,
+            "mlp_dim": 32, "num_heads": 2}
+    folder = tmp_path / "unetr"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(UNETR(**args).state_dict(), folder / "weights.pt")
+    card = {"network": {"name": "UNETR", "args": args}, "weights": "weights.pt", "preprocessing": preprocessing}
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder / "card.json"
+
+
+def test_run_explains_a_segment_from_a_mask_a_box_or_the_networks_own_labels(scan, tmp_path):
+    """--target-class with --target-mask: the library's SegmentTarget over the mask placed in patient space, only
+    the windows meeting it run; --target-roi: a RAS box; alone: the network's own labels."""
+    from AttentionMapLib import SegmentTarget, explain_volume, load_model
+    from AttentionMapLib.core.region import MaskRegion
+
+    sliding = {**PREPROCESSING, "spatial": {"mode": "sliding_window", "overlap": 0.0}}
+    card = _unetr_card(tmp_path, sliding)
+    image, label = scan / "case1.nrrd", scan / "corner_label.nrrd"
+    corner = np.zeros(SHAPE, dtype=np.uint8)
+    corner[:6, :6, :6] = 1  # meets one window of four
+    write_volume(label, corner, oblique_affine())
+    common = ["--model", card, "--method", "grad_rollout", "--normalize", "none"]
+    assert run_cli("run", image, *common, "--output-dir", tmp_path / "all") == 0
+    assert run_cli("run", image, *common, "--target-class", "1", "--target-mask", label,
+                   "--output-dir", tmp_path / "mask") == 0
+    everything = json.loads((tmp_path / "all" / "summary.json").read_text())["cases"][0]
+    case = json.loads((tmp_path / "mask" / "summary.json").read_text())["cases"][0]
+    assert case["segment"]["channel"] == 1 and case["segment"]["region"].startswith("corner_label.nrrd")
+    assert everything["segment"] is None and (case["num_windows"], everything["num_windows"]) == (1, 4)
+    array, affine = read_volume(image)
+    mask, mask_affine = read_volume(label)
+    loaded = load_model(str(card))
+    expected = explain_volume(loaded.network, array, affine, loaded.preprocessing, img_size=loaded.img_size,
+                              method="grad_rollout", normalize="none",
+                              target=SegmentTarget(1, MaskRegion(mask, mask_affine)))
+    written, _ = read_volume(tmp_path / "mask" / "case1_attention.nrrd")
+    np.testing.assert_allclose(written, expected.grid, rtol=1e-5)
+
+    centre = apply_affine(affine, np.array([33.5, 11.5, 13.5]))  # the cube's centre
+    assert run_cli("run", image, *common, "--target-class", "1", "--target-roi", *centre, 8, 8, 8,
+                   "--output-dir", tmp_path / "roi") == 0
+    roi = json.loads((tmp_path / "roi" / "summary.json").read_text())["cases"][0]
+    assert roi["segment"]["region"].startswith("segment ROI") and roi["num_windows"] >= 1
+    assert run_cli("run", image, *common, "--target-class", "1", "--output-dir", tmp_path / "own") == 0
+    own = json.loads((tmp_path / "own" / "summary.json").read_text())["cases"][0]
+    assert own["segment"] == {"channel": 1, "region": "the network's own labels"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-mask", "LABEL"], "--target-mask / --target-roi: give the class to explain with --target-class"),
+    (["--target-class", "1", "--target", "1"], "--target-class: give either --target"),
+    (["--target-class", "1", "--target-mask", "LABEL", "LABEL"], "--target-mask: got 2 mask(s) for 1 input(s)"),
+])
+def test_bad_segment_options_exit_2_and_write_nothing(scan, tmp_path, capsys, extra, message):
+    card = _unetr_card(tmp_path, PREPROCESSING)
+    label = str(scan / "case1_label.nrrd")
+    argv = [a.replace("LABEL", label) for a in extra]
+    assert run_cli("run", scan / "case1.nrrd", "--model", card, *argv, "--output-dir", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_segment_of_a_classifier_is_refused_and_nothing_is_written(scan, oracle_card, tmp_path, capsys):
+    assert run_cli("run", scan / "case1.nrrd", "--model", oracle_card, "--target-class", "1",
+                   "--output-dir", tmp_path / "out") == 2
+    assert "a segment target needs a dense output" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _sliding_card(tmp_path, **extra) -> Path:
     torch.manual_seed(1)
     card = write_card(tmp_path / "sliding", ViT(**vit_args(32)), vit_args(32))

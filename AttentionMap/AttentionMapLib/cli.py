@@ -7,6 +7,7 @@
                   [--device auto|cpu|cuda|mps] [--normalize minmax|percentile|none]
                   [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
+                  [--target-class CLASS [--target-mask MASK... | --target-roi CX CY CZ SX SY SZ]]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
                   [--series-uid UID]
     attention-map sample-data [--cache-dir DIR]
@@ -16,6 +17,11 @@ size in mm) or ``--mask`` (a label volume per input, any grid: sampled by neares
 ``--roi none`` switches it off. Windows outside the region are not run and the map is 0 outside it.
 The summary gives one volume-level prediction per case: the highest (calibrated) probability of the
 target class over the windows, and the RAS centre of that window.
+
+Why this segment (segmentation networks: UNETR, SwinUNETR): ``--target-class`` names the class (output channel);
+its region is ``--target-mask`` (a label volume per input, any grid), ``--target-roi`` (a RAS box), or else the
+voxels the network itself labels with that class. Gradient methods take the gradient of the class's logit summed
+over the region, and every method reads the rows of the region's tokens; only windows meeting the region run.
 
 Layers are numbered from 1 (first block) to L (last), like the Slicer module's slider; negative numbers count from
 the end (-1 = last, the default); heads from 0 (see `numbering`). Exit status: 0 on success, 2 on bad input or an
@@ -110,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MASK",
         help="look only inside this label volume (voxels > 0; any grid, nearest neighbour), one per input",
     )
+    run.add_argument("--target-class", default=None, metavar="CLASS",
+                     help="why this segment: the class (name or output channel) of a segmentation network to "
+                          "explain over a region: --target-mask, --target-roi, or else the voxels the network itself "
+                          "labels with this class")
+    segment = run.add_mutually_exclusive_group()
+    segment.add_argument("--target-mask", nargs="+", default=None, metavar="MASK",
+                         help="the segment: a label volume per input (voxels > 0; any grid, nearest neighbour)")
+    segment.add_argument("--target-roi", nargs=6, type=float, default=None, metavar="V",
+                         help="the segment: a box, RAS centre and size in mm (CX CY CZ SX SY SZ)")
     run.add_argument("--output-dir", required=True, type=Path,
                      help="created if missing; files of this run replace same-named earlier results, others stay")
     run.add_argument("--series-uid", default=None, metavar="UID",
@@ -260,6 +275,7 @@ class Case:
     path: Path
     label_path: Optional[Path] = None
     mask_path: Optional[Path] = None  # --mask: this case's region
+    segment_path: Optional[Path] = None  # --target-mask: this case's segment
 
 
 @dataclass
@@ -274,10 +290,11 @@ class LoadedCase:
 
 
 def plan_cases(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
-               masks: Optional[Sequence[str]] = None) -> List[Case]:
-    """The cases of a command, their names and mask files checked (one label / mask per input); nothing is read."""
+               masks: Optional[Sequence[str]] = None, segments: Optional[Sequence[str]] = None) -> List[Case]:
+    """The cases of a command, their names and mask files checked (one label / mask / segment per input); nothing
+    is read."""
     paths = [Path(p) for p in inputs]
-    for option, given in (("--label", labels), ("--mask", masks)):
+    for option, given in (("--label", labels), ("--mask", masks), ("--target-mask", segments)):
         if given is not None and len(given) != len(paths):
             raise AttentionMapError(
                 f"{option}: got {len(given)} mask(s) for {len(paths)} input(s); expected one per input"
@@ -286,7 +303,8 @@ def plan_cases(inputs: Sequence[str], labels: Optional[Sequence[str]] = None,
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise AttentionMapError(f"{duplicates[0]}: several inputs share this case name; their outputs would collide")
-    return [Case(name, path, Path(labels[i]) if labels else None, Path(masks[i]) if masks else None)
+    return [Case(name, path, Path(labels[i]) if labels else None, Path(masks[i]) if masks else None,
+                 Path(segments[i]) if segments else None)
             for i, (name, path) in enumerate(zip(names, paths))]
 
 
@@ -312,6 +330,7 @@ def input_paths(args: argparse.Namespace) -> List[Path]:
     paths = [Path(p) for p in getattr(args, "inputs", None) or [args.input]]
     paths += [Path(p) for p in getattr(args, "label", None) or []]
     paths += [Path(p) for p in getattr(args, "mask", None) or []]
+    paths += [Path(p) for p in getattr(args, "target_mask", None) or []]
     return paths + ([Path(args.model)] if args.model != "demo" else [])
 
 
@@ -340,18 +359,64 @@ def roi_option(roi: Optional[Sequence[str]]) -> Any:
 
 def case_region(roi: Any, case: Case, loaded) -> Any:
     """A case's region: the --roi box, its --mask volume (read now), none (--roi none), else the card's default."""
-    from .core.region import MaskRegion, card_default_region
+    from .core.region import card_default_region
 
     if isinstance(roi, str):
         return None
     if roi is not None:
         return roi
     if case.mask_path is not None:
-        mask, ijk_to_ras = read_volume(case.mask_path)
-        if not np.any(mask > 0):
-            raise AttentionMapError(f"{case.mask_path}: the mask is empty (no voxel > 0)")
-        return MaskRegion(mask, ijk_to_ras, name=case.mask_path.name)
+        return _mask_region(case.mask_path)
     return card_default_region(loaded.card, loaded.source)
+
+
+def _mask_region(path: Path) -> Any:
+    """A label volume (voxels > 0) as a region placed in patient space; AttentionMapError when empty."""
+    from .core.region import MaskRegion
+
+    mask, ijk_to_ras = read_volume(path)
+    if not np.any(mask > 0):
+        raise AttentionMapError(f"{path}: the mask is empty (no voxel > 0)")
+    return MaskRegion(mask, ijk_to_ras, name=path.name)
+
+
+def segment_option(args: argparse.Namespace, loaded) -> Optional[int]:
+    """``--target-class``: the segment's class index, or None (no segment target); --target-mask / --target-roi
+    without it are refused."""
+    from .models import class_index
+
+    if args.target_class is None:
+        if args.target_mask is not None or args.target_roi is not None:
+            raise AttentionMapError("--target-mask / --target-roi: give the class to explain with --target-class")
+        return None
+    if args.target is not None:
+        raise AttentionMapError("--target-class: give either --target (a class) or --target-class (a segment)")
+    return class_index(args.target_class, loaded.classes, "--target-class")
+
+
+def case_target(channel: Optional[int], args: argparse.Namespace, case: Case, default: Any) -> Any:
+    """A case's target: the segment (its --target-mask, the --target-roi box, or the network's own labels) of
+    `channel`, else `default` (the --target / card class)."""
+    from .core.region import box_region
+    from .core.segment import SegmentTarget
+
+    if channel is None:
+        return default
+    if case.segment_path is not None:
+        return SegmentTarget(channel, _mask_region(case.segment_path))
+    if args.target_roi is not None:
+        return SegmentTarget(channel, box_region(args.target_roi[:3], args.target_roi[3:], name="segment ROI"))
+    return SegmentTarget(channel)
+
+
+def segment_description(target: Any) -> Optional[Dict[str, Any]]:
+    """The summary's account of a segment target (None for a class target)."""
+    from .core.segment import SegmentTarget
+
+    if not isinstance(target, SegmentTarget):
+        return None
+    where = "the network's own labels" if target.mask is None else target.mask.describe()
+    return {"channel": int(target.channel), "region": where}
 
 
 def check_volume_for_model(volume: LoadedCase, loaded) -> None:
@@ -366,14 +431,16 @@ def check_volume_for_model(volume: LoadedCase, loaded) -> None:
 
 
 def check_cases(cases: Sequence[Case], roi: Any, loaded, series_uid: Optional[str]) -> List[Optional[str]]:
-    """Read and check every input, label and mask before anything is computed; returns each case's region
-    description. Nothing is kept: `run` reads each case again when its turn comes, so that one case's volumes
-    are held at a time."""
+    """Read and check every input, label, mask and segment mask before anything is computed; returns each case's
+    region description. Nothing is kept: `run` reads each case again when its turn comes, so that one case's
+    volumes are held at a time."""
     descriptions = []
     for case in cases:
         check_volume_for_model(load_case(case, series_uid), loaded)
         region = case_region(roi, case, loaded)
         descriptions.append(None if region is None else region.describe())
+        if case.segment_path is not None:
+            _mask_region(case.segment_path)
     return descriptions
 
 
@@ -393,7 +460,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .models import load_model, resolve_device
     from .render import joint_range, write_montage, write_overlay
 
-    cases = plan_cases(args.inputs, args.label, args.mask)
+    cases = plan_cases(args.inputs, args.label, args.mask, args.target_mask)
     roi = roi_option(args.roi)
     names = output_names(cases, args.resample)
     inputs = input_paths(args)
@@ -404,13 +471,16 @@ def run_command(args: argparse.Namespace) -> int:
                "flip_axes": flip_axes_option(args.flip_average, loaded),
                "shift_average": shift_average_from_spec(args.shift_average, loaded.card, loaded.source)}
     domain = card_domain(loaded.card, loaded.source)
+    channel = segment_option(args, loaded)
     regions = check_cases(cases, roi, loaded, args.series_uid)
     records, pictures = [], []
     with staged_folder(output_dir, names, inputs) as staging:
         for case in tqdm(cases, desc="cases", unit="case", disable=None):
             region = case_region(roi, case, loaded)
-            record, picture, device = _run_case(loaded, case, args, {**options, "region": region, "domain": domain},
-                                                device, staging, output_dir)
+            target = case_target(channel, args, case, options["target"])
+            record, picture, device = _run_case(loaded, case, args, {**options, "region": region, "domain": domain,
+                                                                     "target": target}, device, staging, output_dir)
+            record["segment"] = segment_description(target)
             records.append(record)
             pictures.append(picture)
         # normalised maps share the scale their normalisation defines (percentile saturates above 1)
