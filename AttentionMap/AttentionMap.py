@@ -77,7 +77,7 @@ FUSE_AGAIN_DELAY_MS = 60  # changes arriving faster (slider drags, point drags) 
 FUSE_AGAIN_FIELDS = ("method", "layer", "discardRatio", "normalize", "queryPoint")
 DISPLAY_FIELDS = ("opacity", "threshold", "colorNode", "show3D")
 RERUN_FIELDS = ("inputVolume", "modelKind", "modelPath", "headFusion", "head", "targetClass", "device",
-                "testTimeAveraging")
+                "testTimeAveraging", "explainSegment", "targetSegmentation", "targetSegmentId")
 
 
 class AttentionMap(ScriptedLoadableModule):
@@ -161,6 +161,16 @@ class AttentionMapParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     segmentation: vtkMRMLSegmentationNode
     statisticsTable: vtkMRMLTableNode
+    # why this segment: the target class over one segment (targetSegmentSelector, a qMRMLSegmentSelectorWidget: no
+    # parameterNodeWrapper connector exists for it in Slicer v5.12.3 Base/Python/slicer/parameterNodeWrapper/
+    # guiConnectors.py, so the widget keeps these two in step by its signals), or over the network's own labels
+    explainSegment: bool = False
+    targetSegmentation: vtkMRMLSegmentationNode
+    targetSegmentId: str = ""
+
+
+def _nodeId(node) -> str:
+    return node.GetID() if node is not None else ""
 
 
 class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -200,6 +210,9 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statisticsButton.connect("clicked(bool)", self.onStatisticsButton)
         self.ui.scoreButton.connect("clicked(bool)", self.onScoreButton)
         self.ui.targetComboBox.connect("currentIndexChanged(int)", self.onTargetChanged)
+        # qMRMLSegmentSelectorWidget signals (Slicer v5.12.3 Libs/MRML/Widgets/qMRMLSegmentSelectorWidget.h:150-151)
+        self.ui.targetSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTargetSegmentChanged)
+        self.ui.targetSegmentSelector.connect("currentSegmentChanged(QString)", self.onTargetSegmentChanged)
         self.ui.queryPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.queryPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.ui.progressBar.setVisible(False)
@@ -289,6 +302,7 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.trustBundleCheckBox.checked != self.logic.bundleTrusted(p):  # another model: trust is gone
             self.ui.trustBundleCheckBox.checked = self.logic.bundleTrusted(p)
         self.ui.headSpinBox.enabled = p.headFusion == "single head"
+        self._showTargetSegment(p)
         self.ui.statisticsButton.enabled = bool(p.segmentation) and self.logic.result is not None
         self.ui.scoreButton.enabled = scoring or (self._job is None and self.logic.result is not None)
         self.ui.scoreButton.text = _("Cancel scoring") if scoring else _("Score the map")
@@ -341,6 +355,25 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return  # placed again: the older point was removed, whose event re-fuses
         if self._jobKind != "explain" and self.logic.result is not None:
             self._fuseAgainTimer.start()
+
+    def onTargetSegmentChanged(self, *_args) -> None:
+        """The segment selector changed: copy its segmentation node and segment ID into the parameter node."""
+        p, selector = self._parameterNode, self.ui.targetSegmentSelector
+        if p is None:
+            return
+        if _nodeId(p.targetSegmentation) != (selector.currentNodeID() or ""):  # no Modified event when unchanged
+            p.targetSegmentation = selector.currentNode()
+        if p.targetSegmentId != (selector.currentSegmentID() or ""):
+            p.targetSegmentId = selector.currentSegmentID() or ""
+
+    def _showTargetSegment(self, p: AttentionMapParameterNode) -> None:
+        """The segment selector shows the parameter node's segment (a loaded scene, another parameter node)."""
+        selector = self.ui.targetSegmentSelector
+        selector.enabled = self.ui.targetSegmentLabel.enabled = p.explainSegment
+        if (selector.currentNodeID() or "") != _nodeId(p.targetSegmentation):
+            selector.setCurrentNode(p.targetSegmentation)
+        if p.targetSegmentId and selector.currentSegmentID() != p.targetSegmentId:
+            selector.setCurrentSegmentID(p.targetSegmentId)
 
     def onTargetChanged(self, index: int) -> None:
         if self._parameterNode is not None:
@@ -715,6 +748,7 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
             trust_bundle=self.bundleTrusted(p),
             device=p.device,
             region=self.regionSpec(p, array, ijkToRas),
+            segment=self.segmentSpec(p, array, ijkToRas),
         )
 
     @staticmethod
@@ -723,6 +757,14 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         if p.region is not None:
             return mrml.region_from_node(p.region, array.shape[-3:], ijkToRas)
         return "default" if p.useDefaultRegion else "none"
+
+    @staticmethod
+    def segmentSpec(p: AttentionMapParameterNode, array: np.ndarray, ijkToRas: np.ndarray):
+        """Why this segment as plain data for the worker (mrml.segment_target_spec), or None when off."""
+        if not p.explainSegment:
+            return None
+        return mrml.segment_target_spec(p.targetClass, p.targetSegmentation, p.targetSegmentId or None,
+                                        array.shape[-3:], ijkToRas)
 
     def applyResult(self, result: worker.ExplainResult, p: AttentionMapParameterNode):
         """Main thread: write the result into the output node (reused or new) and show it."""

@@ -576,3 +576,30 @@ def test_segmentation_becomes_a_mask_on_the_input_grid(slicer_scene):
     assert mrml.region_from_node(None, SHAPE, ct_affine()) is None
     with pytest.raises(AttentionMapError, match="markups ROI or a segmentation"):
         mrml.region_from_node(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), SHAPE, ct_affine())
+
+
+def test_a_chosen_segment_becomes_the_segment_target_on_the_input_grid(slicer_scene):
+    """Why this segment from a segmentation node: one segment (by ID, or the only one) rasterised on the input's
+    grid becomes the worker's segment spec, and that spec the library's SegmentTarget over a MaskRegion."""
+    from AttentionMapLib.core.region import MaskRegion, region_from_spec
+
+    scene = slicer_scene.scene
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "findings")
+    ids = [segmentation.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(_box_mask(box), ct_affine()), name,
+                                                                   [0.0, 1.0, 0.0])
+           for name, box in (("nodule", CUBE), ("other", OTHER))]
+    spec = mrml.segment_target_spec("lesion", segmentation, ids[0], SHAPE, ct_affine())
+    assert spec["class"] == "lesion" and spec["region"]["name"] == "nodule"
+    assert np.array_equal(spec["region"]["mask"], _box_mask(CUBE).astype(bool))
+    assert isinstance(region_from_spec(spec["region"], None), MaskRegion)
+    assert mrml.segment_target_spec(1, None, None, SHAPE, ct_affine()) == {"class": 1, "region": None}
+    with pytest.raises(AttentionMapError, match="holds 2 segments; choose one"):
+        mrml.segment_target_spec(1, segmentation, None, SHAPE, ct_affine())
+    with pytest.raises(AttentionMapError, match="choose the target class"):
+        mrml.segment_target_spec("", segmentation, ids[0], SHAPE, ct_affine())
+    far = np.eye(4)
+    far[:3, 3] = 1000.0
+    lost = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lost")
+    lost.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(_box_mask(CUBE), far), "far", [0, 1, 0])
+    with pytest.raises(AttentionMapError, match="segment 'far' has no voxel inside the input volume"):
+        mrml.segment_target_spec(1, lost, None, SHAPE, ct_affine())

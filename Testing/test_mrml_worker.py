@@ -715,3 +715,39 @@ def test_the_demo_card_refuses_a_scan_without_lungs_in_the_worker_and_keeps_serv
     prediction = done.value.attention.prediction
     assert prediction["probability"] is None and prediction["confident"] is False
     assert prediction["domain"]["summary"].startswith("unlike the training scans: no lungs")
+
+
+def test_a_segment_target_reaches_the_worker_as_a_mask_a_box_or_the_networks_own_labels(tmp_path, shared):
+    """Why this segment in the worker: the same result as explain_volume with the SegmentTarget, for a mask (sent
+    as a scratch file and removed), a box, and the network's own labels of the class."""
+    from monai.networks.nets import UNETR
+
+    from AttentionMapLib.core.region import BoxRegion, MaskRegion
+    from AttentionMapLib.core.segment import SegmentTarget
+
+    args = {"in_channels": 1, "out_channels": 2, "img_size": list(IMG_SIZE), "feature_size": 8, "hidden_size": 32,
+            "mlp_dim": 32, "num_heads": 2}
+    torch.manual_seed(0)
+    model = UNETR(**{**args, "img_size": IMG_SIZE}).eval()
+    torch.save(model.state_dict(), tmp_path / "unetr.pt")
+    card = {"network": {"name": "UNETR", "args": args}, "weights": "unetr.pt", "preprocessing": PREPROCESSING,
+            "classes": ["background", "lesion"]}
+    (tmp_path / "unetr.json").write_text(json.dumps(card))
+    array, affine = volume()
+    mask = np.zeros(array.shape, np.uint8)
+    mask[20:28, 2:10, 6:14] = 1  # only the second window holds it
+    cases = [({"class": "lesion", "region": {"kind": "mask", "mask": mask, "ijk_to_ras": affine, "name": "lesion"}},
+              SegmentTarget(1, MaskRegion(mask, affine, "lesion")), 1),
+             ({"class": 1, "region": {"kind": "box", "centre_ras": [33.0, 2.0, 18.0], "size_mm": [6.0, 6.0, 6.0]}},
+              SegmentTarget(1, BoxRegion((33.0, 2.0, 18.0), (6.0, 6.0, 6.0))), 1),
+             ({"class": 1, "region": None}, SegmentTarget(1), 2)]
+    for segment, target, windows in cases:
+        final = explain_job(str(tmp_path / "unetr.json"), array, affine, {"method": "grad_rollout"}, device="cpu",
+                            worker=shared, region="none", segment=segment).wait(120)
+        assert final.kind == DONE, final.value
+        direct = explain_volume(model, array, affine, PREPROCESSING, img_size=IMG_SIZE, method="grad_rollout",
+                                target=target)
+        attention = final.value.attention
+        np.testing.assert_allclose(attention.grid, direct.grid, atol=1e-6)
+        assert attention.num_windows == direct.num_windows == windows and attention.target == 1
+        assert sorted(os.listdir(shared.folder)) == [".owner", "worker.log"]

@@ -280,7 +280,8 @@ def test_every_mrml_widget_gets_the_scene():
     tree = ElementTree.parse(UI_FILE)
     receivers = {c.find("receiver").text for c in tree.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
-    combos = {name for name, (cls, _) in ui_widgets().items() if cls == "qMRMLNodeComboBox"}
+    combos = {name for name, (cls, _) in ui_widgets().items()
+              if cls in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget")}
     assert combos and combos == receivers, f"without setMRMLScene: {combos - receivers}"
     root = tree.getroot().find("widget")
     assert root.get("class") == "qMRMLWidget" and root.get("name") == "AttentionMap"

@@ -342,6 +342,29 @@ def region_from_node(node: Any, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray
     raise AttentionMapError(f"region: expected a markups ROI or a segmentation node, got {node.GetClassName()}")
 
 
+def segment_target_spec(target_class: Any, segmentation_node: Any, segment_id: Optional[str],
+                        shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> Dict[str, Any]:
+    """'Why this segment' as plain data for `worker.explain_job(segment=...)`: the class (name or index) and the
+    segment rasterised on the input's grid (`segment_mask`), or no region (the network's own labels of the class)
+    when no segmentation is chosen. ``segment_id`` None: the segmentation's only segment (several: refused)."""
+    if target_class is None or str(target_class).strip() == "":
+        raise AttentionMapError("why this segment: choose the target class to explain (run the model once to fill "
+                                "the class list, or type it in the model card's classes)")
+    if segmentation_node is None:
+        return {"class": target_class, "region": None}
+    ids = _segment_ids(segmentation_node, None if segment_id is None else [segment_id])
+    if len(ids) != 1:
+        raise AttentionMapError(f"why this segment: segmentation '{segmentation_node.GetName()}' holds {len(ids)} "
+                                "segments; choose one")
+    mask = segment_mask(segmentation_node, ids[0], shape_ijk, ijk_to_ras)
+    name = segmentation_node.GetSegmentation().GetSegment(ids[0]).GetName()
+    if not mask.any():
+        raise AttentionMapError(f"why this segment: segment '{name}' has no voxel inside the input volume")
+    return {"class": target_class,
+            "region": {"kind": "mask", "mask": mask, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64),
+                       "name": name}}
+
+
 # ---------------------------------------------------------------- segment statistics
 
 def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],

@@ -535,7 +535,8 @@ def _plain_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray,
                 explain_options: Optional[Dict[str, Any]] = None, trust_bundle: bool = False,
                 device: str = "auto", worker: Optional[WorkerProcess] = None,
-                timeout: Optional[float] = None, region: Any = "default") -> WorkerJob:
+                timeout: Optional[float] = None, region: Any = "default",
+                segment: Optional[Dict[str, Any]] = None) -> WorkerJob:
     """Explain a volume in the worker: load the model (cached there), run volume.explain_volume.
 
     ``array_ijk`` (I, J, K) or (C, I, J, K) is written to the worker's scratch folder here (straight
@@ -547,6 +548,8 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     (`flips.flip_axes_from_spec`): absent or "default" (the card's default_flip_axes), "none", or axes;
     ``explain_options["shift_average"]`` (`shifts.shift_average_from_spec`): absent or "default" (the card's
     default_shift_average), "on", "off" or a bool.
+    ``segment`` ("why this segment", `segment.SegmentTarget`): {"class": index or name, "region": a box or mask
+    spec as ``region`` takes, or None for the network's own labels}; it replaces ``explain_options["target"]``.
     The card's calibration is applied in the worker.
     The result is an ExplainResult (plain data).
     """
@@ -557,14 +560,23 @@ def explain_job(model_source: str, array_ijk: np.ndarray, ijk_to_ras: np.ndarray
     if worker.job is not None and not worker.job.finished:
         raise AttentionMapError("worker: a job is still running; one job at a time (cancel it or wait)")
     path = protocol.save_input(np.asarray(array_ijk), worker.folder, f"input-{worker._next_id}")
-    if isinstance(region, dict) and "mask" in region:
-        mask_path = protocol.save_input(np.asarray(region["mask"], dtype=np.uint8), worker.folder,
-                                        f"region-{worker._next_id}")
-        region = {**{k: v for k, v in region.items() if k != "mask"}, "mask_path": mask_path}
+    region = _mask_to_file(region, worker, "region")
     header = {"op": "explain", "model_source": str(model_source), "trust_bundle": bool(trust_bundle),
               "device": device, "options": _plain_options(explain_options), "input": path,
               "ijk_to_ras": affine.tolist(), "region": _plain_options(region) if isinstance(region, dict) else region}
+    if segment is not None:
+        where = _mask_to_file(segment.get("region"), worker, "segment")
+        header["segment"] = {"class": segment["class"],
+                             "region": _plain_options(where) if isinstance(where, dict) else None}
     return WorkerJob(worker, header, _explain_result, timeout, input_path=path)
+
+
+def _mask_to_file(spec: Any, worker: WorkerProcess, prefix: str) -> Any:
+    """A region spec whose mask array is written to the worker's scratch folder (its path sent instead)."""
+    if not (isinstance(spec, dict) and "mask" in spec):
+        return spec
+    path = protocol.save_input(np.asarray(spec["mask"], dtype=np.uint8), worker.folder, f"{prefix}-{worker._next_id}")
+    return {**{k: v for k, v in spec.items() if k != "mask"}, "mask_path": path}
 
 
 def fuse_again_job(attention: AttentionData, fusion_options: Dict[str, Any], worker: Optional[WorkerProcess] = None,

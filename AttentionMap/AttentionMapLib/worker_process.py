@@ -100,6 +100,13 @@ def model_message(model: Any, device: str) -> Dict[str, Any]:
             "notes": list(model.notes), "device": device}
 
 
+def _with_mask(spec: Any) -> Any:
+    """A region spec from the GUI with its mask read back (and removed) from the scratch file it names."""
+    if isinstance(spec, dict) and "mask_path" in spec:
+        return {**spec, "mask": protocol.load_input(spec["mask_path"])}
+    return spec
+
+
 class WorkerServer:
     """Serves the requests of one GUI connection until it closes."""
 
@@ -206,13 +213,12 @@ class WorkerServer:
         from .core.domain import card_domain
         from .core.flips import flip_axes_from_spec
         from .core.region import region_from_spec
+        from .core.segment import SegmentTarget
         from .core.shifts import shift_average_from_spec
         from .core.volume import explain_volume
         from .models import class_index
 
-        region = header.get("region", "default")
-        if isinstance(region, dict) and "mask_path" in region:
-            region = {**region, "mask": protocol.load_input(region["mask_path"])}
+        region = _with_mask(header.get("region", "default"))
         array = protocol.load_input(header["input"])
         ijk_to_ras = np.asarray(header["ijk_to_ras"], dtype=np.float64)
         device = resolve_device(header.get("device", "auto"))
@@ -220,6 +226,11 @@ class WorkerServer:
         options = dict(header.get("options") or {})
         target = options.get("target")  # None: the card's default (itself None: the predicted class)
         options["target"] = model.target if target is None else class_index(target, model.classes, model.source)
+        segment = header.get("segment")
+        if segment is not None:  # why this segment: the class over a box / mask, or over the network's own labels
+            where = _with_mask(segment.get("region"))
+            options["target"] = SegmentTarget(class_index(segment["class"], model.classes, model.source),
+                                              None if where is None else region_from_spec(where, None, "segment"))
         self._last = None  # a failed or cancelled run leaves nothing to re-fuse
         options["region"] = region_from_spec(region, model.card, model.source)
         options["flip_axes"] = flip_axes_from_spec(options.get("flip_axes", "default"), model.card, model.source)
