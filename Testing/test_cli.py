@@ -390,6 +390,29 @@ def test_run_explains_a_segment_from_a_mask_a_box_or_the_networks_own_labels(sca
     assert own["segment"] == {"channel": 1, "region": "the network's own labels"}
 
 
+def test_run_explains_a_swinunetr_segment_from_its_card(scan, tmp_path):
+    """A SwinUNETR card (img_size at the card's top level) runs end to end: its own labels of class 1 and a mask."""
+    from monai.networks.nets import SwinUNETR
+
+    args = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "depths": [1, 1, 1, 1],
+            "num_heads": [3, 3, 3, 3], "window_size": [4, 4, 4], "norm_name": "batch"}
+    folder = tmp_path / "swin"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(SwinUNETR(**args).state_dict(), folder / "weights.pt")
+    card = {"network": {"name": "SwinUNETR", "args": args}, "weights": "weights.pt", "img_size": [32, 32, 32],
+            "preprocessing": {**PREPROCESSING, "spatial": {"mode": "sliding_window", "overlap": 0.0}},
+            "classes": ["background", "cube"]}
+    (folder / "card.json").write_text(json.dumps(card))
+    for extra in (["--target-class", "cube"], ["--target-class", "1", "--target-mask", scan / "case1_label.nrrd"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert run_cli("run", scan / "case1.nrrd", "--model", folder / "card.json", "--method", "grad_rollout",
+                       *extra, "--output-dir", out) == 0
+        case = json.loads((out / "summary.json").read_text())["cases"][0]
+        assert case["target"] == 1 and case["segment"]["channel"] == 1
+        assert case["grid_shape"] == [24, 20, 16]  # the RAS-reoriented input padded to 32-voxel windows, 2-voxel tokens
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--target-mask", "LABEL"], "--target-mask / --target-roi: give the class to explain with --target-class"),
     (["--target-class", "1", "--target", "1"], "--target-class: give either --target"),

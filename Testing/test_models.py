@@ -285,3 +285,51 @@ def test_pt_checkpoints_are_refused_on_torch_before_2_6_and_safetensors_load_eve
     assert_same_weights(load_model(str(write_card(tmp_path, "model.safetensors"))).network, reference)
     assert json.loads(DEMO_CARD.read_text())["weights"].endswith(".safetensors")  # the demo loads on any torch
     assert load_model("demo").network is not None
+
+
+SWIN_ARGS = {"in_channels": 1, "out_channels": 3, "feature_size": 12, "depths": [1, 1, 1, 1],
+             "num_heads": [3, 3, 3, 3], "window_size": [4, 4, 4], "norm_name": "batch"}
+
+
+def test_a_swinunetr_card_loads_with_its_img_size_and_its_memory_is_estimated(tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    from AttentionMapLib.model_cards import check_swin_args, estimate_swin_memory
+
+    torch.manual_seed(0)
+    reference = SwinUNETR(**SWIN_ARGS)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    card = {"network": {"name": "SwinUNETR", "args": SWIN_ARGS}, "weights": "model.pt", "img_size": [32, 32, 64],
+            "preprocessing": PREPROCESSING, "classes": ["background", "nodule", "vessel"]}
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    loaded = load_model(str(tmp_path / "card.json"))
+    assert type(loaded.network) is SwinUNETR and loaded.img_size == (32, 32, 64)
+    assert_same_weights(loaded.network, reference)
+    from AttentionMapLib.module_logic import card_summary
+
+    assert card_summary(tmp_path / "card.json") == (["background", "nodule", "vessel"], 4, 3)  # the module's ranges
+    for args in (SWIN_ARGS, {"in_channels": 4, "out_channels": 14, "feature_size": 48}):
+        values = check_swin_args(args, 96)
+        counted = estimate_swin_memory(values, None)["parameters"] / 8
+        actual = sum(p.numel() for p in SwinUNETR(**args).parameters())
+        assert abs(counted - actual) / actual < 0.01, (args, counted, actual)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"img_size": [32, 32, 48]}, r"img_size: \[32, 32, 48\] must be divisible by patch_size \*\* 5 = 32"),
+    ({"img_size": None}, "network.args.img_size: expected a positive integer or a list of three"),
+    ({"args": {"feature_size": 20}}, "network.args.feature_size: expected a multiple of 12"),
+    ({"args": {"num_heads": [5, 3, 3, 3]}}, "network.args.num_heads: 5 heads do not divide stage 0's 12 channels"),
+    ({"args": {"depths": [2, 2, 2]}}, "network.args.depths: expected a list of four integers"),
+    ({"args": {"use_hyena": True}}, r"unknown argument\(s\) \['use_hyena'\]"),
+    ({"args": {"window_size": 0}}, "network.args.window_size: expected an integer or a list of three"),
+    ({"img_size": [512, 512, 512], "args": {"feature_size": 48}}, "the card would need about"),
+])
+def test_bad_swinunetr_cards_are_refused_naming_the_field(tmp_path, change, message):
+    args = {**SWIN_ARGS, "patch_size": 2, **change.get("args", {})}
+    card = {"network": {"name": "SwinUNETR", "args": args}, "weights": "model.pt",
+            "img_size": change.get("img_size", [64, 64, 64]), "preprocessing": PREPROCESSING}
+    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(AttentionMapError, match=message):
+        load_model(str(tmp_path / "card.json"))

@@ -110,6 +110,109 @@ def check_network_args(name: str, args: Mapping[str, Any]) -> Dict[str, Any]:
     return values
 
 
+# SwinUNETR (MONAI 1.5.2 / 1.6.1 signatures): the constructor arguments a card may give, as JSON
+_SWIN_DEFAULTS: Dict[str, Any] = {
+    "patch_size": 2, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "qkv_bias": True,
+    "mlp_ratio": 4.0, "feature_size": 24, "norm_name": "instance", "drop_rate": 0.0, "attn_drop_rate": 0.0,
+    "dropout_path_rate": 0.0, "normalize": True, "patch_norm": False, "use_checkpoint": False, "spatial_dims": 3,
+    "downsample": "merging", "use_v2": False}
+_SWIN_BOOLS = ("qkv_bias", "normalize", "patch_norm", "use_checkpoint", "use_v2", "use_flash_attention")
+SWIN_DECODER_PARAMETERS_PER_F2 = 23_510
+"""SwinUNETR's convolutional decoder has about this many parameters per feature_size^2 (MONAI 1.6.1: 23,492-23,502
+for feature sizes 12-48 and 1-4 input, 2-14 output channels)."""
+SWIN_ACTIVATION_FLOATS_PER_VOXEL_FEATURE = 34
+"""Forward + backward activations of SwinUNETR per input voxel and feature_size (benchmarks/bench_swin.py: 96^3,
+feature size 48, 5,292 MiB: 32.7)."""
+
+
+def check_swin_args(args: Mapping[str, Any], img_size: Any) -> Dict[str, Any]:
+    """Types and ranges of a SwinUNETR card's network.args and its top-level ``img_size`` (the window the network
+    runs on: SwinUNETR does not take it, and needs it divisible by patch_size ** 5). Raises AttentionMapError
+    naming the field; returns the values with defaults filled in."""
+    accepted = ["in_channels", "out_channels", *_SWIN_DEFAULTS, "use_flash_attention"]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise AttentionMapError(f"network.args: unknown argument(s) {unknown} for MONAI SwinUNETR (Hyena stages and "
+                                f"Python objects are not card data); accepted: {accepted}")
+    missing = [k for k in ("in_channels", "out_channels") if k not in args]
+    if missing:
+        raise AttentionMapError(f"network.args: missing {missing} (required by MONAI SwinUNETR)")
+    values = {**_SWIN_DEFAULTS, **args}
+    for key, (low, high) in {"in_channels": (1, 64), "out_channels": (1, 1024), "feature_size": (12, 4096),
+                             "patch_size": (1, 16), "spatial_dims": (3, 3)}.items():
+        if not (_is_int(values[key]) and low <= values[key] <= high):
+            raise _field_error(f"network.args.{key}", f"an integer in {low}..{high}", values[key])
+    if values["feature_size"] % 12:
+        raise _field_error("network.args.feature_size", "a multiple of 12 (MONAI SwinUNETR)", values["feature_size"])
+    for key, high in (("depths", 64), ("num_heads", 1024)):
+        value = values[key]
+        if not (isinstance(value, list) and len(value) == 4 and all(_is_int(v) and 1 <= v <= high for v in value)):
+            raise _field_error(f"network.args.{key}", f"a list of four integers in 1..{high}", value)
+    for stage, heads in enumerate(values["num_heads"]):
+        if (values["feature_size"] * 2 ** stage) % heads:
+            raise AttentionMapError(f"network.args.num_heads: {heads} heads do not divide stage {stage}'s "
+                                    f"{values['feature_size'] * 2 ** stage} channels (feature_size * 2^{stage})")
+    window = values["window_size"]
+    window = [window] * 3 if _is_int(window) else window
+    if not (isinstance(window, list) and len(window) == 3 and all(_is_int(v) and 1 <= v <= 64 for v in window)):
+        raise _field_error("network.args.window_size", "an integer or a list of three in 1..64", values["window_size"])
+    for key in _SWIN_BOOLS:
+        if key in values and not isinstance(values[key], bool):
+            raise _field_error(f"network.args.{key}", "true or false", values[key])
+    for key in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
+        if isinstance(values[key], bool) or not isinstance(values[key], (int, float)) or not 0 <= values[key] <= 1:
+            raise _field_error(f"network.args.{key}", "a number in [0, 1]", values[key])
+    ratio = values["mlp_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 64:
+        raise _field_error("network.args.mlp_ratio", "a number in (0, 64]", ratio)
+    for key, choices in (("norm_name", ("instance", "batch")), ("downsample", ("merging", "mergingv2"))):
+        if values[key] not in choices:
+            raise _field_error(f"network.args.{key}", f"one of {list(choices)}", values[key])
+    values["window_size"] = tuple(window)
+    values["img_size"] = _sizes({"img_size": img_size}, "img_size")
+    step = values["patch_size"] ** 5  # monai.networks.nets.SwinUNETR._check_input_size
+    if any(size % step for size in values["img_size"]):
+        raise AttentionMapError(f"img_size: {list(values['img_size'])} must be divisible by patch_size ** 5 = {step} "
+                                "along every axis (SwinUNETR refuses other sizes)")
+    return values
+
+
+def _volume_voxels(spacing: Optional[Sequence[float]]) -> int:
+    """Voxels of the typical volume after the card's resampling (TYPICAL_INPUT_VOXELS when it keeps the spacing)."""
+    if spacing is None:
+        return TYPICAL_INPUT_VOXELS
+    return math.prod(math.ceil(fov / s) for fov, s in zip(TYPICAL_FIELD_OF_VIEW_MM, spacing))
+
+
+def estimate_swin_memory(values: Mapping[str, Any], spacing: Optional[Sequence[float]],
+                         batch: int = 1) -> Dict[str, int]:
+    """Bytes a SwinUNETR card needs, by part (as :func:`estimate_memory`): parameters in closed form (the encoder
+    exactly, the decoder by :data:`SWIN_DECODER_PARAMETERS_PER_F2`); attention: each block's fused window
+    attention and relevance, (windows x n^2) x 2 floats, windows x n = the stage's (padded) tokens; activations
+    by :data:`SWIN_ACTIVATION_FLOATS_PER_VOXEL_FEATURE`."""
+    feature, window = values["feature_size"], values["window_size"]
+    slots = math.prod(window)
+    parameters = values["in_channels"] * values["patch_size"] ** 3 * feature + feature
+    attention = 0
+    grid = [s // values["patch_size"] for s in values["img_size"]]
+    for stage, (depth, heads) in enumerate(zip(values["depths"], values["num_heads"])):
+        dim = feature * 2 ** stage
+        table = math.prod(2 * w - 1 for w in window) * heads
+        parameters += depth * (12 * dim * dim + 13 * dim + table) + 16 * dim * dim + 16 * dim
+        padded = math.prod(-(-g // w) * w for g, w in zip(grid, window))
+        attention += 2 * depth * padded * slots
+        grid = [-(-g // 2) for g in grid]
+    parameters += SWIN_DECODER_PARAMETERS_PER_F2 * feature * feature
+    voxels = math.prod(values["img_size"])
+    volume_voxels = _volume_voxels(spacing)
+    return {
+        "parameters": 2 * _FLOAT32 * parameters,
+        "attention": _FLOAT32 * batch * attention,
+        "activations": _FLOAT32 * batch * voxels * feature * SWIN_ACTIVATION_FLOATS_PER_VOXEL_FEATURE,
+        "preprocessing": _FLOAT32 * _PREPROCESSING_COPIES * volume_voxels,
+    }
+
+
 def estimate_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequence[float]],
                     batch: int = 1) -> Dict[str, int]:
     """Bytes a card needs, by part: parameters, attention, activations, preprocessing (see MEMORY_LIMIT_BYTES).
@@ -120,8 +223,10 @@ def estimate_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequ
     block (``engine.full_path_bytes``), the block-wise path each block's input and dO, 2 N x hidden,
     plus one slab of ``BLOCKWISE_SLAB_BYTES``; ``engine`` takes the block-wise path when the full one
     exceeds its budget, so the smaller of the two counts. Activations include the model input (and
-    its gradient). `batch`: windows per forward pass (sw_batch_size).
+    its gradient). `batch`: windows per forward pass (sw_batch_size). SwinUNETR: :func:`estimate_swin_memory`.
     """
+    if name == "SwinUNETR":
+        return estimate_swin_memory(values, spacing, batch)
     h, m, heads = values["hidden_size"], values["mlp_dim"], values["num_heads"]
     layers = values.get("num_layers", 12)
     tokens = math.prod(s // p for s, p in zip(values["img_size"], values["patch_size"]))
@@ -139,10 +244,7 @@ def estimate_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequ
     elif name == "ViTAutoEnc":
         parameters += 64 * values["deconv_chns"] * (h + values["out_channels"])
         decoder_activations += 2 * voxels * values["deconv_chns"]
-    if spacing is None:
-        volume_voxels = TYPICAL_INPUT_VOXELS
-    else:
-        volume_voxels = math.prod(math.ceil(fov / s) for fov, s in zip(TYPICAL_FIELD_OF_VIEW_MM, spacing))
+    volume_voxels = _volume_voxels(spacing)
     return {
         "parameters": 2 * _FLOAT32 * parameters,
         "attention": min(_FLOAT32 * batch * layers * (heads + 2) * sequence * sequence,
@@ -156,21 +258,31 @@ def _gib(count: int) -> str:
     return f"{count / 2 ** 30:.3g} GiB"
 
 
+def _memory_drivers(name: str, values: Mapping[str, Any]) -> Dict[str, str]:
+    """The card fields behind each part of the memory estimate, for the refusal message."""
+    if name == "SwinUNETR":
+        size = f"img_size={list(values['img_size'])}, feature_size={values['feature_size']}"
+        return {"parameters": f"network.args (feature_size={values['feature_size']}, depths={values['depths']})",
+                "attention": f"img_size / network.args ({size}, window_size={list(values['window_size'])})",
+                "activations": f"img_size / network.args ({size})"}
+    return {
+        "parameters": f"network.args (hidden_size={values['hidden_size']}, mlp_dim={values['mlp_dim']}, "
+                      f"num_layers={values.get('num_layers', 12)})",
+        "attention": f"network.args (img_size={list(values['img_size'])}, patch_size={list(values['patch_size'])}, "
+                     f"num_heads={values['num_heads']})",
+        "activations": f"network.args (img_size={list(values['img_size'])}, hidden_size={values['hidden_size']})",
+    }
+
+
 def check_memory(name: str, values: Mapping[str, Any], spacing: Optional[Sequence[float]], batch: int) -> None:
     """Refuse a card whose estimated memory exceeds MEMORY_LIMIT_BYTES, naming the fields that drive it."""
     parts = estimate_memory(name, values, spacing, batch)
     total = sum(parts.values())
     if total <= MEMORY_LIMIT_BYTES:
         return
-    drivers = {
-        "parameters": f"network.args (hidden_size={values['hidden_size']}, mlp_dim={values['mlp_dim']}, "
-                      f"num_layers={values.get('num_layers', 12)})",
-        "attention": f"network.args (img_size={list(values['img_size'])}, patch_size={list(values['patch_size'])}, "
-                     f"num_heads={values['num_heads']})",
-        "activations": f"network.args (img_size={list(values['img_size'])}, hidden_size={values['hidden_size']})",
-        "preprocessing": f"preprocessing.spacing {list(spacing) if spacing is not None else None} "
-                         f"(a {TYPICAL_FIELD_OF_VIEW_MM[0]:g} mm field of view)",
-    }
+    drivers = _memory_drivers(name, values)
+    drivers["preprocessing"] = (f"preprocessing.spacing {list(spacing) if spacing is not None else None} "
+                                f"(a {TYPICAL_FIELD_OF_VIEW_MM[0]:g} mm field of view)")
     largest = max(parts, key=parts.__getitem__)
     breakdown = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items())
     raise AttentionMapError(f"{drivers[largest]}: the card would need about {_gib(total)} ({breakdown}); the limit "
@@ -216,7 +328,7 @@ def check_card(card: Mapping[str, Any], supported: Sequence[str]) -> Tuple[str, 
     args = network.get("args", {})
     if not isinstance(args, Mapping):
         raise _field_error("network.args", "an object of constructor arguments", args)
-    values = check_network_args(name, args)
+    values = check_swin_args(args, card.get("img_size")) if name == "SwinUNETR" else check_network_args(name, args)
     preprocessing = card.get("preprocessing")
     if not isinstance(preprocessing, Mapping):
         raise _field_error("preprocessing", "an object (orientation, spacing, intensity, spatial)", preprocessing)

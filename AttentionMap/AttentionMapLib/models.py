@@ -29,7 +29,7 @@ from .errors import AttentionMapError
 from .io import check_input_path
 from .model_cards import check_card, check_spacing, read_json_object, weights_path
 
-SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc")
+SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc", "SwinUNETR")
 # inside the package, so the wheel and the Slicer module (CMakeLists.txt) carry it
 DEMO_CARD = Path(__file__).resolve().parent / "demo_model" / "demo_lung_nodule_vit.json"
 # Used for a bundle without configs/attentionmap.json: the bundle's own transforms are not run (they
@@ -131,7 +131,8 @@ def _load_card(card_path: Path) -> LoadedModel:
         preprocessing=card["preprocessing"],
         classes=classes,
         target=class_index(card.get("target"), classes, str(card_path)),
-        img_size=_img_size(card_path, args.get("img_size"), args.get("spatial_dims", 3)),
+        img_size=_img_size(card_path, card.get("img_size") if name == "SwinUNETR" else args.get("img_size"),
+                           args.get("spatial_dims", 3)),
         card=card,
         source=str(card_path),
         notes=notes,

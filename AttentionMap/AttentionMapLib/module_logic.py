@@ -13,8 +13,9 @@ import numpy as np
 
 from .model_cards import read_json_object
 
-# MONAI's defaults when a card's network args leave them out (monai.networks.nets.ViT / UNETR / ViTAutoEnc)
-DEFAULT_LAYERS_HEADS = {"ViT": (12, 12), "UNETR": (12, 12), "ViTAutoEnc": (12, 12)}
+# MONAI's defaults when a card's network args leave them out (monai.networks.nets.ViT / UNETR / ViTAutoEnc;
+# SwinUNETR: depths 2-2-2-2 = 8 blocks, num_heads 3-6-12-24: a single head index must exist in every stage)
+DEFAULT_LAYERS_HEADS = {"ViT": (12, 12), "UNETR": (12, 12), "ViTAutoEnc": (12, 12), "SwinUNETR": (8, 3)}
 
 
 class CardSummary(NamedTuple):
@@ -34,7 +35,12 @@ def card_summary(card_path: Path) -> CardSummary:
     network = card.get("network") if isinstance(card.get("network"), dict) else {}
     args = network.get("args") if isinstance(network.get("args"), dict) else {}
     layers, heads = DEFAULT_LAYERS_HEADS.get(network.get("name"), (None, None))
-    layers, heads = args.get("num_layers", layers), args.get("num_heads", heads)
+    if isinstance(args.get("depths"), list) and all(isinstance(d, int) for d in args["depths"]):
+        layers = sum(args["depths"])  # Swin: blocks across the stages
+    heads = args.get("num_heads", heads)
+    if isinstance(heads, list) and heads and all(isinstance(h, int) for h in heads):
+        heads = min(heads)  # Swin: heads per stage
+    layers = args.get("num_layers", layers)
     return CardSummary([str(c) for c in classes] if isinstance(classes, list) else [],
                        int(layers) if isinstance(layers, int) else None, int(heads) if isinstance(heads, int) else None)
 
