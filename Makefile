@@ -54,11 +54,11 @@ gui-pythons: $(STAMP)
 # CI: the capture, engine, model and worker tests on what the plans install besides the main suite's MONAI 1.6.1 +
 # numpy 2.4.6 (Slicer 5.12): Slicer 5.8's plan (dependencies.SERIES[1]: MONAI 1.5.2, nibabel 5.3.3, safetensors
 # 0.7.0) with its numpy 1.26.4, and Slicer 5.10's (MONAI 1.6.1) with its numpy 2.0.2. torch is the pinned CPU build
-# (the plans' torch has no CPU wheel on the package index for Linux). About 6 min.
+# (the plans' torch has no CPU wheel on the package index for Linux). About 8 min.
 ENGINE_TESTS := Testing/test_engine_reference.py Testing/test_engine_oracle_and_errors.py Testing/test_blockwise.py \
 	Testing/test_discard_cache.py Testing/test_volume.py Testing/test_volume_flips.py Testing/test_volume_shifts.py \
 	Testing/test_preprocess.py Testing/test_models.py Testing/test_mrml_worker.py Testing/test_worker_gui_side.py \
-	Testing/test_domain.py Testing/test_swin.py
+	Testing/test_domain.py Testing/test_swin.py Testing/test_segment.py Testing/test_declared.py
 SERIES_COMMON := torch==2.13.0 einops==0.8.2 simpleitk==2.5.7 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0
 
 monai-series: $(STAMP)

@@ -124,6 +124,13 @@ def _load_card(card_path: Path) -> LoadedModel:
     except AttentionMapError as exc:
         raise AttentionMapError(f"{card_path}: {exc}") from None
     network = _build_network(card_path, name, args)
+    if card.get("attention") is not None:  # attention modules declared as data (core/declared.py)
+        from .core.declared import declare_attention
+
+        try:
+            declare_attention(network, card["attention"])
+        except AttentionMapError as exc:
+            raise AttentionMapError(f"{card_path}: {exc}") from None
     notes = load_weights(network, weights)
     classes = _class_names(card_path, card.get("classes"), network)
     return LoadedModel(

@@ -235,7 +235,10 @@ def capture_attention(
             # every captured graph (measured: about 50 MB per 8-crop call of the demo ViT)
             attention.register_hook(_relevance_hook(index, attention.detach(), relevances))
 
-    with adapter.hooked_attention(model, on_attention):
+    def on_relevance(index: int, relevance: torch.Tensor) -> None:  # adapters that recompute the attention
+        relevances[index] = relevance.float()
+
+    with adapter.hooked_attention(model, on_attention, on_relevance):
         logits, targets = _run(model, x, with_gradients, target)
     if any(f is None for f in fused):
         raise AttentionMapError("model: not every self-attention block ran in the forward pass")

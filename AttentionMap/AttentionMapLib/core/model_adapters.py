@@ -5,8 +5,9 @@ An adapter says, for one kind of network:
 - :meth:`ModelAdapter.matches`: whether a model is of its kind;
 - :meth:`ModelAdapter.spec`: the :class:`ModelSpec` (patch size, token grid of every block, heads, CLS token);
 - :meth:`ModelAdapter.hooked_attention`: a context in which every forward calls ``callback(block, attention)``
-  with each attention block's live post-softmax attention ``(B', heads, n, n)`` (rows = queries), in forward
-  order, gradients flowing through it;
+  with each attention block's post-softmax attention ``(B', heads, n, n)`` (rows = queries), in forward order:
+  live, gradients flowing through it, or recomputed (``declared`` ``qkv`` modules), with the relevance then given
+  through ``on_relevance``;
 - :meth:`ModelAdapter.window_layouts`: for windowed attention (Swin), where each block's ``n`` window slots sit
   on its stage's token grid (:class:`swin.WindowLayout`); None for global attention over all tokens
   (``B' = B``, ``n = N``).
@@ -80,7 +81,10 @@ class ModelAdapter:
              input_size: Optional[Sequence[int]]) -> ModelSpec:
         raise NotImplementedError
 
-    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback) -> ContextManager[list]:
+    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback,
+                         on_relevance: Optional[AttentionCallback] = None) -> ContextManager[list]:
+        """``on_relevance(block, relevance (B', n, n))``: for kinds whose attention is recomputed (not live), the
+        adapter gives each block's gradient relevance itself; live attention gets it from the engine's hooks."""
         raise NotImplementedError
 
     def window_layouts(self, spec: ModelSpec, model: torch.nn.Module, device: torch.device) -> Optional[list]:
@@ -121,5 +125,6 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
+register("declared", f"{__package__}.declared:ADAPTER")  # a declaration on the network wins
 register("monai_sablock", f"{__package__}.vit_adapter:ADAPTER")
 register("monai_swin", f"{__package__}.swin:ADAPTER")

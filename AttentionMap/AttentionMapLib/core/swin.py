@@ -136,7 +136,8 @@ class SwinAdapter(ModelAdapter):
                 for index, block in enumerate(_blocks(model))]
 
     @contextmanager
-    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback) -> Iterator[list]:
+    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback,
+                         on_relevance: Optional[AttentionCallback] = None) -> Iterator[list]:
         """Every forward calls ``callback(block, attention)`` with the output of each block's ``softmax``
         ``(B * windows, heads, n, n)``, mask and relative position bias included. Flash attention (MONAI >= 1.6)
         and gradient checkpointing are off within the context (the first never forms the weights, the second

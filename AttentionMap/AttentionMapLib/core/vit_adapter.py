@@ -22,8 +22,9 @@ class SABlockAdapter(ModelAdapter):
     def matches(self, model: torch.nn.Module) -> bool:
         return any(isinstance(m, SABlock) for m in model.modules())
 
-    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback) -> ContextManager[list]:
-        return hooked_attention(model, callback)
+    def hooked_attention(self, model: torch.nn.Module, callback: AttentionCallback,
+                         on_relevance: Optional[AttentionCallback] = None) -> ContextManager[list]:
+        return hooked_attention(model, callback)  # live attention: the engine's hooks give the relevance
 
     def spec(self, model: torch.nn.Module, img_size: Optional[Sequence[int]] = None,
              input_size: Optional[Sequence[int]] = None) -> ModelSpec:
