@@ -18,6 +18,7 @@ _LAZY = {
     "CapturedAttention": "core.engine",
     "readout": "core.engine",
     "SegmentTarget": "core.segment",
+    "declare_attention": "core.declared",
     "explain_volume": "core.volume",
     "VolumeAttention": "core.volume",
     "AttentionGrid": "core.attention_grid",
@@ -39,6 +40,7 @@ __all__ = ["AttentionMapError", "Cancelled", *_LAZY]
 
 if TYPE_CHECKING:  # the lazy names as type checkers and IDEs see them (never imported at run time)
     from .core.attention_grid import AttentionGrid
+    from .core.declared import declare_attention
     from .core.engine import AttentionResult, CapturedAttention, capture_attention, explain, readout
     from .core.geometry import ijk_to_kji, kji_to_ijk, lps_to_ras
     from .core.metrics import deletion_insertion, mask_statistics, pointing_game, score_volume
