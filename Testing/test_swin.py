@@ -324,3 +324,36 @@ def test_the_model_is_left_as_it_was():
     assert not any(b.attn.softmax._forward_hooks for b in blocks)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_explain_volume_spreads_a_later_stage_onto_the_first_grid_and_maps_its_query():
+    """explain_volume places every Swin map on the window's first-stage grid: a stage-s raw map spread over the
+    2^s first-stage tokens of each of its tokens; a RAS query read at the token holding it on the block's stage."""
+    from AttentionMapLib import explain_volume
+
+    torch.manual_seed(10)
+    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, norm_name="batch", spatial_dims=3).eval()
+    volume = np.random.default_rng(3).random((32, 32, 32)).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    x = torch.from_numpy(volume)[None, None]
+    options = dict(img_size=(32, 32, 32), normalize="none")
+    for layer, stage in ((3, 1), (6, 3)):
+        placed = explain_volume(model, volume, affine, {"spatial": {"mode": "resize"}}, method="raw", layer=layer,
+                                **options).grid
+        own = explain(model, x, method="raw", layer=layer, normalize="none").grid[0]
+        factor = 2 ** stage
+        spread = own.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)[:16, :16, :16]
+        np.testing.assert_allclose(placed, spread, rtol=1e-5, atol=1e-9)
+        token = np.array([9, 2, 13])  # first-grid token; its centre in RAS (2-voxel tokens)
+        ras = (affine @ np.append(token * 2 + 0.5, 1.0))[:3]
+        queried = explain_volume(model, volume, affine, {"spatial": {"mode": "resize"}}, method="rollout",
+                                 layer=layer, query_ras=ras, **options).grid
+        expected = explain(model, x, method="rollout", layer=layer, query=tuple(token // factor),
+                           normalize="none").grid[0]
+        np.testing.assert_allclose(queried, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_a_swinunetr_input_of_another_size_is_refused_with_monais_rule():
+    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, norm_name="batch", spatial_dims=3).eval()
+    with pytest.raises(AttentionMapError, match=r"x: spatial dimensions \[2, 3, 4\] .* must be divisible by 2\*\*5"):
+        explain(model, torch.rand(1, 1, 40, 40, 40))

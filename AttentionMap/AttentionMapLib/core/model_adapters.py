@@ -58,6 +58,23 @@ class ModelSpec:
         """The token grid block ``block`` (0-based, forward order) acts on."""
         return self.stage_grids[self.block_stages[block]] if self.stage_grids else self.grid_shape
 
+    def block_index(self, index: Sequence[int], block: int) -> Tuple[int, ...]:
+        """A first-grid token index as the index of the token holding it on block ``block``'s grid (stage ``s``
+        tokens cover ``2**s`` first-grid tokens per axis, from the origin, as ``PatchMerging`` pairs them)."""
+        factor = 2 ** self.block_stages[block] if self.stage_grids else 1
+        return tuple(int(i) // factor for i in index)
+
+    def on_first_grid(self, token_map: np.ndarray) -> np.ndarray:
+        """A map on a stage's grid (last axes) spread onto the first grid: each token's value on the first-grid
+        tokens it covers (nearest, cropped at the far edge); a first-grid map is returned as it is."""
+        grid = tuple(token_map.shape[-len(self.grid_shape):])
+        if grid == self.grid_shape:
+            return token_map
+        factor = 2 ** list(self.stage_grids).index(grid)
+        for axis in range(token_map.ndim - len(grid), token_map.ndim):
+            token_map = np.repeat(token_map, factor, axis=axis)
+        return token_map[(Ellipsis,) + tuple(slice(0, n) for n in self.grid_shape)]
+
     def grid_with(self, tokens: int) -> Tuple[int, ...]:
         """The token grid (the first, or a stage's) holding ``tokens`` tokens."""
         for grid in (self.grid_shape,) + self.stage_grids:

@@ -124,6 +124,13 @@ class SwinAdapter(ModelAdapter):
         if len(size) != len(patch):
             raise AttentionMapError(f"x: expected a torch tensor (B, C) + {len(patch)} spatial axes, "
                                     f"got {len(size)} spatial axes {tuple(size)}")
+        check = getattr(model, "_check_input_size", None)  # SwinUNETR's own rule (multiples of patch_size ** 5)
+        if callable(check):
+            try:
+                check(tuple(int(s) for s in size))
+            except ValueError as exc:
+                raise AttentionMapError(f"x: {exc} (MONAI SwinUNETR); resize or tile the volume first "
+                                        "(explain_volume does, with an img_size that is)") from None
         grids = stage_grids(size, patch, layers)
         stages = tuple(index for index, layer in enumerate(layers) for _ in layer.blocks)
         blocks = _blocks(model)

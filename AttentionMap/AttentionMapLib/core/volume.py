@@ -135,15 +135,19 @@ class _Tiling:
         """Unnormalised (n1, n2, n3) map per window of one batch captured in `view`, put back onto the window's
         token grid (`WindowView.unview`); None for a window without the query. A query reads the weighted rows
         of the view's tokens that hold it (`WindowView.query_rows`; every readout is linear in the row)."""
+        spec = captured.spec  # a Swin block's stage grid is spread onto the first grid; queries go the other way
         if query is None:
-            return [view.unview(m) for m in readout(captured, query=None, normalize="none", **options)]
-        window_shape = np.asarray(captured.spec.grid_shape)
+            return [view.unview(spec.on_first_grid(m)) for m in readout(captured, query=None, normalize="none",
+                                                                         **options)]
+        window_shape = np.asarray(spec.grid_shape)
         local = query[None, :] - offsets
         inside = np.all((local >= 0) & (local < window_shape), axis=1)
         maps: List[Optional[np.ndarray]] = [None] * len(offsets)
         for q in {tuple(int(v) for v in row) for row in local[inside]}:
-            batch_maps = sum(weight * readout(captured, query=row, normalize="none", **options).astype(np.float64)
-                             for row, weight in view.query_rows(q, window_shape))
+            batch_maps = sum(
+                weight * spec.on_first_grid(readout(captured, query=spec.block_index(row, options["layer"]),
+                                                    normalize="none", **options)).astype(np.float64)
+                for row, weight in view.query_rows(q, window_shape))
             for index in np.flatnonzero(inside & np.all(local == q, axis=1)):
                 maps[index] = view.unview(batch_maps[index])
         return maps
