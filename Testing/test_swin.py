@@ -357,3 +357,15 @@ def test_a_swinunetr_input_of_another_size_is_refused_with_monais_rule():
     model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, norm_name="batch", spatial_dims=3).eval()
     with pytest.raises(AttentionMapError, match=r"x: spatial dimensions \[2, 3, 4\] .* must be divisible by 2\*\*5"):
         explain(model, torch.rand(1, 1, 40, 40, 40))
+
+
+def test_a_bare_swin_transformer_is_explained_from_its_deepest_output():
+    """MONAI's SwinTransformer returns the patch embedding's output and each stage's: the first has seen no
+    attention (its gradient would give every block zero relevance); the last, deepest one is explained."""
+    torch.manual_seed(11)
+    model = SwinTransformer(in_chans=1, embed_dim=12, window_size=(4, 4, 4), patch_size=(2, 2, 2),
+                            depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    result = explain(model, x, method="grad_rollout", normalize="none")
+    assert tuple(result.logits.shape) == (1, 192, 1, 1, 1)  # the last stage's output, merged
+    assert all(float(r.max()) > 0 for r in result.captured.relevances)

@@ -50,7 +50,7 @@ class _Logits(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = primary_output(self.model(x))
+        logits = primary_output(self.model(x), self.model)
         if logits.ndim != 2:
             raise AttentionMapError(
                 f"model: output shape {tuple(logits.shape)} is not class logits (B, K); the baselines need a classifier"

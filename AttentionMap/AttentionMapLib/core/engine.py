@@ -277,13 +277,13 @@ def _run(model, x, with_gradients: bool, target: Target) -> Tuple[torch.Tensor, 
     if with_gradients:
         with torch.enable_grad():
             leaf = x.detach().clone().requires_grad_(True)
-            logits = primary_output(model(leaf))
+            logits = primary_output(model(leaf), model)
             targets = resolve_target(logits, target)
             score = target_scores(logits, targets, target)
             torch.autograd.backward(score.sum(), inputs=[leaf])
         return logits.detach(), targets
     with torch.no_grad():
-        logits = primary_output(model(x))
+        logits = primary_output(model(x), model)
     return logits, resolve_target(logits, target) if target is not None else None
 
 
@@ -330,10 +330,14 @@ def _relevance_hook(index: int, attention: torch.Tensor, store: List[Optional[to
     return hook
 
 
-def primary_output(output) -> torch.Tensor:
-    """The tensor to explain: MONAI's ViT returns ``(x, hidden_states)``; take the first element."""
+def primary_output(output, model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """The tensor to explain: MONAI's ViT returns ``(x, hidden_states)``: the first element; a sequence of outputs
+    is read at the index the model's adapter gives (:meth:`model_adapters.ModelAdapter.output_index`: a bare MONAI
+    SwinTransformer's stage outputs at the last, deepest one)."""
+    index = adapter_for(model).output_index(model) if model is not None and isinstance(output, (tuple, list)) else 0
     while isinstance(output, (tuple, list)):
-        output = output[0]
+        output = output[index]
+        index = 0
     return output
 
 

@@ -171,7 +171,7 @@ def deletion_insertion(
     counts = np.rint(np.linspace(0.0, 1.0, int(steps) + 1) * order.size).astype(int)
     fractions = counts / order.size
     with torch.no_grad():
-        logits = primary_output(model(x))
+        logits = primary_output(model(x), model)
         if logits.ndim != 2:
             raise AttentionMapError(
                 f"model: output shape {tuple(logits.shape)} is not class logits (B, K); "
@@ -190,7 +190,7 @@ def deletion_insertion(
                 chunk = counts[first:first + int(batch_size)]
                 keep_end = torch.stack([voxel_rank < int(c) for c in chunk])[:, None]  # (b, 1, *spatial)
                 batch = torch.where(keep_end, end, start)
-                out = primary_output(model(batch))
+                out = primary_output(model(batch), model)
                 probabilities.append(torch.softmax(out.float(), dim=1)[:, klass].cpu().numpy())
                 if progress is not None:
                     progress((curve * len(firsts) + done + 1) / (2 * len(firsts)))

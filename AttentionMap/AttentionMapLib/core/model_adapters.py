@@ -107,6 +107,10 @@ class ModelAdapter:
     def window_layouts(self, spec: ModelSpec, model: torch.nn.Module, device: torch.device) -> Optional[list]:
         return None
 
+    def output_index(self, model: torch.nn.Module) -> int:
+        """Which element of a model that returns several outputs is the one to explain (default the first)."""
+        return 0
+
 
 _ADAPTERS: Dict[str, str] = {}
 _LOADED: Dict[str, ModelAdapter] = {}

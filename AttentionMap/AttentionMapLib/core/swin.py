@@ -33,7 +33,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from monai.networks.blocks.patchembedding import PatchEmbed
-from monai.networks.nets.swin_unetr import BasicLayer, WindowAttention, get_window_size, window_partition
+from monai.networks.nets.swin_unetr import (
+    BasicLayer,
+    SwinTransformer,
+    WindowAttention,
+    get_window_size,
+    window_partition,
+)
 
 from ..errors import AttentionMapError
 from .capture import AttentionCallback, attention_hooks
@@ -137,6 +143,11 @@ class SwinAdapter(ModelAdapter):
         return ModelSpec(patch, grids[0], tuple(int(s) for s in size), int(embedding.proj.in_channels),
                          len(blocks), min(int(b.attn.num_heads) for b in blocks), False,
                          tuple(grids), stages)
+
+    def output_index(self, model: torch.nn.Module) -> int:
+        """A bare SwinTransformer returns the outputs of the patch embedding and of each stage: the last is the
+        deepest (the first has seen no attention); SwinUNETR returns one tensor."""
+        return -1 if isinstance(model, SwinTransformer) else 0
 
     def window_layouts(self, spec: ModelSpec, model: torch.nn.Module, device: torch.device) -> List[WindowLayout]:
         return [window_layout(spec.block_grid(index), block.window_size, block.shift_size, device)
