@@ -454,9 +454,7 @@ def run_command(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from .core.calibration import card_temperature
-    from .core.domain import card_domain
-    from .core.shifts import shift_average_from_spec
+    from .explain_options import ExplainOptions
     from .models import load_model, resolve_device
     from .render import joint_range, write_montage, write_overlay
 
@@ -467,10 +465,10 @@ def run_command(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output_dir, names, inputs)
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
-    options = {**explain_options(args, loaded), "temperature": card_temperature(loaded.card, loaded.source),
-               "flip_axes": flip_axes_option(args.flip_average, loaded),
-               "shift_average": shift_average_from_spec(args.shift_average, loaded.card, loaded.source)}
-    domain = card_domain(loaded.card, loaded.source)
+    base = ExplainOptions(**explain_options(args, loaded), query_ras=args.query_ras,
+                          flip_axes=flip_axes_option(args.flip_average, loaded),
+                          shift_average=args.shift_average or "default")
+    options = base.resolve(loaded)  # the card's defaults filled in; each case adds its region and target
     channel = segment_option(args, loaded)
     regions = check_cases(cases, roi, loaded, args.series_uid)
     records, pictures = [], []
@@ -478,8 +476,8 @@ def run_command(args: argparse.Namespace) -> int:
         for case in tqdm(cases, desc="cases", unit="case", disable=None):
             region = case_region(roi, case, loaded)
             target = case_target(channel, args, case, options["target"])
-            record, picture, device = _run_case(loaded, case, args, {**options, "region": region, "domain": domain,
-                                                                     "target": target}, device, staging, output_dir)
+            record, picture, device = _run_case(loaded, case, args, {**options, "region": region, "target": target},
+                                                device, staging, output_dir)
             record["segment"] = segment_description(target)
             records.append(record)
             pictures.append(picture)
@@ -495,8 +493,8 @@ def run_command(args: argparse.Namespace) -> int:
         summary = {
             "model": {"source": loaded.source, "classes": loaded.classes, "img_size": list(loaded.img_size),
                       "description": loaded.card.get("description"), "notes": loaded.notes},
-            "options": {**options, "layer_cli": args.layer, "query_ras": args.query_ras, "device": device,
-                        "region": regions},
+            "options": {**{k: v for k, v in options.items() if k != "domain"}, "layer_cli": args.layer,
+                        "device": device, "region": regions},
             "colour_scale": list(scale),
             "cases": records,
         }
@@ -547,7 +545,7 @@ def _explain_case(loaded, volume: LoadedCase, args: argparse.Namespace, options:
         return explain_with_fallback(
             loaded, device, args.device == "auto",
             lambda dev: explain_volume(loaded.network, volume.array, volume.ijk_to_ras, loaded.preprocessing,
-                                       img_size=loaded.img_size, query_ras=args.query_ras, progress=update,
+                                       img_size=loaded.img_size, progress=update,
                                        device=dev, keep_cache=False, **options),  # no re-fusion here
         )
     except AttentionMapError as exc:

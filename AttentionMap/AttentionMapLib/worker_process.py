@@ -209,35 +209,28 @@ class WorkerServer:
         return self._models[key]
 
     def _explain(self, header: Dict[str, Any], arrays: protocol.Arrays) -> Tuple[Dict[str, Any], protocol.Arrays]:
-        from .core.calibration import card_temperature
-        from .core.domain import card_domain
-        from .core.flips import flip_axes_from_spec
         from .core.region import region_from_spec
         from .core.segment import SegmentTarget
-        from .core.shifts import shift_average_from_spec
         from .core.volume import explain_volume
-        from .models import class_index
+        from .explain_options import ExplainOptions
 
         region = _with_mask(header.get("region", "default"))
         array = protocol.load_input(header["input"])
         ijk_to_ras = np.asarray(header["ijk_to_ras"], dtype=np.float64)
         device = resolve_device(header.get("device", "auto"))
         model = self._model(str(header["model_source"]), bool(header.get("trust_bundle")), device)
-        options = dict(header.get("options") or {})
-        target = options.get("target")  # None: the card's default (itself None: the predicted class)
-        options["target"] = model.target if target is None else class_index(target, model.classes, model.source)
+        message = dict(header.get("options") or {})
+        if isinstance(region, dict):
+            message["region"] = region_from_spec(region, model.card, model.source)
+        elif region is not None:
+            message["region"] = region
         segment = header.get("segment")
         if segment is not None:  # why this segment: the class over a box / mask, or over the network's own labels
             where = _with_mask(segment.get("region"))
-            options["target"] = SegmentTarget(class_index(segment["class"], model.classes, model.source),
+            message["target"] = SegmentTarget(segment["class"],
                                               None if where is None else region_from_spec(where, None, "segment"))
         self._last = None  # a failed or cancelled run leaves nothing to re-fuse
-        options["region"] = region_from_spec(region, model.card, model.source)
-        options["flip_axes"] = flip_axes_from_spec(options.get("flip_axes", "default"), model.card, model.source)
-        options["shift_average"] = shift_average_from_spec(options.get("shift_average", "default"), model.card,
-                                                           model.source)
-        options["temperature"] = card_temperature(model.card, model.source)
-        options["domain"] = card_domain(model.card, model.source)
+        options = ExplainOptions.from_message(message).resolve(model)
         attention = explain_volume(model.network, array, ijk_to_ras, model.preprocessing,
                                    **{"img_size": model.img_size, **options}, progress=self._progress,
                                    cancel=self._is_cancelled, device=device)
