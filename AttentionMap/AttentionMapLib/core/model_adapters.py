@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -128,10 +128,6 @@ def _load(name: str) -> ModelAdapter:
         module, _, attribute = _ADAPTERS[name].partition(":")
         _LOADED[name] = getattr(importlib.import_module(module), attribute)
     return _LOADED[name]
-
-
-def adapter_names() -> List[str]:
-    return list(_ADAPTERS)
 
 
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:
