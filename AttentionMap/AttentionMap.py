@@ -368,12 +368,12 @@ class AttentionMapWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showTargetSegment(self, p: AttentionMapParameterNode) -> None:
         """The segment selector shows the parameter node's segment (a loaded scene, another parameter node)."""
-        selector = self.ui.targetSegmentSelector
+        selector, wanted = self.ui.targetSegmentSelector, p.targetSegmentId
         selector.enabled = self.ui.targetSegmentLabel.enabled = p.explainSegment
         if (selector.currentNodeID() or "") != _nodeId(p.targetSegmentation):
-            selector.setCurrentNode(p.targetSegmentation)
-        if p.targetSegmentId and selector.currentSegmentID() != p.targetSegmentId:
-            selector.setCurrentSegmentID(p.targetSegmentId)
+            selector.setCurrentNode(p.targetSegmentation)  # selects the node's first segment: the saved one below
+        if wanted and selector.currentSegmentID() != wanted:
+            selector.setCurrentSegmentID(wanted)
 
     def onTargetChanged(self, index: int) -> None:
         if self._parameterNode is not None:
