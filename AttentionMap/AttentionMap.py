@@ -167,6 +167,9 @@ class AttentionMapParameterNode:
     explainSegment: bool = False
     targetSegmentation: vtkMRMLSegmentationNode
     targetSegmentId: str = ""
+    # the network's own labels (segmentation models), reused at each Apply
+    showNetworkLabels: bool = True
+    networkSegmentation: vtkMRMLSegmentationNode
 
 
 def _nodeId(node) -> str:
@@ -770,6 +773,10 @@ class AttentionMapLogic(ScriptedLoadableModuleLogic):
         """Main thread: write the result into the output node (reused or new) and show it."""
         self.result, self.inputVolume, self.resultSource = result, self._runningInput, self._runningSource
         self.numLayers = result.model.num_layers
+        if result.labels is not None and p.showNetworkLabels:
+            p.networkSegmentation = mrml.labels_to_segmentation(
+                result.labels.labels, result.labels.ijk_to_ras, slicer.mrmlScene, result.model.classes,
+                node=p.networkSegmentation, name=f"{self.inputVolume.GetName()} network segmentation")
         return self._show(result.attention, p)
 
     def startFuseAgain(self, p: AttentionMapParameterNode) -> worker.WorkerJob:

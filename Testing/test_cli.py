@@ -407,10 +407,13 @@ def test_run_explains_a_swinunetr_segment_from_its_card(scan, tmp_path):
     for extra in (["--target-class", "cube"], ["--target-class", "1", "--target-mask", scan / "case1_label.nrrd"]):
         out = tmp_path / f"out{len(extra)}"
         assert run_cli("run", scan / "case1.nrrd", "--model", folder / "card.json", "--method", "grad_rollout",
-                       *extra, "--output-dir", out) == 0
+                       *extra, "--segmentation", "--output-dir", out) == 0
         case = json.loads((out / "summary.json").read_text())["cases"][0]
         assert case["target"] == 1 and case["segment"]["channel"] == 1
         assert case["grid_shape"] == [24, 20, 16]  # the RAS-reoriented input padded to 32-voxel windows, 2-voxel tokens
+        labels, labels_affine = read_volume(out / "case1_segmentation.nrrd")
+        assert labels.shape == SHAPE and np.allclose(labels_affine, oblique_affine(), atol=1e-4)
+        assert sum(case["segmentation"].values()) == labels.size and set(case["segmentation"]) <= {"background", "cube"}
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -424,6 +427,13 @@ def test_bad_segment_options_exit_2_and_write_nothing(scan, tmp_path, capsys, ex
     argv = [a.replace("LABEL", label) for a in extra]
     assert run_cli("run", scan / "case1.nrrd", "--model", card, *argv, "--output-dir", tmp_path / "out") == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_segmentation_of_a_classifier_is_refused_and_nothing_is_written(scan, oracle_card, tmp_path, capsys):
+    assert run_cli("run", scan / "case1.nrrd", "--model", oracle_card, "--segmentation",
+                   "--output-dir", tmp_path / "out") == 2
+    assert "--segmentation: this model gives class outputs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_segment_of_a_classifier_is_refused_and_nothing_is_written(scan, oracle_card, tmp_path, capsys):

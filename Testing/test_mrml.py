@@ -603,3 +603,22 @@ def test_a_chosen_segment_becomes_the_segment_target_on_the_input_grid(slicer_sc
     lost.AddSegmentFromBinaryLabelmapRepresentation(_labelmap(_box_mask(CUBE), far), "far", [0, 1, 0])
     with pytest.raises(AttentionMapError, match="segment 'far' has no voxel inside the input volume"):
         mrml.segment_target_spec(1, lost, None, SHAPE, ct_affine())
+
+
+def test_a_networks_labels_become_named_segments_on_their_grid(slicer_scene):
+    """labels_to_segmentation: one segment per label, named by class, each segment exactly its label's voxels on
+    an oblique, anisotropic grid; a reused node is emptied first."""
+    scene = slicer_scene.scene
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[CUBE] = 2
+    labels[OTHER] = 1
+    node = mrml.labels_to_segmentation(labels, ct_affine(), scene, ["background", "vessel", "nodule"])
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == [
+        "vessel", "nodule"]
+    for index, value in enumerate((1, 2)):
+        mask = mrml.segment_mask(node, segmentation.GetNthSegmentID(index), SHAPE, ct_affine())
+        assert np.array_equal(mask, labels == value)
+    again = mrml.labels_to_segmentation((labels == 2).astype(np.int16), ct_affine(), scene, ["a", "b"], node=node)
+    assert again is node and segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "b"
+    assert not scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems()

@@ -750,4 +750,6 @@ def test_a_segment_target_reaches_the_worker_as_a_mask_a_box_or_the_networks_own
         attention = final.value.attention
         np.testing.assert_allclose(attention.grid, direct.grid, atol=1e-6)
         assert attention.num_windows == direct.num_windows == windows and attention.target == 1
+        assert np.array_equal(final.value.labels.labels, direct.segmentation)  # the network's own labels come back
+        np.testing.assert_allclose(final.value.labels.ijk_to_ras, direct.segmentation_ijk_to_ras)
         assert sorted(os.listdir(shared.folder)) == [".owner", "worker.log"]

@@ -212,3 +212,27 @@ def test_swinunetr_explains_its_own_segment_over_windows_and_flips():
                             keep_cache=False)
     assert result.target == 1 and result.num_windows == 2 and result.grid.shape == (20, 16, 16)
     assert np.isfinite(result.grid).all() and result.grid.max() == 1.0
+
+
+def test_explain_volume_gives_the_networks_own_segmentation_stitched_over_its_windows():
+    """Dense outputs: the labels are each window's argmax where windows do not overlap (overlap 0), placed on the
+    model-input grid and, by segmentation_on, on any other grid; class outputs have none."""
+    torch.manual_seed(12)
+    model = UNETR(in_channels=1, out_channels=3, img_size=(32, 32, 32), feature_size=8, hidden_size=48,
+                  mlp_dim=96, num_heads=4).eval()
+    array = np.random.default_rng(4).normal(size=(64, 32, 32)).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    result = explain_volume(model, array, affine, {"spatial": {"mode": "sliding_window", "overlap": 0.0}},
+                            method="rollout", keep_cache=False)
+    with torch.no_grad():
+        expected = np.concatenate([model(torch.from_numpy(array[a:a + 32])[None, None])[0].argmax(0).numpy()
+                                   for a in (0, 32)])
+    assert result.segmentation.dtype == np.int16 and np.array_equal(result.segmentation, expected)
+    assert len(np.unique(expected)) > 1
+    np.testing.assert_allclose(result.segmentation_ijk_to_ras, affine)
+    half = affine @ np.diag([2.0, 2.0, 2.0, 1.0])  # a coarser grid over the same volume
+    half[:3, 3] += affine[:3, :3] @ np.full(3, 0.5)
+    np.testing.assert_array_equal(result.segmentation_on((32, 16, 16), half), expected[1::2, 1::2, 1::2])
+    classifier = ViT(in_channels=1, img_size=(32, 32, 32), patch_size=(16, 16, 16), hidden_size=16, mlp_dim=16,
+                     num_layers=1, num_heads=2, classification=True, num_classes=2).eval()
+    assert explain_volume(classifier, array, affine, {"spatial": {"mode": "sliding_window"}}).segmentation is None

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
     run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
+    run.add_argument("--segmentation", action="store_true",
+                     help="segmentation networks: also write the network's own labels on the input's voxel grid "
+                          "(<case>_segmentation.nrrd: the argmax over its output channels, stitched over the windows)")
     run.add_argument("--flip-average", default=None, metavar="all|AXES|none",
                      help="average maps and probabilities over every combination of flips along these model-input "
                           "axes ('all' = 0,1,2: 8 views; '0,2': 4 views; 'none': no flips); costs one forward (and "
@@ -316,12 +319,13 @@ def load_case(case: Case, series_uid: Optional[str] = None) -> LoadedCase:
     return LoadedCase(case, array, ijk_to_ras, label, time.perf_counter() - t0)
 
 
-def output_names(cases: Sequence[Case], resample: bool) -> List[str]:
+def output_names(cases: Sequence[Case], resample: bool, segmentation: bool = False) -> List[str]:
     """File names `run` writes into --output-dir, known before anything is computed."""
     names = []
     for case in cases:
         names += [f"{case.name}_attention.nrrd", f"{case.name}_overlay.png"]
         names += [f"{case.name}_attention_resampled.nrrd"] if resample else []
+        names += [f"{case.name}_segmentation.nrrd"] if segmentation else []
     return names + (["montage.png"] if len(cases) > 1 else []) + ["summary.json"]
 
 
@@ -460,7 +464,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     cases = plan_cases(args.inputs, args.label, args.mask, args.target_mask)
     roi = roi_option(args.roi)
-    names = output_names(cases, args.resample)
+    names = output_names(cases, args.resample, args.segmentation)
     inputs = input_paths(args)
     output_dir = check_output_folder(args.output_dir, names, inputs)
     device = resolve_device(args.device, "--device")
@@ -524,6 +528,9 @@ def _run_case(loaded, case: Case, args: argparse.Namespace, options: Dict[str, A
     if args.resample:
         record["outputs"]["attention_resampled"] = str(output_dir / f"{case.name}_attention_resampled.nrrd")
     record["timings_s"].update(timings)
+    if args.segmentation:
+        record["segmentation"] = _write_segmentation(staging, case.name, attention, volume, loaded.classes)
+        record["outputs"]["segmentation"] = str(output_dir / f"{case.name}_segmentation.nrrd")
     domain = (record["prediction"] or {}).get("domain")
     if domain and domain["unlike_training"]:
         _say(f"{case.name}: {domain['summary']}")
@@ -567,6 +574,21 @@ def _write_maps(staging: Path, name: str, attention, volume: LoadedCase,
     if resample:
         write_volume(staging / f"{name}_attention_resampled.nrrd", on_input, volume.ijk_to_ras)
     return on_input, {"resample": t1 - t0, "write": time.perf_counter() - t1}
+
+
+def _write_segmentation(staging: Path, name: str, attention, volume: LoadedCase,
+                        classes: List[str]) -> Dict[str, int]:
+    """<name>_segmentation.nrrd: the network's labels on the input's grid (int16), into `staging`; returns the
+    voxels of each label (by class name when the card names them)."""
+    from .io import write_volume
+
+    labels = attention.segmentation_on(volume.array.shape[-3:], volume.ijk_to_ras)
+    if labels is None:
+        raise AttentionMapError("--segmentation: this model gives class outputs, not a segmentation; expected a "
+                                "segmentation network (UNETR, SwinUNETR)")
+    write_volume(staging / f"{name}_segmentation.nrrd", labels, volume.ijk_to_ras)
+    values, counts = np.unique(labels, return_counts=True)
+    return {(classes[v] if v < len(classes) else str(int(v))): int(c) for v, c in zip(values, counts)}
 
 
 def _case_record(volume: LoadedCase, attention, on_input: np.ndarray, classes: List[str]) -> Dict[str, Any]:

@@ -365,6 +365,30 @@ def segment_target_spec(target_class: Any, segmentation_node: Any, segment_id: O
                        "name": name}}
 
 
+def labels_to_segmentation(labels: np.ndarray, ijk_to_ras: np.ndarray, scene: Any, names: Sequence[str],
+                           node: Any = None, name: str = "Network segmentation") -> Any:
+    """A network's labels (int (I, J, K), 0 = none) placed by ``ijk_to_ras`` as a segmentation node: one segment
+    per label present, named ``names[label]`` (else "label N"); ``node`` (a segmentation node) is emptied and
+    reused, else a new one is added. Imported through a temporary labelmap node, removed again."""
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(labels.transpose(2, 1, 0), dtype=np.int16))
+        labelmap.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(ijk_to_ras, dtype=np.float64)))
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            node.CreateDefaultDisplayNodes()
+        node.GetSegmentation().RemoveAllSegments()
+        if values and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
+            raise AttentionMapError("network segmentation: Slicer could not import the labels")
+    finally:
+        scene.RemoveNode(labelmap)
+    segmentation = node.GetSegmentation()
+    for index, value in enumerate(values):  # imported in increasing label order
+        segmentation.GetNthSegment(index).SetName(names[value] if value < len(names) else f"label {value}")
+    return node
+
+
 # ---------------------------------------------------------------- segment statistics
 
 def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],

@@ -84,10 +84,19 @@ class AttentionData(AttentionGrid):
     prediction: Optional[Dict[str, Any]] = None  # volume.VolumeAttention.prediction: the volume-level output
 
 
+class NetworkLabels(NamedTuple):
+    """A segmentation network's own labels (``volume.VolumeAttention.segmentation``): int16 (I, J, K) on the
+    model-input grid, placed by ``ijk_to_ras`` (4, 4)."""
+    labels: np.ndarray
+    ijk_to_ras: np.ndarray
+
+
 class ExplainResult(NamedTuple):
-    """What an explain job returns: the model (class names, layers, device) and the attention."""
+    """What an explain job returns: the model (class names, layers, device), the attention, and for segmentation
+    networks their own labels (None for class outputs)."""
     model: ModelInfo
     attention: AttentionData
+    labels: Optional[NetworkLabels] = None
 
 
 PYTHON_VARIABLE = "ATTENTIONMAP_WORKER_PYTHON"
@@ -472,7 +481,9 @@ def _attention(fields: Dict[str, Any], arrays: protocol.Arrays, result_id: int,
 def _explain_result(value: Dict[str, Any], arrays: protocol.Arrays) -> ExplainResult:
     model = dict(value["model"], img_size=tuple(value["model"]["img_size"]))
     region = protocol.region_from_message(value["attention"]["region"], arrays)
-    return ExplainResult(ModelInfo(**model), _attention(value["attention"], arrays, value["result_id"], region))
+    labels = NetworkLabels(arrays["labels"], arrays["labels_ijk_to_ras"]) if "labels" in arrays else None
+    return ExplainResult(ModelInfo(**model), _attention(value["attention"], arrays, value["result_id"], region),
+                         labels)
 
 
 def _refused(region: Optional[AppliedRegion]) -> Decoder:

@@ -236,6 +236,8 @@ class WorkerServer:
                                    cancel=self._is_cancelled, device=device)
         self._last = _LastExplanation(self._current, model, attention, array, ijk_to_ras)
         fields, out = attention_message(attention, model.classes)
+        if attention.segmentation is not None:  # the network's own labels, sent once per explanation
+            out.update(labels=attention.segmentation, labels_ijk_to_ras=attention.segmentation_ijk_to_ras)
         return {"model": model_message(model, device), "attention": fields, "result_id": self._current}, out
 
     def _last_of(self, header: Dict[str, Any]) -> _LastExplanation:

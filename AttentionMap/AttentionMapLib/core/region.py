@@ -111,14 +111,21 @@ def sample_nearest(values: np.ndarray, values_ijk_to_ras: np.ndarray, shape: Seq
                    ijk_to_ras: np.ndarray, max_points: int = 4_000_000) -> np.ndarray:
     """`values` (I, J, K) > 0 sampled by nearest neighbour at the voxel centres of another grid.
 
-    Returns bool `shape`: True where the nearest voxel of `values` is inside its grid and > 0. The
-    target is processed in slabs of at most `max_points` voxels (`geometry.source_index_slabs`).
+    Returns bool `shape`: True where the nearest voxel of `values` is inside its grid and > 0 (`nearest_values`).
     """
-    positive = np.asarray(values) > 0
-    n = positive.shape
-    flat = positive.ravel()
+    return nearest_values(np.asarray(values) > 0, values_ijk_to_ras, shape, ijk_to_ras, max_points)
+
+
+def nearest_values(values: np.ndarray, values_ijk_to_ras: np.ndarray, shape: Sequence[int],
+                   ijk_to_ras: np.ndarray, max_points: int = 4_000_000) -> np.ndarray:
+    """`values` (I, J, K) sampled by nearest neighbour at the voxel centres of another grid (`shape`, its
+    `ijk_to_ras`): values' dtype, 0 where the nearest voxel is outside `values`' grid. The target is processed in
+    slabs of at most `max_points` voxels (`geometry.source_index_slabs`)."""
+    values = np.asarray(values)
+    n = values.shape
+    flat = values.ravel()
     strides = (n[1] * n[2], n[2], 1)
-    out = np.empty(tuple(int(s) for s in shape), dtype=bool)
+    out = np.empty(tuple(int(s) for s in shape), dtype=values.dtype)
     for ks, index in source_index_slabs(grid_to_grid(values_ijk_to_ras, ijk_to_ras), out.shape, max_points):
         inside = np.ones(index.shape[1:], dtype=bool)
         nearest_flat = np.zeros(index.shape[1:], dtype=np.intp)
@@ -126,7 +133,7 @@ def sample_nearest(values: np.ndarray, values_ijk_to_ras: np.ndarray, shape: Seq
             nearest = np.floor(index[a] + 0.5)
             inside &= (nearest >= 0) & (nearest < n[a])
             nearest_flat += np.clip(nearest, 0, n[a] - 1).astype(np.intp) * strides[a]
-        out[:, :, ks] = inside & flat.take(nearest_flat)
+        out[:, :, ks] = np.where(inside, flat.take(nearest_flat), 0)
     return out
 
 

@@ -59,7 +59,16 @@ from .flips import check_flip_axes, mean_view_probabilities
 from .geometry import apply_affine, check_ijk_to_ras, ras_to_ijk, token_grid_affine
 from .method_registry import get_method
 from .preprocess import RESIZE, parse_preprocessing, preprocess_volume
-from .region import AppliedRegion, BoxRegion, MaskRegion, Region, hu_from_model_input, region_mask, token_mask
+from .region import (
+    AppliedRegion,
+    BoxRegion,
+    MaskRegion,
+    Region,
+    hu_from_model_input,
+    nearest_values,
+    region_mask,
+    token_mask,
+)
 from .segment import SegmentTarget
 from .views import WindowView, window_views
 
@@ -198,7 +207,10 @@ class VolumeAttention(AttentionGrid):
     probabilities is the decisive window's row (see the module docstring); decisive_window: its index
     (None for dense outputs). window_centres_ras: (W, 3) RAS mm centre of each window that was run.
     temperature: the calibration temperature applied. domain / window_eligible: the input against the card's
-    domain and the windows holding enough lung to be decisive (None without a domain).
+    domain and the windows holding enough lung to be decisive (None without a domain). segmentation (dense
+    outputs: UNETR, SwinUNETR): the network's own labels (argmax over channels of the windows' summed softmax, the
+    unchanged view) on the model-input grid, placed by segmentation_ijk_to_ras; `segmentation_on` puts them on
+    another grid.
     """
 
     window_probabilities: Optional[np.ndarray] = None
@@ -207,7 +219,16 @@ class VolumeAttention(AttentionGrid):
     temperature: float = 1.0
     domain: Optional[Dict[str, Any]] = None  # `domain.DomainCheck.report` when the card has a domain
     window_eligible: Optional[np.ndarray] = None  # (W,) bool: windows that may be decisive (None: all)
+    segmentation: Optional[np.ndarray] = None  # dense outputs: int16 labels on the model-input grid (`_Stitched`)
+    segmentation_ijk_to_ras: Optional[np.ndarray] = None  # (4, 4) that grid's geometry
     _tiling: Optional[_Tiling] = field(default=None, repr=False, compare=False)
+
+    def segmentation_on(self, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> Optional[np.ndarray]:
+        """The network's labels (int16) on another voxel grid, nearest neighbour, 0 outside the model input; None
+        for class outputs."""
+        if self.segmentation is None:
+            return None
+        return nearest_values(self.segmentation, self.segmentation_ijk_to_ras, shape_ijk, ijk_to_ras)
 
     def prediction(self, classes: Sequence[str]) -> Optional[Dict[str, Any]]:
         """The volume-level prediction as plain data (None for dense outputs): the decisive window's class,
@@ -319,7 +340,35 @@ class _BatchOutputs:
 
 
 def _outputs_only(captured: CapturedAttention) -> _BatchOutputs:
-    return _BatchOutputs(captured.logits, captured.target)
+    """Class logits (B, K) are kept; a dense output (B, C, *spatial) is not needed past its batch (the network's
+    segmentation is stitched as it comes, `_Stitched`): an empty (B, C, 0) stands for it."""
+    logits = captured.logits
+    return _BatchOutputs(logits if logits.ndim == 2 else logits.new_empty(tuple(logits.shape[:2]) + (0,)),
+                         captured.target)
+
+
+class _Stitched:
+    """The network's own segmentation of a dense output over the windows of the unchanged view: each window's
+    softmax over channels added onto the model-input grid, then the argmax. Memory O(channels x voxels)."""
+
+    def __init__(self, shape: Sequence[int], starts: np.ndarray, window: Sequence[int]):
+        self.shape, self.starts, self.window = tuple(int(s) for s in shape), starts, tuple(int(w) for w in window)
+        self.sums: Optional[np.ndarray] = None
+
+    def add(self, first: int, logits: torch.Tensor) -> None:
+        """A batch's output (B, C, *window) for windows ``first ..``; class outputs (B, K) are not stitched."""
+        if logits.ndim != 5 or tuple(logits.shape[2:]) != self.window:
+            return
+        probabilities = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
+        if self.sums is None:
+            self.sums = np.zeros((probabilities.shape[1],) + self.shape, dtype=np.float32)
+        for start, window in zip(self.starts[first:first + len(probabilities)], probabilities):
+            self.sums[(slice(None),) + tuple(slice(a, a + w) for a, w in zip(start, self.window))] += window
+
+    def labels(self) -> Optional[np.ndarray]:
+        """int16 (I, J, K) on the model-input grid: the channel of the highest summed probability (0 where no
+        window ran), or None for class outputs."""
+        return None if self.sums is None else self.sums.argmax(axis=0).astype(np.int16)
 
 
 def _sweep(tiles: List[torch.Tensor], batch_size: int, capture: Callable,
@@ -547,12 +596,18 @@ def explain_volume(
             return target
         return SegmentTarget(target.channel, torch.stack([view.window(m) for m in segment_tiles[rows]]))
 
-    def sweep_views(capture: Callable, done: int, reduce: Optional[Callable] = None) -> list:
+    stitched = _Stitched(volume.shape[1:], starts, spec.img_size)
+
+    def sweep_views(capture: Callable, done: int, reduce: Optional[Callable] = None, stitch: bool = False) -> list:
         """Every view's sweep over the windows, ``capture(x, target)`` per batch; reduce(view, first, captured)
-        replaces each batch's capture."""
+        replaces each batch's capture; ``stitch``: the unchanged view's dense outputs go into ``stitched``."""
         results = []
         for number, view in enumerate(views):
-            per_batch = None if reduce is None else (lambda first, captured, view=view: reduce(view, first, captured))
+            def per_batch(first: int, captured: Any, view: WindowView = view, number: int = number) -> Any:
+                if stitch and number == 0:
+                    stitched.add(first, captured.logits)
+                return captured if reduce is None else reduce(view, first, captured)
+
             results += _sweep([view.window(t) for t in tiles], batch,
                               lambda x, rows, view=view: capture(x, batch_target(view, rows)), progress, cancel,
                               done + number * len(tiles), total, per_batch)
@@ -578,7 +633,7 @@ def explain_volume(
     captures = sweep_views(
         lambda x, batch_target: capture_attention(model, x, head_fusion, head, gradients, batch_target,
                                                   img_size=spec.img_size),
-        total - runs, None if keep_cache else read_out,
+        total - runs, None if keep_cache else read_out, stitch=True,
     )
     if keep_cache:
         tiling = replace(tiling, captures=tuple(captures))
@@ -613,5 +668,5 @@ def explain_volume(
         window_centres_ras=apply_affine(image.affine.numpy(), starts + (np.asarray(spec.img_size) - 1) / 2.0),
         temperature=float(temperature), flip_axes=flip_axes, shift_average=bool(shift_average),
         region=applied, domain=None if checked is None else checked.report, window_eligible=eligible,
-        _tiling=tiling,
+        segmentation=stitched.labels(), segmentation_ijk_to_ras=image.affine.numpy(), _tiling=tiling,
     )
