@@ -333,3 +333,38 @@ def test_bad_swinunetr_cards_are_refused_naming_the_field(tmp_path, change, mess
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(AttentionMapError, match=message):
         load_model(str(tmp_path / "card.json"))
+
+
+def test_a_swinunetr_bundle_as_the_model_zoo_ships_it_is_explained(tmp_path):
+    """A bundle laid out like MONAI's swin_unetr_btcv_segmentation (network_def a SwinUNETR, the input size in the
+    metadata's spatial_shape, classes in channel_def) loads with trust and is explained through its windows; its
+    attentionmap.json may also declare attention modules (here MONAI ViT's, to show the section is read)."""
+    import numpy as np
+    from monai.networks.nets import SwinUNETR
+
+    from AttentionMapLib import explain_volume
+
+    folder = tmp_path / "swin_bundle"
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    args = {"in_channels": 1, "out_channels": 3, "feature_size": 12, "depths": [1, 1, 1, 1],
+            "num_heads": [3, 3, 3, 3], "norm_name": "batch"}
+    torch.manual_seed(0)
+    torch.save(SwinUNETR(**args).state_dict(), folder / "models" / "model.pt")
+    (folder / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": {"_target_": "SwinUNETR", **args}}))
+    (folder / "configs" / "metadata.json").write_text(json.dumps({"network_data_format": {
+        "inputs": {"image": {"spatial_shape": [32, 32, 32]}},
+        "outputs": {"pred": {"channel_def": {"0": "background", "1": "spleen", "2": "kidney"}}}}}))
+    loaded = load_model(str(folder), trust_bundle=True)
+    assert isinstance(loaded.network, SwinUNETR) and loaded.img_size == (32, 32, 32)
+    assert loaded.classes == ["background", "spleen", "kidney"]
+    result = explain_volume(loaded.network, np.random.default_rng(0).random((40, 32, 32)).astype(np.float32),
+                            np.eye(4), {"spatial": {"mode": "sliding_window"}}, img_size=loaded.img_size,
+                            method="grad_rollout", target=2)
+    assert result.grid.shape == (20, 16, 16) and result.target == 2 and result.segmentation.shape == (40, 32, 32)
+    (folder / "configs" / "attentionmap.json").write_text(json.dumps(
+        {"attention": {"module_class": "WindowAttention", "kind": "softmax", "attention_output": "missing",
+                       "patch_size": [2, 2, 2]}}))
+    with pytest.raises(AttentionMapError, match=r"attentionmap.json: attention: WindowAttention has no submodule"):
+        load_model(str(folder), trust_bundle=True)

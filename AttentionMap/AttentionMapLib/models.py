@@ -124,13 +124,7 @@ def _load_card(card_path: Path) -> LoadedModel:
     except AttentionMapError as exc:
         raise AttentionMapError(f"{card_path}: {exc}") from None
     network = _build_network(card_path, name, args)
-    if card.get("attention") is not None:  # attention modules declared as data (core/declared.py)
-        from .core.declared import declare_attention
-
-        try:
-            declare_attention(network, card["attention"])
-        except AttentionMapError as exc:
-            raise AttentionMapError(f"{card_path}: {exc}") from None
+    _declare(network, card, card_path)
     notes = load_weights(network, weights)
     classes = _class_names(card_path, card.get("classes"), network)
     return LoadedModel(
@@ -144,6 +138,18 @@ def _load_card(card_path: Path) -> LoadedModel:
         source=str(card_path),
         notes=notes,
     )
+
+
+def _declare(network: Any, card: Mapping[str, Any], source: Path) -> None:
+    """A card's (or a bundle's attentionmap.json) ``attention`` section attached to the network (core/declared.py)."""
+    if card.get("attention") is None:
+        return
+    from .core.declared import declare_attention
+
+    try:
+        declare_attention(network, card["attention"])
+    except AttentionMapError as exc:
+        raise AttentionMapError(f"{source}: {exc}") from None
 
 
 def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
@@ -175,10 +181,11 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> LoadedModel:
         raise AttentionMapError(f"{folder}: models/model.pt (or models/model.safetensors) is missing")
     notes = load_weights(network, weights)
 
-    meta_file = configs / "metadata.json"
-    meta = read_json_object(meta_file) if meta_file.is_file() else {}
     extra_file = configs / "attentionmap.json"
     extra = read_json_object(extra_file) if extra_file.is_file() else {}
+    _declare(network, extra, extra_file)
+    meta_file = configs / "metadata.json"
+    meta = read_json_object(meta_file) if meta_file.is_file() else {}
     data_format = meta.get("network_data_format", {})
     image_format = data_format.get("inputs", {}).get("image", {})
     img_size = extra.get("img_size")
