@@ -228,6 +228,10 @@ def test_explain_volume_gives_the_networks_own_segmentation_stitched_over_its_wi
         expected = np.concatenate([model(torch.from_numpy(array[a:a + 32])[None, None])[0].argmax(0).numpy()
                                    for a in (0, 32)])
     assert result.segmentation.dtype == np.int16 and np.array_equal(result.segmentation, expected)
+    kept = explain_volume(model, array, affine, {"spatial": {"mode": "sliding_window", "overlap": 0.0}},
+                          method="rollout", flip_axes=(0,))
+    assert np.array_equal(kept.segmentation, expected)  # the unchanged view's outputs; the flipped ones not added
+    assert all(c.logits.numel() == 0 for c in kept._tiling.captures)  # the re-fusion cache keeps no dense output
     assert len(np.unique(expected)) > 1
     np.testing.assert_allclose(result.segmentation_ijk_to_ras, affine)
     half = affine @ np.diag([2.0, 2.0, 2.0, 1.0])  # a coarser grid over the same volume

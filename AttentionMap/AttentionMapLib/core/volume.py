@@ -606,7 +606,10 @@ def explain_volume(
             def per_batch(first: int, captured: Any, view: WindowView = view, number: int = number) -> Any:
                 if stitch and number == 0:
                     stitched.add(first, captured.logits)
-                return captured if reduce is None else reduce(view, first, captured)
+                if reduce is not None:
+                    return reduce(view, first, captured)
+                captured.logits = _outputs_only(captured).logits  # a kept capture drops a dense output too
+                return captured
 
             results += _sweep([view.window(t) for t in tiles], batch,
                               lambda x, rows, view=view: capture(x, batch_target(view, rows)), progress, cancel,
