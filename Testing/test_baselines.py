@@ -124,3 +124,66 @@ def test_bad_inputs_raise_clear_errors(model, x):
         OcclusionSensitivity(model, overlap=1.0)
     with pytest.raises(AttentionMapError, match="target"):
         OcclusionSensitivity(model)(x[:1], target=3)
+
+
+# ---- segmentation networks: the baselines of "why this segment" ------------------------------------------------
+def segment_reference_gradcam(model, x, module, mask, channel, grid, stage_factor=1):
+    """Grad-CAM of the channel's logit summed over the mask, from a forward hook on ``module``."""
+    store = {}
+
+    def keep(_m, _i, out):
+        out.retain_grad()
+        store["a"] = out
+
+    handle = module.register_forward_hook(keep)
+    try:
+        (model(x.clone())[0, channel] * torch.from_numpy(mask).float()).sum().backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    acti, grad = store["a"].detach(), store["a"].grad
+    if acti.ndim == 5:  # Swin: (1, d, h, w, C)
+        acti, grad = acti.permute(0, 4, 1, 2, 3), grad.permute(0, 4, 1, 2, 3)
+    else:  # ViT tokens (1, n, C)
+        acti = acti.transpose(1, 2).reshape((1, -1) + grid)
+        grad = grad.transpose(1, 2).reshape((1, -1) + grid)
+    cam = torch.relu((grad.flatten(2).mean(dim=2)[:, :, None, None, None] * acti).sum(dim=1))[0].numpy()
+    for axis in range(3):
+        cam = np.repeat(cam, stage_factor, axis=axis)
+    return normalize_map(cam[None], "minmax")[0]
+
+
+def test_segment_baselines_on_unetr_and_swinunetr():
+    """Grad-CAM and occlusion of a SegmentTarget: the gradient / occlusion of the channel's logit summed over the
+    segment (UNETR: the last block's tokens; SwinUNETR: the last Swin block's input, spread from its 2 x 2 x 2 grid
+    onto the first stage's 16^3)."""
+    from monai.networks.nets import UNETR, SwinUNETR
+
+    from AttentionMapLib.core.segment import SegmentTarget
+
+    torch.manual_seed(6)
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(7))
+    mask = np.zeros((32, 32, 32), dtype=np.uint8)
+    mask[4:20, 10:30, 8:16] = 1
+    target = SegmentTarget(1, mask)
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32), feature_size=8, hidden_size=32,
+                  mlp_dim=32, num_heads=2).eval()
+    expected = segment_reference_gradcam(unetr, x, unetr.vit.blocks[-1].norm1, mask, 1, (2, 2, 2))
+    np.testing.assert_allclose(GradCAM(unetr)(x, target)[0], expected, atol=1e-4)
+    swin = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, norm_name="batch", spatial_dims=3).eval()
+    last = [m for m in swin.modules() if type(m).__name__ == "SwinTransformerBlock"][-1]
+    expected = segment_reference_gradcam(swin, x, last.norm1, mask, 1, None, stage_factor=8)
+    got = GradCAM(swin)(x, target)[0]
+    assert got.shape == (16, 16, 16) and expected.max() == 1.0
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    occlusion = OcclusionSensitivity(unetr, mode="mean_img", n_batch=4)(x, target)[0]
+    with torch.no_grad():
+        def score(volume):
+            return float((unetr(volume)[0, 1] * torch.from_numpy(mask).float()).sum())
+        base, drops = score(x), np.zeros((2, 2, 2), dtype=np.float32)
+        for index in np.ndindex(2, 2, 2):
+            occluded = x.clone()
+            occluded[(0, 0) + tuple(slice(g * 16, (g + 1) * 16) for g in index)] = x.mean()
+            drops[index] = base - score(occluded)
+    np.testing.assert_allclose(occlusion, normalize_map(drops[None], "minmax")[0], atol=1e-4)

@@ -3,8 +3,9 @@
 Each baseline is a callable ``baseline(x, target) -> np.ndarray`` float32 ``(B, n1, n2, n3)`` on the
 model's token grid (the grid :func:`engine.explain` returns), in ``x``'s spatial axis order, higher =
 more important, per sample min-max normalised to [0, 1]. ``x`` is ``(B, C, *img_size)``; ``target`` is
-a class index (default: the predicted class of each sample). The networks are MONAI ViT classifiers
-(class logits ``(B, K)`` as the first output).
+a class index (default: the predicted class of each sample) of a MONAI ViT classifier (class logits ``(B, K)``
+as the first output), or, for a segmentation network (UNETR, SwinUNETR), a ``segment.SegmentTarget``: the score
+is then the channel's logit summed over the segment (the score of "why this segment").
 
 - :class:`GradCAM` runs MONAI's ``monai.visualize.GradCAM`` on a *copy* of the model (MONAI's
   ``ModelWithHooks`` registers hooks it never removes and zeroes parameter gradients), with
@@ -13,7 +14,9 @@ a class index (default: the predicted class of each sample). The networks are MO
   ``"tokens"`` (default): the input of the last transformer block's attention (``blocks[-1].norm1``),
   its patch tokens reshaped to ``(B, hidden, n1, n2, n3)`` -- the usual choice for ViTs (as in
   pytorch-grad-cam): the last layer whose patch tokens still reach the class token (after the last
-  block only the class token feeds the head, so the patch tokens' gradient there is zero).
+  block only the class token feeds the head, so the patch tokens' gradient there is zero). For a Swin
+  encoder, the input of its last block's attention (``norm1``'s output, ``(B, d, h, w, C)`` on the last stage's
+  grid), spread onto the first stage's grid (``ModelSpec.on_first_grid``).
   ``"patch_embedding"``: the output of the patch-embedding convolution (already ``(B, hidden, n1,
   n2, n3)``), the first layer: closer to gradient x input, little class-specific abstraction.
   MONAI's default post-processing maps (min, max) to (1, 0), i.e. inverts; here the raw
@@ -35,22 +38,27 @@ import torch
 
 from AttentionMapLib.core.engine import model_spec, primary_output, resolve_target
 from AttentionMapLib.core.methods import normalize_map
+from AttentionMapLib.core.segment import SegmentTarget, segment_scores
 from AttentionMapLib.errors import AttentionMapError
 
-Target = Union[int, Sequence[int], None]
+Target = Union[int, Sequence[int], SegmentTarget, None]
 GRADCAM_LAYERS = ("tokens", "patch_embedding")
 OCCLUSION_MODES = ("gaussian", "mean_patch", "mean_img")
 
 
 class _Logits(torch.nn.Module):
-    """The model with only its class logits ``(B, K)`` as output (MONAI's ViT returns a tuple)."""
+    """The model with only its class logits ``(B, K)`` as output (MONAI's ViT returns a tuple); with ``segment``
+    set (a SegmentTarget of one sample), the segment's score ``(B, 1)`` of a dense output."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.segment: Optional[SegmentTarget] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = primary_output(self.model(x), self.model)
+        if self.segment is not None:
+            return segment_scores(logits, self.segment)[:, None]
         if logits.ndim != 2:
             raise AttentionMapError(
                 f"model: output shape {tuple(logits.shape)} is not class logits (B, K); the baselines need a classifier"
@@ -115,7 +123,10 @@ class GradCAM:
         return blocks[-1].norm1
 
     def _through_grid(self, _module, _inputs, tokens: torch.Tensor) -> torch.Tensor:
-        """Send the patch tokens ``(B, [1 +] n, hidden)`` through the probe as ``(B, hidden, *grid)``."""
+        """Send the tokens through the probe as ``(B, hidden, *grid)``: a ViT's patch tokens ``(B, [1 +] n,
+        hidden)``, or a Swin block's channels-last map ``(B, d, h, w, hidden)``."""
+        if tokens.ndim == 5:
+            return self._probe(tokens.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
         offset = tokens.shape[1] - self._grid_size
         grid = tokens[:, offset:].transpose(1, 2).reshape((tokens.shape[0], tokens.shape[2]) + self._grid_shape)
         patches = self._probe(grid).flatten(2).transpose(1, 2)
@@ -124,17 +135,32 @@ class GradCAM:
     def __call__(self, x: torch.Tensor, target: Target = None) -> np.ndarray:
         spec = model_spec(self._wrapped.model, input_size=tuple(x.shape[2:]))
         self._grid_shape, self._grid_size = spec.grid_shape, spec.num_patches
-        targets = [None] * len(x) if target is None else [int(t) for t in np.broadcast_to(target, (len(x),))]
+        segments = _per_sample(target, len(x))
+        targets = [None] * len(x) if target is None or segments else [
+            int(t) for t in np.broadcast_to(target, (len(x),))]
         maps = []
         with torch.enable_grad():
-            for sample, klass in zip(x, targets):
+            for index, (sample, klass) in enumerate(zip(x, targets)):
                 leaf = sample[None].detach().clone().requires_grad_(True)
+                self._wrapped.segment = segments[index] if segments else None
                 try:
-                    cam = self._cam.compute_map(leaf, class_idx=klass)  # (1, 1, n1, n2, n3), ReLU'd
+                    cam = self._cam.compute_map(leaf, class_idx=0 if segments else klass)  # (1, 1, *grid)
                 except IndexError as error:
                     raise AttentionMapError(f"target: class {klass} is not an output of the model ({error})") from None
-                maps.append(cam.detach()[0, 0].cpu().numpy())
+                finally:
+                    self._wrapped.segment = None
+                maps.append(spec.on_first_grid(cam.detach()[0, 0].cpu().numpy()))
         return normalize_map(np.stack(maps), "minmax")
+
+
+def _per_sample(target: Target, batch: int) -> List[SegmentTarget]:
+    """A segment target as one per sample (its mask's sample axis split); [] for class targets."""
+    if not isinstance(target, SegmentTarget):
+        return []
+    mask = target.mask
+    if mask is None or np.ndim(mask) == 3:
+        return [target] * batch
+    return [SegmentTarget(target.channel, mask[i]) for i in range(batch)]
 
 
 def _minmax_tensor(maps: torch.Tensor) -> torch.Tensor:
@@ -169,6 +195,9 @@ class OcclusionSensitivity:
         spec = model_spec(self.model, input_size=tuple(x.shape[2:]))
         mask_size = tuple(spec.patch_size) if self.mask_size is None else tuple(int(m) for m in self.mask_size)
         wrapped = _Logits(self.model)
+        segments = _per_sample(target, len(x))
+        # a class target's importance is a drop in probability; a segment's, a drop in its summed logit
+        activate = (lambda out: out.float()) if segments else (lambda out: torch.softmax(out.float(), dim=1))
         occlusion = MonaiOcclusion(
             wrapped,
             mask_size=mask_size,
@@ -176,24 +205,29 @@ class OcclusionSensitivity:
             verbose=False,
             mode=self.mode,
             overlap=self.overlap,
-            activate=lambda out: torch.softmax(out.float(), dim=1),
+            activate=activate,
         )
         modes = {m: m.training for m in self.model.modules()}  # MONAI's eval_mode would restore them by .train()
         maps = []
         try:
             wrapped.eval()
             with torch.no_grad():
-                logits = wrapped(x)
-                probabilities = torch.softmax(logits.float(), dim=1)
-                targets = resolve_target(logits, target)
+                if not segments:
+                    logits = wrapped(x)
+                    probabilities = torch.softmax(logits.float(), dim=1)
+                    targets = resolve_target(logits, target)
                 for i, sample in enumerate(x):
+                    wrapped.segment = segments[i] if segments else None
+                    scores = activate(wrapped(sample[None]))[0] if segments else probabilities[i]
+                    klass = 0 if segments else targets[i]
                     with warnings.catch_warnings():  # MONAI 1.6 indexes with lists; torch warns about it
                         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
                         occluded, _ = occlusion(
                             sample[None]
-                        )  # (1, K, *spatial): p(class), box around each voxel occluded
-                    maps.append((probabilities[i, targets[i]] - occluded[0, targets[i]]).cpu().numpy())
+                        )  # (1, K, *spatial): the score, box around each voxel occluded
+                    maps.append((scores[klass] - occluded[0, klass]).cpu().numpy())
         finally:
+            wrapped.segment = None
             for module, mode in modes.items():
                 module.training = mode
         return normalize_map(_block_mean(np.stack(maps), spec.grid_shape), "minmax")
