@@ -1,4 +1,5 @@
-"""AttentionMapLib: capture, fuse and place the self-attention of MONAI Vision Transformers.
+"""AttentionMapLib: capture, fuse and place the self-attention of 3D Vision Transformers (MONAI's ViT family,
+SwinUNETR, and networks whose attention modules are declared).
 
 Qt-free. Importing the package needs neither torch nor MONAI: the public names below are loaded
 on first use, so the Slicer module can import it before its dependency check has run.

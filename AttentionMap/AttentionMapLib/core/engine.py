@@ -1,9 +1,12 @@
-"""``explain``: run a MONAI ViT-based model once, capture its attention, fuse it, read it out as a grid.
+"""``explain``: run a 3D transformer once, capture its attention, fuse it, read it out as a grid.
 
-Two steps, usable separately so that a GUI can re-fuse without re-running the network:
+The model's adapter (:mod:`.model_adapters`: MONAI's ViT family, Swin, or declared modules) says where its
+attention is and on which token grids. Two steps, usable separately so that a GUI can re-fuse without
+re-running the network:
 
 - :func:`capture_attention` runs the forward (and, for gradient rollout, one backward) pass and keeps
-  what the readout needs, by one of two attention paths:
+  what the readout needs, by one of three attention paths (``windowed`` for Swin models, :mod:`.swin`;
+  for global attention one of these two):
 
   - ``full``: flash attention off, one head-fused ``(B, N, N)`` matrix per layer (plus one relevance
     matrix per layer for gradient rollout). Heads are fused inside the hook, as each layer's attention
