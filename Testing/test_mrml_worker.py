@@ -316,7 +316,8 @@ def test_the_engine_and_the_worker_results_share_one_definition_of_the_result_fi
     shared_names = [f.name for f in dataclasses.fields(AttentionGrid)]
     assert shared_names[:2] == ["grid", "ijk_to_ras"] and shared_names[-1] == "region" and len(shared_names) == 18
     for subclass, own in ((VolumeAttention, {"window_probabilities", "decisive_window", "window_centres_ras",
-                                             "temperature", "domain", "window_eligible", "_tiling"}),
+                                             "temperature", "domain", "window_eligible", "segmentation",
+                                             "segmentation_ijk_to_ras", "_tiling"}),
                           (worker.AttentionData, {"result_id", "prediction"})):
         assert issubclass(subclass, AttentionGrid) and subclass.__dataclass_params__.frozen
         names = [f.name for f in dataclasses.fields(subclass)]
