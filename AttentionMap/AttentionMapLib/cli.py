@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     model = _Parser(add_help=False)
-    model.add_argument("--model", default="demo", help="'demo', a model card .json, or a MONAI bundle folder")
+    model.add_argument("--model", default="demo",
+                       help="'demo', 'demo-segmentation' (a SwinUNETR), a model card .json, or a MONAI bundle folder")
     model.add_argument("--trust-bundle", action="store_true",
                        help="allow loading a MONAI bundle (its configs can run Python code)")
     model.add_argument("--method", default="rollout", choices=method_names(),
@@ -335,7 +336,9 @@ def input_paths(args: argparse.Namespace) -> List[Path]:
     paths += [Path(p) for p in getattr(args, "label", None) or []]
     paths += [Path(p) for p in getattr(args, "mask", None) or []]
     paths += [Path(p) for p in getattr(args, "target_mask", None) or []]
-    return paths + ([Path(args.model)] if args.model != "demo" else [])
+    from .models import DEMO_SOURCES
+
+    return paths + ([Path(args.model)] if args.model not in DEMO_SOURCES else [])
 
 
 def naming_input(path: Path, exc: AttentionMapError) -> AttentionMapError:

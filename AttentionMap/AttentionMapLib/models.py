@@ -32,6 +32,9 @@ from .model_cards import check_card, check_spacing, read_json_object, weights_pa
 SUPPORTED_NETWORKS = ("ViT", "UNETR", "ViTAutoEnc", "SwinUNETR")
 # inside the package, so the wheel and the Slicer module (CMakeLists.txt) carry it
 DEMO_CARD = Path(__file__).resolve().parent / "demo_model" / "demo_lung_nodule_vit.json"
+SEGMENTATION_DEMO_CARD = DEMO_CARD.with_name("demo_lung_nodule_swinunetr.json")
+DEMO_SOURCES = {"demo": DEMO_CARD, "demo-segmentation": SEGMENTATION_DEMO_CARD}
+"""Model sources that name a shipped card: the classification demo (a ViT) and the segmentation demo (a SwinUNETR)."""
 # Used for a bundle without configs/attentionmap.json: the bundle's own transforms are not run (they
 # may be arbitrary code), so the volume is only reoriented, z-scored and resized to the network input.
 BUNDLE_DEFAULT_PREPROCESSING: Dict[str, Any] = {
@@ -61,7 +64,8 @@ def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> 
     """Load "demo", a model card JSON file, or a MONAI bundle folder.
 
     Args:
-        source: "demo" (the bundled demo model), a model card .json path, or a MONAI bundle folder.
+        source: "demo" (the bundled classification demo, a ViT), "demo-segmentation" (the bundled segmentation
+            demo, a SwinUNETR), a model card .json path, or a MONAI bundle folder.
         trust_bundle: must be True for a bundle (its configs can run Python code); cards are data only
             (weights read with ``torch.load(..., weights_only=True)``).
         device: where the network goes ("cpu", "cuda", or a torch device).
@@ -75,12 +79,14 @@ def load_model(source: str, trust_bundle: bool = False, device: str = "cpu") -> 
     """
     if not isinstance(source, (str, os.PathLike)):
         raise AttentionMapError(f"model: expected 'demo', a model card path or a bundle folder, got {source!r}")
-    path = DEMO_CARD if source == "demo" else Path(source)
-    if source == "demo" and not path.is_file():
-        raise AttentionMapError(f"demo: the bundled model card {path} is missing from this installation")
+    shipped = DEMO_SOURCES.get(source) if isinstance(source, str) else None
+    path = shipped or Path(source)
+    if shipped is not None and not path.is_file():
+        raise AttentionMapError(f"{source}: the bundled model card {path} is missing from this installation")
     if not os.path.lexists(path):
         raise AttentionMapError(
-            f"{source}: no such model; expected 'demo', a model card .json file or a MONAI bundle folder"
+            f"{source}: no such model; expected 'demo', 'demo-segmentation', a model card .json file or a MONAI "
+            "bundle folder"
         )
     check_input_path(path)  # a pipe or device is refused before it is opened
     loaded = _load_bundle(path, trust_bundle) if path.is_dir() else _load_card(path)
