@@ -317,26 +317,6 @@ def test_cuda_out_of_memory_falls_back_to_cpu_with_auto(capsys):
         explain_with_fallback(loaded, "cuda", False, call)
 
 
-def test_run_with_a_dense_output_model(scan, tmp_path):
-    """UNETR: no class probabilities; the map of output channel 1 (grad_rollout) is still written and drawn."""
-    from monai.networks.nets import UNETR
-
-    args = {"in_channels": 1, "out_channels": 2, "img_size": 32, "feature_size": 8, "hidden_size": 32,
-            "mlp_dim": 32, "num_heads": 2}
-    folder = tmp_path / "unetr"
-    folder.mkdir()
-    torch.manual_seed(0)
-    torch.save(UNETR(**args).state_dict(), folder / "weights.pt")
-    card = {"network": {"name": "UNETR", "args": args}, "weights": "weights.pt", "preprocessing": PREPROCESSING}
-    (folder / "card.json").write_text(json.dumps(card))
-    out = tmp_path / "out"
-    assert run_cli("run", scan / "case1.nrrd", "--model", folder / "card.json", "--method", "grad_rollout",
-                   "--output-dir", out) == 0
-    case = json.loads((out / "summary.json").read_text())["cases"][0]
-    assert case["probabilities"] is None and case["target"] == 1 and case["grid_shape"] == [2, 2, 2]
-    assert (out / "case1_overlay.png").stat().st_size > 0
-
-
 def _unetr_card(tmp_path, preprocessing) -> Path:
     from monai.networks.nets import UNETR
 
@@ -349,6 +329,17 @@ def _unetr_card(tmp_path, preprocessing) -> Path:
     card = {"network": {"name": "UNETR", "args": args}, "weights": "weights.pt", "preprocessing": preprocessing}
     (folder / "card.json").write_text(json.dumps(card))
     return folder / "card.json"
+
+
+def test_run_with_a_dense_output_model(scan, tmp_path):
+    """UNETR: no class probabilities; the map of output channel 1 (grad_rollout) is still written and drawn."""
+    card = _unetr_card(tmp_path, PREPROCESSING)
+    out = tmp_path / "out"
+    assert run_cli("run", scan / "case1.nrrd", "--model", card, "--method", "grad_rollout",
+                   "--output-dir", out) == 0
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert case["probabilities"] is None and case["target"] == 1 and case["grid_shape"] == [2, 2, 2]
+    assert (out / "case1_overlay.png").stat().st_size > 0
 
 
 def test_run_explains_a_segment_from_a_mask_a_box_or_the_networks_own_labels(scan, tmp_path):
