@@ -6,7 +6,13 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from AttentionMapLib.core.metrics import deletion_insertion, distance_to_mask_mm, mask_statistics, pointing_game
+from AttentionMapLib.core.metrics import (
+    deletion_insertion,
+    distance_to_mask_mm,
+    mask_statistics,
+    pointing_game,
+    within_mm,
+)
 from AttentionMapLib.errors import AttentionMapError, Cancelled
 
 
@@ -74,6 +80,32 @@ class BlockDetector(torch.nn.Module):
     def forward(self, x):
         score = 10.0 * x[:, 0, :4, :4, :4].mean(dim=(1, 2, 3)) - 5.0
         return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+@pytest.mark.parametrize("mm", [0.0, 2.5, 6.0])
+def test_within_mm_is_every_voxel_whose_centre_is_that_close_to_a_mask_voxel_s_centre(mm):
+    """Against the plain definition (all pairwise distances) on an oblique, anisotropic, non-cubic grid."""
+    from AttentionMapLib.core.geometry import rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(0, 25.0) @ rotation(2, -40.0) @ np.diag([0.7, 1.3, 2.9])
+    affine[:3, 3] = (-12.0, 30.0, 5.0)
+    mask = np.zeros((22, 15, 9), dtype=np.uint8)
+    mask[[3, 4, 12, 20], [2, 2, 9, 14], [1, 1, 4, 8]] = 1  # at the faces too
+    centres = np.argwhere(np.ones(mask.shape, bool)) @ affine[:3, :3].T
+    inside = np.argwhere(mask) @ affine[:3, :3].T
+    nearest = np.min(np.linalg.norm(centres[:, None] - inside[None], axis=2), axis=1).reshape(mask.shape)
+    expected = nearest <= mm + 1e-6
+    result = within_mm(mask, affine, mm)
+    assert result.dtype == bool and np.array_equal(result, expected)
+    assert np.array_equal(result, mask > 0) if mm == 0 else result.sum() > mask.sum()
+
+
+def test_within_mm_refuses_an_empty_mask_and_a_negative_distance():
+    with pytest.raises(AttentionMapError, match="mask: expected a non-empty 3D mask"):
+        within_mm(np.zeros((4, 4, 4)), np.eye(4), 2.0)
+    with pytest.raises(AttentionMapError, match="mm: expected a distance >= 0"):
+        within_mm(np.ones((4, 4, 4)), np.eye(4), -1.0)
 
 
 def _trapezoid(y, x):

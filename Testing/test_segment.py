@@ -127,6 +127,37 @@ def test_a_segment_target_on_a_classifier_is_refused():
         explain(model, torch.rand(1, 1, 16, 16, 16), target=SegmentTarget(1))
 
 
+def test_deletion_and_insertion_of_a_segment_read_its_channel_s_mean_probability_over_the_region(unetr, x):
+    from AttentionMapLib import deletion_insertion
+
+    mask = box_mask(IMG, (2, 20, 4), (18, 44, 20))
+    saliency = np.arange(12, dtype=float).reshape(GRID)[::-1].copy()  # token 11 first, ..., token 0 last
+    scores = deletion_insertion(unetr, x, saliency, target=SegmentTarget(1, mask), steps=4, baseline="zero")
+
+    def mean_probability(image):  # the plain definition, one input at a time
+        with torch.no_grad():
+            p = torch.softmax(unetr(image)[0], dim=0)[1].numpy()
+        return float(p[mask > 0].mean())
+
+    order = np.argsort(-saliency.ravel(), kind="stable")
+    deletion, insertion = [], []
+    for count in (0, 3, 6, 9, 12):
+        kept = np.zeros(12, dtype=bool)
+        kept[order[:count]] = True
+        top = torch.from_numpy(np.kron(kept.reshape(GRID), np.ones((16, 16, 16))) > 0)[None, None]
+        deletion.append(mean_probability(torch.where(top, torch.zeros_like(x), x)))
+        insertion.append(mean_probability(torch.where(top, x, torch.zeros_like(x))))
+    assert scores["target"] == 1
+    np.testing.assert_allclose(scores["deletion_curve"], deletion, rtol=1e-5)
+    np.testing.assert_allclose(scores["insertion_curve"], insertion, rtol=1e-5)
+    own = deletion_insertion(unetr, x, saliency, target=SegmentTarget(0), steps=4, baseline="zero")
+    assert own["deletion_curve"] != scores["deletion_curve"]
+    with pytest.raises(AttentionMapError, match="target: segment 1 is empty"):
+        deletion_insertion(unetr, x, saliency, target=SegmentTarget(1, np.zeros(IMG)))
+    with pytest.raises(AttentionMapError, match="or a segment target"):
+        deletion_insertion(unetr, x, saliency, target=1)
+
+
 # ---- explain_volume ------------------------------------------------------------------------------------------
 from AttentionMapLib import explain_volume  # noqa: E402
 from AttentionMapLib.core.geometry import rotation  # noqa: E402

@@ -7,12 +7,15 @@
 Data: the classification demo's crops (`attentionmap_dev.demo_data.CropSampler`: lung1 / lung2 at 2 mm RAS, a
 synthetic nodule of radius 3-15 mm inserted into lung parenchyma, 30 % on the lung's rim; each crop once with and
 once without its nodule, so half the windows hold no nodule), cut to a random 32^3 window holding the whole
-nodule; random flips. Crops never meet a widened real tumour box and never the held-out slabs. Network: MONAI
+nodule; random flips; `--varied-fraction` of the pairs with a nodule of `lesions.VARIED` (lobulated, ground-glass,
+calcified, sharp-edged) instead of the solid ellipsoid; `--scan-negatives` lesion-free windows per step cut from
+anywhere in the whole scans (`demo_data.WholeScanSampler`: mediastinum, bone, the scan's faces), all background.
+Crops never meet a widened real tumour box and never the held-out slabs. Network: MONAI
 SwinUNETR, feature size 12, depths 2-2-2-2, 3 heads per stage, 4^3 windows, batch norm (a 32^3 input ends in a
 1-voxel bottleneck, which instance norm refuses); DiceCE loss (Dice of the nodule channel only: a window without
 nodule scores 1 when nothing is labelled); AdamW, linear warm-up then a constant rate.
 Checkpoints (`checkpoint.pt`: model, optimiser, counters, RNG) every `--checkpoint-minutes` and at the end;
-`--resume` continues.
+`--resume` continues; `--init WEIGHTS.safetensors` starts a new run from weights (the shipped card's, to train on).
 
 `--evaluate`: Dice of the held-out synthetic pairs (the classification demo's held-out slabs) and of lung1 /
 lung2's real tumours over the whole scan (sliding windows over the card's default region, the lung field; the
@@ -31,7 +34,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from attentionmap_dev import demo_data
+from attentionmap_dev import demo_data, lesions
 
 WINDOW = 32
 NETWORK_ARGS: Dict[str, Any] = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "depths": [2, 2, 2, 2],
@@ -63,6 +66,18 @@ def windows_of(crops: demo_data.CropSet, rng: np.random.Generator) -> "tuple[np.
     return np.stack(images), np.stack(labels)
 
 
+def scan_windows(scans: demo_data.WholeScanSampler, rng: np.random.Generator,
+                 n: int) -> "tuple[np.ndarray, np.ndarray]":
+    """(images (n, 1, 32, 32, 32), labels (n, 32, 32, 32) all 0): a random 32^3 part of `n` lesion-free whole-scan
+    windows."""
+    crops = scans.sample(rng, n)
+    images = []
+    for image in crops.images:
+        origin = rng.integers(0, demo_data.CROP - WINDOW + 1, size=3)
+        images.append(image[(slice(None),) + tuple(slice(o, o + WINDOW) for o in origin)])
+    return np.stack(images), np.zeros((n,) + (WINDOW,) * 3, dtype=np.int64)
+
+
 def train(args: argparse.Namespace) -> None:
     from monai.losses import DiceCELoss
 
@@ -74,22 +89,40 @@ def train(args: argparse.Namespace) -> None:
     network = build_network()
     optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
     state: Dict[str, Any] = {"samples": 0, "steps": 0, "seconds": 0.0}
+    if args.init:
+        from safetensors.torch import load_file
+
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(args.init).items()})
+        card = Path(args.init).with_suffix(".json")  # the weights' own training counts carry over
+        done = json.loads(card.read_text()).get("training", {}) if card.is_file() else {}
+        state = {"samples": int(done.get("samples", 0)), "steps": int(done.get("steps", 0)),
+                 "seconds": 60.0 * float(done.get("cpu_minutes", 0.0)), "phases": list(done.get("phases", []))}
     if args.resume and checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, weights_only=True)
         network.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
     rng = np.random.default_rng(args.seed + state["steps"])
+    if not (args.resume and checkpoint_path.is_file()):  # a resumed run goes on with its phase
+        state.setdefault("phases", []).append({"from_step": state["steps"], "lr": args.lr, "pairs": args.pairs,
+                                               "varied_fraction": args.varied_fraction,
+                                               "scan_negatives": args.scan_negatives})
+    phase_start = state["phases"][-1]["from_step"] if state.get("phases") else 0
     cts = demo_data.load_demo_cts()
     sampler = demo_data.CropSampler(cts, "train")
+    scans = demo_data.WholeScanSampler(cts, "train") if args.scan_negatives else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)  # Dice of the nodule only
     start, last_save, before = time.perf_counter(), time.perf_counter(), float(state["seconds"])
     network.train()
     losses: List[float] = []
     while time.perf_counter() - start < args.minutes * 60:
-        crops = sampler.batches(rng, args.pairs, flip=True, wall_fraction=0.3)
+        crops = sampler.batches(rng, args.pairs, flip=True, wall_fraction=0.3, lesion=lesions.VARIED,
+                                lesion_pairs=round(args.pairs * args.varied_fraction))
         images, labels = windows_of(crops, rng)
-        warm = min(1.0, (state["steps"] + 1) / args.warmup_steps)
+        if scans is not None:
+            more = scan_windows(scans, rng, args.scan_negatives)
+            images, labels = np.concatenate([images, more[0]]), np.concatenate([labels, more[1]])
+        warm = min(1.0, (state["steps"] - phase_start + 1) / args.warmup_steps)  # each phase's fresh optimiser
         for group in optimiser.param_groups:
             group["lr"] = args.lr * warm
         logits = network(torch.from_numpy(images))
@@ -177,7 +210,7 @@ def ship(network: torch.nn.Module, metrics: Dict[str, Any], state: Dict[str, Any
         "training_data": "pyradiomics 3.0.1 sample data lung1 / lung2 (BSD-3), synthetic nodules; held-out slabs "
                          "and real tumours never seen in training",
         "training": {"samples": int(state["samples"]), "steps": int(state["steps"]),
-                     "cpu_minutes": round(float(state["seconds"]) / 60.0, 1),
+                     "cpu_minutes": round(float(state["seconds"]) / 60.0, 1), "phases": state.get("phases", []),
                      "script": "tools/train_segmentation_demo.py"},
         "metrics": metrics,
     }
@@ -195,6 +228,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=20261207)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", help="start from these weights (.safetensors, e.g. the shipped card's)")
+    parser.add_argument("--varied-fraction", type=float, default=0.0,
+                        help="share of the pairs with a nodule of lesions.VARIED")
+    parser.add_argument("--scan-negatives", type=int, default=0, help="lesion-free whole-scan windows per step")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the checkpoint instead of training")
     parser.add_argument("--heldout-pairs", type=int, default=64)
     parser.add_argument("--ship", action="store_true", help="with --evaluate: write the demo weights and card")

@@ -2,7 +2,8 @@
 
 - `mask_statistics`, `pointing_game`: a map and a mask on the same voxel grid (resample the token
   grid first with ``VolumeAttention.resample_to``, or reduce the mask to the token grid).
-- `distance_to_mask_mm`: a point (e.g. the attention peak, RAS mm) against a mask with its geometry.
+- `distance_to_mask_mm`: a point (e.g. the attention peak, RAS mm) against a mask with its geometry;
+  `within_mm`: the voxels within a distance of a mask (the region "around" a segment).
 - `deletion_insertion`: RISE-style causal scores (Petsiuk et al. 2018) on the model input itself;
   `score_volume`: the same for a volume and a model card's preprocessing (CLI `attention-map score`).
 """
@@ -99,6 +100,34 @@ def distance_to_mask_mm(point_ras: Sequence[float], mask: np.ndarray, ijk_to_ras
     }
 
 
+def within_mm(mask: np.ndarray, ijk_to_ras: np.ndarray, mm: float) -> np.ndarray:
+    """bool (I, J, K): the voxels whose centre lies within ``mm`` (Euclidean, patient space) of a centre of a voxel
+    of ``mask`` (I, J, K) > 0, the mask included: the region "around" a segment on any grid (anisotropic, oblique).
+
+    One shifted OR per voxel offset inside the ellipsoid of radius ``mm`` (axis lengths and angles from
+    ``ijk_to_ras`` (4, 4)), over the mask's bounding box grown by ``mm``: O(offsets x box voxels)."""
+    inside = np.asarray(mask) > 0
+    if inside.ndim != 3 or not inside.any():
+        raise AttentionMapError(f"mask: expected a non-empty 3D mask (I, J, K), got shape {inside.shape}")
+    if not float(mm) >= 0.0:
+        raise AttentionMapError(f"mm: expected a distance >= 0, got {mm}")
+    columns = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    # the largest index step per axis any offset within mm can take: mm times the row norms of the inverse
+    reach = np.floor(float(mm) * np.linalg.norm(np.linalg.inv(columns), axis=1) + 1e-9).astype(int)
+    found = np.argwhere(inside)
+    low, high = np.maximum(found.min(0) - reach, 0), np.minimum(found.max(0) + reach + 1, inside.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    crop = inside[box]
+    padded = np.pad(crop, [(int(r), int(r)) for r in reach])
+    grown = np.zeros_like(crop)
+    for offset in np.ndindex(*(2 * reach + 1)):
+        if np.linalg.norm(columns @ (np.asarray(offset) - reach)) <= float(mm) + 1e-6:
+            grown |= padded[tuple(slice(o, o + n) for o, n in zip(offset, crop.shape))]
+    out = np.zeros(inside.shape, dtype=bool)
+    out[box] = grown
+    return out
+
+
 def _area(fractions: np.ndarray, curve: np.ndarray) -> float:
     """Trapezoid rule."""
     return float(np.sum((curve[1:] + curve[:-1]) * np.diff(fractions)) / 2.0)
@@ -122,7 +151,7 @@ def deletion_insertion(
     model: Any,
     x: Any,
     saliency: np.ndarray,
-    target: Optional[int] = None,
+    target: Any = None,
     steps: int = 32,
     baseline: str = "blur",
     batch_size: int = 8,
@@ -138,7 +167,9 @@ def deletion_insertion(
     baseline, insertion puts the top-ranked blocks of x into the baseline. The baseline is the same
     for both: "blur" (default: x smoothed by a Gaussian of sigma = one block per axis, as RISE's
     insertion start), "mean" (x's mean per channel) or "zero". The curves are the softmax probability
-    of `target` (default: the class predicted on x); AUCs by the trapezoid rule over the fraction.
+    of `target` (default: the class predicted on x); for a segmentation network and a ``segment.SegmentTarget``,
+    the mean softmax probability of its channel over its region (the region fixed on x: the mask, or the
+    network's own segment of x). AUCs by the trapezoid rule over the fraction.
     Lower deletion AUC and higher insertion AUC mean the map ranks what the model uses first.
     Cost: 2 * (steps + 1) forward passes, in batches of `batch_size`. `cancel` is called before each
     batch (True: raise `Cancelled`); `progress` gets the fraction of batches done after each.
@@ -172,14 +203,7 @@ def deletion_insertion(
     fractions = counts / order.size
     with torch.no_grad():
         logits = primary_output(model(x), model)
-        if logits.ndim != 2:
-            raise AttentionMapError(
-                f"model: output shape {tuple(logits.shape)} is not class logits (B, K); "
-                "deletion/insertion scores need a classifier"
-            )
-        klass = int(logits.argmax(dim=1)[0]) if target is None else int(target)
-        if not 0 <= klass < logits.shape[1]:
-            raise AttentionMapError(f"target: expected 0..{logits.shape[1] - 1}, got {target}")
+        score, klass = _curve_score(logits, target)
         base = _baseline(x, baseline, block)
         curves = {}
         firsts = range(0, len(counts), int(batch_size))
@@ -190,8 +214,7 @@ def deletion_insertion(
                 chunk = counts[first:first + int(batch_size)]
                 keep_end = torch.stack([voxel_rank < int(c) for c in chunk])[:, None]  # (b, 1, *spatial)
                 batch = torch.where(keep_end, end, start)
-                out = primary_output(model(batch), model)
-                probabilities.append(torch.softmax(out.float(), dim=1)[:, klass].cpu().numpy())
+                probabilities.append(score(primary_output(model(batch), model)).cpu().numpy())
                 if progress is not None:
                     progress((curve * len(firsts) + done + 1) / (2 * len(firsts)))
             curves[name] = np.concatenate(probabilities)
@@ -205,6 +228,31 @@ def deletion_insertion(
         "deletion_auc": _area(fractions, curves["deletion"]),
         "insertion_auc": _area(fractions, curves["insertion"]),
     }
+
+
+def _curve_score(logits: Any, target: Any) -> "tuple[Callable[[Any], Any], int]":
+    """What a deletion / insertion curve reads from each output, and the class (or segment channel) it reads:
+    class logits (B, K) give P(class) (B,); a dense output (B, C, *spatial) with a SegmentTarget gives the
+    channel's mean probability over the region found on ``logits`` (x's output), (B,)."""
+    import torch
+
+    from .segment import SegmentTarget, check_not_empty, segment_region
+
+    if isinstance(target, SegmentTarget):
+        region = segment_region(logits, target)[:1]
+        check_not_empty(region, target)
+        weights = region / region.sum()
+        channel = int(target.channel)
+        return (lambda out: (torch.softmax(out.float(), dim=1)[:, channel] * weights).flatten(1).sum(dim=1)), channel
+    if logits.ndim != 2:
+        raise AttentionMapError(
+            f"model: output shape {tuple(logits.shape)} is not class logits (B, K); deletion/insertion scores need a "
+            "classifier, or a segment target (segment.SegmentTarget) for a segmentation network"
+        )
+    klass = int(logits.argmax(dim=1)[0]) if target is None else int(target)
+    if not 0 <= klass < logits.shape[1]:
+        raise AttentionMapError(f"target: expected 0..{logits.shape[1] - 1}, got {target}")
+    return (lambda out: torch.softmax(out.float(), dim=1)[:, klass]), klass
 
 
 def score_volume(
