@@ -156,7 +156,7 @@ class Scorer:
             scores = deletion_insertion(model, x, tokens, target=target, steps=self.settings.steps,
                                         baseline=self.settings.baseline, batch_size=self.settings.steps + 1)
             record["maps"][name] = {
-                "seconds": seconds, "wall_seconds": wall,
+                "seconds": seconds, "wall_seconds": wall, "flat": bool(np.ptp(tokens) == 0),
                 "pointing": pointing_game(tokens, tokens_mask), "pointing_1": pointing_game(tokens, tokens_mask, 1),
                 "mass_fraction": stats["mass_fraction"], "mass_ratio": stats["mass_ratio"],
                 "mass_around": float(voxels[close].sum() / total) if total > 0 else float("nan"),
@@ -327,7 +327,12 @@ def report(result: Dict[str, Any], command: str) -> str:
                   f"{_pct(np.mean([r['chance_pointing_1'] for r in subset]))}; the segment is "
                   f"{np.mean([r['volume_fraction'] for r in subset]):.4f} of the window, the segment and "
                   f"{AROUND_MM:g} mm around it {np.mean([r['near_fraction'] for r in subset]):.3f}.", ""]
+        flat = {LABELS[n]: sum(r["maps"][n].get("flat", False) for r in subset) for n in MAPS}
+        flat_text = ", ".join(f"{name} {count}" for name, count in flat.items() if count)
         lines += summary_table(summarise(subset)) + [""]
+        if flat_text:
+            lines += [f"Flat maps (one value everywhere: no peak, so a pointing miss; mass undefined, left out of the "
+                      f"mass means): {flat_text} of {len(subset)}.", ""]
     lines += ["### Whole volumes (sliding windows meeting the tumour)", "",
               "`explain_volume(..., target=SegmentTarget(nodule, MaskRegion(tumour label)))` on the scan as read from "
               "its file; one sweep with gradients, raw and rollout re-read from it (`fuse_again`). The map is "

@@ -12,8 +12,10 @@ calcified, sharp-edged) instead of the solid ellipsoid; `--scan-negatives` lesio
 anywhere in the whole scans (`demo_data.WholeScanSampler`: mediastinum, bone, the scan's faces), all background.
 Crops never meet a widened real tumour box and never the held-out slabs. Network: MONAI
 SwinUNETR, feature size 12, depths 2-2-2-2, 3 heads per stage, 4^3 windows, batch norm (a 32^3 input ends in a
-1-voxel bottleneck, which instance norm refuses); DiceCE loss (Dice of the nodule channel only: a window without
-nodule scores 1 when nothing is labelled); AdamW, linear warm-up then a constant rate.
+1-voxel bottleneck, which instance norm refuses); DiceCE loss (Dice of the nodule channel only; per window, where a
+window without nodule scores about 1 whatever it predicts, softmax never being exactly 0, so only cross-entropy
+trains it; or, `--batch-dice`, over the whole batch as nnU-Net does, where its false positives enter the
+denominator); AdamW, linear warm-up then a constant rate.
 Checkpoints (`checkpoint.pt`: model, optimiser, counters, RNG) every `--checkpoint-minutes` and at the end;
 `--resume` continues; `--init WEIGHTS.safetensors` starts a new run from weights (the shipped card's, to train on).
 
@@ -106,12 +108,13 @@ def train(args: argparse.Namespace) -> None:
     if not (args.resume and checkpoint_path.is_file()):  # a resumed run goes on with its phase
         state.setdefault("phases", []).append({"from_step": state["steps"], "lr": args.lr, "pairs": args.pairs,
                                                "varied_fraction": args.varied_fraction,
-                                               "scan_negatives": args.scan_negatives})
+                                               "scan_negatives": args.scan_negatives,
+                                               "batch_dice": args.batch_dice})
     phase_start = state["phases"][-1]["from_step"] if state.get("phases") else 0
     cts = demo_data.load_demo_cts()
     sampler = demo_data.CropSampler(cts, "train")
     scans = demo_data.WholeScanSampler(cts, "train") if args.scan_negatives else None
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)  # Dice of the nodule only
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=args.batch_dice)
     start, last_save, before = time.perf_counter(), time.perf_counter(), float(state["seconds"])
     network.train()
     losses: List[float] = []
@@ -232,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--varied-fraction", type=float, default=0.0,
                         help="share of the pairs with a nodule of lesions.VARIED")
     parser.add_argument("--scan-negatives", type=int, default=0, help="lesion-free whole-scan windows per step")
+    parser.add_argument("--batch-dice", action="store_true",
+                        help="Dice over the whole batch (nnU-Net's batch Dice) instead of per window")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the checkpoint instead of training")
     parser.add_argument("--heldout-pairs", type=int, default=64)
     parser.add_argument("--ship", action="store_true", help="with --evaluate: write the demo weights and card")

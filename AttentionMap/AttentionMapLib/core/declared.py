@@ -10,8 +10,15 @@ patches of a regular grid (``patch_size``), after ``prefix_tokens`` (0, or 1 for
   they are recomputed from its ``qkv`` Linear's output ``(B, N, 3 * heads * d)`` (features ordered q / k / v,
   then heads, then d: MONAI's ``SABlock`` and timm's layout) as ``softmax(q k^T * scale)``, scale ``d ** -0.5``
   unless given; gradients come from ``dO``, the gradient reaching the input of ``output`` (the projection after
-  the attention, ``(B, N, heads * d)``): ``dA_h = dO_h V_h^T`` for ``A_h V_h = O_h``. Masks and relative-position
-  biases are not part of the recomputation: declare such modules as ``softmax`` (hooking their explicit softmax).
+  the attention, ``(B, N, heads * d)``): ``dA_h = dO_h V_h^T`` for ``A_h V_h = O_h``. A module that sees its tokens
+  channels-last, ``(B, D, H, W, C)`` (SAM and SAM-Med3D's ``ImageEncoderViT3D``), is read the same way, its tokens
+  in C order of (D, H, W). ``relative_position: "decomposed"`` adds the decomposed 3D relative-position bias of
+  MViTv2 / SAM / SAM-Med3D to the logits before the softmax: ``q_n . R_d[d_n - d_m] + q_n . R_h[h_n - h_m] +
+  q_n . R_w[w_n - w_m]`` with the unscaled query and the module's tables ``relative_position_tables`` (default
+  ``rel_pos_d``, ``rel_pos_h``, ``rel_pos_w``, each ``(2 L - 1, d)``, linearly resized when the grid differs from
+  the one they were trained for); it needs the channels-last layout (the grid is read from it) and no CLS token.
+  Windowed blocks (SAM's window partition) are refused: their tokens are not the network's grid (an adapter like
+  ``core/swin.py`` is the way). Attention masks are not part of the recomputation.
 
 :func:`declare_attention` attaches a declaration to a network; the adapter here (registered before the built-in
 ones, so a declaration wins) reads it.
@@ -23,12 +30,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import AttentionMapError
 from .capture import AttentionCallback, attention_hooks
 from .model_adapters import ModelAdapter, ModelSpec
 
 KINDS = ("softmax", "qkv")
+RELATIVE_POSITIONS = ("decomposed",)
 ATTRIBUTE = "attentionmap_declaration"
 RelevanceCallback = Callable[[int, torch.Tensor], None]
 """Called as ``callback(block_index, relevance)`` with Chefer's ``mean_heads((dA * A)^+)`` ``(B, N, N)``."""
@@ -48,6 +57,8 @@ class Declaration:
     output: str = "proj"
     num_heads: str = "num_heads"
     scale: Optional[float] = None
+    relative_position: Optional[str] = None
+    relative_position_tables: Tuple[str, str, str] = ("rel_pos_d", "rel_pos_h", "rel_pos_w")
 
 
 def parse_declaration(section: Any, source: str = "attention") -> Declaration:
@@ -82,7 +93,21 @@ def parse_declaration(section: Any, source: str = "attention") -> Declaration:
         raise AttentionMapError(f"{source}.in_channels: expected an integer in 1..64, got {channels!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
         raise AttentionMapError(f"{source}.scale: expected a positive number or null, got {scale!r}")
-    return Declaration(**{**section, "patch_size": tuple(patch)})
+    relative, tables = section.get("relative_position"), section.get("relative_position_tables")
+    if relative is not None:
+        if relative not in RELATIVE_POSITIONS or kind != "qkv":
+            raise AttentionMapError(f"{source}.relative_position: expected null or one of "
+                                    f"{', '.join(RELATIVE_POSITIONS)} with kind 'qkv', got {relative!r} (kind "
+                                    f"{kind!r}); a softmax declaration reads the weights with their bias already in")
+        if prefix:
+            raise AttentionMapError(f"{source}.relative_position: a decomposed relative position has no CLS token; "
+                                    "set prefix_tokens to 0")
+    if tables is not None and not (isinstance(tables, list) and len(tables) == 3
+                                   and all(isinstance(t, str) and t.strip() for t in tables)):
+        raise AttentionMapError(f"{source}.relative_position_tables: expected three attribute names (D, H, W "
+                                f"axes), got {tables!r}")
+    return Declaration(**{**section, "patch_size": tuple(patch),
+                          **({"relative_position_tables": tuple(tables)} if tables is not None else {})})
 
 
 def declare_attention(model: torch.nn.Module, section: Any, source: str = "attention") -> torch.nn.Module:
@@ -98,6 +123,11 @@ def declare_attention(model: torch.nn.Module, section: Any, source: str = "atten
         if not isinstance(getattr(module, declaration.num_heads, None), int):
             raise AttentionMapError(f"{source}.num_heads: {declaration.module_class} has no integer attribute "
                                     f"{declaration.num_heads!r}")
+        for name in declaration.relative_position_tables if declaration.relative_position else ():
+            table = getattr(module, name, None)
+            if not (isinstance(table, torch.Tensor) and table.ndim == 2):
+                raise AttentionMapError(f"{source}.relative_position_tables: {declaration.module_class} has no "
+                                        f"table {name!r} (a (2 L - 1, head dim) tensor)")
     setattr(model, ATTRIBUTE, declaration)
     return model
 
@@ -151,10 +181,19 @@ class DeclaredAdapter(ModelAdapter):
                                  callback):
                 yield modules
             return
-        handles = []
+        running: dict = {}  # the token grid of the input being run, for the states to check their tokens against
+
+        def note_grid(_model: torch.nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 5:
+                running["grid"] = tuple(int(s) // p for s, p in zip(args[0].shape[2:], declaration.patch_size))
+                running["prefix"] = declaration.prefix_tokens
+
+        handles = [model.register_forward_pre_hook(note_grid)]
         try:
             for index, module in enumerate(modules):
-                state = _QkvState(int(getattr(module, declaration.num_heads)), declaration.scale)
+                tables = ([getattr(module, t) for t in declaration.relative_position_tables]
+                          if declaration.relative_position else None)
+                state = _QkvState(int(getattr(module, declaration.num_heads)), declaration.scale, tables, running)
                 handles.append(_submodule(module, declaration.qkv).register_forward_hook(
                     lambda _m, _i, out, index=index, state=state: state.attention(index, out, callback)))
                 if on_relevance is not None:
@@ -167,31 +206,71 @@ class DeclaredAdapter(ModelAdapter):
                 handle.remove()
 
 
+def relative_bias(query: torch.Tensor, tables: Sequence[torch.Tensor], grid: Sequence[int]) -> torch.Tensor:
+    """The decomposed relative-position bias ``(B, heads, N, N)`` of unscaled queries ``(B, heads, N, d)`` on
+    ``grid`` (D, H, W), tokens in C order: per axis a, ``q_n . R_a[a_n - a_m + L_a - 1]``, each table ``(2 L_a - 1,
+    d)`` resized linearly to that length first when it was made for another grid. O(N^2 + N (D + H + W) d)."""
+    batch, heads, tokens, dim = query.shape
+    on_grid = query.reshape(batch, heads, *grid, dim).float()
+    per_axis = []
+    for size, table in zip(grid, tables):
+        table = table.detach().float().to(query.device)
+        if table.shape[0] != 2 * size - 1:
+            table = F.interpolate(table.t()[None], size=2 * size - 1, mode="linear")[0].t()
+        offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1
+        per_axis.append(table[offsets.to(query.device)])  # (q_a, k_a, d)
+    rel_d = torch.einsum("bhxyzc,xkc->bhxyzk", on_grid, per_axis[0])
+    rel_h = torch.einsum("bhxyzc,ykc->bhxyzk", on_grid, per_axis[1])
+    rel_w = torch.einsum("bhxyzc,zkc->bhxyzk", on_grid, per_axis[2])
+    bias = rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+    return bias.reshape(batch, heads, tokens, tokens)
+
+
 class _QkvState:
     """One qkv-declared module's last pass: V and the recomputed attention, kept for its relevance."""
 
-    def __init__(self, heads: int, scale: Optional[float]):
-        self.heads, self.scale = heads, scale
+    def __init__(self, heads: int, scale: Optional[float], tables: Optional[Sequence[torch.Tensor]] = None,
+                 running: Optional[dict] = None):
+        self.heads, self.scale, self.tables = heads, scale, tables
+        self.running = running if running is not None else {}
         self.values: Optional[torch.Tensor] = None
         self.weights: Optional[torch.Tensor] = None
 
     def attention(self, index: int, qkv: torch.Tensor, callback: AttentionCallback) -> None:
-        """``qkv`` ``(B, N, 3 * heads * d)`` -> ``softmax(q k^T s)`` ``(B, heads, N, N)`` passed to the callback."""
-        batch, tokens, features = qkv.shape
-        split = qkv.detach().view(batch, tokens, 3, self.heads, features // (3 * self.heads)).permute(2, 0, 3, 1, 4)
+        """``qkv`` ``(B, N, 3 * heads * d)`` or channels-last ``(B, D, H, W, 3 * heads * d)`` -> ``softmax(q k^T s
+        [+ relative bias])`` ``(B, heads, N, N)`` passed to the callback."""
+        grid, expected = tuple(qkv.shape[1:-1]), self.running.get("grid")
+        if expected is not None and (grid != expected if qkv.ndim == 5
+                                     else grid[0] != int(torch.tensor(expected).prod()) + self.running["prefix"]):
+            raise AttentionMapError(f"attention: a declared qkv module sees tokens {grid}, not the network's grid "
+                                    f"{expected}: windowed attention (a window partition) is not read from a "
+                                    "declaration; write a Python adapter (core/model_adapters.py)")
+        if self.tables is not None and qkv.ndim != 5:
+            raise AttentionMapError("attention.relative_position: the declared module must see its tokens "
+                                    "channels-last, (B, D, H, W, C), to place the relative positions; it sees "
+                                    f"{tuple(qkv.shape)}")
+        batch, features = qkv.shape[0], qkv.shape[-1]
+        flat = qkv.detach().reshape(batch, -1, features)
+        tokens = flat.shape[1]
+        split = flat.view(batch, tokens, 3, self.heads, features // (3 * self.heads)).permute(2, 0, 3, 1, 4)
         query, key, self.values = split[0], split[1], split[2]
         scale = self.scale if self.scale is not None else float(query.shape[-1]) ** -0.5
         with torch.no_grad():
-            self.weights = torch.softmax((query @ key.transpose(-2, -1)).float() * scale, dim=-1)
+            logits = (query @ key.transpose(-2, -1)).float() * scale
+            if self.tables is not None:
+                logits = logits + relative_bias(query, self.tables, grid)
+            self.weights = torch.softmax(logits, dim=-1)
         callback(index, self.weights)
 
     def watch_output(self, index: int, output: torch.Tensor, on_relevance: RelevanceCallback) -> None:
-        """The attention output ``O`` ``(B, N, heads * d)``: its gradient dO gives ``dA = dO V^T``."""
+        """The attention output ``O`` ``(B, N, heads * d)`` (or channels-last): its gradient dO gives ``dA = dO
+        V^T``."""
         if not output.requires_grad:
             return
         weights, values = self.weights, self.values
 
         def hook(gradient: torch.Tensor) -> None:
+            gradient = gradient.reshape(gradient.shape[0], -1, gradient.shape[-1])
             batch, tokens, _ = gradient.shape
             grad_out = gradient.view(batch, tokens, self.heads, -1).transpose(1, 2).float()
             grad_weights = grad_out @ values.float().transpose(-2, -1)
