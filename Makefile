@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-evaluation lint wheel-test gui-pythons index-check monai-series bench evaluate clean
+.PHONY: demo test test-evaluation test-cohort lint wheel-test gui-pythons index-check monai-series bench evaluate clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -25,6 +25,11 @@ test: $(STAMP)
 # body regions and modalities with no region; 6-10 min), left out of `make test` by pyproject.toml's addopts
 test-evaluation: $(STAMP)
 	$(PY) -m pytest -q -m evaluation
+
+# CI: the cohort tests with separate processes: a `dask scheduler` and `dask worker` pair on loopback, one worker
+# killed mid-cohort, a cohort interrupted by Ctrl-C and resumed (about 1.5 min)
+test-cohort: $(STAMP)
+	$(PY) -m pytest -q -m cohort Testing/test_cohort.py
 
 # CI: ruff (settings in pyproject.toml), and the wheel, installed without the checkout, runs `attention-map run --model demo` (seconds).
 lint: $(STAMP)

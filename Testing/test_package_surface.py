@@ -90,11 +90,11 @@ def test_no_script_edits_the_import_path():
 
 
 def test_ci_runs_the_linter_the_wheel_test_and_the_tests():
-    """.ci/run (a clean clone) runs `make lint wheel-test test test-evaluation gui-pythons monai-series index-check`:
-    ruff over the repository, the wheel outside the checkout, the test suite and the evaluation-marked tests, then the
-    GUI side on Python 3.9 / 3.12, the engine on the other MONAI / numpy the plans install, and the plans against the
-    package index."""
-    assert re.search(r"^make lint wheel-test test test-evaluation gui-pythons monai-series index-check$",
+    """.ci/run (a clean clone) runs `make lint wheel-test test test-evaluation test-cohort gui-pythons monai-series
+    index-check`: ruff over the repository, the wheel outside the checkout, the test suite, the evaluation-marked and
+    the cohort-marked tests, then the GUI side on Python 3.9 / 3.12, the engine on the other MONAI / numpy the plans
+    install, and the plans against the package index."""
+    assert re.search(r"^make lint wheel-test test test-evaluation test-cohort gui-pythons monai-series index-check$",
                      (ROOT / ".ci" / "run").read_text(encoding="utf-8"), re.M)
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^lint: \$\(STAMP\)\n\t\$\(PY\) -m ruff check \.$", makefile, re.M)

@@ -8,6 +8,9 @@
                   [--series-uid UID]
                   [--roi CX CY CZ SX SY SZ | --roi none | --mask MASK...]
                   [--target-class CLASS [--target-mask MASK... | --target-roi CX CY CZ SX SY SZ]]
+    attention-map cohort MANIFEST --model ... --output-dir DIR [run's options; --label / --mask are the
+                  manifest's columns] [--scheduler tcp://HOST:PORT] [--workers N] [--threads-per-worker T]
+                  [--retry-failed]
     attention-map score INPUT --model ... [--steps S] [--baseline blur|mean|zero] [--output FILE.json]
                   [--series-uid UID]
     attention-map sample-data [--cache-dir DIR]
@@ -89,30 +92,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="map scaling (default percentile: 1st..99th percentile to 0..1, lower values 0, higher ones kept above 1)",
     )
 
-    run = commands.add_parser("run", parents=[model], help="attention maps, overlays and a summary per input")
+    shared = _Parser(add_help=False)  # what `run` and `cohort` both do to each case
+    shared.add_argument("--query-ras", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="read the attention of the patch at this RAS point (mm) instead of the CLS token")
+    shared.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
+    shared.add_argument("--segmentation", action="store_true",
+                        help="segmentation networks: also write the network's own labels on the input's voxel grid "
+                             "(<case>_segmentation.nrrd: the argmax over its output channels, stitched over the "
+                             "windows)")
+    shared.add_argument("--flip-average", default=None, metavar="all|AXES|none",
+                        help="average maps and probabilities over every combination of flips along these model-input "
+                             "axes ('all' = 0,1,2: 8 views; '0,2': 4 views; 'none': no flips); costs one forward (and "
+                             "backward) pass per view: 'all' runs 8x longer. Default: the card's default_flip_axes "
+                             "(the demo card's: all), else none")
+    shared.add_argument("--shift-average", default=None, choices=("on", "off"),
+                        help="also average maps and probabilities over the 7 views of each window whose content is "
+                             "moved by half a patch, each view's map spread back onto the window's patches (7 more "
+                             "forward (and backward) passes per window). Default: the card's "
+                             "default_shift_average (the demo card's: on), else off")
+    shared.add_argument("--target-class", default=None, metavar="CLASS",
+                        help="why this segment: the class (name or output channel) of a segmentation network to "
+                             "explain over a region: --target-mask, --target-roi, or else the voxels the network "
+                             "itself labels with this class")
+    shared.add_argument("--series-uid", default=None, metavar="UID",
+                        help="DICOM folders holding several series: the SeriesInstanceUID to read")
+    roi_help = ("look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' to switch off "
+                "the card's default region")
+    target_roi_help = "the segment: a box, RAS centre and size in mm (CX CY CZ SX SY SZ)"
+
+    run = commands.add_parser("run", parents=[model, shared],
+                              help="attention maps, overlays and a summary per input")
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="NRRD / NIfTI / MHA file or DICOM series folder")
-    run.add_argument("--query-ras", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                     help="read the attention of the patch at this RAS point (mm) instead of the CLS token")
     run.add_argument("--label", nargs="+", default=None, metavar="MASK",
                      help="tumour/organ mask on the input's grid, one per input (same order)")
-    run.add_argument("--resample", action="store_true", help="also write the map on the input's voxel grid")
-    run.add_argument("--segmentation", action="store_true",
-                     help="segmentation networks: also write the network's own labels on the input's voxel grid "
-                          "(<case>_segmentation.nrrd: the argmax over its output channels, stitched over the windows)")
-    run.add_argument("--flip-average", default=None, metavar="all|AXES|none",
-                     help="average maps and probabilities over every combination of flips along these model-input "
-                          "axes ('all' = 0,1,2: 8 views; '0,2': 4 views; 'none': no flips); costs one forward (and "
-                          "backward) pass per view: 'all' runs 8x longer. Default: the card's default_flip_axes "
-                          "(the demo card's: all), else none")
-    run.add_argument("--shift-average", default=None, choices=("on", "off"),
-                     help="also average maps and probabilities over the 7 views of each window whose content is "
-                          "moved by half a patch, each view's map spread back onto the window's patches (7 more "
-                          "forward (and backward) passes per window). Default: the card's "
-                          "default_shift_average (the demo card's: on), else off")
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--roi", nargs="+", default=None, metavar="V",
-                       help="look only inside this box: RAS centre and size in mm (CX CY CZ SX SY SZ), or 'none' "
-                            "to switch off the card's default region")
+    where.add_argument("--roi", nargs="+", default=None, metavar="V", help=roi_help)
     where.add_argument(
         "--mask",
         nargs="+",
@@ -120,20 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MASK",
         help="look only inside this label volume (voxels > 0; any grid, nearest neighbour), one per input",
     )
-    run.add_argument("--target-class", default=None, metavar="CLASS",
-                     help="why this segment: the class (name or output channel) of a segmentation network to "
-                          "explain over a region: --target-mask, --target-roi, or else the voxels the network itself "
-                          "labels with this class")
     segment = run.add_mutually_exclusive_group()
     segment.add_argument("--target-mask", nargs="+", default=None, metavar="MASK",
                          help="the segment: a label volume per input (voxels > 0; any grid, nearest neighbour)")
-    segment.add_argument("--target-roi", nargs=6, type=float, default=None, metavar="V",
-                         help="the segment: a box, RAS centre and size in mm (CX CY CZ SX SY SZ)")
+    segment.add_argument("--target-roi", nargs=6, type=float, default=None, metavar="V", help=target_roi_help)
     run.add_argument("--output-dir", required=True, type=Path,
                      help="created if missing; files of this run replace same-named earlier results, others stay")
-    run.add_argument("--series-uid", default=None, metavar="UID",
-                     help="DICOM folders holding several series: the SeriesInstanceUID to read")
     run.set_defaults(func=run_command)
+
+    cohort = commands.add_parser(
+        "cohort", parents=[model, shared],
+        help="a whole data set on Dask: each case on its own, written as it finishes, resumable, one table")
+    cohort.add_argument("manifest", type=Path, metavar="MANIFEST",
+                        help="CSV with a header, or JSON lines: image (file or DICOM folder), optional label, mask, "
+                             "case_id; relative paths are relative to the manifest")
+    cohort.add_argument("--output-dir", required=True, type=Path,
+                        help="DIR/cases/<case_id>/ per finished case, DIR/failed/<case_id>.json per failed one, "
+                             "DIR/cohort.parquet, cohort.csv, summary.html, summary.png")
+    cohort.add_argument("--roi", nargs="+", default=None, metavar="V", help=roi_help)
+    cohort.add_argument("--target-roi", nargs=6, type=float, default=None, metavar="V", help=target_roi_help)
+    cohort.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on this Dask scheduler (e.g. tcp://10.0.0.5:8786, started with `dask scheduler` "
+                             "and `dask worker`); default: a local cluster on this machine")
+    cohort.add_argument("--workers", type=int, default=None,
+                        help="local cluster: worker processes (default: 1 per 4 cores, at least 1)")
+    cohort.add_argument("--threads-per-worker", type=int, default=None,
+                        help="torch threads of each worker (default: its machine's cores / its worker processes)")
+    cohort.add_argument("--retry-failed", action="store_true",
+                        help="also run again the cases an earlier run of this cohort recorded as failed")
+    cohort.set_defaults(func=cohort_command, target_mask=None)  # segments per case: not a manifest column yet
 
     score = commands.add_parser("score", parents=[model],
                                 help="deletion / insertion AUC (RISE) of the map on the model input")
@@ -459,10 +488,30 @@ def run_command(args: argparse.Namespace) -> int:
     is its summary record and its overlay planes (`render.OverlaySlices`, a few MB), which also carry the two
     numbers the shared colour scale needs.
     """
+    from .models import load_model, resolve_device
+
+    cases = plan_cases(args.inputs, args.label, args.mask, args.target_mask)
+    names = output_names(cases, args.resample, args.segmentation)
+    check_output_folder(args.output_dir, names, input_paths(args))
+    device = resolve_device(args.device, "--device")
+    return run_with_model(args, load_model(args.model, trust_bundle=args.trust_bundle, device=device), device)
+
+
+def resolved_options(args: argparse.Namespace, loaded) -> Tuple[Dict[str, Any], Optional[int]]:
+    """The explain options of `run` / `cohort` with the card's defaults filled in (each case adds its region and
+    target), and the --target-class channel (None without); AttentionMapError naming a bad option."""
+    from .explain_options import ExplainOptions
+
+    base = ExplainOptions(**explain_options(args, loaded), query_ras=args.query_ras,
+                          flip_axes=flip_axes_option(args.flip_average, loaded),
+                          shift_average=args.shift_average or "default")
+    return base.resolve(loaded), segment_option(args, loaded)
+
+
+def run_with_model(args: argparse.Namespace, loaded, device: str) -> int:
+    """`run` with the model already loaded on ``device`` (a cohort's worker keeps it between cases)."""
     from tqdm import tqdm
 
-    from .explain_options import ExplainOptions
-    from .models import load_model, resolve_device
     from .render import joint_range, write_montage, write_overlay
 
     cases = plan_cases(args.inputs, args.label, args.mask, args.target_mask)
@@ -470,13 +519,7 @@ def run_command(args: argparse.Namespace) -> int:
     names = output_names(cases, args.resample, args.segmentation)
     inputs = input_paths(args)
     output_dir = check_output_folder(args.output_dir, names, inputs)
-    device = resolve_device(args.device, "--device")
-    loaded = load_model(args.model, trust_bundle=args.trust_bundle, device=device)
-    base = ExplainOptions(**explain_options(args, loaded), query_ras=args.query_ras,
-                          flip_axes=flip_axes_option(args.flip_average, loaded),
-                          shift_average=args.shift_average or "default")
-    options = base.resolve(loaded)  # the card's defaults filled in; each case adds its region and target
-    channel = segment_option(args, loaded)
+    options, channel = resolved_options(args, loaded)
     regions = check_cases(cases, roi, loaded, args.series_uid)
     records, pictures = [], []
     with staged_folder(output_dir, names, inputs) as staging:
@@ -624,6 +667,13 @@ def _case_record(volume: LoadedCase, attention, on_input: np.ndarray, classes: L
             "peak_to_label_centroid_mm": distance["centroid_mm"],
         }
     return record
+
+
+def cohort_command(args: argparse.Namespace) -> int:
+    """`attention-map cohort`: see `cohort.run_cohort`."""
+    from .cohort import run_cohort
+
+    return run_cohort(args)
 
 
 # ---------------------------------------------------------------------------------------------- score
