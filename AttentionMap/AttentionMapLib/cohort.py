@@ -222,6 +222,16 @@ def record_failure(out: Path, case: CohortCase, options: Dict[str, Any], error: 
     return row
 
 
+def _peak_rss_mib() -> Optional[float]:
+    """The peak resident memory of this (worker) process so far, MiB; None where the system does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)  # bytes on macOS, else KiB
+
+
 def _worker_address() -> str:
     try:
         from distributed import get_worker
@@ -244,7 +254,7 @@ def empty_row(case: CohortCase, options: Dict[str, Any]) -> Dict[str, Any]:
         "region": None, "windows": None, "label_mass_fraction": None, "label_mass_ratio": None,
         "label_pointing": None, "label_peak_inside": None, "label_peak_distance_mm": None,
         "seconds_total": None, "seconds_read": None, "seconds_model_load": None, "device": None,
-        "torch_threads": None, "worker": None, "finished_utc": None,
+        "torch_threads": None, "worker": None, "worker_peak_rss_mib": None, "finished_utc": None,
     }
 
 
@@ -264,7 +274,8 @@ def case_row(case: CohortCase, options: Dict[str, Any], summary: Dict[str, Any],
             "label_peak_distance_mm": label.get("peak_to_nearest_label_voxel_mm"),
             "seconds_total": seconds, "seconds_read": record["timings_s"].get("read"),
             "seconds_model_load": load_s, "device": device, "torch_threads": threads,
-            "worker": _worker_address(), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "worker": _worker_address(), "worker_peak_rss_mib": _peak_rss_mib(),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def case_rows(cases: Sequence[CohortCase], out: Path, options: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -304,7 +315,7 @@ def _schema(rows: List[Dict[str, Any]]):
     kinds = {"label_pointing": pa.bool_(), "label_peak_inside": pa.bool_(), "windows": pa.int64(),
              "layer": pa.int64(), "target": pa.int64(), "torch_threads": pa.int64()}
     floats = {"probability", "peak_r_mm", "peak_a_mm", "peak_s_mm", "label_mass_fraction", "label_mass_ratio",
-              "label_peak_distance_mm", "seconds_total", "seconds_read", "seconds_model_load"}
+              "label_peak_distance_mm", "seconds_total", "seconds_read", "seconds_model_load", "worker_peak_rss_mib"}
     fields = []
     for name in rows[0]:
         kind = kinds.get(name, pa.float64() if name in floats else pa.string())
