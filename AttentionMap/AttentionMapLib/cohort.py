@@ -472,9 +472,6 @@ def run_cohort(args: argparse.Namespace) -> int:
     out = check_output_folder(args.output_dir, TABLE, [Path(c.image) for c in cases])
     device = resolve_device(args.device, "--device")
     options = run_options(args, load_model(args.model, trust_bundle=args.trust_bundle, device=device))
-    for folder in ("cases", "failed"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / ".partial", ignore_errors=True)  # cases in flight when an earlier run stopped
     workers = args.workers or max(1, (os.cpu_count() or 1) // 4)
     if not args.scheduler and options["threads_per_worker"] is None:  # the local cores shared by the workers
         options["threads_per_worker"] = max(1, (os.cpu_count() or 1) // workers)
@@ -483,13 +480,15 @@ def run_cohort(args: argparse.Namespace) -> int:
          f"again), {len(todo)} to run")
     interrupted = None
     if todo:
-        with dask_client(args.scheduler, workers) as client:
+        with dask_client(args.scheduler, workers) as client:  # a scheduler that does not answer: nothing written
+            _prepare(out)
             link = getattr(client, "dashboard_link", None)
             if link and (args.scheduler or _has_module("bokeh")):
                 _say(f"Dask dashboard: {link}")
             futures = {client.submit(run_case, case, options, str(out), key=f"attentionmap-{case.case_id}-"
                                      f"{uuid.uuid4().hex[:8]}", pure=False): case for case in todo}
             interrupted = _collect(client, futures, out, options, tqdm, Terminated)
+    _prepare(out)
     rows = case_rows(cases, out, options)
     write_table(rows, out)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
@@ -501,6 +500,13 @@ def run_cohort(args: argparse.Namespace) -> int:
         _say(f"{interrupted}: the cases that finished are kept; run the same command again to resume")
         return 130 if interrupted == "interrupted (Ctrl-C)" else 143
     return 0 if counts["failed"] == 0 else 1
+
+
+def _prepare(out: Path) -> None:
+    """The cohort's folders, and no staging folder of a case that was in flight when an earlier run stopped."""
+    for folder in ("cases", "failed"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / ".partial", ignore_errors=True)
 
 
 def _collect(client, futures: Dict[Any, CohortCase], out: Path, options: Dict[str, Any], tqdm,
