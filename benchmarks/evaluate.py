@@ -844,48 +844,55 @@ def _commit() -> str:
     )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", default="demo", help="'demo' or a model card .json (a lung-nodule classifier on demo_data crops)"
-    )
-    parser.add_argument("--pairs", type=int, default=100, help="held-out synthetic nodules (positive crops) to score")
+def settings_from_arguments(argv: Optional[List[str]], description: str, model: Tuple[str, str],
+                            defaults: Dict[str, Any], helps: Dict[str, str]) -> Tuple[Settings, argparse.Namespace]:
+    """The command line of an evaluation script (this one, ``evaluate_segmentation``): its Settings, plus --out and
+    --from-json. ``model``: the default model and its help; ``defaults`` / ``helps``: pairs, occlusion_mask,
+    occlusion_overlap and their help texts, and the help of --baseline and --workers."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=model[0], help=model[1])
+    parser.add_argument("--pairs", type=int, default=defaults["pairs"], help=helps["pairs"])
     parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps")
-    parser.add_argument("--baseline", default="auto", choices=("auto", "blur", "mean", "zero"),
-                        help="deletion/insertion baseline; auto: the one with the lowest mean P(target) on the first "
-                             f"{BASELINE_CASES} held-out crops (the most lesion-free reference)")
-    parser.add_argument("--occlusion-mask", type=int, default=16, help="occlusion box edge (voxels)")
-    parser.add_argument(
-        "--occlusion-overlap", type=float, default=0.25, help="occlusion box overlap (0.25: 12-voxel stride)"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
+    parser.add_argument("--baseline", default="auto", choices=("auto", "blur", "mean", "zero"), help=helps["baseline"])
+    parser.add_argument("--occlusion-mask", type=int, default=defaults["occlusion_mask"],
+                        help="occlusion box edge (voxels)")
+    parser.add_argument("--occlusion-overlap", type=float, default=defaults["occlusion_overlap"],
+                        help=helps["occlusion_overlap"])
+    parser.add_argument("--workers", type=int, default=2, help=helps["workers"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random maps (plus the case index)")
     parser.add_argument("--out", type=Path, default=measure.REPO / "docs")
-    parser.add_argument("--from-json", type=Path, help="only rewrite the report from a saved evaluation.json")
+    parser.add_argument("--from-json", type=Path, help="only rewrite the report from a saved JSON of a run")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        args.model,
-        args.pairs,
-        args.steps,
-        args.baseline,
-        args.occlusion_mask,
-        args.occlusion_overlap,
-        args.workers,
-        args.seed,
-    )
+    return Settings(args.model, args.pairs, args.steps, args.baseline, args.occlusion_mask, args.occlusion_overlap,
+                    args.workers, args.seed), args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    settings, args = settings_from_arguments(
+        argv, __doc__.splitlines()[0],
+        ("demo", "'demo' or a model card .json (a lung-nodule classifier on demo_data crops)"),
+        {"pairs": 100, "occlusion_mask": 16, "occlusion_overlap": 0.25},
+        {"pairs": "held-out synthetic nodules (positive crops) to score",
+         "baseline": "deletion/insertion baseline; auto: the one with the lowest mean P(target) on the first "
+                     f"{BASELINE_CASES} held-out crops (the most lesion-free reference)",
+         "occlusion_overlap": "occlusion box overlap (0.25: 12-voxel stride)",
+         "workers": "processes (one torch thread each)"})
     command = "python -m benchmarks.evaluate" + (f" --model {args.model}" if args.model != "demo" else "") + (
         f" --pairs {args.pairs}" if args.pairs != 100 else "")
-    if args.from_json:
-        result = json.loads(args.from_json.read_text())
-    else:
-        result = run(settings)
-        (args.out / "evaluation.json").write_text(json.dumps(result, indent=1, default=_json_default))
-        result = json.loads((args.out / "evaluation.json").read_text())
+    result = saved_result(args, lambda: run(settings), "evaluation.json")
     plot(result["cases"], args.out / "evaluation.png")
     write_report(result, args.out, command)
     print(f"wrote {args.out / 'EVALUATION.md'}")
     return 0
+
+
+def saved_result(args: argparse.Namespace, compute: Callable[[], Dict[str, Any]], name: str) -> Dict[str, Any]:
+    """The result of a run, as JSON data: read from --from-json, or computed and saved as ``args.out / name``."""
+    if args.from_json:
+        return json.loads(args.from_json.read_text())
+    (args.out / name).write_text(json.dumps(compute(), indent=1, default=_json_default))
+    return json.loads((args.out / name).read_text())
 
 
 def _json_default(value: Any) -> Any:
