@@ -470,7 +470,7 @@ def wilson(hits: int, n: int) -> Tuple[float, float]:
     z, p = 1.96, hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)  # exact 0 / 1 at the ends, not a rounding's -0
 
 
 def mean_ci(values: Sequence[float]) -> Tuple[float, float]:
