@@ -99,13 +99,14 @@ def train(args: argparse.Namespace) -> None:
         done = json.loads(card.read_text()).get("training", {}) if card.is_file() else {}
         state = {"samples": int(done.get("samples", 0)), "steps": int(done.get("steps", 0)),
                  "seconds": 60.0 * float(done.get("cpu_minutes", 0.0)), "phases": list(done.get("phases", []))}
-    if args.resume and checkpoint_path.is_file():
+    resumed = bool(args.resume and checkpoint_path.is_file())
+    if resumed:
         saved = torch.load(checkpoint_path, weights_only=True)
         network.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
     rng = np.random.default_rng(args.seed + state["steps"])
-    if not (args.resume and checkpoint_path.is_file()):  # a resumed run goes on with its phase
+    if not resumed:  # a resumed run goes on with its phase
         state.setdefault("phases", []).append({"from_step": state["steps"], "lr": args.lr, "pairs": args.pairs,
                                                "varied_fraction": args.varied_fraction,
                                                "scan_negatives": args.scan_negatives,

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import AttentionMapError
+from .outputs import write_file
 
 COLUMNS = ("image", "label", "mask", "case_id")
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -214,11 +215,9 @@ def record_failure(out: Path, case: CohortCase, options: Dict[str, Any], error: 
     """Write ``DIR/failed/<case_id>.json`` (atomically) and return the failed row."""
     row = {**empty_row(case, options), "status": "failed", "error": error, "seconds_total": seconds,
            "worker": _worker_address()}
-    folder = out / "failed"
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".{case.case_id}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(json.dumps(row, indent=1))
-    os.replace(temporary, folder / f"{case.case_id}.json")
+    (out / "failed").mkdir(parents=True, exist_ok=True)
+    write_file(out / "failed" / f"{case.case_id}.json", json.dumps(row, indent=1).encode(), [Path(case.image)],
+               "--output-dir")
     return row
 
 
@@ -296,17 +295,22 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def write_table(rows: List[Dict[str, Any]], out: Path) -> None:
-    """``cohort.parquet`` and ``cohort.csv`` (one row per case, the columns of :func:`empty_row`), each written to
-    a temporary name and moved into place."""
+    """``cohort.parquet`` and ``cohort.csv`` (one row per case, the columns of :func:`empty_row`), each written
+    atomically (`outputs.write_file`)."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=_schema(rows))
     for name, write in (("cohort.parquet", pq.write_table), ("cohort.csv", pa_csv.write_csv)):
-        temporary = out / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        write(table, str(temporary))
-        os.replace(temporary, out / name)
+        sink = pa.BufferOutputStream()
+        write(table, sink)
+        write_file(out / name, sink.getvalue().to_pybytes(), _images(rows), "--output-dir")
+
+
+def _images(rows: List[Dict[str, Any]]) -> List[Path]:
+    """The rows' input images: an output must never replace one (`outputs.write_file`)."""
+    return [Path(r["image"]) for r in rows]
 
 
 def _schema(rows: List[Dict[str, Any]]):
@@ -325,7 +329,7 @@ def _schema(rows: List[Dict[str, Any]]):
 
 def write_summary(rows: List[Dict[str, Any]], out: Path, title: str) -> None:
     """``summary.png`` (three panels) and ``summary.html`` (counts, the picture, the worst cases by peak-to-label
-    distance, the failed cases), each written to a temporary name and moved into place."""
+    distance, the failed cases), each written atomically (`outputs.write_file`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,9 +379,7 @@ def write_summary(rows: List[Dict[str, Any]], out: Path, title: str) -> None:
         "</table>",
     ]
     for name, data in (("summary.png", picture), ("summary.html", "\n".join(page).encode())):
-        temporary = out / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        temporary.write_bytes(data)
-        os.replace(temporary, out / name)
+        write_file(out / name, data, _images(rows), "--output-dir")
 
 
 def _fmt(value: Any) -> str:
@@ -449,9 +451,7 @@ def _has_module(name: str) -> bool:
 def run_cohort(args: argparse.Namespace) -> int:
     """`attention-map cohort` (see the module docstring). Exit 0 when every case is ok, 1 when some failed, 130 /
     143 after Ctrl-C / SIGTERM (what finished is kept; rerun to resume)."""
-    from tqdm import tqdm
-
-    from .cli import Terminated, roi_option
+    from .cli import roi_option
     from .models import load_model, resolve_device
     from .outputs import check_output_folder
 
@@ -487,7 +487,7 @@ def run_cohort(args: argparse.Namespace) -> int:
                 _say(f"Dask dashboard: {link}")
             futures = {client.submit(run_case, case, options, str(out), key=f"attentionmap-{case.case_id}-"
                                      f"{uuid.uuid4().hex[:8]}", pure=False): case for case in todo}
-            interrupted = _collect(client, futures, out, options, tqdm, Terminated)
+            interrupted = _collect(client, futures, out, options)
     _prepare(out)
     rows = case_rows(cases, out, options)
     write_table(rows, out)
@@ -509,11 +509,13 @@ def _prepare(out: Path) -> None:
     shutil.rmtree(out / ".partial", ignore_errors=True)
 
 
-def _collect(client, futures: Dict[Any, CohortCase], out: Path, options: Dict[str, Any], tqdm,
-             terminated: type) -> Optional[str]:
+def _collect(client, futures: Dict[Any, CohortCase], out: Path, options: Dict[str, Any]) -> Optional[str]:
     """Wait for the cases as they finish (a progress bar); a task Dask gives up on (its workers died) is recorded
     as failed. Returns None, or what interrupted the wait (the running cases are cancelled)."""
     from distributed import as_completed
+    from tqdm import tqdm
+
+    from .cli import Terminated
 
     bar = tqdm(total=len(futures), desc="cases", unit="case", disable=None)
     try:
@@ -529,7 +531,7 @@ def _collect(client, futures: Dict[Any, CohortCase], out: Path, options: Dict[st
     except KeyboardInterrupt:
         client.cancel(list(futures))
         return "interrupted (Ctrl-C)"
-    except terminated:
+    except Terminated:
         client.cancel(list(futures))
         return "terminated (SIGTERM)"
     finally:
